@@ -1,0 +1,157 @@
+"""Backends: an array-API namespace `xp` plus the few operations the standard lacks.
+
+The engine touches arrays only through `backend.xp` (the array API standard) and the
+methods below, so the same model code runs on NumPy, on `array-api-strict` (the test
+suite's stand-in for a GPU: it refuses hidden host conversion and float64 leaks) and on
+plugins such as CuPy, which register a factory under the entry-point group
+`npgpt.backends`:
+
+    [project.entry-points."npgpt.backends"]
+    cupy = "npgpt_cupy:make_backend"      # make_backend(device: str | None) -> Backend
+
+A backend name may carry a device after a colon: "array-api-strict:device1", "cupy:1".
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import resource
+import sys
+from collections.abc import Callable
+
+import numpy as np
+
+ENTRY_POINT_GROUP = "npgpt.backends"
+INSTALL_HINTS = {
+    "cupy": 'pip install "npgpt[cupy]"  (or: pip install ./backends/cupy)',
+    "array-api-strict": "pip install array-api-strict",
+}
+
+
+class BackendError(RuntimeError):
+    """A backend that is unknown, not installed, or cannot run on this machine."""
+
+
+class Backend:
+    """An array namespace on one device, with the operations the array API lacks.
+
+    This base class is portable: every method is written with `xp` alone, so a new
+    backend only overrides what it can do faster (NumPy's `np.add.at`, CuPy's
+    `cupyx.scatter_add`, a device RNG).
+    """
+
+    def __init__(self, name: str, xp, device=None):
+        self.name = name
+        self.xp = xp
+        self.device = device
+
+    def __repr__(self):
+        return f"<Backend {self.name}>"
+
+    # -- host <-> device: the only two places data crosses --------------------------
+    def asarray(self, host, dtype=None):
+        """Host data (NumPy array, list, scalar) -> an array on this backend's device."""
+        return self.xp.asarray(host, dtype=dtype, device=self.device)
+
+    def to_numpy(self, x) -> np.ndarray:
+        """Device array -> NumPy array on the host (an explicit copy where needed)."""
+        return np.from_dlpack(x)
+
+    def dtype(self, name: str):
+        """A dtype of this namespace by its standard name ("float32", "int64", ...)."""
+        return getattr(self.xp, name)
+
+    # -- what the array API standard lacks -----------------------------------------
+    def index_add(self, target, ids, values):
+        """target[ids[n], :] += values[n, :] for every n, repeated ids summed.
+
+        target (V, C), ids (N,) integer, values (N, C); returns the updated target
+        (in place where the backend can). The portable form is a one-hot matmul:
+        exact, and fine for test-sized V; real backends override it.
+        """
+        xp = self.xp
+        one_hot = xp.astype(ids[:, None] == xp.arange(target.shape[0], device=self.device), values.dtype)
+        return target + xp.matmul(xp.matrix_transpose(one_hot), values)  # (V, N) @ (N, C)
+
+    def uniform(self, rng: np.random.Generator, shape: tuple[int, ...], dtype):
+        """Uniform [0, 1) samples on the device, drawn from a seeded host generator so
+        every backend sees the same stream (dropout masks, reproducible runs)."""
+        return self.asarray(rng.random(shape, dtype=np.float32), dtype=dtype)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for honest timing). Host backends: nothing."""
+
+    def peak_memory_bytes(self) -> int:
+        """Peak memory this process used on the backend's device (host RSS here)."""
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024
+
+
+class NumpyBackend(Backend):
+    """NumPy on the CPU: the reference backend."""
+
+    def __init__(self):
+        super().__init__("numpy", np)
+
+    def asarray(self, host, dtype=None):
+        return np.asarray(host, dtype=dtype)
+
+    def to_numpy(self, x) -> np.ndarray:
+        return np.asarray(x)
+
+    def index_add(self, target, ids, values):
+        np.add.at(target, ids, values)
+        return target
+
+
+def _make_array_api_strict(device: str | None) -> Backend:
+    import array_api_strict as xps
+
+    devices = {str(d.__repr__()).split("'")[1]: d for d in xps.__array_namespace_info__().devices()}
+    name = device or "CPU_DEVICE"
+    if name not in devices:
+        raise BackendError(f"array-api-strict has no device {name!r}; it has: {', '.join(devices)}")
+    return Backend(f"array-api-strict:{name}", xps, devices[name])
+
+
+BUILTIN: dict[str, Callable[[str | None], Backend]] = {
+    "numpy": lambda device: NumpyBackend(),
+    "array-api-strict": _make_array_api_strict,
+}
+
+
+def _plugins() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can be selected here (built-in and installed plugins)."""
+    names = ["numpy"]
+    try:
+        import array_api_strict  # noqa: F401
+
+        names.append("array-api-strict")
+    except ImportError:
+        pass
+    return names + sorted(set(_plugins()) - set(names))
+
+
+def get_backend(spec: str | Backend = "numpy") -> Backend:
+    """A backend by name, e.g. "numpy", "cupy", "array-api-strict:device1"."""
+    if isinstance(spec, Backend):
+        return spec
+    name, _, device = spec.partition(":")
+    factory = BUILTIN.get(name)
+    if factory is None:
+        entry = _plugins().get(name)
+        if entry is None:
+            hint = f" Install it with: {INSTALL_HINTS[name]}." if name in INSTALL_HINTS else ""
+            raise BackendError(
+                f"unknown backend {name!r}; available here: {', '.join(available_backends())}.{hint}"
+            )
+        factory = entry.load()
+    try:
+        return factory(device or None)
+    except ImportError as e:
+        hint = INSTALL_HINTS.get(name, f"install the package that provides {name!r}")
+        raise BackendError(f"backend {name!r} is not usable here ({e}). To fix: {hint}") from e

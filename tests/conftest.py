@@ -1,0 +1,48 @@
+"""Shared test fixtures: where the project's data lives, and which backends to run on.
+
+Data (GPT-2's vocabulary, tinyshakespeare, the TF checkpoint fixture) is found through
+$NPGPT_DATA, falling back to ../shared/data beside the checkout. Tests that need it skip
+with a reason when it is absent -- unless $NPGPT_REQUIRE_DATA=1 (set by .ci/run): then
+every skip is reported as a failure, so CI can never pass by skipping its oracles.
+
+Backends: $NPGPT_TEST_BACKENDS is a comma-separated list of backend names (default
+"numpy,array-api-strict:device1"); every test taking the `backend` fixture runs on each.
+`NPGPT_TEST_BACKENDS=numpy,cupy pytest` runs the engine, training and generation tests on
+a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from npgpt.backend import get_backend
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("NPGPT_DATA", ROOT.parent / "shared" / "data"))
+REQUIRE_DATA = os.environ.get("NPGPT_REQUIRE_DATA") == "1"
+TEST_BACKENDS = os.environ.get("NPGPT_TEST_BACKENDS", "numpy,array-api-strict:device1").split(",")
+
+
+def data_path(relative: str) -> Path:
+    """Path of a data file; skip the calling test with a reason when it is missing."""
+    path = DATA / relative
+    if not path.exists():
+        pytest.skip(f"data file {path} is missing (set NPGPT_DATA to the folder holding the data)")
+    return path
+
+
+@pytest.fixture(params=TEST_BACKENDS)
+def backend(request):
+    return get_backend(request.param)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_DATA and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but NPGPT_REQUIRE_DATA=1 forbids skips: {report.longrepr}"
