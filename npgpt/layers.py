@@ -1,0 +1,213 @@
+"""GPT-2's layers, each a forward/backward pair written against the array API.
+
+Every `*_forward` returns `(out, cache)`: the output and exactly what its backward needs.
+Every `*_backward(dout, cache)` returns the gradients of its inputs (and parameters).
+Arrays come from any array-API namespace (NumPy, CuPy, array-api-strict); the namespace
+is read off the arrays themselves, so no layer imports NumPy.
+
+Shapes: N rows (= B*T, the batch and time axes flattened), C channels, B batch, NH heads,
+T queries, S keys (S >= T: the queries are the last T of S positions), hs head size,
+V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+GELU_SCALE = math.sqrt(2.0 / math.pi)
+
+
+def namespace(x):
+    return x.__array_namespace__()
+
+
+# -- linear: x @ w + b ---------------------------------------------------------------
+def linear_forward(x, w, b):
+    """x (N, Cin), w (Cin, Cout), b (Cout,) -> out (N, Cout)."""
+    out = x @ w
+    out += b
+    return out, (x, w)
+
+
+def linear_backward(dout, cache):
+    """dout (N, Cout) -> dx (N, Cin), dw (Cin, Cout), db (Cout,)."""
+    x, w = cache
+    xp = namespace(dout)
+    return dout @ w.mT, x.mT @ dout, xp.sum(dout, axis=0)
+
+
+# -- layer norm: (x - mean) / sqrt(var + eps) * w + b, over the channels ----------------
+def layer_norm_forward(x, w, b, eps):
+    """x (N, C), w (C,), b (C,) -> out (N, C)."""
+    xp = namespace(x)
+    xhat = x - xp.mean(x, axis=-1, keepdims=True)  # (N, C), centred
+    rstd = 1.0 / xp.sqrt(xp.mean(xhat * xhat, axis=-1, keepdims=True) + eps)  # (N, 1)
+    xhat *= rstd  # (N, C), normalised
+    out = xhat * w
+    out += b
+    return out, (xhat, rstd, w)
+
+
+def layer_norm_backward(dout, cache):
+    """dout (N, C) -> dx (N, C), dw (C,), db (C,).
+
+    With g = dout * w, the normalisation's Jacobian gives
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
+    """
+    xhat, rstd, w = cache
+    xp = namespace(dout)
+    dw = xp.sum(dout * xhat, axis=0)
+    db = xp.sum(dout, axis=0)
+    g = dout * w  # (N, C)
+    dx = g - xp.mean(g, axis=-1, keepdims=True)
+    dx -= xhat * xp.mean(g * xhat, axis=-1, keepdims=True)
+    dx *= rstd
+    return dx, dw, db
+
+
+# -- GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) -----------
+def gelu_forward(x):
+    """x (N, 4C) -> out (N, 4C). Keeps only x: backward recomputes the tanh."""
+    xp = namespace(x)
+    out = xp.tanh(GELU_SCALE * (x + 0.044715 * x * x * x))
+    out += 1.0
+    out *= x
+    out *= 0.5
+    return out, x
+
+
+def gelu_backward(dout, x):
+    """dout (N, 4C) -> dx (N, 4C).
+
+    d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), t = tanh(u).
+    """
+    xp = namespace(x)
+    x2 = x * x
+    t = xp.tanh(GELU_SCALE * x * (1.0 + 0.044715 * x2))
+    dx = 0.5 * x * (1.0 - t * t) * (GELU_SCALE * (1.0 + 3 * 0.044715 * x2))
+    dx += 0.5 * (1.0 + t)
+    dx *= dout
+    return dx
+
+
+# -- dropout ------------------------------------------------------------------------------
+def dropout_forward(x, p, uniform):
+    """Zero each element with probability p and scale the rest by 1/(1-p).
+
+    `uniform` is a same-shaped array of U[0, 1) draws (from the backend's seeded RNG);
+    p == 0 is the identity and keeps no mask. The mask is reused exactly by backward.
+    """
+    if p == 0.0:
+        return x, None
+    xp = namespace(x)
+    mask = xp.astype(uniform >= p, x.dtype) * (1.0 / (1.0 - p))
+    return x * mask, mask
+
+
+def dropout_backward(dout, mask):
+    return dout if mask is None else dout * mask
+
+
+# -- causal self-attention over split heads ----------------------------------------------
+def causal_mask(xp, T, S, device):
+    """(T, S) bool: query t (at position S - T + t) may see key s iff s <= S - T + t."""
+    return xp.arange(S, device=device)[None, :] <= xp.arange(S - T, S, device=device)[:, None]
+
+
+def attention_forward(q, k, v, dropout_p=0.0, uniform=None):
+    """Causal softmax attention.
+
+    q (B, NH, T, hs), k and v (B, NH, S, hs) -> y (B, NH, T, hs).
+    Keys may be longer than queries (a KV cache holds the first S - T positions).
+    """
+    xp = namespace(q)
+    T, S, hs = q.shape[-2], k.shape[-2], q.shape[-1]
+    att = (q * (1.0 / math.sqrt(hs))) @ k.mT  # (B, NH, T, S), scores
+    if T > 1:  # one new query sees every key: nothing to mask
+        att = xp.where(causal_mask(xp, T, S, q.device), att, -xp.inf)
+    att -= xp.max(att, axis=-1, keepdims=True)
+    att = xp.exp(att)
+    att /= xp.sum(att, axis=-1, keepdims=True)  # (B, NH, T, S), probabilities
+    att_dropped, mask = dropout_forward(att, dropout_p, uniform)
+    y = att_dropped @ v  # (B, NH, T, hs)
+    return y, (q, k, v, att, mask)
+
+
+def attention_backward(dy, cache):
+    """dy (B, NH, T, hs) -> dq (B, NH, T, hs), dk, dv (B, NH, S, hs).
+
+    Softmax backward per row: dscore = p * (dp - sum(dp * p)).
+    """
+    q, k, v, att, mask = cache
+    xp = namespace(dy)
+    hs = q.shape[-1]
+    att_dropped = att if mask is None else att * mask
+    dv = att_dropped.mT @ dy  # (B, NH, S, hs)
+    datt = dropout_backward(dy @ v.mT, mask)  # (B, NH, T, S)
+    datt -= xp.sum(datt * att, axis=-1, keepdims=True)
+    datt *= att  # masked positions have att == 0, so their gradient vanishes
+    datt *= 1.0 / math.sqrt(hs)
+    dq = datt @ k  # (B, NH, T, hs)
+    dk = datt.mT @ q  # (B, NH, S, hs)
+    return dq, dk, dv
+
+
+# -- embeddings: token + position ---------------------------------------------------------
+def embedding_forward(wte, wpe, ids, start):
+    """wte (V, C), wpe (n_ctx, C), ids (B, T) at positions start..start+T-1 -> x (B, T, C)."""
+    xp = namespace(wte)
+    B, T = ids.shape
+    x = xp.reshape(xp.take(wte, xp.reshape(ids, (-1,)), axis=0), (B, T, wte.shape[1]))
+    x += wpe[start : start + T, :]
+    return x, ids
+
+
+def embedding_backward(dx, ids, wte_shape, wpe_shape, backend):
+    """dx (B, T, C) -> dwte (V, C), dwpe (n_ctx, C).
+
+    Token rows are scattered with an *add* (a token repeated in the batch collects every
+    occurrence's gradient): `dwte[ids] += dx` would keep only one of them.
+    """
+    xp = backend.xp
+    B, T, C = dx.shape
+    dwte = xp.zeros(wte_shape, dtype=dx.dtype, device=backend.device)
+    dwte = backend.index_add(dwte, xp.reshape(ids, (-1,)), xp.reshape(dx, (B * T, C)))
+    dwpe = xp.zeros(wpe_shape, dtype=dx.dtype, device=backend.device)
+    dwpe[:T, :] = xp.sum(dx, axis=0)
+    return dwte, dwpe
+
+
+# -- softmax cross-entropy with an ignore index -------------------------------------------
+def cross_entropy_forward(logits, targets, ignore_index=-1):
+    """logits (N, V), targets (N,) ints -> mean loss over rows whose target != ignore_index.
+
+    Returns the loss as a 0-d array (left on the device) and a cache holding the
+    probabilities, which replace the logits to save a (N, V) buffer.
+    """
+    xp = namespace(logits)
+    valid = targets != ignore_index  # (N,)
+    safe = xp.where(valid, targets, xp.zeros_like(targets))  # (N,), ignored rows read class 0
+    logits -= xp.max(logits, axis=-1, keepdims=True)
+    target_logit = xp.take_along_axis(logits, safe[:, None], axis=-1)[:, 0]  # (N,)
+    probs = xp.exp(logits)  # (N, V), unnormalised
+    total = xp.sum(probs, axis=-1, keepdims=True)  # (N, 1)
+    probs /= total
+    weight = xp.astype(valid, logits.dtype) / xp.maximum(xp.sum(xp.astype(valid, logits.dtype)), 1.0)
+    loss = xp.sum(weight * (xp.log(total[:, 0]) - target_logit))
+    return loss, (probs, safe, weight)
+
+
+def cross_entropy_backward(dloss, cache, backend):
+    """dloss scalar -> dlogits (N, V) = dloss * weight * (probs - one_hot(targets)).
+
+    The one-hot term is subtracted with the backend's scatter-add on the flattened
+    (N * V,) array, so no (N, V) one-hot matrix is ever built.
+    """
+    probs, safe, weight = cache
+    xp = backend.xp
+    N, V = probs.shape
+    scale = weight * dloss  # (N,)
+    dlogits = probs * scale[:, None]
+    flat_ids = xp.arange(N, dtype=safe.dtype, device=backend.device) * V + safe
+    dlogits = backend.index_add(xp.reshape(dlogits, (N * V, 1)), flat_ids, -scale[:, None])
+    return xp.reshape(dlogits, (N, V))
