@@ -1,0 +1,372 @@
+"""Text generation: a library API (iterators of token ids and of text) and its CLI.
+
+    model, tokenizer = load_model("shakespeare")            # or a folder / .safetensors file
+    for piece in generate(model, tokenizer, "ROMEO:", max_new_tokens=100, seed=0):
+        print(piece, end="", flush=True)
+
+Decoding uses the KV cache: the prompt is run once (prefill), then each step sends only the
+one new id to the device and brings back only the last position's logits (V,) to sample on
+the host (`npgpt.sampling`), so the same seed gives the same text on every backend. When the
+context fills up, the cache is rebuilt from the last half of the tokens (a sliding window,
+paid once per n_ctx / 2 tokens).
+
+CLI:  python -m npgpt.generate --prompt "ROMEO:" --max-new-tokens 200 --top-k 40
+      (see --help; reads the prompt from stdin when --prompt is absent and stdin is not a
+      terminal; streams UTF-8 text to stdout, notices and --stats to stderr)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from npgpt.backend import BackendError, get_backend
+from npgpt.checkpoint import CheckpointError
+from npgpt.model import GPT
+from npgpt.sampling import SamplingConfig, sample
+
+DEFAULT_WEIGHTS = "shakespeare"
+WEIGHTS_FILE = "model.safetensors"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONVERT_HINT = (
+    "To use GPT-2's published weights, convert them first: python tools/convert_gpt2.py --help, "
+    "then pass --weights with the folder it writes. To use the shipped default model, leave "
+    f"out --weights (it lives in weights/{DEFAULT_WEIGHTS}/ of an npgpt checkout)."
+)
+
+
+class WeightsError(FileNotFoundError):
+    """Weights or their tokenizer cannot be found; the message says where it looked and what to do."""
+
+
+class PromptError(ValueError):
+    """The prompt cannot be used: longer than the context with cropping refused, or empty
+    with no <|endoftext|> in the vocabulary to start from."""
+
+
+class PromptCropped(UserWarning):
+    """The prompt was longer than the context; only its last n_ctx tokens were kept."""
+
+
+# -- finding and loading a model ----------------------------------------------------------
+def resolve_weights(spec: str | Path | None = None) -> Path:
+    """The .safetensors file that `--weights spec` means.
+
+    spec: a folder holding model.safetensors (and the tokenizer), a .safetensors file (the
+    tokenizer is read from its folder), or a NAME meaning weights/NAME/, looked for in the
+    current folder and then in the npgpt checkout. None means the shipped default.
+    """
+    spec = str(spec or DEFAULT_WEIGHTS)
+    path = Path(spec).expanduser()
+    is_name = not path.exists() and len(path.parts) == 1 and path.suffix != ".safetensors"
+    candidates = [Path("weights") / spec, REPO_ROOT / "weights" / spec] if is_name else [path]
+    for candidate in candidates:
+        file = candidate / WEIGHTS_FILE if candidate.is_dir() else candidate
+        if file.is_file():
+            return file
+    looked = ", ".join(str(c / WEIGHTS_FILE if is_name or c.is_dir() else c) for c in candidates)
+    if spec == DEFAULT_WEIGHTS:
+        raise WeightsError(
+            f"the shipped default model is missing (looked for {looked}). It comes with a clone of "
+            f"the npgpt repository; its recipe is weights/{DEFAULT_WEIGHTS}/RECIPE.md. {CONVERT_HINT}"
+        )
+    raise WeightsError(f"no weights for {spec!r} (looked for {looked}). {CONVERT_HINT}")
+
+
+def load_model(weights: str | Path | None = None, backend="numpy", dtype: str | None = None):
+    """(GPT, Tokenizer) from `weights` (see `resolve_weights`) on `backend`."""
+    from npgpt.tokenizer import Tokenizer
+
+    file = resolve_weights(weights)
+    try:
+        tokenizer = Tokenizer.load(file.parent)
+    except FileNotFoundError as e:
+        raise WeightsError(f"{file} has no tokenizer beside it ({e}). {CONVERT_HINT}") from e
+    model = GPT.load(file, backend=backend, dtype=dtype)
+    if tokenizer.n_vocab > model.config.vocab_size:
+        raise WeightsError(
+            f"the tokenizer in {file.parent} has {tokenizer.n_vocab} tokens but the model only "
+            f"{model.config.vocab_size}: they do not belong together"
+        )
+    return model, tokenizer
+
+
+# -- the prompt -----------------------------------------------------------------------------
+def encode_prompt(tokenizer, text: str, n_ctx: int, crop: bool = True) -> tuple[list[int], int]:
+    """Prompt text -> (ids, number of tokens cropped from the front).
+
+    An empty prompt starts from <|endoftext|>, as GPT-2 was trained to. A prompt longer than
+    the context keeps its last n_ctx tokens, or raises PromptError if crop is False.
+    """
+    if not text and tokenizer.eot_id is None:
+        raise PromptError("the prompt is empty and this vocabulary has no <|endoftext|> to start from: give a prompt")
+    ids = tokenizer.encode(text, allowed_special="all") if text else [tokenizer.eot_id]
+    excess = len(ids) - n_ctx
+    if excess > 0 and not crop:
+        raise PromptError(
+            f"the prompt is {len(ids)} tokens but the model's context holds {n_ctx}: shorten it, "
+            "or allow cropping to its last tokens (leave out --no-crop)"
+        )
+    return (ids[excess:], excess) if excess > 0 else (ids, 0)
+
+
+# -- generation -----------------------------------------------------------------------------
+@dataclass
+class GenerationStats:
+    """Counts and times of one or more generate calls (for --stats and the benchmark)."""
+
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0  # prefill, up to the first token's logits on the host
+    new_tokens: int = 0
+    generate_seconds: float = 0.0  # the decode steps and sampling, not the consumer's time
+
+    def report(self, model: GPT) -> str:
+        backend = model.backend
+        mib = 2**20
+        weight_bytes = sum(_nbytes(p) for p in model.params.values())
+        return "\n".join(
+            [
+                f"prompt:     {self.prompt_tokens} tokens in {self.prompt_seconds:.3f} s "
+                f"({_rate(self.prompt_tokens, self.prompt_seconds)} tokens/s)",
+                f"generation: {self.new_tokens} tokens in {self.generate_seconds:.3f} s "
+                f"({_rate(self.new_tokens, self.generate_seconds)} tokens/s)",
+                f"memory:     weights {weight_bytes / mib:.1f} MiB, peak {backend.peak_memory_bytes() / mib:.1f} MiB "
+                f"({backend.name}; {'host RSS' if backend.name == 'numpy' else 'device'})",
+            ]
+        )
+
+
+def generate_ids(
+    model: GPT,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    rng: np.random.Generator | None = None,
+    *,
+    use_cache: bool = True,
+    stats: GenerationStats | None = None,
+) -> Iterator[int]:
+    """The ids that follow `prompt_ids` (at most n_ctx of them), one at a time.
+
+    Nothing is computed ahead: the next forward pass runs only when the next id is asked
+    for, so a consumer that stops (end of text, a stop string) wastes no work.
+    use_cache=False recomputes the whole context every step (the reference path).
+    """
+    n_ctx = model.config.n_ctx
+    if not 1 <= len(prompt_ids) <= n_ctx:
+        raise ValueError(f"the prompt must hold 1 to n_ctx = {n_ctx} ids, got {len(prompt_ids)}")
+    rng = rng if rng is not None else np.random.default_rng()
+    stats = stats if stats is not None else GenerationStats()
+    tokens = list(prompt_ids)  # the whole text so far, for recomputation and the window
+    cache = model.new_cache(1) if use_cache else None
+
+    start = time.perf_counter()
+    logits = last_logits(model, tokens, cache)
+    stats.prompt_tokens += len(tokens)
+    stats.prompt_seconds += time.perf_counter() - start
+    for step in range(max_new_tokens):
+        start = time.perf_counter()
+        token = sample(logits, sampling, rng)
+        tokens.append(token)
+        if step + 1 < max_new_tokens:
+            logits, cache = _next_logits(model, tokens, cache)
+        stats.new_tokens += 1
+        stats.generate_seconds += time.perf_counter() - start
+        yield token
+
+
+def _next_logits(model: GPT, tokens: list[int], cache):
+    """(logits, cache) after `tokens`, whose last id is new: one cached step; without a
+    cache, a recompute of the last n_ctx tokens; with a full cache, a new one holding the
+    last n_ctx / 2 tokens (the sliding window)."""
+    n_ctx = model.config.n_ctx
+    if cache is None:
+        return last_logits(model, tokens[-n_ctx:], None), None
+    if cache.length == n_ctx:
+        cache = model.new_cache(1)
+        return last_logits(model, tokens[-(n_ctx // 2) :], cache), cache
+    return last_logits(model, tokens[-1:], cache), cache
+
+
+def last_logits(model: GPT, ids: Sequence[int], cache=None) -> np.ndarray:
+    """Run `ids` (one sequence) through the model and return the last position's logits
+    (V,) as a NumPy array: the only data that comes back from the device."""
+    logits = model.forward(np.asarray(ids, dtype=np.int64)[None, :], cache)  # (1, T, V)
+    return model.backend.to_numpy(logits[0, -1, :])
+
+
+def generate(
+    model: GPT,
+    tokenizer,
+    prompt: str | Sequence[int] = "",
+    *,
+    max_new_tokens: int = 256,
+    sampling: SamplingConfig = SamplingConfig(),
+    seed: int | np.random.Generator | None = None,
+    stop: Iterable[str] = (),
+    crop: bool = True,
+    use_cache: bool = True,
+    stats: GenerationStats | None = None,
+) -> Iterator[str]:
+    """Pieces of generated text, as soon as they are whole UTF-8 characters.
+
+    Stops after max_new_tokens, at <|endoftext|> (not included), or before the first stop
+    string (not included). `prompt` is text or already-encoded ids; text longer than the
+    context is cropped to its last tokens with a PromptCropped warning (or PromptError
+    with crop=False). `seed` is an int or a Generator to continue.
+    """
+    if isinstance(prompt, str):
+        prompt, cropped = encode_prompt(tokenizer, prompt, model.config.n_ctx, crop)
+        if cropped:
+            warnings.warn(f"the prompt was cropped to its last {len(prompt)} tokens", PromptCropped, stacklevel=2)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    decoder, held = tokenizer.stream_decoder(), StopStrings(stop)
+    for token in generate_ids(model, prompt, max_new_tokens, sampling, rng, use_cache=use_cache, stats=stats):
+        if token == tokenizer.eot_id:
+            break
+        piece = held.push(decoder.feed(token))
+        if piece:
+            yield piece
+        if held.stopped:
+            return
+    piece = held.push(decoder.flush()) + held.release()
+    if piece:
+        yield piece
+
+
+class StopStrings:
+    """Streams text through, holding back any tail that could begin a stop string, and
+    cuts the text before the first stop string that appears."""
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """Add text; return what can be shown now (everything before a stop string, less
+        a tail that might still grow into one)."""
+        if self.stopped:
+            return ""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            shown, self.pending = self.pending[: min(hits)], ""
+            return shown
+        held = self._held_tail()
+        shown, self.pending = self.pending[: len(self.pending) - held], self.pending[len(self.pending) - held :]
+        return shown
+
+    def release(self) -> str:
+        """The held tail, at the end of the text (it never became a stop string)."""
+        shown, self.pending = self.pending, ""
+        return shown
+
+    def _held_tail(self) -> int:
+        """Length of the longest tail of `pending` that is a proper prefix of a stop string."""
+        longest = max((len(s) - 1 for s in self.stops), default=0)
+        for n in range(min(longest, len(self.pending)), 0, -1):
+            tail = self.pending[-n:]
+            if any(s.startswith(tail) for s in self.stops):
+                return n
+        return 0
+
+
+def _nbytes(x) -> int:
+    xp = x.__array_namespace__()
+    return x.size * xp.finfo(x.dtype).bits // 8
+
+
+def _rate(count: int, seconds: float) -> str:
+    return f"{count / seconds:.1f}" if seconds > 0 else "n/a"
+
+
+# -- CLI --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m npgpt.generate",
+        description="Generate text with a GPT-2 model, streaming it to stdout.",
+        epilog=(
+            "Without --weights, the shipped default model (weights/shakespeare/) is used. "
+            "Use real GPT-2: python tools/convert_gpt2.py --help, then --weights DIR."
+        ),
+    )
+    parser.add_argument("--backend", default="numpy", help="array backend, e.g. numpy, cupy, array-api-strict (default: numpy)")
+    parser.add_argument("--weights", help="a folder with model.safetensors and the tokenizer, a .safetensors file, or a NAME for weights/NAME/")
+    parser.add_argument("--dtype", choices=["float16", "float32", "float64"], help="cast the weights (default: as stored)")
+    parser.add_argument("--prompt", help="text to continue (default: read stdin when it is not a terminal; else start from <|endoftext|>)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate per sample (default: 256)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this; 0 means greedy (default: 1.0)")
+    parser.add_argument("--top-k", type=int, help="sample only among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, help="sample only among the smallest set of most likely tokens whose probability reaches p")
+    parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    parser.add_argument("--seed", type=int, help="random seed; the same seed gives the same text on every backend")
+    parser.add_argument("--num-samples", type=int, default=1, help="independent samples to generate (default: 1)")
+    parser.add_argument("--stop", nargs="+", default=[], metavar="TEXT", help="stop before any of these strings")
+    parser.add_argument("--stats", action="store_true", help="print prompt and generation speed and memory to stderr")
+    parser.add_argument("--no-crop", action="store_true", help="refuse a prompt longer than the context instead of keeping its last tokens")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole context every step (slow; for comparison)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 0:
+        parser.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        parser.error(f"--num-samples must be >= 1, got {args.num_samples}")
+    try:
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.greedy)
+    except ValueError as e:
+        parser.error(f"invalid sampling values: {e}")
+    try:
+        model, tokenizer = load_model(args.weights, get_backend(args.backend), args.dtype)
+        prompt = args.prompt if args.prompt is not None else _stdin_prompt()
+        ids, cropped = encode_prompt(tokenizer, prompt, model.config.n_ctx, crop=not args.no_crop)
+    except (BackendError, WeightsError, CheckpointError, PromptError) as e:
+        print(f"npgpt.generate: error: {e}", file=sys.stderr)
+        return 1
+    if cropped:
+        print(f"npgpt.generate: notice: the prompt was cropped to its last {len(ids)} tokens "
+              f"(dropped {cropped}) to fit the context of {model.config.n_ctx}", file=sys.stderr)  # fmt: skip
+    _utf8(sys.stdout)
+    rng, stats = np.random.default_rng(args.seed), GenerationStats()
+    try:
+        for n in range(args.num_samples):
+            if n:
+                sys.stdout.write("\n---\n")
+            for piece in generate(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                  seed=rng, stop=args.stop, use_cache=not args.no_cache, stats=stats):  # fmt: skip
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if args.stats:
+            print(stats.report(model), file=sys.stderr)
+    return 0
+
+
+def _stdin_prompt() -> str:
+    return "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+
+
+def _utf8(stream) -> None:
+    """Make a text stream write UTF-8, whatever the locale says (generated text is Unicode)."""
+    if (getattr(stream, "encoding", None) or "").lower().replace("-", "") != "utf8" and hasattr(stream, "reconfigure"):
+        stream.reconfigure(encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
