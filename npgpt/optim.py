@@ -1,0 +1,126 @@
+"""AdamW, global-norm gradient clipping and the warm-up + cosine learning-rate schedule.
+
+Written against the array API (`backend.xp`), updating parameters and moments in place,
+so the optimizer never leaves the device: the clipping factor stays a 0-d device array
+and is always multiplied in (no host-side `if norm > max_norm`).
+
+The arithmetic follows PyTorch's `torch.optim.AdamW` (single-tensor path) step for step:
+
+    p  <- p * (1 - lr * wd)                         # decoupled weight decay
+    m  <- beta1 m + (1 - beta1) g
+    v  <- beta2 v + (1 - beta2) g^2
+    p  <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from npgpt.backend import Backend
+
+# Parameters decayed by default: the 2-D weight matrices of the blocks. Biases, LayerNorm
+# gains and the two embeddings (wte is also the LM head) are not, unless configured.
+EMBEDDINGS = ("wte.weight", "wpe.weight")
+
+
+def default_decay(name: str, shape: tuple[int, ...], decay_embeddings: bool = False) -> bool:
+    """Whether weight decay applies to a parameter: 2-D matrices only (nanoGPT, minGPT)."""
+    if name in EMBEDDINGS:
+        return decay_embeddings
+    return len(shape) == 2
+
+
+class AdamW:
+    """AdamW over a dict of parameters on one backend; updates them in place.
+
+    `lr` is passed to every `step` (the schedule lives outside), so the optimizer holds
+    only what must be checkpointed: the step count and the two moments per parameter.
+    """
+
+    def __init__(
+        self,
+        params: dict,
+        backend: Backend,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        decay_embeddings: bool = False,
+    ):
+        xp = backend.xp
+        self.params, self.backend = params, backend
+        self.beta1, self.beta2 = betas
+        self.eps, self.weight_decay = eps, weight_decay
+        self.decay = {name: default_decay(name, tuple(p.shape), decay_embeddings) for name, p in params.items()}
+        self.m = {name: xp.zeros_like(p) for name, p in params.items()}  # first moments
+        self.v = {name: xp.zeros_like(p) for name, p in params.items()}  # second moments
+        self.t = 0  # steps taken
+
+    def step(self, grads: dict, lr: float):
+        """One update of every parameter from `grads` (same keys), at learning rate `lr`."""
+        xp = self.backend.xp
+        self.t += 1
+        b1, b2 = self.beta1, self.beta2
+        step_size = lr / (1.0 - b1**self.t)
+        sqrt_bc2 = math.sqrt(1.0 - b2**self.t)
+        for name, p in self.params.items():
+            g, m, v = grads[name], self.m[name], self.v[name]
+            if self.decay[name] and self.weight_decay:
+                p *= 1.0 - lr * self.weight_decay
+            m *= b1
+            m += (1.0 - b1) * g
+            v *= b2
+            v += (1.0 - b2) * (g * g)
+            denom = xp.sqrt(v)
+            denom /= sqrt_bc2
+            denom += self.eps
+            p -= step_size * (m / denom)
+
+    # -- checkpoints: moments to and from host NumPy --------------------------------------
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
+        """(tensors, scalars): the moments as host arrays named m.<param> / v.<param>,
+        and the step count and hyperparameters (JSON-able)."""
+        to_np = self.backend.to_numpy
+        tensors = {f"m.{k}": to_np(a) for k, a in self.m.items()} | {f"v.{k}": to_np(a) for k, a in self.v.items()}
+        scalars = {"t": self.t, "betas": [self.beta1, self.beta2], "eps": self.eps, "weight_decay": self.weight_decay}
+        return tensors, scalars
+
+    def load_state_dict(self, tensors: dict[str, np.ndarray], scalars: dict):
+        """Restore moments and step count saved by `state_dict` (shapes must match)."""
+        for moments, prefix in ((self.m, "m."), (self.v, "v.")):
+            for name, current in moments.items():
+                host = tensors.get(prefix + name)
+                if host is None or tuple(host.shape) != tuple(current.shape):
+                    got = None if host is None else tuple(host.shape)
+                    raise ValueError(f"optimizer state for {prefix}{name}: expected shape {tuple(current.shape)}, found {got}")
+                moments[name] = self.backend.asarray(np.array(host), dtype=current.dtype)
+        self.t = int(scalars["t"])
+        self.beta1, self.beta2 = scalars["betas"]
+        self.eps, self.weight_decay = scalars["eps"], scalars["weight_decay"]
+
+
+def clip_grad_norm(grads: dict, max_norm: float, backend: Backend):
+    """Scale all gradients in place so their global L2 norm is at most `max_norm`.
+
+    As `torch.nn.utils.clip_grad_norm_`: factor = min(1, max_norm / (norm + 1e-6)),
+    always multiplied in, so nothing is read back to the host. Returns the norm before
+    clipping as a 0-d device array (for logging).
+    """
+    xp = backend.xp
+    norm = xp.sqrt(sum(xp.sum(g * g) for g in grads.values()))
+    factor = xp.minimum(max_norm / (norm + 1e-6), xp.asarray(1.0, dtype=norm.dtype, device=backend.device))
+    for g in grads.values():
+        g *= factor
+    return norm
+
+
+def cosine_lr(step: int, max_lr: float, min_lr: float, warmup: int, decay_steps: int) -> float:
+    """Learning rate for 0-based `step`: linear warm-up over `warmup` steps to `max_lr`,
+    then half a cosine down to `min_lr` at `decay_steps`, and `min_lr` after it."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    if step >= decay_steps:
+        return min_lr
+    progress = (step - warmup) / max(1, decay_steps - warmup)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
