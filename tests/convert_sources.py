@@ -1,0 +1,80 @@
+"""Published-style GPT-2 folders built on the fly for the converter tests (no downloads).
+
+`transformers` builds a randomly initialised GPT2LMHeadModel from a config; its biases and
+LayerNorm parameters start at 0/1, so every parameter is perturbed to make a wrong mapping
+visible. The folder gets config.json, the weights (safetensors or a torch.save'd
+pytorch_model.bin, as transformers 4.x wrote with safe_serialization=False), and tokenizer
+files: a 256-token byte-level vocabulary unless GPT-2's real files are passed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from npgpt.tokenizer.formats import bytes_to_unicode
+
+TINY = dict(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+
+
+def build_hf_model(seed: int = 0, **config):
+    """A random GPT2LMHeadModel (float32, eval) of the given GPT2Config fields."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**{**TINY, **config}))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    return model.eval()
+
+
+def save_hf_folder(model, folder: Path, fmt: str = "safetensors", dtype: str = "float32", gpt2_vocab: Path | None = None) -> Path:
+    """Write `model` as a Hugging Face folder: fmt "safetensors" or "bin"; dtype float32/float16."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = model.to(getattr(torch, dtype))
+    if fmt == "safetensors":
+        model.save_pretrained(folder)
+    else:
+        model.config.save_pretrained(folder)
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    model.float()
+    write_tokenizer(folder, gpt2_vocab)
+    return folder
+
+
+def write_tokenizer(folder: Path, gpt2_vocab: Path | None = None):
+    """vocab.json + merges.txt: GPT-2's (from encoder.json/vocab.bpe in `gpt2_vocab`) or 256 bytes."""
+    if gpt2_vocab is not None:
+        shutil.copyfile(gpt2_vocab / "encoder.json", folder / "vocab.json")
+        shutil.copyfile(gpt2_vocab / "vocab.bpe", folder / "merges.txt")
+        return
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+
+
+def hf_logits_fn(model):
+    """ids -> (T, V) float32 logits of a transformers model."""
+    import torch
+
+    def logits(ids):
+        with torch.no_grad():
+            return model(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+    return logits
+
+
+def npgpt_logits_fn(model):
+    return lambda ids: model.backend.to_numpy(model.forward(np.asarray([list(ids)])))[0]
+
+
+def random_prompts(vocab_size: int, lengths=(2, 7, 20), seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab_size, n).tolist() for n in lengths]
