@@ -69,7 +69,12 @@ def layer_norm_backward(dout, cache):
 def gelu_forward(x):
     """x (N, 4C) -> out (N, 4C). Keeps only x: backward recomputes the tanh."""
     xp = namespace(x)
-    out = xp.tanh(GELU_SCALE * (x + 0.044715 * x * x * x))
+    u = x * x  # built in place: u = sqrt(2/pi) * x * (1 + 0.044715 x^2)
+    u *= 0.044715
+    u += 1.0
+    u *= x
+    u *= GELU_SCALE
+    out = xp.tanh(u)
     out += 1.0
     out *= x
     out *= 0.5
@@ -109,46 +114,67 @@ def dropout_backward(dout, mask):
 
 
 # -- causal self-attention over split heads ----------------------------------------------
-def causal_mask(xp, T, S, device):
-    """(T, S) bool: query t (at position S - T + t) may see key s iff s <= S - T + t."""
-    return xp.arange(S, device=device)[None, :] <= xp.arange(S - T, S, device=device)[:, None]
+QUERY_BLOCK = 128  # queries per block: later blocks see more keys, none sees the future
 
 
-def attention_forward(q, k, v, dropout_p=0.0, uniform=None):
+def attention_forward(q, k, v, dropout=None):
     """Causal softmax attention.
 
-    q (B, NH, T, hs), k and v (B, NH, S, hs) -> y (B, NH, T, hs).
-    Keys may be longer than queries (a KV cache holds the first S - T positions).
+    q (B, NH, T, hs), k and v (B, NH, S, hs) -> y (B, NH, T, hs). Query t sits at
+    position S - T + t (a KV cache may hold the first S - T keys) and sees keys 0..S-T+t.
+    Queries go in blocks of QUERY_BLOCK, each against only the keys it can see, so the
+    masked upper triangle of the T x S score matrix is (mostly) never computed.
+    `dropout(probs) -> (dropped, mask)` drops attention probabilities when training.
     """
     xp = namespace(q)
-    T, S, hs = q.shape[-2], k.shape[-2], q.shape[-1]
-    att = (q * (1.0 / math.sqrt(hs))) @ k.mT  # (B, NH, T, S), scores
-    if T > 1:  # one new query sees every key: nothing to mask
-        att = xp.where(causal_mask(xp, T, S, q.device), att, -xp.inf)
+    T, S = q.shape[2], k.shape[2]
+    y = xp.empty(q.shape, dtype=q.dtype, device=q.device)
+    blocks = []
+    for t0 in range(0, T, QUERY_BLOCK):
+        t1 = min(t0 + QUERY_BLOCK, T)
+        s1 = S - T + t1  # keys visible to the block's last query
+        att = attention_probs(q[:, :, t0:t1, :], k[:, :, :s1, :])  # (B, NH, Tb, s1)
+        att_dropped, mask = dropout(att) if dropout is not None else (att, None)
+        y[:, :, t0:t1, :] = att_dropped @ v[:, :, :s1, :]
+        blocks.append((t0, t1, s1, att, mask))
+    return y, (q, k, v, blocks)
+
+
+def attention_probs(q, k):
+    """softmax(q k^T / sqrt(hs)) with the causal mask: q (B, NH, Tb, hs) are the last Tb
+    of the S positions of k (B, NH, S, hs) -> probabilities (B, NH, Tb, S)."""
+    xp = namespace(q)
+    Tb, S = q.shape[2], k.shape[2]
+    att = (q * (1.0 / math.sqrt(q.shape[3]))) @ k.mT  # (B, NH, Tb, S), scores
+    if Tb > 1:  # only the last Tb columns hold masked entries: key s > query position
+        future = xp.arange(Tb, device=q.device)[None, :] > xp.arange(Tb, device=q.device)[:, None]
+        att[:, :, :, S - Tb :] += xp.where(future, -xp.inf, xp.zeros((Tb, Tb), dtype=att.dtype, device=q.device))
     att -= xp.max(att, axis=-1, keepdims=True)
     att = xp.exp(att)
-    att /= xp.sum(att, axis=-1, keepdims=True)  # (B, NH, T, S), probabilities
-    att_dropped, mask = dropout_forward(att, dropout_p, uniform)
-    y = att_dropped @ v  # (B, NH, T, hs)
-    return y, (q, k, v, att, mask)
+    att /= xp.sum(att, axis=-1, keepdims=True)
+    return att
 
 
 def attention_backward(dy, cache):
-    """dy (B, NH, T, hs) -> dq (B, NH, T, hs), dk, dv (B, NH, S, hs).
+    """dy (B, NH, T, hs) -> dq (B, NH, T, hs), dk, dv (B, NH, S, hs), block by block.
 
-    Softmax backward per row: dscore = p * (dp - sum(dp * p)).
+    Softmax backward per row: dscore = p * (dp - sum(dp * p)); masked entries have
+    p == 0, so their gradient vanishes.
     """
-    q, k, v, att, mask = cache
+    q, k, v, blocks = cache
     xp = namespace(dy)
-    hs = q.shape[-1]
-    att_dropped = att if mask is None else att * mask
-    dv = att_dropped.mT @ dy  # (B, NH, S, hs)
-    datt = dropout_backward(dy @ v.mT, mask)  # (B, NH, T, S)
-    datt -= xp.sum(datt * att, axis=-1, keepdims=True)
-    datt *= att  # masked positions have att == 0, so their gradient vanishes
-    datt *= 1.0 / math.sqrt(hs)
-    dq = datt @ k  # (B, NH, T, hs)
-    dk = datt.mT @ q  # (B, NH, S, hs)
+    scale = 1.0 / math.sqrt(q.shape[3])
+    dq, dk, dv = xp.empty_like(q), xp.zeros_like(k), xp.zeros_like(v)
+    for t0, t1, s1, att, mask in blocks:
+        dyb = dy[:, :, t0:t1, :]  # (B, NH, Tb, hs)
+        att_dropped = att if mask is None else att * mask
+        dv[:, :, :s1, :] += att_dropped.mT @ dyb  # (B, NH, s1, hs)
+        datt = dropout_backward(dyb @ v[:, :, :s1, :].mT, mask)  # (B, NH, Tb, s1)
+        datt -= xp.sum(datt * att, axis=-1, keepdims=True)
+        datt *= att
+        datt *= scale
+        dq[:, :, t0:t1, :] = datt @ k[:, :, :s1, :]
+        dk[:, :, :s1, :] += datt.mT @ q[:, :, t0:t1, :]
     return dq, dk, dv
 
 

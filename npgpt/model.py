@@ -126,13 +126,14 @@ class GPT:
         return KVCache(self.config, batch_size, self.backend, self.dtype)
 
     # -- inference -----------------------------------------------------------------------
-    def forward(self, ids, cache: KVCache | None = None):
-        """Logits (B, T, V) for token ids (B, T).
+    def forward(self, ids, cache: KVCache | None = None, last_only: bool = False):
+        """Logits (B, T, V) for token ids (B, T); (B, 1, V) for the last position only
+        with `last_only` (all that sampling needs: it skips most of the LM head's work).
 
         With a cache, the T ids continue the sequence it holds (positions
         cache.length .. cache.length + T - 1) and their keys/values are appended to it.
         """
-        logits, _ = self._forward(self.as_ids(ids), cache)
+        logits, _ = self._forward(self.as_ids(ids), cache, last_only=last_only)
         return logits
 
     def as_ids(self, ids):
@@ -150,7 +151,7 @@ class GPT:
             raise ValueError(f"ids must be a (B, T) integer array, got shape {ids.shape} dtype {ids.dtype}")
         return ids
 
-    def _forward(self, ids, cache=None, rng: np.random.Generator | None = None):
+    def _forward(self, ids, cache=None, rng: np.random.Generator | None = None, last_only=False):
         """ids (B, T) -> logits (B, T, V) and the per-layer caches the backward needs.
 
         `rng` turns dropout on (training); without it dropout is off.
@@ -174,10 +175,12 @@ class GPT:
         for i in range(cfg.n_layer):
             x, block_cache = self._block_forward(i, x, B, cache, drop)
             block_caches.append(block_cache)
+        if last_only:
+            x, T = xp.reshape(x, (B, T, cfg.n_embd))[:, -1, :], 1  # (B, C)
         xf, lnf_cache = layers.layer_norm_forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.layer_norm_epsilon)
         logits = xf @ p["wte.weight"].mT  # (N, V), the LM head tied to the token embedding
         if cache is not None:
-            cache.length += T
+            cache.length = start + ids.shape[1]
         return xp.reshape(logits, (B, T, cfg.vocab_size)), (emb_cache, emb_drop, block_caches, lnf_cache, xf)
 
     def _block_forward(self, i, x, B, cache, drop):
@@ -193,7 +196,7 @@ class GPT:
         q, k, v = qkv[0, ...], qkv[1, ...], qkv[2, ...]
         if cache is not None:
             k, v = cache.append(i, k, v)  # (B, NH, S, hs)
-        y, att = layers.attention_forward(q, k, v, *drop.attention_args((B, NH, T, k.shape[2])))
+        y, att = layers.attention_forward(q, k, v, drop if drop.p else None)
         y = xp.reshape(xp.permute_dims(y, (0, 2, 1, 3)), (N, C))  # (N, C), heads side by side
         y, c_proj = layers.linear_forward(y, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
         y, attn_drop = drop(y)
@@ -295,9 +298,6 @@ class Dropout:
 
     def __call__(self, x):
         return layers.dropout_forward(x, self.p, self._uniform(x.shape))
-
-    def attention_args(self, shape):
-        return self.p, self._uniform(shape)
 
     def _uniform(self, shape):
         return None if self.p == 0.0 else self.backend.uniform(self.rng, shape, self.dtype)
