@@ -198,7 +198,7 @@ def _next_logits(model: GPT, tokens: list[int], cache):
 def last_logits(model: GPT, ids: Sequence[int], cache=None) -> np.ndarray:
     """Run `ids` (one sequence) through the model and return the last position's logits
     (V,) as a NumPy array: the only data that comes back from the device."""
-    logits = model.forward(np.asarray(ids, dtype=np.int64)[None, :], cache)  # (1, T, V)
+    logits = model.forward(np.asarray(ids, dtype=np.int64)[None, :], cache, last_only=True)  # (1, 1, V)
     return model.backend.to_numpy(logits[0, -1, :])
 
 
