@@ -32,6 +32,29 @@ class BackendError(RuntimeError):
     """A backend that is unknown, not installed, or cannot run on this machine."""
 
 
+# Array types that lack `__array_namespace__` (CuPy's ndarray, as of CuPy 14), mapped to
+# the namespace their backend serves; filled by plugins through register_array_namespace.
+_REGISTERED_NAMESPACES: dict[type, object] = {}
+
+
+def register_array_namespace(array_type: type, xp) -> None:
+    """Declare `xp` the namespace of arrays of `array_type`, for array types that do not
+    name their own through `__array_namespace__` (a plugin calls this in its factory)."""
+    _REGISTERED_NAMESPACES[array_type] = xp
+
+
+def array_namespace(x):
+    """The array-API namespace of array `x`: its own `__array_namespace__()`, else the one
+    a backend registered for its type. TypeError for anything else (lists, scalars)."""
+    own = getattr(x, "__array_namespace__", None)
+    if own is not None:
+        return own()
+    xp = _REGISTERED_NAMESPACES.get(type(x))
+    if xp is None:
+        raise TypeError(f"{type(x).__name__} is not an array of any known backend")
+    return xp
+
+
 class Backend:
     """An array namespace on one device, with the operations the array API lacks.
 
@@ -56,6 +79,13 @@ class Backend:
     def to_numpy(self, x) -> np.ndarray:
         """Device array -> NumPy array on the host (an explicit copy where needed)."""
         return np.from_dlpack(x)
+
+    def holds(self, x) -> bool:
+        """Whether `x` is an array of this backend (rather than host data to upload)."""
+        try:
+            return array_namespace(x) is self.xp
+        except TypeError:
+            return False
 
     def dtype(self, name: str):
         """A dtype of this namespace by its standard name ("float32", "int64", ...)."""

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import math
 
+from npgpt.backend import array_namespace
+
 GELU_SCALE = math.sqrt(2.0 / math.pi)
 
 
 def namespace(x):
-    return x.__array_namespace__()
+    return array_namespace(x)
 
 
 # -- linear: x @ w + b ---------------------------------------------------------------
