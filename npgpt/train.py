@@ -1,0 +1,401 @@
+"""Train a GPT-2 on a UTF-8 text file: `python -m npgpt.train --data FILE --out-dir DIR`.
+
+From scratch (the tokenizer chosen by `--tokenizer`) or fine-tuning a checkpoint
+(`--init-from weights/NAME`). The output folder is a checkpoint that `npgpt.generate`
+and `npgpt.eval` read, and that `--resume` continues from:
+
+    model.safetensors          parameters + GPTConfig (+ the step, to match the state)
+    npgpt_tokenizer.json ...   the tokenizer's files
+    trainer_state.safetensors  AdamW moments; metadata: step, settings, tokens seen
+    log.jsonl                  one JSON object per log interval and per evaluation
+
+Every file is written to a temp file and renamed, the trainer state last, so an
+interruption at any moment leaves the previous consistent checkpoint. The data order
+and dropout masks are functions of (seed, step) alone (see `npgpt.data`), so the saved
+step is the whole RNG state and a resumed run is bit-for-bit the run that never stopped.
+
+On a device backend the loop reads nothing back to the host except at log intervals
+(the summed loss and gradient norm) and checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from npgpt.backend import BackendError, get_backend
+from npgpt.checkpoint import CONFIG_KEY, load_safetensors, save_safetensors
+from npgpt.config import GPTConfig
+from npgpt.data import BatchSampler, split_tokens
+from npgpt.model import GPT, FLOAT_DTYPES
+from npgpt.optim import AdamW, clip_grad_norm, cosine_lr
+
+MODEL_FILE, STATE_FILE, LOG_FILE = "model.safetensors", "trainer_state.safetensors", "log.jsonl"
+STEP_KEY, TRAINER_KEY = "npgpt.step", "npgpt.trainer"
+# Settings a resumed run may change; any other flag must match the checkpoint's.
+RESUME_OVERRIDES = {"max_iters", "log_interval", "eval_interval", "eval_iters", "checkpoint_interval", "backend"}
+DROPOUT_STREAM = 2  # seeds dropout generators apart from the data sampler's (0 train, 1 val)
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue; the message says why and what to do."""
+
+
+# -- command line -----------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m npgpt.train",
+        description="Train a GPT-2 (from scratch or from a checkpoint) on a UTF-8 text file.",
+        epilog="Example (the CPU character-level Shakespeare recipe): python -m npgpt.train "
+        "--data ../shared/data/corpora/tinyshakespeare.txt --out-dir weights/shakespeare --tokenizer char",
+    )
+    g = p.add_argument_group("data and output")
+    g.add_argument("--data", help="UTF-8 text file to train on (required unless --resume)")
+    g.add_argument("--out-dir", required=True, help="checkpoint folder (created; with --resume, read first)")
+    g.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir exactly where it stopped")
+    g.add_argument("--tokenizer", default="char",
+                   help="char | bytes | bpe:N (train an N-token byte-level BPE on the text) | a tokenizer folder, "
+                        "e.g. ../shared/data/gpt2 for GPT-2's BPE (default: char; ignored with --init-from)")  # fmt: skip
+    g.add_argument("--init-from", help="fine-tune: a checkpoint folder, .safetensors file or weights/NAME (model + tokenizer)")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of the tokens held out for validation (default 0.1)")
+    m = p.add_argument_group("model (from scratch)")
+    m.add_argument("--preset", help="a GPT-2 size (gpt2, gpt2-medium, ..., or 124M, ...) instead of the four flags below")
+    m.add_argument("--n-layer", type=int, default=4)
+    m.add_argument("--n-head", type=int, default=4)
+    m.add_argument("--n-embd", type=int, default=128)
+    m.add_argument("--block-size", type=int, help="training sequence length T (default 64; the context when fine-tuning)")
+    m.add_argument("--dropout", type=float, default=0.0)
+    m.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--batch-size", type=int, default=12, help="sequences per micro-batch B")
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    o.add_argument("--max-iters", type=int, default=2000, help="optimizer steps to run to")
+    o.add_argument("--lr-decay-iters", type=int, help="step where the cosine reaches --min-lr (default --max-iters)")
+    o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    o.add_argument("--min-lr", type=float, default=1e-4)
+    o.add_argument("--warmup-iters", type=int, default=100)
+    o.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of the 2-D weight matrices")
+    o.add_argument("--decay-embeddings", action="store_true", help="also decay wte and wpe")
+    o.add_argument("--beta1", type=float, default=0.9)
+    o.add_argument("--beta2", type=float, default=0.99)
+    o.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm limit (0: off)")
+    o.add_argument("--seed", type=int, default=1337, help="seeds the init, the data order and dropout")
+    r = p.add_argument_group("running")
+    r.add_argument("--backend", default="numpy", help="array backend: numpy, cupy, array-api-strict, ... (default numpy)")
+    r.add_argument("--log-interval", type=int, default=10, help="steps between progress lines (and host syncs)")
+    r.add_argument("--eval-interval", type=int, default=250, help="steps between validation estimates (0: only at the end)")
+    r.add_argument("--eval-iters", type=int, default=20, help="validation batches per estimate")
+    r.add_argument("--checkpoint-interval", type=int, default=250, help="steps between checkpoints (and at the end, and on Ctrl-C)")
+    return p
+
+
+def explicit_flags(argv) -> set[str]:
+    """Destinations the user actually gave on the command line (defaults suppressed)."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+# -- setup: tokenizer, tokens, model ----------------------------------------------------
+def make_tokenizer(spec: str, text: str):
+    from npgpt.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, train_bpe
+
+    if spec == "char":
+        return CharTokenizer.train(text)
+    if spec == "bytes":
+        return BPETokenizer({bytes([b]): b for b in range(256)})
+    if spec.startswith("bpe:"):
+        return train_bpe(text, int(spec[4:]))
+    if Path(spec).exists():
+        return Tokenizer.load(spec)
+    raise TrainingError(f"--tokenizer {spec!r}: expected char, bytes, bpe:N or an existing tokenizer folder")
+
+
+def encode_file(tokenizer, path) -> np.ndarray:
+    text = read_text(path)
+    ids = tokenizer.encode(text, allowed_special="all")
+    dtype = np.uint16 if tokenizer.n_vocab <= 2**16 else np.int32
+    return np.asarray(ids, dtype=dtype)
+
+
+def read_text(path) -> str:
+    try:
+        return Path(path).read_text("utf-8")
+    except FileNotFoundError:
+        raise TrainingError(f"--data {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise TrainingError(f"--data {path} is not UTF-8 text ({e})") from None
+
+
+def scratch_config(args, vocab_size: int) -> GPTConfig:
+    T = args.block_size or 64
+    if args.preset:
+        return GPTConfig.preset(args.preset, vocab_size=vocab_size, n_ctx=T, dropout=args.dropout)
+    return GPTConfig(vocab_size=vocab_size, n_ctx=T, n_embd=args.n_embd, n_head=args.n_head,
+                     n_layer=args.n_layer, dropout=args.dropout)  # fmt: skip
+
+
+def load_host_params(file) -> tuple[dict[str, np.ndarray], GPTConfig, dict[str, str]]:
+    """Parameters copied off the memory map (the optimizer updates them in place)."""
+    tensors, metadata = load_safetensors(file)
+    if CONFIG_KEY not in metadata:
+        raise TrainingError(f"{file} is not an npgpt checkpoint (no {CONFIG_KEY} metadata)")
+    return {k: np.array(v) for k, v in tensors.items()}, GPTConfig.from_json(metadata[CONFIG_KEY]), metadata
+
+
+# -- the run ------------------------------------------------------------------------------
+class Trainer:
+    """One training run: model, optimizer, samplers, and the checkpoint folder."""
+
+    def __init__(self, args, model: GPT, tokenizer, tokens: np.ndarray, start_step: int = 0):
+        self.args, self.model, self.tokenizer = args, model, tokenizer
+        self.out = Path(args.out_dir)
+        self.backend = model.backend
+        self.opt = AdamW(model.params, model.backend, betas=(args.beta1, args.beta2),
+                         weight_decay=args.weight_decay, decay_embeddings=args.decay_embeddings)  # fmt: skip
+        train, val = split_tokens(tokens, args.val_fraction)
+        T = args.block_size
+        self.train_data = BatchSampler(train, args.batch_size, T, args.seed, "train")
+        self.val_data = BatchSampler(val, args.batch_size, T, args.seed, "val") if args.val_fraction > 0 else None
+        self.step = start_step
+        self.tokens_per_step = args.batch_size * T * args.grad_accum
+        self.stop_requested = False
+        self.last_good_step = start_step
+
+    # -- one optimizer step ---------------------------------------------------------------
+    def train_step(self):
+        """Forward, backward (accumulated over micro-batches), clip, AdamW. Returns the
+        mean loss and the gradient norm as 0-d device arrays (no host sync)."""
+        args, model = self.args, self.model
+        total_loss, grads = 0.0, None
+        for micro in range(args.grad_accum):
+            ids, targets = self.train_data.batch(self.step, micro)
+            rng = np.random.default_rng([args.seed, DROPOUT_STREAM, self.step, micro]) if model.config.dropout else None
+            loss, g = model.loss_and_grads(ids, targets, rng=rng)
+            total_loss = total_loss + loss
+            if grads is None:
+                grads = g
+            else:
+                for name, value in g.items():
+                    grads[name] += value
+        if args.grad_accum > 1:
+            for value in grads.values():
+                value *= 1.0 / args.grad_accum
+        norm = clip_grad_norm(grads, args.grad_clip, self.backend) if args.grad_clip > 0 else self.grad_norm(grads)
+        self.opt.step(grads, self.lr(self.step))
+        self.step += 1
+        return total_loss / args.grad_accum, norm
+
+    def grad_norm(self, grads):
+        xp = self.backend.xp
+        return xp.sqrt(sum(xp.sum(g * g) for g in grads.values()))
+
+    def lr(self, step: int) -> float:
+        a = self.args
+        return cosine_lr(step, a.lr, a.min_lr, a.warmup_iters, a.lr_decay_iters or a.max_iters)
+
+    def val_loss(self) -> float:
+        """Mean loss over `eval_iters` fixed validation batches (the same ones every time)."""
+        losses = [self.model.loss(*self.val_data.batch(i)) for i in range(self.args.eval_iters)]
+        return float(self.backend.to_numpy(sum(losses[1:], losses[0]))) / len(losses)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> int:
+        """Train to --max-iters; returns the exit status (0 done, 130 interrupted, 1 diverged)."""
+        args = self.args
+        if self.step >= args.max_iters:
+            say(f"already at step {self.step} of {args.max_iters}: nothing to do (raise --max-iters to continue)")
+            return 0
+        say(f"training {self.model.config} on {self.backend.name}: {len(self.train_data.tokens):,} train tokens, "
+            f"{self.tokens_per_step:,} tokens/step, steps {self.step} -> {args.max_iters}")  # fmt: skip
+        window_loss, window_norm, window_steps = 0.0, 0.0, 0
+        clock = time.perf_counter()
+        previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        try:
+            while self.step < args.max_iters and not self.stop_requested:
+                loss, norm = self.train_step()
+                window_loss, window_norm, window_steps = window_loss + loss, window_norm + norm, window_steps + 1
+                done = self.step == args.max_iters
+                checkpoint_due = done or self.stop_requested or self.step % args.checkpoint_interval == 0
+                eval_due = self.val_data is not None and (done or (args.eval_interval and self.step % args.eval_interval == 0))
+                if checkpoint_due or eval_due or self.step % args.log_interval == 0:
+                    elapsed = time.perf_counter() - clock
+                    if not self.report(window_loss, window_norm, window_steps, elapsed):
+                        return 1
+                    window_loss, window_norm, window_steps = 0.0, 0.0, 0
+                    if eval_due:
+                        self.evaluate()
+                    if checkpoint_due:
+                        self.save()
+                    clock = time.perf_counter()
+            if self.stop_requested and self.last_good_step != self.step:  # Ctrl-C came after this step's save point
+                if window_steps and not self.report(window_loss, window_norm, window_steps, time.perf_counter() - clock):
+                    return 1
+                self.save()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if self.stop_requested:
+            say(f"interrupted: checkpoint at step {self.step} saved in {self.out}; continue with --resume --out-dir {self.out}")
+            return 130
+        return 0
+
+    def _on_interrupt(self, signum, frame):
+        """First Ctrl-C: finish the step, save, stop. A second one aborts at once."""
+        self.stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        say("\nCtrl-C: finishing this step and saving a checkpoint (press again to abort without saving)")
+
+    def report(self, loss_sum, norm_sum, steps, elapsed) -> bool:
+        """Read the window's loss back to the host, print and log it; False if it diverged."""
+        loss = float(self.backend.to_numpy(loss_sum)) / steps
+        norm = float(self.backend.to_numpy(norm_sum)) / steps
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            say(f"error: the loss became non-finite (loss {loss}, gradient norm {norm}) between steps "
+                f"{self.step - steps} and {self.step}. Stopped without saving: the last good checkpoint "
+                f"(step {self.last_good_step}) is kept in {self.out}. Try a lower --lr, more --warmup-iters "
+                f"or a --grad-clip.")  # fmt: skip
+            return False
+        tokens_per_s = steps * self.tokens_per_step / elapsed
+        eta = (self.args.max_iters - self.step) * elapsed / steps
+        say(f"step {self.step:>6}/{self.args.max_iters} | loss {loss:.4f} | lr {self.lr(self.step - 1):.2e} | "
+            f"grad norm {norm:.3f} | {tokens_per_s:,.0f} tok/s | {1000 * elapsed / steps:.0f} ms/step | ETA {format_duration(eta)}")  # fmt: skip
+        self.log(step=self.step, loss=loss, lr=self.lr(self.step - 1), grad_norm=norm,
+                 tokens_per_s=tokens_per_s, seconds_per_step=elapsed / steps)  # fmt: skip
+        return True
+
+    def evaluate(self):
+        loss = self.val_loss()
+        say(f"step {self.step:>6}: val loss {loss:.4f} | val perplexity {math.exp(min(loss, 700)):.2f}")
+        self.log(step=self.step, val_loss=loss, val_perplexity=math.exp(min(loss, 700)))
+
+    def log(self, **record):
+        with open(self.out / LOG_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save(self):
+        """Model, then trainer state (each atomically); the state names the step, so a
+        crash between the two files is detected on resume, never silently mixed."""
+        meta = {CONFIG_KEY: self.model.config.to_json(), "format": "npgpt", STEP_KEY: str(self.step)}
+        save_safetensors(self.out / MODEL_FILE, self.model.to_numpy(), meta)
+        moments, scalars = self.opt.state_dict()
+        state = {"step": self.step, "optimizer": scalars, "tokens_seen": self.step * self.tokens_per_step,
+                 "args": {k: v for k, v in vars(self.args).items() if k != "resume"}}  # fmt: skip
+        save_safetensors(self.out / STATE_FILE, moments, {TRAINER_KEY: json.dumps(state), STEP_KEY: str(self.step)})
+        self.last_good_step = self.step
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def say(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
+def write_tokenizer(tokenizer, out: Path):
+    """The tokenizer's files, written to a temp folder and moved in file by file."""
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizer.") as tmp:
+        tokenizer.save(tmp)
+        for file in Path(tmp).iterdir():
+            os.replace(file, out / file.name)
+
+
+def start(args) -> Trainer:
+    """A fresh run: tokenizer and model from scratch or from --init-from."""
+    from npgpt.generate import resolve_weights
+    from npgpt.tokenizer import Tokenizer
+
+    if not args.data:
+        raise TrainingError("--data is required (a UTF-8 text file) unless --resume")
+    out = Path(args.out_dir)
+    if (out / STATE_FILE).exists():
+        raise TrainingError(f"{out} already holds a training run: continue it with --resume, or choose another --out-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    backend = get_backend(args.backend)
+    if args.init_from:
+        file = resolve_weights(args.init_from)
+        tokenizer = Tokenizer.load(file.parent)
+        params, config, _ = load_host_params(file)
+        args.block_size = args.block_size or config.n_ctx
+        config = dataclasses.replace(config, dropout=args.dropout)
+        model = GPT.from_numpy(config, params, backend, args.dtype)
+    else:
+        tokenizer = make_tokenizer(args.tokenizer, read_text(args.data))
+        config = scratch_config(args, tokenizer.n_vocab)
+        args.block_size = config.n_ctx
+        model = GPT.init(config, backend, seed=args.seed, dtype=args.dtype)
+    if args.block_size > model.config.n_ctx:
+        raise TrainingError(f"--block-size {args.block_size} exceeds the model's context of {model.config.n_ctx}")
+    (out / LOG_FILE).unlink(missing_ok=True)
+    write_tokenizer(tokenizer, out)
+    return Trainer(args, model, tokenizer, encode_file(tokenizer, args.data))
+
+
+def resume(args, given: set[str]) -> Trainer:
+    """The run saved in --out-dir, with the saved settings (a few may be overridden)."""
+    from npgpt.tokenizer import Tokenizer
+
+    out = Path(args.out_dir)
+    if not (out / STATE_FILE).exists():
+        raise TrainingError(f"nothing to resume: {out / STATE_FILE} does not exist (start the run without --resume)")
+    moments, meta = load_safetensors(out / STATE_FILE)
+    state = json.loads(meta[TRAINER_KEY])
+    params, config, model_meta = load_host_params(out / MODEL_FILE)
+    if model_meta.get(STEP_KEY) != meta[STEP_KEY]:
+        raise TrainingError(f"{out}: model is at step {model_meta.get(STEP_KEY)} but the trainer state at "
+                            f"{meta[STEP_KEY]} (a save was cut off); the folder cannot be resumed")  # fmt: skip
+    saved = state["args"]
+    clashes = [f"--{k.replace('_', '-')} ({getattr(args, k)!r} vs saved {saved[k]!r})"
+               for k in given - RESUME_OVERRIDES - {"resume", "out_dir"} if getattr(args, k) != saved.get(k)]  # fmt: skip
+    if clashes:
+        raise TrainingError(f"a resumed run keeps its settings; these differ: {', '.join(clashes)}. "
+                            f"Only {', '.join('--' + k.replace('_', '-') for k in sorted(RESUME_OVERRIDES))} may change.")  # fmt: skip
+    args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in given & RESUME_OVERRIDES}, "out_dir": str(out)})
+    tokenizer = Tokenizer.load(out)
+    model = GPT.from_numpy(config, params, get_backend(args.backend))
+    trainer = Trainer(args, model, tokenizer, encode_file(tokenizer, args.data), start_step=state["step"])
+    trainer.opt.load_state_dict(moments, state["optimizer"])
+    truncate_log(out / LOG_FILE, state["step"])
+    say(f"resuming {out} at step {state['step']}")
+    return trainer
+
+
+def truncate_log(path: Path, step: int):
+    """Drop log lines past the checkpoint's step (they will be written again)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "grad_accum", "max_iters", "log_interval", "checkpoint_interval", "eval_iters"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        if args.data:
+            args.data = str(Path(args.data).resolve())  # a resumed run may start elsewhere
+        trainer = resume(args, explicit_flags(argv)) if args.resume else start(args)
+        return trainer.run()
+    except (TrainingError, BackendError, ValueError) as e:
+        say(f"error: {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
