@@ -39,7 +39,7 @@ def save_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, s
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     arrays, offset = [], 0
     for name, array in tensors.items():
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d)
         dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
         if dtype not in NAMES:
             raise CheckpointError(f"tensor {name!r}: dtype {array.dtype} cannot be stored in safetensors")
@@ -95,7 +95,7 @@ def load_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     tensors, spans = {}, []
     for name, entry in header.items():
         dtype, shape, (begin, end) = _validate_entry(path, name, entry, data_size)
-        tensors[name] = data[begin:end].view(dtype).reshape(shape)
+        tensors[name] = np.frombuffer(data, dtype, count=(end - begin) // dtype.itemsize, offset=begin).reshape(shape)
         spans.append((begin, end, name))
     expected = 0
     for begin, end, name in sorted(spans):

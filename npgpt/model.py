@@ -137,19 +137,19 @@ class GPT:
         return logits
 
     def as_ids(self, ids):
-        """Token ids as a (B, T) integer array on the device, checked on the host first
-        when they come from the host (lists, NumPy): shape, dtype and 0 <= id < V."""
+        """Token ids as a (B, T) integer array on the device. Host ids (lists, NumPy) are
+        checked first: shape, dtype and 0 <= id < V."""
         xp = self.backend.xp
-        if not hasattr(ids, "__array_namespace__") or ids.__array_namespace__() is not xp:
+        if isinstance(ids, (np.ndarray, list, tuple)):
             host = np.asarray(ids)
             if host.ndim != 2 or host.shape[1] == 0 or not np.issubdtype(host.dtype, np.integer):
                 raise ValueError(f"ids must be a non-empty (B, T) array of integers, got shape {host.shape} dtype {host.dtype}")
             if host.size and (host.min() < 0 or host.max() >= self.config.vocab_size):
                 raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got values in [{host.min()}, {host.max()}]")
             return self.backend.asarray(host, dtype=xp.int64)
-        if ids.ndim != 2 or not xp.isdtype(ids.dtype, "integral"):
-            raise ValueError(f"ids must be a (B, T) integer array, got shape {ids.shape} dtype {ids.dtype}")
-        return ids
+        if ids.ndim != 2 or ids.shape[1] == 0 or not xp.isdtype(ids.dtype, "integral"):
+            raise ValueError(f"ids must be a non-empty (B, T) integer array, got shape {ids.shape} dtype {ids.dtype}")
+        return ids  # already on the device: checking values would cost a device->host sync
 
     def _forward(self, ids, cache=None, rng: np.random.Generator | None = None, last_only=False):
         """ids (B, T) -> logits (B, T, V) and the per-layer caches the backward needs.

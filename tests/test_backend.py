@@ -1,0 +1,87 @@
+"""The backend registry and the operations the array API lacks."""
+
+import importlib.metadata
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import npgpt.backend as backend_module
+from npgpt.backend import Backend, BackendError, available_backends, get_backend
+
+
+def test_unknown_backend_lists_the_available_ones():
+    with pytest.raises(BackendError, match=r"unknown backend 'tpu'; available here: numpy, array-api-strict"):
+        get_backend("tpu")
+
+
+def test_missing_cupy_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(backend_module, "_plugins", lambda: {})
+    with pytest.raises(BackendError, match=r'pip install "npgpt\[cupy\]"'):
+        get_backend("cupy")
+
+
+def test_bad_array_api_strict_device():
+    with pytest.raises(BackendError, match="no device 'gpu7'"):
+        get_backend("array-api-strict:gpu7")
+
+
+def test_plugins_are_found_through_entry_points(monkeypatch):
+    made = []
+
+    def factory(device):
+        made.append(device)
+        return Backend("fake", np, device)
+
+    entry = importlib.metadata.EntryPoint("fake", "x:y", backend_module.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(importlib.metadata.EntryPoint, "load", lambda self: factory)
+    monkeypatch.setattr(backend_module, "_plugins", lambda: {"fake": entry})
+    assert "fake" in available_backends()
+    assert get_backend("fake:3").name == "fake" and made == ["3"]
+
+
+def test_plugin_import_error_becomes_an_actionable_message(monkeypatch):
+    def factory(device):
+        raise ImportError("No module named 'cupy'")
+
+    entry = importlib.metadata.EntryPoint("cupy", "x:y", backend_module.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(importlib.metadata.EntryPoint, "load", lambda self: factory)
+    monkeypatch.setattr(backend_module, "_plugins", lambda: {"cupy": entry})
+    with pytest.raises(BackendError, match=r"not usable here \(No module named 'cupy'\).*npgpt\[cupy\]"):
+        get_backend("cupy")
+
+
+@settings(max_examples=30, deadline=None)
+@given(ids=st.lists(st.integers(0, 5), min_size=1, max_size=20), seed=st.integers(0, 10**6))
+def test_index_add_sums_repeated_ids_on_every_backend(ids, seed):
+    """target[ids[n]] += values[n], with repeated ids accumulating (unlike target[ids] += v)."""
+    values = np.random.default_rng(seed).normal(size=(len(ids), 3))
+    expected = np.zeros((6, 3))
+    for n, i in enumerate(ids):
+        expected[i] += values[n]
+    for name in ("numpy", "array-api-strict:device1"):
+        b = get_backend(name)
+        target = b.xp.zeros((6, 3), dtype=b.xp.float64, device=b.device)
+        got = b.index_add(target, b.asarray(np.array(ids)), b.asarray(values))
+        np.testing.assert_allclose(b.to_numpy(got), expected, atol=1e-12)
+
+
+def test_uniform_is_the_same_stream_on_every_backend():
+    draws = []
+    for name in ("numpy", "array-api-strict:no_float64"):
+        b = get_backend(name)
+        x = b.uniform(np.random.default_rng(5), (4, 3), b.xp.float32)
+        draws.append(b.to_numpy(x))
+    np.testing.assert_array_equal(*draws)
+    assert draws[0].dtype == np.float32 and 0 <= draws[0].min() and draws[0].max() < 1
+
+
+def test_no_float64_device_refuses_float64():
+    b = get_backend("array-api-strict:no_float64")
+    with pytest.raises(ValueError, match="float64"):
+        b.asarray(np.ones(3), dtype=b.xp.float64)
+
+
+def test_peak_memory_is_reported():
+    assert get_backend("numpy").peak_memory_bytes() > 10 * 2**20
