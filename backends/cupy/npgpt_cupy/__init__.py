@@ -1,0 +1,129 @@
+"""npgpt's CuPy backend: the engine on an NVIDIA GPU.
+
+Registered under the entry-point group `npgpt.backends` as `cupy`, so
+`get_backend("cupy")` (or "cupy:1" for the second GPU) returns a `CupyBackend`:
+
+- `xp`: CuPy's own namespace, which follows NumPy 2 and so the array API, plus the
+  `device=` keyword of the creation functions (`npgpt_cupy.namespace`). CuPy arrays do
+  not name their namespace (`__array_namespace__`), so the factory registers it with
+  `npgpt.backend.register_array_namespace`.
+- host <-> device copies happen only in `asarray` (upload) and `to_numpy` (`.get()`):
+  CuPy refuses implicit conversion to NumPy, so any other crossing is an error.
+- `index_add` is `cupyx.scatter_add` (atomic adds: repeated ids sum), `synchronize`
+  waits on the current stream, `peak_memory_bytes` is what CuPy's memory pool holds.
+- `uniform` keeps the base class's host-drawn stream: dropout masks are the same on
+  every backend, at the price of one upload per dropout site per training step.
+
+Selecting it fails with a `BackendError` saying what is wrong: CuPy missing (ImportError,
+turned into an install hint by `get_backend`), CuPy too old, or no usable GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from npgpt.backend import Backend, BackendError, register_array_namespace
+
+from npgpt_cupy.namespace import CupyNamespace
+
+__all__ = ["CupyBackend", "make_backend"]
+
+NO_GPU_HINT = (
+    "check that this machine has an NVIDIA GPU and driver (`nvidia-smi` must list the GPU) "
+    "and that the CUDA version of your CuPy wheel (cupy-cuda12x) is one the driver supports"
+)
+
+
+class CupyBackend(Backend):
+    """Arrays in one GPU's memory through CuPy; the device is made current for the thread."""
+
+    def __init__(self, cupy, cupyx, device):
+        super().__init__(f"cupy:{device.id}", array_api_namespace(cupy), device)
+        self._cupy, self._cupyx = cupy, cupyx
+
+    def asarray(self, host, dtype=None):
+        """Host data -> device array: the one host->device copy."""
+        with self.device:
+            return self._cupy.asarray(host, dtype=dtype)
+
+    def to_numpy(self, x):
+        """Device array -> NumPy: the one device->host copy (waits for the array's work)."""
+        return x.get()
+
+    def index_add(self, target, ids, values):
+        """target[ids[n], :] += values[n, :] in place, repeated ids summed (atomic adds)."""
+        self._cupyx.scatter_add(target, ids, values)
+        return target
+
+    def synchronize(self) -> None:
+        self._cupy.cuda.get_current_stream().synchronize()
+
+    def peak_memory_bytes(self) -> int:
+        """Bytes held by CuPy's memory pool: its high-water mark, since the pool keeps
+        freed blocks for reuse and only returns them on `free_all_blocks()`."""
+        return self._cupy.get_default_memory_pool().total_bytes()
+
+
+@functools.cache
+def array_api_namespace(cupy) -> CupyNamespace:
+    """One namespace per `cupy` module, shared by every device's backend (it is
+    device-free), so `Backend.holds` recognises CuPy arrays whichever backend asks."""
+    return CupyNamespace(cupy)
+
+
+def make_backend(device: str | None) -> CupyBackend:
+    """The `npgpt.backends` factory: "cupy" is GPU 0, "cupy:1" GPU 1.
+
+    Raises ImportError without CuPy, BackendError with CuPy but no usable GPU.
+    """
+    import cupy  # ImportError: get_backend turns it into an install hint
+    import cupyx
+
+    if not hasattr(cupy.ndarray, "mT"):
+        raise BackendError(
+            f"CuPy {cupy.__version__} is too old: npgpt needs CuPy 14 or newer (NumPy 2's API, ndarray.mT). "
+            'To fix: pip install -U "cupy-cuda12x[ctk]>=14"'
+        )
+    index = _device_index(device)
+    count = _device_count(cupy)
+    if index >= count:
+        raise BackendError(f"there is no GPU {index}: CuPy sees {count} GPU(s), numbered 0 to {count - 1}")
+    gpu = cupy.cuda.Device(index)
+    gpu.use()  # CuPy computes on the current device: make it this one for the thread
+    backend = CupyBackend(cupy, cupyx, gpu)
+    register_array_namespace(cupy.ndarray, backend.xp)
+    _smoke_test(backend)
+    return backend
+
+
+def _device_index(device: str | None) -> int:
+    if device is None:
+        return 0
+    if not device.isdigit():
+        raise BackendError(f"a CuPy device is a GPU number, as in cupy:0 or cupy:1, got cupy:{device}")
+    return int(device)
+
+
+def _device_count(cupy) -> int:
+    """How many GPUs CUDA sees; BackendError (saying why) when it sees none."""
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDARuntimeError: no device, no driver, driver too old
+        raise BackendError(f"CuPy is installed but cannot reach a GPU ({type(e).__name__}: {e}); {NO_GPU_HINT}") from e
+    if count == 0:
+        raise BackendError(f"CuPy is installed but CUDA sees no GPU; {NO_GPU_HINT}")
+    return count
+
+
+def _smoke_test(backend: CupyBackend) -> None:
+    """Compile and run one tiny kernel now, so missing CUDA libraries (NVRTC, cuBLAS)
+    show up here with a hint rather than in the middle of a forward pass."""
+    try:
+        x = backend.asarray([[1.0, 2.0]], dtype=backend.xp.float32)
+        backend.to_numpy(backend.xp.tanh(x) @ x.mT)
+    except Exception as e:
+        raise BackendError(
+            f"CuPy found GPU {backend.device.id} but cannot run a kernel on it ({type(e).__name__}: {e}). "
+            'The CUDA libraries may be missing: pip install "cupy-cuda12x[ctk]>=14" brings them; '
+            f"else {NO_GPU_HINT}"
+        ) from e
