@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--batch-size", type=int, default=12, help="sequences per micro-batch B")
     o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     o.add_argument("--max-iters", type=int, default=2000, help="optimizer steps to run to")
-    o.add_argument("--lr-decay-iters", type=int, help="step where the cosine reaches --min-lr (default --max-iters)")
+    o.add_argument("--lr-decay-iters", type=int, help="step where the cosine reaches --min-lr (default: --max-iters of the first run; a resume keeps it)")
     o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     o.add_argument("--min-lr", type=float, default=1e-4)
     o.add_argument("--warmup-iters", type=int, default=100)
@@ -203,7 +203,7 @@ class Trainer:
 
     def lr(self, step: int) -> float:
         a = self.args
-        return cosine_lr(step, a.lr, a.min_lr, a.warmup_iters, a.lr_decay_iters or a.max_iters)
+        return cosine_lr(step, a.lr, a.min_lr, a.warmup_iters, a.lr_decay_iters)
 
     def val_loss(self) -> float:
         """Mean loss over `eval_iters` fixed validation batches (the same ones every time)."""
@@ -324,6 +324,7 @@ def start(args) -> Trainer:
     if (out / STATE_FILE).exists():
         raise TrainingError(f"{out} already holds a training run: continue it with --resume, or choose another --out-dir")
     out.mkdir(parents=True, exist_ok=True)
+    args.lr_decay_iters = args.lr_decay_iters or args.max_iters  # fixed now: a resume may change --max-iters
     backend = get_backend(args.backend)
     if args.init_from:
         file = resolve_weights(args.init_from)
