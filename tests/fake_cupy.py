@@ -21,8 +21,9 @@ It is stricter than CuPy in one way: NumPy functions called on its arrays raise 
 dispatches some through `__array_function__`), so host code cannot silently compute on
 device arrays.
 
-Use `install(monkeypatch)` in a test (or `install()` for a whole session): it puts
-`cupy`, `cupyx`, `cupy.cuda`, `cupy.cuda.runtime` into sys.modules and resets the state.
+Use `install(monkeypatch)` in a test: it puts `cupy`, `cupyx`, `cupy.cuda` and
+`cupy.cuda.runtime` into sys.modules for that test and resets the state. `make_backend`
+builds the plugin's backend on the fake for the whole-suite `fake-cupy` backend.
 """
 
 from __future__ import annotations
@@ -406,14 +407,38 @@ def build_modules() -> dict[str, types.ModuleType]:
     return {"cupy": cupy, "cupy.cuda": cuda, "cupy.cuda.runtime": runtime, "cupyx": cupyx}
 
 
-def install(monkeypatch=None, device_count: int = 2) -> dict[str, types.ModuleType]:
-    """Make `import cupy` / `import cupyx` give the fake (through monkeypatch when given,
-    so the test undoes it), with fresh state."""
+_MODULES: dict[str, types.ModuleType] = {}
+
+
+def modules() -> dict[str, types.ModuleType]:
+    """The fake modules, built once per process: CuPy's namespace is one module object, and
+    npgpt maps the array type to one namespace built from it."""
+    if not _MODULES:
+        _MODULES.update(build_modules())
+    return _MODULES
+
+
+def install(monkeypatch, device_count: int = 2) -> dict[str, types.ModuleType]:
+    """Make `import cupy` / `import cupyx` give the fake for this test (monkeypatch undoes
+    it), with fresh state: no transfers counted, device 0 current."""
     reset(device_count)
-    modules = build_modules()
-    for name, module in modules.items():
-        if monkeypatch is not None:
-            monkeypatch.setitem(sys.modules, name, module)
-        else:
-            sys.modules[name] = module
-    return modules
+    for name, module in modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return modules()
+
+
+def make_backend(device: str | None = None):
+    """The CuPy plugin's backend built on the fake, leaving sys.modules as it was: the
+    `fake-cupy` test backend (NPGPT_TEST_BACKENDS=numpy,fake-cupy)."""
+    import npgpt_cupy
+
+    saved = {name: sys.modules.get(name) for name in modules()}
+    sys.modules.update(modules())
+    try:
+        return npgpt_cupy.make_backend(device)
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = module

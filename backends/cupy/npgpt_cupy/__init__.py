@@ -76,8 +76,11 @@ def make_backend(device: str | None) -> CupyBackend:
 
     Raises ImportError without CuPy, BackendError with CuPy but no usable GPU.
     """
-    import cupy  # ImportError: get_backend turns it into an install hint
-    import cupyx
+    try:
+        import cupy
+        import cupyx
+    except ImportError as e:  # get_backend turns this into an install hint
+        raise ImportError(f"CuPy is not installed or cannot be imported: {e}") from e
 
     if not hasattr(cupy.ndarray, "mT"):
         raise BackendError(

@@ -1,0 +1,199 @@
+"""The CuPy plugin (backends/cupy, module npgpt_cupy), run on tests/fake_cupy.py: NumPy
+standing in for a GPU, with CuPy's refusals (no implicit conversion to NumPy, no NumPy
+operands, one device at a time) and every host<->device copy counted.
+
+On a machine with a GPU, `NPGPT_TEST_BACKENDS=numpy,cupy pytest` runs the engine,
+training and generation tests on the real thing; these tests pin down what the fake can:
+errors, transfers per token, device placement, agreement with NumPy.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import fake_cupy
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import npgpt.backend as backend_module
+from npgpt.backend import BackendError, get_backend
+from npgpt.config import GPTConfig
+from npgpt.generate import generate_ids
+from npgpt.model import GPT, init_params
+from npgpt.optim import AdamW, clip_grad_norm
+from npgpt.sampling import SamplingConfig
+
+TINY = GPTConfig(vocab_size=61, n_ctx=24, n_embd=16, n_head=4, n_layer=2)
+N_PARAMS = 4 + 12 * TINY.n_layer
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """`import cupy` gives the fake for this test; yields its module (fresh counters)."""
+    yield fake_cupy.install(monkeypatch)["cupy"]
+    fake_cupy.reset()
+
+
+def transfers_during(action):
+    before = fake_cupy.STATE.transfers.snapshot()
+    result = action()
+    return result, fake_cupy.STATE.transfers.snapshot() - before
+
+
+# -- selecting the backend --------------------------------------------------------------------
+def test_the_plugin_is_registered_under_npgpt_backends():
+    entries = importlib.metadata.entry_points(group=backend_module.ENTRY_POINT_GROUP)
+    assert {(e.name, e.value) for e in entries} >= {("cupy", "npgpt_cupy:make_backend")}
+
+
+def test_without_cupy_the_message_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "cupy", None)  # `import cupy` fails
+    with pytest.raises(BackendError, match=r'CuPy is not installed.*pip install "npgpt\[cupy\]"'):
+        get_backend("cupy")
+
+
+def test_without_a_gpu_the_message_says_to_check_the_driver(monkeypatch):
+    fake_cupy.install(monkeypatch, device_count=0)
+    with pytest.raises(BackendError, match=r"CuPy is installed but cannot reach a GPU.*nvidia-smi"):
+        get_backend("cupy")
+
+
+def test_cupy_13_is_refused_with_the_upgrade_command(fake, monkeypatch):
+    monkeypatch.delattr(fake_cupy.ndarray, "mT")
+    with pytest.raises(BackendError, match=r"CuPy 14 or newer.*pip install -U"):
+        get_backend("cupy")
+
+
+@pytest.mark.parametrize(("spec", "message"), [("cupy:2", r"no GPU 2: CuPy sees 2 GPU\(s\)"), ("cupy:gpu", "GPU number")])
+def test_bad_device_names_are_clear_errors(fake, spec, message):
+    with pytest.raises(BackendError, match=message):
+        get_backend(spec)
+
+
+def test_the_same_entry_point_registered_twice_is_fine(fake, monkeypatch):
+    """`npgpt[cupy]` and `npgpt-cupy` both register cupy = npgpt_cupy:make_backend."""
+    twice = [importlib.metadata.EntryPoint("cupy", "npgpt_cupy:make_backend", backend_module.ENTRY_POINT_GROUP)] * 2
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: twice)
+    assert get_backend("cupy").name == "cupy:0"
+
+
+# -- the fake behaves like CuPy where it matters ---------------------------------------------------
+def test_fake_arrays_refuse_implicit_host_conversion(fake):
+    x = fake.asarray(np.ones(3))
+    for implicit in (lambda: np.asarray(x), lambda: x + np.ones(3), lambda: np.ones(3) * x, lambda: np.exp(x)):
+        with pytest.raises(TypeError):
+            implicit()
+    assert not hasattr(x, "__array_namespace__")
+    with pytest.raises(TypeError, match="device"):
+        fake.zeros(3, device=x.device)
+    np.testing.assert_array_equal(x.get(), np.ones(3))
+    assert fake_cupy.STATE.log == [("up", (3,)), ("down", (3,))]
+
+
+# -- the backend's operations -------------------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(ids=st.lists(st.integers(0, 5), min_size=1, max_size=20), seed=st.integers(0, 10**6))
+def test_index_add_sums_repeated_ids(ids, seed):
+    b = fake_cupy.make_backend()
+    values = np.random.default_rng(seed).normal(size=(len(ids), 3)).astype(np.float32)
+    expected = np.zeros((6, 3), dtype=np.float32)
+    np.add.at(expected, np.array(ids), values)
+    target = b.xp.zeros((6, 3), dtype=b.xp.float32, device=b.device)
+    got = b.index_add(target, b.asarray(np.array(ids)), b.asarray(values))
+    assert got is target  # in place, as cupyx.scatter_add works
+    np.testing.assert_allclose(b.to_numpy(got), expected, rtol=1e-6)
+
+
+def test_synchronize_waits_on_the_stream_and_memory_is_the_pool_high_water_mark(fake):
+    b = get_backend("cupy")
+    _, moved = transfers_during(b.synchronize)
+    assert moved.syncs == 1
+    x = b.xp.zeros((1000,), dtype=b.xp.float32, device=b.device)
+    del x
+    assert b.peak_memory_bytes() >= 4000
+
+
+def test_uniform_is_the_host_stream_every_backend_draws(fake):
+    b = get_backend("cupy")
+    got = b.to_numpy(b.uniform(np.random.default_rng(3), (4, 5), b.xp.float32))
+    np.testing.assert_array_equal(got, np.random.default_rng(3).random((4, 5), dtype=np.float32))
+
+
+# -- the engine on the plugin ---------------------------------------------------------------------
+def test_weights_are_uploaded_once_each_on_load(fake, tmp_path):
+    path = tmp_path / "model.safetensors"
+    GPT.init(TINY, seed=1).save(path)
+    gpu = get_backend("cupy")  # (its start-up check moves a few bytes: not counted here)
+    model, moved = transfers_during(lambda: GPT.load(path, backend=gpu))
+    assert (moved.uploads, moved.downloads) == (N_PARAMS, 0)
+    assert moved.upload_bytes == sum(v.nbytes for v in init_params(TINY, 1).values())
+    reference = GPT.load(path)
+    ids = np.array([[3, 1, 4, 1, 5]])
+    np.testing.assert_allclose(model.backend.to_numpy(model.forward(ids)), reference.forward(ids), atol=1e-5)
+
+
+def test_generation_moves_one_id_up_and_one_row_of_logits_down_per_token(fake):
+    model = GPT.init(TINY, backend="cupy", seed=2)
+    prompt, n_new = [5, 9, 2], 6
+    fake_cupy.STATE.log.clear()
+    ids, moved = transfers_during(lambda: list(generate_ids(model, prompt, n_new, SamplingConfig(), np.random.default_rng(0))))
+    expected_log = [("up", (1, len(prompt))), ("down", (TINY.vocab_size,))]  # prefill
+    expected_log += [("up", (1, 1)), ("down", (TINY.vocab_size,))] * (n_new - 1)  # each further token
+    assert fake_cupy.STATE.log == expected_log
+    assert moved.upload_bytes == 8 * (len(prompt) + n_new - 1)  # int64 ids only
+    assert moved.syncs == 0
+    reference = GPT.init(TINY, seed=2)
+    assert ids == list(generate_ids(reference, prompt, n_new, SamplingConfig(), np.random.default_rng(0)))
+
+
+def test_device_selection_keeps_every_array_on_that_gpu(fake):
+    """On cupy:1 the model runs with GPU 1 current; the fake raises, as CuPy does, when an
+    array of one GPU is used while another is current."""
+    model = GPT.init(TINY, backend="cupy:1", seed=0)
+    assert model.backend.device.id == 1 and {p.device.id for p in model.params.values()} == {1}
+    cache = model.new_cache(1)
+    logits = model.forward(np.array([[1, 2, 3]]), cache)
+    assert logits.device.id == 1 and cache.k[0].device.id == 1
+    with fake.cuda.Device(0), pytest.raises(ValueError, match="different from the current device"):
+        model.forward(np.array([[4]]), cache)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_training_step_matches_numpy_and_never_reads_back(fake, dropout):
+    """loss_and_grads, clipping and AdamW on the device: only the batch (and, with dropout,
+    the host-drawn masks) go up; nothing comes down until the loss is logged."""
+    config = GPTConfig(**{**TINY.__dict__, "dropout": dropout}) if dropout else TINY
+    rng = np.random.default_rng(0)
+    ids, targets = rng.integers(0, TINY.vocab_size, (2, 8)), rng.integers(0, TINY.vocab_size, (2, 8))
+
+    def step(backend):
+        model = GPT.init(config, backend=backend, seed=4)
+        optimizer = AdamW(model.params, model.backend)
+
+        def train_step():
+            loss, grads = model.loss_and_grads(ids, targets, rng=np.random.default_rng(7))
+            clip_grad_norm(grads, 1.0, model.backend)
+            optimizer.step(grads, lr=1e-2)
+            return loss, grads
+
+        (loss, grads), moved = transfers_during(train_step)
+        return model, loss, grads, moved
+
+    model, loss, grads, moved = step("cupy")
+    reference, ref_loss, ref_grads, _ = step("numpy")
+    assert moved.downloads == 0 and moved.syncs == 0
+    dropout_sites = 1 + 3 * config.n_layer if dropout else 0  # embeddings; attention, two residuals per block
+    assert moved.uploads == 2 + dropout_sites + 1  # ids, targets, masks; clip_grad_norm's 1.0 constant
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    for name, value in model.to_numpy().items():
+        np.testing.assert_allclose(value, reference.params[name], atol=1e-5, err_msg=name)
+    for name in grads:
+        np.testing.assert_allclose(model.backend.to_numpy(grads[name]), ref_grads[name], atol=1e-5, err_msg=name)
+
+
+def test_fake_cupy_is_a_whole_suite_backend():
+    """NPGPT_TEST_BACKENDS=numpy,fake-cupy runs the backend-parametrised tests on the plugin."""
+    b = get_backend("fake-cupy")
+    assert b.name == "cupy:0" and b.holds(b.asarray(np.ones(2))) and not b.holds(np.ones(2))
