@@ -18,12 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from npgpt.backend import get_backend
+import fake_cupy
+from npgpt.backend import BUILTIN, get_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("NPGPT_DATA", ROOT.parent / "shared" / "data"))
 REQUIRE_DATA = os.environ.get("NPGPT_REQUIRE_DATA") == "1"
 TEST_BACKENDS = os.environ.get("NPGPT_TEST_BACKENDS", "numpy,array-api-strict:device1").split(",")
+# "fake-cupy": the CuPy plugin's own code on tests/fake_cupy.py, NumPy standing in for a GPU
+# (NPGPT_TEST_BACKENDS=numpy,fake-cupy pytest runs the suite through it without a GPU).
+BUILTIN["fake-cupy"] = fake_cupy.make_backend
 
 
 def data_path(relative: str) -> Path:
