@@ -151,8 +151,9 @@ class GPT:
             raise ValueError(f"ids must be a non-empty (B, T) integer array, got shape {ids.shape} dtype {ids.dtype}")
         return ids  # already on the device: checking values would cost a device->host sync
 
-    def _forward(self, ids, cache=None, rng: np.random.Generator | None = None, last_only=False):
-        """ids (B, T) -> logits (B, T, V) and the per-layer caches the backward needs.
+    def _forward(self, ids, cache=None, rng: np.random.Generator | None = None, last_only=False, keep=False):
+        """ids (B, T) -> logits (B, T, V) and, with `keep`, the tape of per-layer caches the
+        backward needs (without it each block's activations are freed as soon as it is done).
 
         `rng` turns dropout on (training); without it dropout is off.
         """
@@ -174,7 +175,8 @@ class GPT:
         block_caches = []
         for i in range(cfg.n_layer):
             x, block_cache = self._block_forward(i, x, B, cache, drop)
-            block_caches.append(block_cache)
+            if keep:
+                block_caches.append(block_cache)
         if last_only:
             x, T = xp.reshape(x, (B, T, cfg.n_embd))[:, -1, :], 1  # (B, C)
         xf, lnf_cache = layers.layer_norm_forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.layer_norm_epsilon)
@@ -227,7 +229,7 @@ class GPT:
         keys and shapes as `params`. Targets equal to `ignore_index` are left out of the
         mean. Pass `rng` to train with the config's dropout.
         """
-        logits, tape = self._forward(self.as_ids(ids), rng=rng)
+        logits, tape = self._forward(self.as_ids(ids), rng=rng, keep=True)
         loss, ce = layers.cross_entropy_forward(self._flat(logits), self._targets(targets), ignore_index)
         dlogits = layers.cross_entropy_backward(1.0, ce, self.backend)  # (N, V)
         return loss, self._backward(dlogits, tape)
