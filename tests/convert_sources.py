@@ -75,6 +75,6 @@ def npgpt_logits_fn(model):
     return lambda ids: model.backend.to_numpy(model.forward(np.asarray([list(ids)])))[0]
 
 
-def random_prompts(vocab_size: int, lengths=(2, 7, 20), seed: int = 0) -> list[list[int]]:
+def random_prompts(vocab_size: int, lengths=(3, 17), seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab_size, n).tolist() for n in lengths]

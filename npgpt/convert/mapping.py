@@ -53,12 +53,14 @@ HF_PREFIX = "transformer."
 
 
 def expand_rows(n_layer: int) -> list[Row]:
-    """NAME_TABLE with "{i}" filled in for every layer."""
+    """NAME_TABLE with "{i}" filled in, in checkpoint order: wte, wpe, block 0, block 1, ..., ln_f."""
+    block = [row for row in NAME_TABLE if "{i}" in row.npgpt]
     rows = []
     for row in NAME_TABLE:
-        layers = range(n_layer) if "{i}" in row.npgpt else [None]
-        for i in layers:
-            rows.append(Row(*(name.format(i=i) for name in row[:3]), row.tf_kernel))
+        if "{i}" not in row.npgpt:
+            rows.append(row)
+        elif row is block[0]:
+            rows += [Row(*(name.format(i=i) for name in r[:3]), r.tf_kernel) for i in range(n_layer) for r in block]
     return rows
 
 
