@@ -9,6 +9,7 @@ files: a 256-token byte-level vocabulary unless GPT-2's real files are passed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -78,3 +79,12 @@ def npgpt_logits_fn(model):
 def random_prompts(vocab_size: int, lengths=(3, 17), seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab_size, n).tolist() for n in lengths]
+
+
+def load_cli():
+    """tools/convert_gpt2.py as a module (tools/ is not a package)."""
+    path = Path(__file__).resolve().parent.parent / "tools" / "convert_gpt2.py"
+    spec = importlib.util.spec_from_file_location("convert_gpt2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import data_path
-from convert_sources import build_hf_model, hf_logits_fn, npgpt_logits_fn, random_prompts, save_hf_folder
+from convert_sources import build_hf_model, hf_logits_fn, load_cli, npgpt_logits_fn, random_prompts, save_hf_folder
 from npgpt.checkpoint import load_checkpoint
 from npgpt.config import GPTConfig
 from npgpt.convert import ConversionError, convert
@@ -94,12 +94,16 @@ def test_full_124M_shape_parity(tmp_path):
     assert_parity(hf_logits_fn(hf), npgpt_logits_fn(model), random_prompts(50257, lengths=(24,)), n_new=8)
 
 
-def test_gpt2_vocabulary_round_trips(tmp_path):
-    """vocab.json/merges.txt copied by the converter load into npgpt's tokenizer as GPT-2's."""
+def test_cli_check_and_gpt2_vocabulary_round_trip(tmp_path, capsys):
+    """The CLI converts (float16 output) and --check reports parity on text prompts; the
+    copied vocab.json/merges.txt load into npgpt's tokenizer as GPT-2's vocabulary."""
     gpt2 = data_path("gpt2")
     source = save_hf_folder(build_hf_model(vocab_size=50257), tmp_path / "src", gpt2_vocab=gpt2)
-    out = tmp_path / "out"
-    convert(source, out, dtype="float16")
+    argv = [str(source), "--name", "tiny", "--out-root", str(tmp_path / "weights"), "--dtype", "float16", "--check", "--n-new", "8"]
+    assert load_cli().main(argv) == 0
+    report = capsys.readouterr().out
+    assert "top-1 agreement: 100.00%" in report and "greedy 8-token generations identical: 5/5" in report
+    out = tmp_path / "weights" / "tiny"
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "vocab.json", "merges.txt"}
     params, _ = load_checkpoint(out / "model.safetensors")
     assert all(p.dtype == np.float16 for p in params.values())
