@@ -54,6 +54,7 @@ def save_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, s
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would make a shared checkpoint unreadable
             f.write(len(blob).to_bytes(8, "little"))
             f.write(blob)
             for array in arrays:
