@@ -142,28 +142,28 @@ def test_three_published_forms_load_to_the_same_tokenizer(gpt2, tmp_path):
         assert tok.pattern == gpt2.pattern
 
 
-def test_saved_merges_reproduce_gpt2s_vocab_bpe(gpt2, tmp_path):
-    gpt2.save(tmp_path, format="gpt2")
-    for name in ("encoder.json", "vocab.bpe"):
-        original = data_path(f"gpt2/{name}").read_text("utf-8")
-        saved = (tmp_path / name).read_text("utf-8")
-        if name == "encoder.json":
-            assert json.loads(saved) == json.loads(original)
-        else:
-            assert saved.splitlines()[1:] == original.splitlines()[1:]
+@pytest.fixture(scope="module")
+def gpt2_huggingface_dir(gpt2, tmp_path_factory):
+    return gpt2.save(tmp_path_factory.mktemp("gpt2-hf"), format="huggingface")
 
 
-@pytest.mark.parametrize("format", ["tiktoken", "huggingface"])
-def test_save_load_round_trip(gpt2, tmp_path, format):
-    gpt2.save(tmp_path, format=format)
-    loaded = Tokenizer.load(tmp_path)
-    assert (loaded.ranks, loaded.special_tokens, loaded.pattern) == (gpt2.ranks, gpt2.special_tokens, gpt2.pattern)
+def test_saved_merges_reproduce_gpt2s_files(gpt2_huggingface_dir):
+    """Merge rules derived from ranks alone are exactly OpenAI's vocab.bpe."""
+    saved_vocab = json.loads((gpt2_huggingface_dir / "vocab.json").read_text("utf-8"))
+    assert saved_vocab == json.loads(data_path("gpt2/encoder.json").read_text("utf-8"))
+    saved_merges = (gpt2_huggingface_dir / "merges.txt").read_text("utf-8").splitlines()
+    assert saved_merges[1:] == data_path("gpt2/vocab.bpe").read_text("utf-8").splitlines()[1:]
 
 
-def test_saved_huggingface_form_loads_in_transformers(gpt2, tmp_path):
+def test_save_load_round_trip(gpt2, gpt2_huggingface_dir, tmp_path):
+    for directory in (gpt2.save(tmp_path, format="tiktoken"), gpt2_huggingface_dir):
+        loaded = Tokenizer.load(directory)
+        assert (loaded.ranks, loaded.special_tokens, loaded.pattern) == (gpt2.ranks, gpt2.special_tokens, gpt2.pattern)
+
+
+def test_saved_huggingface_form_loads_in_transformers(gpt2, gpt2_huggingface_dir):
     transformers = pytest.importorskip("transformers")
-    gpt2.save(tmp_path, format="huggingface")
-    hf = transformers.GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    hf = transformers.GPT2Tokenizer(str(gpt2_huggingface_dir / "vocab.json"), str(gpt2_huggingface_dir / "merges.txt"))
     text = "Hello world, it's 2024!  Ünïcödé 中文 😀\n\n"
     assert hf.encode(text) == gpt2.encode(text)
 

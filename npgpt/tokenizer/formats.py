@@ -43,14 +43,17 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(sorted(table.items()))
 
 
+@lru_cache(maxsize=None)
+def unicode_to_bytes() -> dict[str, int]:
+    return {char: b for b, char in bytes_to_unicode().items()}
+
+
 def token_to_text(token: bytes) -> str:
-    table = bytes_to_unicode()
-    return "".join(table[b] for b in token)
+    return "".join(map(bytes_to_unicode().__getitem__, token))
 
 
 def text_to_token(text: str) -> bytes:
-    inverse = {char: b for b, char in bytes_to_unicode().items()}
-    return bytes(inverse[char] for char in text)
+    return bytes(map(unicode_to_bytes().__getitem__, text))
 
 
 # --- tiktoken -------------------------------------------------------------------------
@@ -79,7 +82,7 @@ def read_merges_form(vocab_path: str | Path, merges_path: str | Path) -> tuple[d
     merges = [line.split(" ") for line in Path(merges_path).read_text("utf-8").splitlines()]
     merges = [pair for pair in merges if pair != [""] and not pair[0].startswith("#version")]
     merged = {left + right for left, right in merges}
-    byte_chars = set(bytes_to_unicode().values())
+    byte_chars = unicode_to_bytes()
     ranks, special_tokens = {}, {}
     for text, token_id in vocab.items():
         if text in byte_chars or text in merged:
