@@ -159,8 +159,8 @@ class BPETokenizer(Tokenizer):
 
     def save(self, directory: str | Path, format: str | None = "tiktoken") -> Path:
         """Write this vocabulary to `directory` as "tiktoken" (tokenizer.tiktoken; also for
-        None), "huggingface" (vocab.json + merges.txt) or "gpt2" (encoder.json + vocab.bpe), plus npgpt_tokenizer.json (pattern and
-        special tokens). Returns the directory."""
+        None), "huggingface" (vocab.json + merges.txt) or "gpt2" (encoder.json + vocab.bpe),
+        plus npgpt_tokenizer.json (pattern and special tokens). Returns the directory."""
         from npgpt.tokenizer.formats import save_bpe
 
         return save_bpe(self, directory, format or "tiktoken")

@@ -1,0 +1,119 @@
+"""Tokenizer benchmark: encode/decode throughput on tinyshakespeare and BPE training time.
+
+Three GPT-2 tokenizers, timed round-robin in one process: npgpt's, tiktoken (Rust, one
+thread) and tools/baseline_bpe.py (pure Python the way OpenAI's encoder.py works).
+"cold" is the first call on a freshly built tokenizer (empty caches; building it is not
+timed), "warm" a later call on the same one. MB/s counts UTF-8 bytes of text. Ratios are
+npgpt's throughput over the others'. Also: the time to train a 1024-token vocabulary.
+
+    python tools/bench.py tokenizer [--repeats 5] [--train-repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAYON_NUM_THREADS", "1")  # tiktoken's thread pool (used by batch calls only)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baseline_bpe import BaselineBPE  # noqa: E402
+from benchlib import emit, interleaved, log, summary  # noqa: E402
+
+from npgpt.tokenizer import Tokenizer, train_bpe  # noqa: E402
+from npgpt.tokenizer.bpe import GPT2_PATTERN  # noqa: E402
+
+DATA = Path(os.environ.get("NPGPT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def builders(data: Path) -> dict:
+    """name -> zero-argument function building a fresh GPT-2 tokenizer."""
+    import tiktoken
+    import tiktoken.load
+
+    tiktoken_ranks = tiktoken.load.load_tiktoken_bpe(str(data / "gpt2" / "gpt2.tiktoken"))
+    return {
+        "npgpt": lambda: Tokenizer.load(data / "gpt2" / "gpt2.tiktoken"),
+        "tiktoken": lambda: tiktoken.Encoding(
+            name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=tiktoken_ranks, special_tokens={"<|endoftext|>": 50256}
+        ),
+        "baseline": lambda: BaselineBPE(data / "gpt2" / "encoder.json", data / "gpt2" / "vocab.bpe"),
+    }
+
+
+def cold_times(build: dict, call, repeats: int) -> dict[str, list[float]]:
+    """Seconds of `call(tokenizer)` on a fresh tokenizer each time, round-robin."""
+    times = {name: [] for name in build}
+    for _ in range(repeats):
+        for name, make in build.items():
+            tokenizer = make()
+            start = time.perf_counter()
+            call(tokenizer)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def throughput(times: dict[str, list[float]], nbytes: int) -> dict:
+    report = {name: {**summary(t), "MB_per_s": nbytes / statistics.median(t) / 1e6} for name, t in times.items()}
+    for other in ("tiktoken", "baseline"):
+        report[f"npgpt_over_{other}"] = report["npgpt"]["MB_per_s"] / report[other]["MB_per_s"]
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.py tokenizer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per contender and measure (default 5)")
+    parser.add_argument("--train-repeats", type=int, default=3, help="timed 1024-token trainings (default 3)")
+    parser.add_argument("--data", type=Path, default=DATA, help=f"data folder (default {DATA})")
+    args = parser.parse_args(argv)
+
+    text = (args.data / "corpora" / "tinyshakespeare.txt").read_text("utf-8")
+    nbytes = len(text.encode("utf-8"))
+    build = builders(args.data)
+    warm = {name: make() for name, make in build.items()}
+    ids = {name: tok.encode(text) for name, tok in warm.items()}
+    identical = ids["npgpt"] == ids["tiktoken"] == ids["baseline"]
+    log(f"ids identical across the three: {identical}")
+
+    log("encode, cold")
+    encode_cold = cold_times(build, lambda tok: tok.encode(text), args.repeats)
+    log("encode, warm")
+    encode_warm = interleaved({name: (lambda tok=tok: tok.encode(text)) for name, tok in warm.items()}, args.repeats)
+    tokens = ids["tiktoken"]
+    log("decode, cold")
+    decode_cold = cold_times(build, lambda tok: tok.decode(tokens), args.repeats)
+    log("decode, warm")
+    decode_warm = interleaved({name: (lambda tok=tok: tok.decode(tokens)) for name, tok in warm.items()}, args.repeats)
+
+    log("training a 1024-token vocabulary")
+    train_seconds = []
+    for _ in range(args.train_repeats):
+        start = time.perf_counter()
+        trained = train_bpe(text, 1024)
+        train_seconds.append(time.perf_counter() - start)
+
+    emit(
+        {
+            "benchmark": "tokenizer",
+            "corpus": "tinyshakespeare",
+            "corpus_bytes": nbytes,
+            "tokens": len(tokens),
+            "threads": 1,
+            "ids_identical_to_tiktoken_and_baseline": identical,
+            "encode_cold": throughput(encode_cold, nbytes),
+            "encode_warm": throughput(encode_warm, nbytes),
+            "decode_cold": throughput(decode_cold, nbytes),
+            "decode_warm": throughput(decode_warm, nbytes),
+            "train_1024": {**summary(train_seconds), "n_vocab": trained.n_vocab, "tokens_of_corpus": len(trained.encode(text))},
+            "goals": {"encode_warm_over_tiktoken": 0.4, "encode_cold_over_tiktoken": 0.2, "train_1024_s": 10.0},
+        }
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
