@@ -89,10 +89,22 @@ def gelu_backward(dout, x):
     d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), t = tanh(u).
     """
     xp = namespace(x)
-    x2 = x * x
-    t = xp.tanh(GELU_SCALE * x * (1.0 + 0.044715 * x2))
-    dx = 0.5 * x * (1.0 - t * t) * (GELU_SCALE * (1.0 + 3 * 0.044715 * x2))
-    dx += 0.5 * (1.0 + t)
+    x2 = x * x  # the rest is built in place: each temporary costs a pass over (N, 4C)
+    u = 0.044715 * x2
+    u += 1.0
+    u *= x
+    u *= GELU_SCALE  # u = sqrt(2/pi) (x + 0.044715 x^3)
+    t = xp.tanh(u)
+    du = 3 * 0.044715 * x2
+    du += 1.0
+    du *= GELU_SCALE  # du/dx
+    dx = 1.0 - t * t  # dtanh/du
+    dx *= du
+    dx *= x
+    dx *= 0.5  # 0.5 x (1 - t^2) du/dx
+    t += 1.0
+    t *= 0.5
+    dx += t  # + 0.5 (1 + t)
     dx *= dout
     return dx
 
