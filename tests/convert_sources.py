@@ -1,10 +1,10 @@
 """Published-style GPT-2 folders built on the fly for the converter tests (no downloads).
 
-`transformers` builds a randomly initialised GPT2LMHeadModel from a config; its biases and
-LayerNorm parameters start at 0/1, so every parameter is perturbed to make a wrong mapping
-visible. The folder gets config.json, the weights (safetensors or a torch.save'd
-pytorch_model.bin, as transformers 4.x wrote with safe_serialization=False), and tokenizer
-files: a 256-token byte-level vocabulary unless GPT-2's real files are passed.
+`transformers` builds a GPT2LMHeadModel from a config, with random weights drawn here. The
+folder gets config.json, the weights (safetensors via save_pretrained, or a torch.save'd
+pytorch_model.bin as transformers 4.x wrote with safe_serialization=False; transformers 5
+always writes safetensors) and tokenizer files: a 256-token byte-level vocabulary unless
+GPT-2's real files are passed.
 """
 
 from __future__ import annotations
@@ -19,18 +19,28 @@ import numpy as np
 from npgpt.tokenizer.formats import bytes_to_unicode
 
 TINY = dict(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+LAYERNORM_GAINS = ("ln_1.weight", "ln_2.weight", "ln_f.weight")
 
 
 def build_hf_model(seed: int = 0, **config):
-    """A random GPT2LMHeadModel (float32, eval) of the given GPT2Config fields."""
+    """A GPT2LMHeadModel (float32, eval) of the given GPT2Config fields with random weights.
+
+    Built on the meta device and filled from NumPy: every weight and bias N(0, 0.02),
+    LayerNorm gains 1 + N(0, 0.02) -- non-zero everywhere so that a wrong mapping shows,
+    and much faster than transformers' own initialisation at the 124M shape."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(**{**TINY, **config}))
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.02 * torch.randn_like(param))
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config(**{**TINY, **config}))
+    rng = np.random.default_rng(seed)
+    state = {}
+    for name, param in model.state_dict().items():
+        if name != "lm_head.weight":  # tied to wte
+            value = 0.02 * rng.standard_normal(tuple(param.shape), dtype=np.float32)
+            state[name] = torch.from_numpy(value + 1 if name.endswith(LAYERNORM_GAINS) else value)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
     return model.eval()
 
 
