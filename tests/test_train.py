@@ -77,10 +77,11 @@ def test_training_writes_a_loadable_checkpoint_and_a_log(corpus, tmp_path):
     assert tokenizer.decode(tokenizer.encode("Speak")) == "Speak" and model.config.n_ctx == 8
 
 
-def test_resume_is_bit_for_bit(corpus, tmp_path):
+def test_resume_is_bit_for_bit(corpus, tmp_path, backend):
     """12 steps straight == 5 steps, stop, resume, 7 more: parameters and AdamW moments
-    identical to the last bit (dropout and gradient accumulation on)."""
-    flags = ["--dropout", "0.1", "--grad-accum", "2", "--checkpoint-interval", "4", "--eval-interval", "5"]
+    identical to the last bit (dropout and gradient accumulation on), on every backend."""
+    flags = ["--dropout", "0.1", "--grad-accum", "2", "--checkpoint-interval", "4", "--eval-interval", "5",
+             "--backend", backend.name]  # fmt: skip
     assert run(corpus, tmp_path / "straight", *flags, "--max-iters", "12") == 0
     assert run(corpus, tmp_path / "split", *flags, "--max-iters", "5", "--lr-decay-iters", "12") == 0
     assert saved_step(tmp_path / "split") == 5
