@@ -41,7 +41,7 @@ def test_hugging_face_folder_parity(tmp_path, fmt, dtype):
     checkpoint = convert(source, tmp_path / "out")
     model = GPT.load(checkpoint)
     assert model.config == GPTConfig(vocab_size=300, n_ctx=64, n_embd=32, n_head=4, n_layer=2)
-    reference = transformers.GPT2LMHeadModel.from_pretrained(source, dtype=torch.float32).eval()
+    reference = transformers.GPT2LMHeadModel.from_pretrained(source).float().eval()
     assert_parity(hf_logits_fn(reference), npgpt_logits_fn(model), random_prompts(300))
 
 
@@ -61,6 +61,25 @@ def test_old_style_state_dict_and_other_depth(tmp_path):
     model = GPT.load(convert(source, tmp_path / "out"))
     assert model.config.n_layer == 6
     assert_parity(hf_logits_fn(hf), npgpt_logits_fn(model), random_prompts(300), n_new=8)
+
+
+def test_sharded_safetensors(tmp_path):
+    """Large hub models may be split: model.safetensors.index.json maps names to shards."""
+    from safetensors.numpy import save_file
+
+    hf = build_hf_model(seed=4)
+    source = save_hf_folder(hf, tmp_path / "src")
+    (source / "model.safetensors").unlink()
+    state = {k: v.numpy() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, shard_names in shards.items():
+        save_file({k: state[k] for k in shard_names}, source / shard)
+    weight_map = {k: shard for shard, shard_names in shards.items() for k in shard_names}
+    (source / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    params, _ = load_checkpoint(convert(source, tmp_path / "out"))
+    for name, value in state.items():
+        np.testing.assert_array_equal(params[name.removeprefix("transformer.")], value)
 
 
 def test_tf_checkpoint_matches_expected(tmp_path, backend):

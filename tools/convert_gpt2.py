@@ -50,7 +50,7 @@ def hf_logits_fn(source_dir: Path, source_format: str):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if source_format == "huggingface":
-        model = GPT2LMHeadModel.from_pretrained(source_dir, dtype=torch.float32)
+        model = GPT2LMHeadModel.from_pretrained(source_dir).float()  # fp16 sources upcast exactly
     else:
         source = read_source(source_dir)
         c = source.config
