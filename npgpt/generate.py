@@ -36,9 +36,10 @@ DEFAULT_WEIGHTS = "shakespeare"
 WEIGHTS_FILE = "model.safetensors"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONVERT_HINT = (
-    "To use GPT-2's published weights, convert them first: python tools/convert_gpt2.py --help, "
-    "then pass --weights with the folder it writes. To use the shipped default model, leave "
-    f"out --weights (it lives in weights/{DEFAULT_WEIGHTS}/ of an npgpt checkout)."
+    "To use GPT-2's published weights, convert them first, e.g. "
+    "`python tools/convert_gpt2.py --from-hub gpt2 --name gpt2` (writes weights/gpt2/), then pass "
+    "--weights gpt2. To use the shipped default model, leave out --weights (it lives in "
+    f"weights/{DEFAULT_WEIGHTS}/ of an npgpt checkout)."
 )
 
 
@@ -75,7 +76,7 @@ def resolve_weights(spec: str | Path | None = None) -> Path:
     if spec == DEFAULT_WEIGHTS:
         raise WeightsError(
             f"the shipped default model is missing (looked for {looked}). It comes with a clone of "
-            f"the npgpt repository; its recipe is weights/{DEFAULT_WEIGHTS}/RECIPE.md. {CONVERT_HINT}"
+            f"the npgpt repository (the README says how to retrain it). {CONVERT_HINT}"
         )
     raise WeightsError(f"no weights for {spec!r} (looked for {looked}). {CONVERT_HINT}")
 
@@ -153,9 +154,9 @@ def generate_ids(
     use_cache: bool = True,
     stats: GenerationStats | None = None,
 ) -> Iterator[int]:
-    """The ids that follow `prompt_ids` (at most n_ctx of them), one at a time.
+    """The ids that follow `prompt_ids` (1 to n_ctx ids), one at a time.
 
-    Nothing is computed ahead: the next forward pass runs only when the next id is asked
+    Nothing is computed ahead: the forward pass for the next id runs only when it is asked
     for, so a consumer that stops (end of text, a stop string) wastes no work.
     use_cache=False recomputes the whole context every step (the reference path).
     """
@@ -173,10 +174,10 @@ def generate_ids(
     stats.prompt_seconds += time.perf_counter() - start
     for step in range(max_new_tokens):
         start = time.perf_counter()
+        if step:
+            logits, cache = _next_logits(model, tokens, cache)
         token = sample(logits, sampling, rng)
         tokens.append(token)
-        if step + 1 < max_new_tokens:
-            logits, cache = _next_logits(model, tokens, cache)
         stats.new_tokens += 1
         stats.generate_seconds += time.perf_counter() - start
         yield token
