@@ -35,12 +35,12 @@ from npgpt.sampling import SamplingConfig, sample
 DEFAULT_WEIGHTS = "shakespeare"
 WEIGHTS_FILE = "model.safetensors"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONVERT_HINT = (
+GPT2_HINT = (
     "To use GPT-2's published weights, convert them first, e.g. "
     "`python tools/convert_gpt2.py --from-hub gpt2 --name gpt2` (writes weights/gpt2/), then pass "
-    "--weights gpt2. To use the shipped default model, leave out --weights (it lives in "
-    f"weights/{DEFAULT_WEIGHTS}/ of an npgpt checkout)."
+    "--weights gpt2."
 )
+DEFAULT_HINT = f"To use the shipped default model, leave out --weights (weights/{DEFAULT_WEIGHTS}/ of an npgpt checkout)."
 
 
 class WeightsError(FileNotFoundError):
@@ -67,7 +67,7 @@ def resolve_weights(spec: str | Path | None = None) -> Path:
     spec = str(spec or DEFAULT_WEIGHTS)
     path = Path(spec).expanduser()
     is_name = not path.exists() and len(path.parts) == 1 and path.suffix != ".safetensors"
-    candidates = [Path("weights") / spec, REPO_ROOT / "weights" / spec] if is_name else [path]
+    candidates = list(dict.fromkeys([Path.cwd() / "weights" / spec, REPO_ROOT / "weights" / spec])) if is_name else [path]
     for candidate in candidates:
         file = candidate / WEIGHTS_FILE if candidate.is_dir() else candidate
         if file.is_file():
@@ -76,9 +76,9 @@ def resolve_weights(spec: str | Path | None = None) -> Path:
     if spec == DEFAULT_WEIGHTS:
         raise WeightsError(
             f"the shipped default model is missing (looked for {looked}). It comes with a clone of "
-            f"the npgpt repository (the README says how to retrain it). {CONVERT_HINT}"
+            f"the npgpt repository (the README says how to retrain it). {GPT2_HINT}"
         )
-    raise WeightsError(f"no weights for {spec!r} (looked for {looked}). {CONVERT_HINT}")
+    raise WeightsError(f"no weights for {spec!r} (looked for {looked}). {GPT2_HINT} {DEFAULT_HINT}")
 
 
 def load_model(weights: str | Path | None = None, backend="numpy", dtype: str | None = None):
@@ -89,7 +89,7 @@ def load_model(weights: str | Path | None = None, backend="numpy", dtype: str | 
     try:
         tokenizer = Tokenizer.load(file.parent)
     except FileNotFoundError as e:
-        raise WeightsError(f"{file} has no tokenizer beside it ({e}). {CONVERT_HINT}") from e
+        raise WeightsError(f"{file} has no tokenizer beside it ({e}). {GPT2_HINT}") from e
     model = GPT.load(file, backend=backend, dtype=dtype)
     if tokenizer.n_vocab > model.config.vocab_size:
         raise WeightsError(

@@ -39,10 +39,10 @@ class SamplingConfig:
             raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
         k = self.top_k
         if k is not None and (not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1):
-            raise ValueError(f"top_k must be a whole number >= 1 (or None for no top-k), got {k!r}")
+            raise ValueError(f"top_k must be a whole number >= 1, got {k!r}")
         p = self.top_p
         if p is not None and (not _is_real(p) or not 0 < p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] (or None for no nucleus filter), got {p!r}")
+            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
 
     @property
     def is_greedy(self) -> bool:
