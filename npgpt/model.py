@@ -286,7 +286,7 @@ class GPT:
     def _targets(self, targets):
         """Targets (B, T) -> (N,) int64 on the device (ids in [0, V) or the ignore index)."""
         xp = self.backend.xp
-        if not hasattr(targets, "__array_namespace__") or targets.__array_namespace__() is not xp:
+        if not self.backend.holds(targets):
             targets = self.backend.asarray(np.asarray(targets), dtype=xp.int64)
         return xp.reshape(targets, (-1,))
 

@@ -4,6 +4,7 @@
     train      training step time and the Shakespeare recipe race vs PyTorch
     generate   cached/uncached decoding vs the bandwidth ceiling (and transformers)
     tokenizer  BPE encode/decode/train throughput vs tiktoken and encoder.py
+    gpu        GPT-2 124M decoding and a training step on CuPy vs PyTorch CUDA
 
 `python tools/bench.py <name> --help` lists each one's options.
 """
@@ -12,7 +13,7 @@ import importlib
 import sys
 from pathlib import Path
 
-NAMES = ("forward", "train", "generate", "tokenizer")
+NAMES = ("forward", "train", "generate", "tokenizer", "gpu")
 
 
 def main(argv=None):
