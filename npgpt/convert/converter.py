@@ -30,14 +30,13 @@ HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch
 class Source:
     """A published GPT-2 read into npgpt's names, not yet written anywhere."""
 
-    format: str  # "huggingface" or "openai-tf"
     config: GPTConfig
     params: dict[str, np.ndarray]  # npgpt names, the source's dtype
     tokenizer_files: list[Path]
-    weights_path: Path  # the file (or index) the tensors came from
 
 
 def detect_format(directory: Path) -> str:
+    """"openai-tf" or "huggingface", from the files the folder holds."""
     if (directory / "hparams.json").exists() and any(directory.glob("*.index")):
         return "openai-tf"
     if (directory / "config.json").exists() and any((directory / name).exists() for name in HF_WEIGHT_FILES):
@@ -54,16 +53,14 @@ def read_source(directory: str | Path) -> Source:
     directory = Path(directory)
     if not directory.is_dir():
         raise ConversionError(f"{directory} is not a directory")
-    fmt = detect_format(directory)
-    if fmt == "openai-tf":
+    if detect_format(directory) == "openai-tf":
         config = config_from_tf_hparams(read_json(directory / "hparams.json"))
         params = params_from_tf(read_tf_checkpoint(directory), config)
-        weights_path = next(directory.glob("*.index"))
     else:
         config = config_from_hf(read_json(directory / "config.json"))
         weights_path = next(directory / name for name in HF_WEIGHT_FILES if (directory / name).exists())
         params = params_from_hf(read_hf_weights(weights_path), config)
-    return Source(fmt, config, params, find_tokenizer_files(directory), weights_path)
+    return Source(config, params, find_tokenizer_files(directory))
 
 
 def read_json(path: Path) -> dict:
@@ -117,14 +114,15 @@ def convert(source_dir: str | Path, out_dir: str | Path, dtype: str = "float32")
     tokenizer files under their original names). Returns the checkpoint's path."""
     if dtype not in ("float16", "float32", "float64"):
         raise ConversionError(f"dtype must be float16, float32 or float64, got {dtype!r}")
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == Path(source_dir).resolve():
+        raise ConversionError(f"the output folder {out_dir} is the source folder; choose another")
     source = read_source(source_dir)
     check_tokenizer_files(source.tokenizer_files, source.config)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {name: np.asarray(array, dtype=dtype) for name, array in source.params.items()}
     path = out_dir / CHECKPOINT_NAME
     save_checkpoint(path, params, source.config)
     for file in source.tokenizer_files:
-        if file.resolve() != (out_dir / file.name).resolve():
-            shutil.copyfile(file, out_dir / file.name)
+        shutil.copyfile(file, out_dir / file.name)
     return path

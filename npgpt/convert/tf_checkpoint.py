@@ -199,7 +199,7 @@ def checkpoint_prefix(directory: Path) -> Path:
     return indexes[0].with_suffix("")
 
 
-def read_tf_checkpoint(directory: str | Path, verify_crc: bool = True) -> dict[str, np.ndarray]:
+def read_tf_checkpoint(directory: str | Path) -> dict[str, np.ndarray]:
     """Every tensor of the TF checkpoint in `directory`, by TF name (e.g. "model/h0/attn/c_attn/w"),
     as NumPy arrays in native byte order; bfloat16 is widened to float32."""
     prefix = checkpoint_prefix(Path(directory))
@@ -219,17 +219,17 @@ def read_tf_checkpoint(directory: str | Path, verify_crc: bool = True) -> dict[s
             if not shard_path.exists():
                 raise ConversionError(f"tensor {name!r} lives in {shard_path.name}, which is missing")
             shards[shard_id] = np.memmap(shard_path, dtype=np.uint8, mode="r")
-        tensors[name] = read_entry(name, entry, shards[shard_id], header["big_endian"], verify_crc)
+        tensors[name] = read_entry(name, entry, shards[shard_id], header["big_endian"])
     return tensors
 
 
-def read_entry(name: str, entry: dict, shard: np.ndarray, big_endian: bool, verify_crc: bool) -> np.ndarray:
+def read_entry(name: str, entry: dict, shard: np.ndarray, big_endian: bool) -> np.ndarray:
     """Slice one tensor's bytes out of its data shard, check them, and shape them."""
     offset, size, shape = entry["offset"], entry["size"], entry["shape"]
     if offset + size > shard.size:
         raise ConversionError(f"tensor {name!r}: bytes {offset}..{offset + size} lie past the end of its data shard ({shard.size} bytes; truncated file?)")
     raw = np.array(shard[offset : offset + size])
-    if verify_crc and entry["crc32c"] is not None and mask(crc32c(raw)) != entry["crc32c"]:
+    if entry["crc32c"] is not None and mask(crc32c(raw)) != entry["crc32c"]:
         raise ConversionError(f"tensor {name!r}: CRC-32C mismatch (corrupt data shard)")
     storage = "uint16" if entry["dtype"] == "bfloat16" else entry["dtype"]
     dtype = np.dtype(storage).newbyteorder(">" if big_endian else "<")
