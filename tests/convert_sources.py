@@ -12,9 +12,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from npgpt.config import GPTConfig
+from npgpt.model import param_shapes
 
 from npgpt.tokenizer.formats import bytes_to_unicode
 
@@ -25,23 +29,24 @@ LAYERNORM_GAINS = ("ln_1.weight", "ln_2.weight", "ln_f.weight")
 def build_hf_model(seed: int = 0, **config):
     """A GPT2LMHeadModel (float32, eval) of the given GPT2Config fields with random weights.
 
-    Built on the meta device and filled from NumPy: every weight and bias N(0, 0.02),
-    LayerNorm gains 1 + N(0, 0.02) -- non-zero everywhere so that a wrong mapping shows,
-    and much faster than transformers' own initialisation at the 124M shape."""
-    import torch
+    The weights are drawn here with NumPy -- every weight and bias N(0, 0.02), LayerNorm
+    gains 1 + N(0, 0.02), non-zero everywhere so that a wrong mapping shows -- and loaded
+    with from_pretrained, which skips transformers' (slow, at 124M) initialisation."""
+    from safetensors.numpy import save_file
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    with torch.device("meta"):
-        model = GPT2LMHeadModel(GPT2Config(**{**TINY, **config}))
+    hf_config = GPT2Config(**{**TINY, **config})
+    C, L = hf_config.n_embd, hf_config.n_layer
+    gpt = GPTConfig(vocab_size=hf_config.vocab_size, n_ctx=hf_config.n_positions, n_embd=C, n_head=hf_config.n_head, n_layer=L)
     rng = np.random.default_rng(seed)
     state = {}
-    for name, param in model.state_dict().items():
-        if name != "lm_head.weight":  # tied to wte
-            value = 0.02 * rng.standard_normal(tuple(param.shape), dtype=np.float32)
-            state[name] = torch.from_numpy(value + 1 if name.endswith(LAYERNORM_GAINS) else value)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    return model.eval()
+    for name, shape in param_shapes(gpt).items():
+        value = 0.02 * rng.standard_normal(shape, dtype=np.float32)
+        state[f"transformer.{name}"] = value + 1 if name.endswith(LAYERNORM_GAINS) else value
+    with tempfile.TemporaryDirectory() as folder:
+        hf_config.save_pretrained(folder)
+        save_file(state, f"{folder}/model.safetensors", metadata={"format": "pt"})
+        return GPT2LMHeadModel.from_pretrained(folder).float().eval()
 
 
 def save_hf_folder(model, folder: Path, fmt: str = "safetensors", dtype: str = "float32", gpt2_vocab: Path | None = None) -> Path:
