@@ -26,6 +26,7 @@ DTYPES = {  # safetensors name -> NumPy dtype (little-endian)
     "BOOL": np.dtype("?"),
 }  # fmt: skip
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
+BF16 = "BF16"  # read only: NumPy has no bfloat16, so it is widened to float32 (exactly)
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -96,7 +97,8 @@ def load_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     tensors, spans = {}, []
     for name, entry in header.items():
         dtype, shape, (begin, end) = _validate_entry(path, name, entry, data_size)
-        tensors[name] = np.frombuffer(data, dtype, count=(end - begin) // dtype.itemsize, offset=begin).reshape(shape)
+        array = np.frombuffer(data, dtype, count=(end - begin) // dtype.itemsize, offset=begin).reshape(shape)
+        tensors[name] = bfloat16_to_float32(array) if entry["dtype"] == BF16 else array
         spans.append((begin, end, name))
     expected = 0
     for begin, end, name in sorted(spans):
@@ -110,7 +112,7 @@ def load_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 def _validate_entry(path, name, entry, data_size):
     try:
-        dtype = DTYPES[entry["dtype"]]
+        dtype = np.dtype("<u2") if entry["dtype"] == BF16 else DTYPES[entry["dtype"]]
         shape = tuple(entry["shape"])
         begin, end = entry["data_offsets"]
     except (KeyError, TypeError, ValueError):
@@ -123,6 +125,12 @@ def _validate_entry(path, name, entry, data_size):
             f"but the data section has {data_size} bytes (truncated or corrupt file)"
         )
     return dtype, shape, (begin, end)
+
+
+def bfloat16_to_float32(raw: np.ndarray) -> np.ndarray:
+    """Widen bfloat16 values stored as uint16 bit patterns to float32 (exact: bfloat16 is the
+    top half of a float32)."""
+    return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
 def save_checkpoint(path, params: dict[str, np.ndarray], config: GPTConfig):

@@ -121,3 +121,15 @@ def test_plain_safetensors_is_not_an_npgpt_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "x.safetensors")
     save_checkpoint(tmp_path / "y.safetensors", {"w": np.ones(2, np.float32)}, TINY)
     assert load_checkpoint(tmp_path / "y.safetensors")[1] == TINY
+
+
+def test_bfloat16_is_widened_to_float32(tmp_path):
+    """Files written in bfloat16 (common on the hub) load as the exact float32 values."""
+    import torch
+    from safetensors.torch import save_file
+
+    values = torch.tensor([1.0, -2.5, 3.140625, 1e-3], dtype=torch.bfloat16)
+    save_file({"w": values}, tmp_path / "b.safetensors")
+    loaded = load_safetensors(tmp_path / "b.safetensors")[0]["w"]
+    assert loaded.dtype == np.float32
+    np.testing.assert_array_equal(loaded, values.float().numpy())

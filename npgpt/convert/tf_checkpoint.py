@@ -25,7 +25,8 @@ from typing import Iterator
 
 import numpy as np
 
-from npgpt.convert.common import ConversionError, bfloat16_to_float32
+from npgpt.checkpoint import bfloat16_to_float32
+from npgpt.convert.common import ConversionError
 from npgpt.convert.crc32c import crc32c, mask
 
 TABLE_MAGIC = 0xDB4775248B80FB57

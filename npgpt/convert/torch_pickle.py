@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from npgpt.convert.common import ConversionError, bfloat16_to_float32
+from npgpt.checkpoint import bfloat16_to_float32
+from npgpt.convert.common import ConversionError
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
