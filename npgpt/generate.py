@@ -48,8 +48,7 @@ class WeightsError(FileNotFoundError):
 
 
 class PromptError(ValueError):
-    """The prompt cannot be used: longer than the context with cropping refused, or empty
-    with no <|endoftext|> in the vocabulary to start from."""
+    """The prompt cannot be used: longer than the context with cropping refused."""
 
 
 class PromptCropped(UserWarning):
@@ -103,12 +102,15 @@ def load_model(weights: str | Path | None = None, backend="numpy", dtype: str | 
 def encode_prompt(tokenizer, text: str, n_ctx: int, crop: bool = True) -> tuple[list[int], int]:
     """Prompt text -> (ids, number of tokens cropped from the front).
 
-    An empty prompt starts from <|endoftext|>, as GPT-2 was trained to. A prompt longer than
-    the context keeps its last n_ctx tokens, or raises PromptError if crop is False.
+    An empty prompt starts from <|endoftext|>, as GPT-2 was trained to, or from a newline
+    (a paragraph break) in a vocabulary without it, such as the shipped Shakespeare model's.
+    A prompt longer than the context keeps its last n_ctx tokens, or raises PromptError if
+    crop is False.
     """
-    if not text and tokenizer.eot_id is None:
-        raise PromptError("the prompt is empty and this vocabulary has no <|endoftext|> to start from: give a prompt")
-    ids = tokenizer.encode(text, allowed_special="all") if text else [tokenizer.eot_id]
+    if text:
+        ids = tokenizer.encode(text, allowed_special="all")
+    else:
+        ids = [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")
     excess = len(ids) - n_ctx
     if excess > 0 and not crop:
         raise PromptError(

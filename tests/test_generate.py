@@ -232,3 +232,16 @@ def test_module_runs_as_a_script_reading_the_prompt_from_stdin(weights_dir):
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     expected = "".join(generate(sharp_model(), byte_tokenizer(), "Hello", max_new_tokens=5, sampling=GREEDY))
     assert result.stdout.decode("utf-8") == expected + "\n"
+
+
+def test_shipped_default_generates_with_no_flags():
+    """`python -m npgpt.generate` with no flags and no stdin works offline on the shipped model."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "npgpt.generate", "--max-new-tokens", "30", "--seed", "0"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip()) > 20
