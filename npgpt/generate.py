@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from npgpt.backend import BackendError, get_backend
+from npgpt.backend import BackendError, array_namespace, get_backend
 from npgpt.checkpoint import CheckpointError
 from npgpt.model import GPT
 from npgpt.sampling import SamplingConfig, sample
@@ -284,8 +284,7 @@ class StopStrings:
 
 
 def _nbytes(x) -> int:
-    xp = x.__array_namespace__()
-    return x.size * xp.finfo(x.dtype).bits // 8
+    return x.size * array_namespace(x).finfo(x.dtype).bits // 8
 
 
 def _rate(count: int, seconds: float) -> str:

@@ -109,7 +109,7 @@ def clip_grad_norm(grads: dict, max_norm: float, backend: Backend):
     """
     xp = backend.xp
     norm = xp.sqrt(sum(xp.sum(g * g) for g in grads.values()))
-    factor = xp.minimum(max_norm / (norm + 1e-6), xp.asarray(1.0, dtype=norm.dtype, device=backend.device))
+    factor = xp.minimum(max_norm / (norm + 1e-6), 1.0)
     for g in grads.values():
         g *= factor
     return norm

@@ -435,7 +435,9 @@ def make_backend(device: str | None = None):
     saved = {name: sys.modules.get(name) for name in modules()}
     sys.modules.update(modules())
     try:
-        return npgpt_cupy.make_backend(device)
+        backend = npgpt_cupy.make_backend(device)
+        backend.name = f"fake-{backend.name}"  # "fake-cupy:0": `--backend <name>` finds this fake again
+        return backend
     finally:
         for name, module in saved.items():
             if module is None:
