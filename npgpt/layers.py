@@ -68,8 +68,28 @@ def layer_norm_backward(dout, cache):
 
 
 # -- GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) -----------
+ROW_BLOCK = 64  # rows per block of a long elementwise chain: (64, 4C) floats stay in L2
+
+
+def by_row_blocks(fn, *arrays):
+    """fn applied to blocks of ROW_BLOCK rows, written into one (N, ...) result.
+
+    GELU is a chain of ~10 elementwise passes; on a whole (N, 4C) array each pass goes to
+    main memory, on a block of rows they all hit the cache (2x faster on these CPUs).
+    """
+    xp = namespace(arrays[0])
+    out = xp.empty_like(arrays[0])
+    for r in range(0, arrays[0].shape[0], ROW_BLOCK):
+        out[r : r + ROW_BLOCK, ...] = fn(*(a[r : r + ROW_BLOCK, ...] for a in arrays))
+    return out
+
+
 def gelu_forward(x):
     """x (N, 4C) -> out (N, 4C). Keeps only x: backward recomputes the tanh."""
+    return by_row_blocks(gelu, x), x
+
+
+def gelu(x):
     xp = namespace(x)
     u = x * x  # built in place: u = sqrt(2/pi) * x * (1 + 0.044715 x^2)
     u *= 0.044715
@@ -80,16 +100,18 @@ def gelu_forward(x):
     out += 1.0
     out *= x
     out *= 0.5
-    return out, x
+    return out
 
 
 def gelu_backward(dout, x):
-    """dout (N, 4C) -> dx (N, 4C).
+    """dout (N, 4C) -> dx (N, 4C)."""
+    return by_row_blocks(gelu_grad, dout, x)
 
-    d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), t = tanh(u).
-    """
+
+def gelu_grad(dout, x):
+    """d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), t = tanh(u)."""
     xp = namespace(x)
-    x2 = x * x  # the rest is built in place: each temporary costs a pass over (N, 4C)
+    x2 = x * x  # the rest is built in place: each temporary costs a pass
     u = 0.044715 * x2
     u += 1.0
     u *= x
