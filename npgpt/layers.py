@@ -77,10 +77,11 @@ def by_row_blocks(fn, *arrays):
     GELU is a chain of ~10 elementwise passes; on a whole (N, 4C) array each pass goes to
     main memory, on a block of rows they all hit the cache (2x faster on these CPUs).
     """
-    xp = namespace(arrays[0])
+    xp, N = namespace(arrays[0]), arrays[0].shape[0]
     out = xp.empty_like(arrays[0])
-    for r in range(0, arrays[0].shape[0], ROW_BLOCK):
-        out[r : r + ROW_BLOCK, ...] = fn(*(a[r : r + ROW_BLOCK, ...] for a in arrays))
+    for r0 in range(0, N, ROW_BLOCK):
+        r1 = min(r0 + ROW_BLOCK, N)
+        out[r0:r1, ...] = fn(*(a[r0:r1, ...] for a in arrays))
     return out
 
 
@@ -224,15 +225,15 @@ def embedding_forward(wte, wpe, ids, start):
     return x, ids
 
 
-def embedding_backward(dx, ids, wte_shape, wpe_shape, backend):
+def embedding_backward(dx, ids, dwte, wpe_shape, backend):
     """dx (B, T, C) -> dwte (V, C), dwpe (n_ctx, C).
 
-    Token rows are scattered with an *add* (a token repeated in the batch collects every
-    occurrence's gradient): `dwte[ids] += dx` would keep only one of them.
+    The token rows are added into `dwte` (the tied LM head's gradient, or zeros) with a
+    scatter-*add*: a token repeated in the batch collects every occurrence's gradient,
+    where `dwte[ids] += dx` would keep only one of them.
     """
     xp = backend.xp
     B, T, C = dx.shape
-    dwte = xp.zeros(wte_shape, dtype=dx.dtype, device=backend.device)
     dwte = backend.index_add(dwte, xp.reshape(ids, (-1,)), xp.reshape(dx, (B * T, C)))
     dwpe = xp.zeros(wpe_shape, dtype=dx.dtype, device=backend.device)
     dwpe[:T, :] = xp.sum(dx, axis=0)
@@ -269,7 +270,8 @@ def cross_entropy_backward(dloss, cache, backend):
     xp = backend.xp
     N, V = probs.shape
     scale = weight * dloss  # (N,)
-    dlogits = probs * scale[:, None]
+    dlogits = probs  # the probabilities are not needed again: scaled in place
+    dlogits *= scale[:, None]
     flat_ids = xp.arange(N, dtype=safe.dtype, device=backend.device) * V + safe
     dlogits = backend.index_add(xp.reshape(dlogits, (N * V, 1)), flat_ids, -scale[:, None])
     return xp.reshape(dlogits, (N, V))

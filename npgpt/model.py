@@ -248,10 +248,9 @@ class GPT:
         ids = emb_cache
         B, T = ids.shape
         dx = layers.dropout_backward(xp.reshape(dx, (B, T, cfg.n_embd)), emb_drop)
-        dwte, grads["wpe.weight"] = layers.embedding_backward(
-            dx, ids, p["wte.weight"].shape, p["wpe.weight"].shape, self.backend
+        grads["wte.weight"], grads["wpe.weight"] = layers.embedding_backward(
+            dx, ids, dwte_head, p["wpe.weight"].shape, self.backend
         )
-        grads["wte.weight"] = dwte + dwte_head
         return {name: grads[name] for name in p}  # in parameter order
 
     def _block_backward(self, i, dx, block_cache, grads):

@@ -24,7 +24,7 @@ from npgpt.model import GPT, param_shapes
 
 REL_TOL = 1e-6
 ABS_TOL = 1e-9  # for gradients that vanish by symmetry (FD noise is ~1e-11 here)
-H = 1e-5
+H = 1e-6  # truncation error ~H^2 (1e-12) stays far below the tolerance; rounding ~1e-10
 
 
 def random_model(cfg: GPTConfig, seed: int, dropout_seed=None) -> GPT:

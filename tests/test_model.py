@@ -106,9 +106,12 @@ def test_last_only_is_the_last_row(model32):
 
 
 @pytest.mark.parametrize("device", ["CPU_DEVICE", "device1", "no_float64"])
-def test_array_api_strict_matches_numpy(device):
+def test_array_api_strict_matches_numpy(device, monkeypatch):
     """The engine uses only portable array operations: array-api-strict (which refuses
-    hidden host conversion, and float64 on no_float64) gives NumPy's results."""
+    hidden host conversion, float64 on no_float64, and slices past an array's end) gives
+    NumPy's results. Small blocks make the query and row loops end on partial blocks."""
+    monkeypatch.setattr(layers, "QUERY_BLOCK", 4)
+    monkeypatch.setattr(layers, "ROW_BLOCK", 5)
     ids = np.arange(2 * 13).reshape(2, 13) % TINY.vocab_size
     reference = tiny_model("numpy")
     strict = tiny_model(f"array-api-strict:{device}")
