@@ -132,7 +132,10 @@ class NumpyBackend(Backend):
         keep_freed_memory()
 
     def asarray(self, host, dtype=None):
-        return np.array(host, dtype=dtype)  # a copy, as an upload to a device would be
+        """Host and device are one here, so no copy -- except of read-only data (a memory-
+        mapped checkpoint), since parameters are updated in place when training."""
+        x = np.asarray(host, dtype=dtype)
+        return x if x.flags.writeable else x.copy()
 
     def to_numpy(self, x) -> np.ndarray:
         return np.asarray(x)

@@ -47,20 +47,22 @@ def init_params(config: GPTConfig, seed: int = 0, dtype: str = "float32") -> dic
     residual projections N(0, 0.02 / sqrt(2 L)), biases 0, LayerNorm gains 1.
 
     Drawn in float64 in `param_shapes` order from one seed, so float32 and float64
-    models of the same seed differ only by rounding.
+    models of the same seed differ only by rounding; drawn a row block at a time, so no
+    float64 copy of a whole embedding is ever held.
     """
     rng = np.random.default_rng(seed)
     residual_std = 0.02 / math.sqrt(2 * config.n_layer)
     params = {}
     for name, shape in param_shapes(config).items():
         if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-            value = np.ones(shape)
+            params[name] = np.ones(shape, dtype=dtype)
         elif name.endswith(".bias"):
-            value = np.zeros(shape)
+            params[name] = np.zeros(shape, dtype=dtype)
         else:
             std = residual_std if name.endswith("c_proj.weight") else 0.02
-            value = rng.normal(0.0, std, size=shape)
-        params[name] = value.astype(dtype)
+            params[name] = value = np.empty(shape, dtype=dtype)
+            for r in range(0, shape[0], 4096):  # the same stream as one draw of the whole
+                value[r : r + 4096] = rng.normal(0.0, std, size=value[r : r + 4096].shape)
     return params
 
 
@@ -177,6 +179,7 @@ class GPT:
             x, block_cache = self._block_forward(i, x, B, cache, drop)
             if keep:
                 block_caches.append(block_cache)
+            del block_cache  # without `keep`, this block's activations go before the next runs
         if last_only:
             x, T = xp.reshape(x, (B, T, cfg.n_embd))[:, -1, :], 1  # (B, C)
         xf, lnf_cache = layers.layer_norm_forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.layer_norm_epsilon)

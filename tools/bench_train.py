@@ -35,7 +35,7 @@ import numpy as np
 TOOLS = Path(__file__).resolve().parent
 sys.path[:0] = [str(TOOLS), str(TOOLS.parent)]
 
-from benchlib import emit, interleaved, log, matmul_rate, summary, threads  # noqa: E402
+from benchlib import emit, interleaved, log, matmul_rate, peak_rss_bytes, summary, threads  # noqa: E402
 from bench_forward import forward_flops, gemm_shapes  # noqa: E402
 from npgpt.config import GPTConfig  # noqa: E402
 from npgpt.model import GPT, init_params  # noqa: E402
@@ -152,15 +152,7 @@ def measure_peak(name: str, config: str, n_threads: int) -> int:
         ids, targets = batch(cfg, spec["B"], spec["T"])
         step(ids, targets)
         step(ids, targets)
-    return vm_hwm_bytes()
-
-
-def vm_hwm_bytes() -> int:
-    """This process's peak RSS from /proc (getrusage's ru_maxrss survives fork + exec, so
-    a child would report its parent's peak)."""
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
+    return peak_rss_bytes()
 
 
 def bench_steps(args) -> list[dict]:
