@@ -101,7 +101,7 @@ class Backend:
         exact, and fine for test-sized V; real backends override it.
         """
         xp = self.xp
-        one_hot = xp.astype(ids[:, None] == xp.arange(target.shape[0], device=self.device), values.dtype)
+        one_hot = xp.astype(ids[:, None] == xp.arange(target.shape[0], dtype=ids.dtype, device=self.device), values.dtype)
         return target + xp.matmul(xp.matrix_transpose(one_hot), values)  # (V, N) @ (N, C)
 
     def uniform(self, rng: np.random.Generator, shape: tuple[int, ...], dtype):

@@ -184,7 +184,8 @@ def attention_probs(q, k):
     Tb, S = q.shape[2], k.shape[2]
     att = (q * (1.0 / math.sqrt(q.shape[3]))) @ k.mT  # (B, NH, Tb, S), scores
     if Tb > 1:  # only the last Tb columns hold masked entries: key s > query position
-        future = xp.arange(Tb, device=q.device)[None, :] > xp.arange(Tb, device=q.device)[:, None]
+        pos = xp.arange(Tb, dtype=xp.int64, device=q.device)
+        future = pos[None, :] > pos[:, None]  # (Tb, Tb): key after query
         att[:, :, :, S - Tb :] += xp.where(future, -xp.inf, xp.zeros((Tb, Tb), dtype=att.dtype, device=q.device))
     att -= xp.max(att, axis=-1, keepdims=True)
     att = xp.exp(att)
