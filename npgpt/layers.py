@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import math
 
-from npgpt.backend import array_namespace
+from npgpt.backend import array_namespace as namespace
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
-
-
-def namespace(x):
-    return array_namespace(x)
 
 
 # -- linear: x @ w + b ---------------------------------------------------------------

@@ -273,7 +273,7 @@ class GPT:
         # attention branch: x_mid = x_in + attn(ln_1(x_in))
         dy = layers.dropout_backward(dx, attn_drop)
         dy, grads[h + "attn.c_proj.weight"], grads[h + "attn.c_proj.bias"] = layers.linear_backward(dy, c_proj)
-        B = att[0].shape[0]
+        B = att[0].shape[0]  # att = (q, k, v, blocks), q (B, NH, T, hs)
         T = N // B
         dy = xp.permute_dims(xp.reshape(dy, (B, T, NH, hs)), (0, 2, 1, 3))  # (B, NH, T, hs)
         dq, dk, dv = layers.attention_backward(dy, att)
