@@ -247,3 +247,28 @@ def test_eval_cli_and_exact_perplexity(corpus, tmp_path, capsys):
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
     assert main(["--weights", str(out), "--data", corpus, "--stride", "9"]) == 2
     assert "stride must be in [1, context=8]" in capsys.readouterr().err
+
+
+def test_gradient_accumulation_equals_one_larger_batch(tmp_path, monkeypatch):
+    """Two micro-batches of 2 rows give the step that one batch of their 4 rows gives:
+    the accumulated gradient is the mean of the micro-batch means."""
+    from npgpt.config import GPTConfig
+    from npgpt.data import BatchSampler
+
+    rng = np.random.default_rng(0)
+    ids, targets = rng.integers(0, 11, (4, 6)), rng.integers(0, 11, (4, 6))
+    tokens = rng.integers(0, 11, 200)
+    results = []
+    for batch_size, accum in ((4, 1), (2, 2)):
+        args = train.build_parser().parse_args(["--out-dir", str(tmp_path), *TINY, "--block-size", "6",
+                                                "--batch-size", str(batch_size), "--grad-accum", str(accum)])  # fmt: skip
+        model = GPT.init(GPTConfig(vocab_size=11, n_ctx=6, n_embd=8, n_head=2, n_layer=1), dtype="float64")
+        trainer = train.Trainer(args, model, None, tokens)
+        half = lambda self, step, micro=0: (ids, targets) if self.batch_size == 4 else (  # noqa: E731
+            ids[2 * micro : 2 * micro + 2], targets[2 * micro : 2 * micro + 2])  # fmt: skip
+        monkeypatch.setattr(BatchSampler, "batch", half)
+        loss, _ = trainer.train_step()
+        results.append((float(loss), model.to_numpy()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
+    for name, value in results[0][1].items():
+        np.testing.assert_allclose(results[1][1][name], value, rtol=0, atol=1e-12, err_msg=name)
