@@ -89,10 +89,12 @@ def hub(tmp_path, source):
         server.server_close()
 
 
-def test_download_then_cache_hit(tmp_path, hub, source):
+def test_download_then_cache_hit(tmp_path, hub, source, capsys):
     url, log = hub()
     cache = tmp_path / "cache"
     folder = fetch_from_hub(REPO, cache_dir=cache, endpoint=url)
+    size = (source / "model.safetensors").stat().st_size
+    assert f"model.safetensors: {size / 1e6:.1f}/{size / 1e6:.1f} MB at " in capsys.readouterr().err  # progress
     for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt"):
         assert (folder / name).read_bytes() == (source / name).read_bytes()
     assert not (folder / "generation_config.json").exists()  # only what conversion needs

@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -126,7 +128,7 @@ def download(url: str, path: Path, meta: dict, timeout: float):
     if meta.get("sha1") and meta.get("size") is not None:
         sha1.update(f"blob {meta['size']}\0".encode())  # git hashes "blob <size>\0" + content
     part = path.with_name(path.name + ".part")
-    size = 0
+    size, progress = 0, Progress(path.name, meta.get("size"))
     try:
         with open_url(url, timeout) as response, open(part, "wb") as out:
             while chunk := response.read(CHUNK_BYTES):
@@ -134,10 +136,37 @@ def download(url: str, path: Path, meta: dict, timeout: float):
                 sha256.update(chunk)
                 sha1.update(chunk)
                 size += len(chunk)
+                progress.update(size)
+        progress.finish(size)
         check_integrity(path.name, meta, size, sha256.hexdigest(), sha1.hexdigest())
         os.replace(part, path)
     finally:
         part.unlink(missing_ok=True)
+
+
+class Progress:
+    """One stderr line per file, rewritten at most twice a second: MB so far, rate, ETA."""
+
+    def __init__(self, name: str, total: int | None):
+        self.name, self.total = name, total
+        self.start = self.shown = time.monotonic()
+
+    def update(self, done: int):
+        if time.monotonic() - self.shown >= 0.5:
+            self.shown = time.monotonic()
+            print(f"\r{self.line(done)}", end="", file=sys.stderr, flush=True)
+
+    def finish(self, done: int):
+        print(f"\r{self.line(done)}", file=sys.stderr, flush=True)
+
+    def line(self, done: int) -> str:
+        rate = done / max(time.monotonic() - self.start, 1e-6)
+        of = f"/{self.total / 1e6:.1f}" if self.total else ""
+        eta = ""
+        if self.total and rate > 0 and done < self.total:
+            left = int((self.total - done) / rate)
+            eta = f", ETA {left // 60}m{left % 60:02d}s"
+        return f"{self.name}: {done / 1e6:.1f}{of} MB at {rate / 1e6:.1f} MB/s{eta}"
 
 
 def check_integrity(name: str, meta: dict, size: int, sha256: str, sha1: str):
