@@ -100,6 +100,12 @@ class AdamW:
         self.eps, self.weight_decay = scalars["eps"], scalars["weight_decay"]
 
 
+def global_norm(grads: dict, backend: Backend):
+    """The L2 norm of all gradients together, as a 0-d device array."""
+    xp = backend.xp
+    return xp.sqrt(sum(xp.sum(g * g) for g in grads.values()))
+
+
 def clip_grad_norm(grads: dict, max_norm: float, backend: Backend):
     """Scale all gradients in place so their global L2 norm is at most `max_norm`.
 
@@ -107,9 +113,8 @@ def clip_grad_norm(grads: dict, max_norm: float, backend: Backend):
     always multiplied in, so nothing is read back to the host. Returns the norm before
     clipping as a 0-d device array (for logging).
     """
-    xp = backend.xp
-    norm = xp.sqrt(sum(xp.sum(g * g) for g in grads.values()))
-    factor = xp.minimum(max_norm / (norm + 1e-6), 1.0)
+    norm = global_norm(grads, backend)
+    factor = backend.xp.minimum(max_norm / (norm + 1e-6), 1.0)
     for g in grads.values():
         g *= factor
     return norm

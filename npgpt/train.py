@@ -38,7 +38,7 @@ from npgpt.checkpoint import CONFIG_KEY, load_safetensors, save_safetensors
 from npgpt.config import GPTConfig
 from npgpt.data import BatchSampler, split_tokens
 from npgpt.model import GPT, FLOAT_DTYPES
-from npgpt.optim import AdamW, clip_grad_norm, cosine_lr
+from npgpt.optim import AdamW, clip_grad_norm, cosine_lr, global_norm
 
 MODEL_FILE, STATE_FILE, LOG_FILE = "model.safetensors", "trainer_state.safetensors", "log.jsonl"
 STEP_KEY, TRAINER_KEY = "npgpt.step", "npgpt.trainer"
@@ -192,14 +192,10 @@ class Trainer:
         if args.grad_accum > 1:
             for value in grads.values():
                 value *= 1.0 / args.grad_accum
-        norm = clip_grad_norm(grads, args.grad_clip, self.backend) if args.grad_clip > 0 else self.grad_norm(grads)
+        norm = clip_grad_norm(grads, args.grad_clip, self.backend) if args.grad_clip > 0 else global_norm(grads, self.backend)
         self.opt.step(grads, self.lr(self.step))
         self.step += 1
         return total_loss / args.grad_accum, norm
-
-    def grad_norm(self, grads):
-        xp = self.backend.xp
-        return xp.sqrt(sum(xp.sum(g * g) for g in grads.values()))
 
     def lr(self, step: int) -> float:
         a = self.args
