@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npgpt.config import GPTConfig
+from npgpt.layers import IGNORE_INDEX
 from npgpt.model import GPT, param_shapes
 
 REL_TOL = 1e-6
@@ -65,7 +66,7 @@ def symmetric_zero_slices(name: str, cfg: GPTConfig, T: int) -> list[slice]:
     return []
 
 
-def grad_errors(model: GPT, ids, targets, ignore_index=-1, dropout_seed=None) -> dict[str, str]:
+def grad_errors(model: GPT, ids, targets, ignore_index=IGNORE_INDEX, dropout_seed=None) -> dict[str, str]:
     """Check every parameter; return {name: what is wrong} for those that fail."""
     rng = lambda: None if dropout_seed is None else np.random.default_rng(dropout_seed)  # noqa: E731
     if dropout_seed is None:
@@ -125,16 +126,16 @@ def test_ignore_index_rows_carry_no_gradient():
     cfg = GPTConfig(vocab_size=5, n_ctx=4, n_embd=4, n_head=2, n_layer=1)
     model = random_model(cfg, 3)
     ids = np.array([[1, 2, 3, 1], [4, 0, 0, 2]])
-    targets = np.array([[2, -100, 1, -100], [0, 3, -100, 4]])
-    assert grad_errors(model, ids, targets, ignore_index=-100) == {}
+    targets = np.array([[2, IGNORE_INDEX, 1, IGNORE_INDEX], [0, 3, IGNORE_INDEX, 4]])
+    assert grad_errors(model, ids, targets, ignore_index=IGNORE_INDEX) == {}
     # the loss is the mean over the kept rows only
     logits = np.asarray(model.forward(ids)).reshape(-1, 5)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
-    kept = targets.reshape(-1) != -100
+    kept = targets.reshape(-1) != IGNORE_INDEX
     expected = -logp[kept, targets.reshape(-1)[kept]].mean()
-    np.testing.assert_allclose(float(model.loss(ids, targets, ignore_index=-100)), expected, rtol=1e-12)
+    np.testing.assert_allclose(float(model.loss(ids, targets, ignore_index=IGNORE_INDEX)), expected, rtol=1e-12)
     # all ignored: zero loss and zero gradients, no division by zero
-    loss, grads = model.loss_and_grads(ids, np.full_like(targets, -100), ignore_index=-100)
+    loss, grads = model.loss_and_grads(ids, np.full_like(targets, IGNORE_INDEX), ignore_index=IGNORE_INDEX)
     assert float(loss) == 0.0 and all(not np.any(g) for g in grads.values())
 
 
@@ -153,7 +154,7 @@ def test_dropout_masks_are_reused_exactly_in_backward():
 
 
 def test_wrong_embedding_backward_fails_the_check(monkeypatch):
-    """Negative control: `dW[ids] += dY` (NumPy keeps one write per repeated id)."""
+    """Negative control: `dW[ids] += dY` (NumPy keeps one write per repeated id or position)."""
     cfg = GPTConfig(vocab_size=4, n_ctx=4, n_embd=4, n_head=2, n_layer=1)
     model = random_model(cfg, 7)
     ids = np.array([[1, 1, 2, 1], [3, 1, 0, 2]])  # id 1 repeats
@@ -166,4 +167,4 @@ def test_wrong_embedding_backward_fails_the_check(monkeypatch):
 
     monkeypatch.setattr(model.backend, "index_add", assigning_index_add)
     failures = grad_errors(model, ids, targets)
-    assert set(failures) == {"wte.weight"}, failures
+    assert set(failures) == {"wte.weight", "wpe.weight"}, failures  # each position repeats once per row
