@@ -66,14 +66,14 @@ def symmetric_zero_slices(name: str, cfg: GPTConfig, T: int) -> list[slice]:
     return []
 
 
-def grad_errors(model: GPT, ids, targets, ignore_index=IGNORE_INDEX, dropout_seed=None) -> dict[str, str]:
+def grad_errors(model: GPT, ids, targets, ignore_index=IGNORE_INDEX, dropout_seed=None, segments=None) -> dict[str, str]:
     """Check every parameter; return {name: what is wrong} for those that fail."""
     rng = lambda: None if dropout_seed is None else np.random.default_rng(dropout_seed)  # noqa: E731
     if dropout_seed is None:
-        loss_fn = lambda: float(model.loss(ids, targets, ignore_index))  # noqa: E731
+        loss_fn = lambda: float(model.loss(ids, targets, ignore_index, segments=segments))  # noqa: E731
     else:  # the same mask seed for every evaluation: a deterministic function of the params
-        loss_fn = lambda: float(model.loss_and_grads(ids, targets, ignore_index, rng=rng())[0])  # noqa: E731
-    _, grads = model.loss_and_grads(ids, targets, ignore_index, rng=rng())
+        loss_fn = lambda: float(model.loss_and_grads(ids, targets, ignore_index, rng=rng(), segments=segments)[0])  # noqa: E731
+    _, grads = model.loss_and_grads(ids, targets, ignore_index, rng=rng(), segments=segments)
     failures = {}
     T = np.asarray(ids).shape[1]
     for name, param in model.params.items():
@@ -168,3 +168,31 @@ def test_wrong_embedding_backward_fails_the_check(monkeypatch):
     monkeypatch.setattr(model.backend, "index_add", assigning_index_add)
     failures = grad_errors(model, ids, targets)
     assert set(failures) == {"wte.weight", "wpe.weight"}, failures  # each position repeats once per row
+
+
+@settings(max_examples=5, deadline=None)
+@given(first=st.integers(2, 4), rest=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_packed_documents_gradients_match_finite_differences(first, rest, seed):
+    """With segments (two documents per row) the backward is still the loss's gradient."""
+    T = first + rest
+    cfg = GPTConfig(vocab_size=5, n_ctx=T, n_embd=4, n_head=2, n_layer=1)
+    model = random_model(cfg, seed)
+    rng = np.random.default_rng(seed + 1)
+    ids, targets = rng.integers(0, 5, (2, T)), rng.integers(0, 5, (2, T))
+    segments = np.array([[0] * first + [1] * rest, [3] * rest + [4] * first])
+    assert grad_errors(model, ids, targets, segments=segments) == {}
+
+
+def test_grad_ready_reports_each_parameter_once_in_order_with_its_final_value():
+    cfg = GPTConfig(vocab_size=7, n_ctx=6, n_embd=4, n_head=2, n_layer=3)
+    model = random_model(cfg, 3)
+    ids = np.array([[1, 2, 3, 1, 5], [0, 6, 6, 2, 1]])
+    calls = []
+    _, grads = model.loss_and_grads(ids, ids, grad_ready=lambda names, g: calls.append({n: g[n].copy() for n in names}))
+    block = lambda i: [n for n in param_shapes(cfg) if n.startswith(f"h.{i}.")]  # noqa: E731
+    expected = [["ln_f.weight", "ln_f.bias"], *(block(i) for i in (2, 1, 0)), ["wte.weight", "wpe.weight"]]
+    assert [list(call) for call in calls] == expected
+    assert sorted(n for call in calls for n in call) == sorted(grads)
+    for call in calls:
+        for name, value in call.items():
+            np.testing.assert_array_equal(value, grads[name], err_msg=name)
