@@ -340,7 +340,7 @@ def segment_positions(segments):
     T = segments.shape[1]
     earlier = xp.arange(T, device=segments.device)[None, :] < xp.arange(T, device=segments.device)[:, None]  # (T, T)
     same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
-    return xp.astype(xp.sum(xp.astype(same & earlier, xp.int64), axis=-1), xp.int64)  # (B, T)
+    return xp.sum(xp.astype(same & earlier, xp.int64), axis=-1)  # (B, T)
 
 
 @dataclass
