@@ -16,7 +16,7 @@ from npgpt import layers
 from npgpt.backend import NumpyBackend, get_backend
 from npgpt.config import GPTConfig
 from npgpt.kernels import NAMES, REFERENCE, select_kernels
-from npgpt.model import GPT
+from npgpt.model import GPT, segment_positions
 
 from test_gradients import random_model
 
@@ -139,6 +139,20 @@ def test_cross_entropy_equals_the_reference(N, V, seed):
     np.testing.assert_allclose(loss, ref, **TOL)
     assert np.ndim(loss) == 0
     np.testing.assert_allclose(fast.cross_entropy_backward(0.7, cache), layers.cross_entropy_backward(0.7, ref_cache), **TOL)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.sampled_from([1, 3]), T=st.integers(1, 9), start=st.integers(0, 3), packed=st.booleans(), seed=st.integers(0, 2**16))
+def test_embedding_equals_the_reference(B, T, start, packed, seed):
+    rng = np.random.default_rng(seed)
+    wte, wpe = rng.standard_normal((5, 3)), rng.standard_normal((12, 3))
+    ids = rng.integers(0, 5, (B, T))
+    pos = segment_positions(segments_of(rng, B, T)) if packed else np.broadcast_to(np.arange(start, start + T), (B, T))
+    x, cache = fast.KERNELS.embedding_forward(wte, wpe, ids, pos)
+    np.testing.assert_allclose(x, layers.embedding_forward(wte, wpe, ids, pos)[0], **TOL)
+    dx, backend = rng.standard_normal((B, T, 3)), get_backend("numpy")
+    ours = fast.embedding_backward(dx, cache, np.ones_like(wte), wpe.shape, backend)
+    assert_same(ours, layers.embedding_backward(dx, cache, np.ones_like(wte), wpe.shape, backend))
 
 
 # -- the whole model, both ways --------------------------------------------------------------

@@ -6,6 +6,7 @@ and backward, in float64); what changes is only how the work is laid out:
   hit the cache instead of main memory (2x faster on these CPUs), built in place;
 - attention runs over blocks of QUERY_BLOCK queries, each against only the keys it can
   see, so the masked upper triangle of the T x S scores is (mostly) never computed;
+- the position embedding's gradient is a sum over the batch when no row is packed;
 - LayerNorm, the linear bias and cross-entropy write into buffers they own instead of
   allocating one per step of the formula; cross-entropy turns the logits into its
   probabilities and then into the gradient, so one (N, V) buffer serves all three.
@@ -163,6 +164,23 @@ def attention_backward(dy, cache):
     return dq, dk, dv
 
 
+# -- embeddings ---------------------------------------------------------------------------------
+def embedding_backward(dx, cache, dwte, wpe_shape, backend):
+    """The reference's gradients; when every row holds positions start..start+T-1 (no
+    segments), dwpe is one sum over the batch instead of a scatter-add of B*T rows."""
+    ids, pos = cache
+    B, T, C = dx.shape
+    rows = dx.reshape(B * T, C)
+    dwte = backend.index_add(dwte, ids.reshape(-1), rows)
+    dwpe = np.zeros(wpe_shape, dtype=dx.dtype)
+    start = int(pos[0, 0])
+    if np.array_equal(pos, np.broadcast_to(np.arange(start, start + T), (B, T))):
+        dwpe[start : start + T, :] = np.sum(dx, axis=0)
+    else:
+        np.add.at(dwpe, pos.reshape(-1), rows)
+    return dwte, dwpe
+
+
 # -- cross-entropy, in the logits' own buffer -------------------------------------------------
 def cross_entropy_forward(logits, targets, ignore_index=layers.IGNORE_INDEX):
     """The reference's loss; the logits are overwritten with the probabilities."""
@@ -198,6 +216,8 @@ KERNELS = REFERENCE.replace(
     gelu_backward=gelu_backward,
     attention_forward=attention_forward,
     attention_backward=attention_backward,
+    embedding_forward=layers.embedding_forward,
+    embedding_backward=embedding_backward,
     cross_entropy_forward=cross_entropy_forward,
     cross_entropy_backward=cross_entropy_backward,
 )
