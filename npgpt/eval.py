@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from npgpt.kernels.threads import add_threads_option, set_num_threads
 from npgpt.layers import IGNORE_INDEX
 
 
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, help="tokens between window starts (default: context // 2)")
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
     p.add_argument("--backend", default="numpy", help="array backend (default numpy)")
+    add_threads_option(p)
     p.add_argument("--dtype", choices=["float16", "float32", "float64"], help="cast the weights (default: as stored)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
@@ -77,6 +79,8 @@ def main(argv=None) -> int:
     from npgpt.generate import WeightsError, load_model
 
     args = build_parser().parse_args(argv)
+    if args.threads:
+        set_num_threads(args.threads)
     try:
         model, tokenizer = load_model(args.weights, get_backend(args.backend), args.dtype)
         with open(args.data, encoding="utf-8") as f:

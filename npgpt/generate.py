@@ -29,6 +29,7 @@ import numpy as np
 
 from npgpt.backend import BackendError, array_namespace, get_backend
 from npgpt.checkpoint import CheckpointError
+from npgpt.kernels.threads import add_threads_option, set_num_threads
 from npgpt.model import GPT
 from npgpt.sampling import SamplingConfig, sample
 
@@ -302,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--backend", default="numpy", help="array backend, e.g. numpy, cupy, array-api-strict (default: numpy)")
+    add_threads_option(parser)
     parser.add_argument("--weights", help="a folder with model.safetensors and the tokenizer, a .safetensors file, or a NAME for weights/NAME/")
     parser.add_argument("--dtype", choices=["float16", "float32", "float64"], help="cast the weights (default: as stored)")
     parser.add_argument("--prompt", help="text to continue (default: read stdin when it is not a terminal; else start from <|endoftext|>)")
@@ -330,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.greedy)
     except ValueError as e:
         parser.error(f"invalid sampling values: {e}")
+    if args.threads:
+        set_num_threads(args.threads)
     try:
         model, tokenizer = load_model(args.weights, get_backend(args.backend), args.dtype)
         prompt = args.prompt if args.prompt is not None else _stdin_prompt()

@@ -2,7 +2,9 @@
 
 Written against the array API (`backend.xp`), updating parameters and moments in place,
 so the optimizer never leaves the device: the clipping factor stays a 0-d device array
-and is always multiplied in (no host-side `if norm > max_norm`).
+and is always multiplied in (no host-side `if norm > max_norm`). `adamw_update` and
+`sum_of_squares` are the plain references of the backend's optimizer kernels
+(`backend.kernels`, see `npgpt.kernels`); the NumPy backend's are blocked and threaded.
 
 The arithmetic follows PyTorch's `torch.optim.AdamW` (single-tensor path) step for step:
 
@@ -15,10 +17,14 @@ The arithmetic follows PyTorch's `torch.optim.AdamW` (single-tensor path) step f
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from npgpt.backend import Backend
+from npgpt.namespaces import array_namespace as namespace
+
+if TYPE_CHECKING:  # npgpt.backend imports the kernel sets, which import this module
+    from npgpt.backend import Backend
 
 # Parameters decayed by default: the 2-D weight matrices of the blocks. Biases, LayerNorm
 # gains and the two embeddings (wte is also the LM head) are not, unless configured.
@@ -59,23 +65,11 @@ class AdamW:
 
     def step(self, grads: dict, lr: float):
         """One update of every parameter from `grads` (same keys), at learning rate `lr`."""
-        xp = self.backend.xp
         self.t += 1
-        b1, b2 = self.beta1, self.beta2
-        step_size = lr / (1.0 - b1**self.t)
-        sqrt_bc2 = math.sqrt(1.0 - b2**self.t)
+        update = self.backend.kernels.adamw_update
         for name, p in self.params.items():
-            g, m, v = grads[name], self.m[name], self.v[name]
-            if self.decay[name] and self.weight_decay:
-                p *= 1.0 - lr * self.weight_decay
-            m *= b1
-            m += (1.0 - b1) * g
-            v *= b2
-            v += (1.0 - b2) * (g * g)
-            denom = xp.sqrt(v)
-            denom /= sqrt_bc2
-            denom += self.eps
-            p -= step_size * (m / denom)
+            wd = self.weight_decay if self.decay[name] else 0.0
+            update(p, grads[name], self.m[name], self.v[name], lr, wd, self.beta1, self.beta2, self.t, self.eps)
 
     # -- checkpoints: moments to and from host NumPy --------------------------------------
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
@@ -100,10 +94,32 @@ class AdamW:
         self.eps, self.weight_decay = scalars["eps"], scalars["weight_decay"]
 
 
+def adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps):
+    """One AdamW step of one parameter p from its gradient g, the moments m and v updated
+    in place; `step` counts from 1, weight_decay 0 means no decay."""
+    step_size = lr / (1.0 - beta1**step)
+    sqrt_bc2 = math.sqrt(1.0 - beta2**step)
+    if weight_decay:
+        p *= 1.0 - lr * weight_decay
+    m *= beta1
+    m += (1.0 - beta1) * g
+    v *= beta2
+    v += (1.0 - beta2) * (g * g)
+    denom = namespace(v).sqrt(v)
+    denom /= sqrt_bc2
+    denom += eps
+    p -= step_size * (m / denom)
+
+
+def sum_of_squares(g):
+    """sum(g * g) over every element, as a 0-d array."""
+    return namespace(g).sum(g * g)
+
+
 def global_norm(grads: dict, backend: Backend):
     """The L2 norm of all gradients together, as a 0-d device array."""
-    xp = backend.xp
-    return xp.sqrt(sum(xp.sum(g * g) for g in grads.values()))
+    squares = backend.kernels.sum_of_squares
+    return backend.xp.sqrt(sum(squares(g) for g in grads.values()))
 
 
 def clip_grad_norm(grads: dict, max_norm: float, backend: Backend):

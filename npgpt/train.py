@@ -37,13 +37,14 @@ from npgpt.backend import BackendError, get_backend
 from npgpt.checkpoint import CONFIG_KEY, load_safetensors, save_safetensors
 from npgpt.config import GPTConfig
 from npgpt.data import BatchSampler, split_tokens
+from npgpt.kernels.threads import add_threads_option, set_num_threads
 from npgpt.model import GPT, FLOAT_DTYPES
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr, global_norm
 
 MODEL_FILE, STATE_FILE, LOG_FILE = "model.safetensors", "trainer_state.safetensors", "log.jsonl"
 STEP_KEY, TRAINER_KEY = "npgpt.step", "npgpt.trainer"
 # Settings a resumed run may change; any other flag must match the checkpoint's.
-RESUME_OVERRIDES = {"max_iters", "log_interval", "eval_interval", "eval_iters", "checkpoint_interval", "backend"}
+RESUME_OVERRIDES = {"max_iters", "log_interval", "eval_interval", "eval_iters", "checkpoint_interval", "backend", "threads"}
 DROPOUT_STREAM = 2  # seeds dropout generators apart from the data sampler's (0 train, 1 val)
 
 
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=1337, help="seeds the init, the data order and dropout")
     r = p.add_argument_group("running")
     r.add_argument("--backend", default="numpy", help="array backend: numpy, cupy, array-api-strict, ... (default numpy)")
+    add_threads_option(r)
     r.add_argument("--log-interval", type=int, default=10, help="steps between progress lines (and host syncs)")
     r.add_argument("--eval-interval", type=int, default=250, help="steps between validation estimates (0: only at the end)")
     r.add_argument("--eval-iters", type=int, default=20, help="validation batches per estimate")
@@ -384,6 +386,8 @@ def main(argv=None) -> int:
     for name in ("batch_size", "grad_accum", "max_iters", "log_interval", "checkpoint_interval", "eval_iters"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads:
+        set_num_threads(args.threads)
     try:
         if args.data:
             args.data = str(Path(args.data).resolve())  # a resumed run may start elsewhere

@@ -27,6 +27,12 @@ explicitly, when the replacement keeps the reference's cache). Signatures, as in
         (may overwrite `logits`)
     cross_entropy_backward(dloss, cache) -> dlogits (N, V)
 
+and the optimizer's two (reference: `npgpt.optim`), which are not pairs:
+
+    adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps) -> None
+        (one AdamW step of one parameter: p, m and v updated in place)
+    sum_of_squares(g) -> sum(g * g) (0-d)
+
 NPGPT_KERNELS=reference in the environment makes every backend use `REFERENCE`.
 """
 
@@ -36,10 +42,11 @@ import dataclasses
 import os
 from collections.abc import Callable
 
-from npgpt import layers
+from npgpt import layers, optim
 
 OPS = ("linear", "layer_norm", "gelu", "dropout", "attention", "embedding", "cross_entropy")
-NAMES = tuple(f"{op}_{way}" for op in OPS for way in ("forward", "backward"))
+OPTIMIZER = ("adamw_update", "sum_of_squares")
+NAMES = tuple(f"{op}_{way}" for op in OPS for way in ("forward", "backward")) + OPTIMIZER
 ENV = "NPGPT_KERNELS"
 
 
@@ -62,9 +69,12 @@ class Kernels:
     embedding_backward: Callable
     cross_entropy_forward: Callable
     cross_entropy_backward: Callable
+    adamw_update: Callable
+    sum_of_squares: Callable
 
     def replace(self, name: str, **kernels: Callable) -> Kernels:
-        """A set named `name` with whole operations (forward and backward) replaced."""
+        """A set named `name` with whole operations (forward and backward) or optimizer
+        kernels replaced."""
         unknown = sorted(set(kernels) - set(NAMES))
         if unknown:
             raise ValueError(f"unknown kernels {unknown}; the interface has {list(NAMES)}")
@@ -74,7 +84,7 @@ class Kernels:
         return dataclasses.replace(self, name=name, **kernels)
 
 
-REFERENCE = Kernels("reference", **{name: getattr(layers, name) for name in NAMES})
+REFERENCE = Kernels("reference", **{name: getattr(optim if name in OPTIMIZER else layers, name) for name in NAMES})
 
 
 def select_kernels(supplied: Kernels | None) -> Kernels:

@@ -1,15 +1,21 @@
-"""NumPy's fast kernel set: the reference layers reorganised for the CPU's caches.
+"""NumPy's fast kernel set: the reference layers reorganised for the CPU's caches and cores.
 
-Each kernel computes its `npgpt.layers` formula (tests/test_kernels.py proves it, forward
-and backward, in float64); what changes is only how the work is laid out:
-- long elementwise chains (GELU) run over blocks of ROW_BLOCK rows, so their ~10 passes
-  hit the cache instead of main memory (2x faster on these CPUs), built in place;
+Each kernel computes its `npgpt.layers` (or `npgpt.optim`) formula (tests/test_kernels.py
+proves it, forward and backward, in float64); what changes is only how the work is laid out:
+- elementwise and reduction passes (LayerNorm, GELU, the bias add and its gradient, the
+  attention softmax, cross-entropy, AdamW, the gradient norm) run over row ranges on
+  `npgpt.kernels.threads`' pool, one range per thread (NumPy releases the GIL inside
+  its loops); the matmuls stay whole, on the BLAS library's own threads;
+- inside a range, long chains (GELU, LayerNorm) run over blocks of ROW_BLOCK rows, so
+  their passes hit the cache instead of main memory, built in place;
 - attention runs over blocks of QUERY_BLOCK queries, each against only the keys it can
   see, so the masked upper triangle of the T x S scores is (mostly) never computed;
 - the position embedding's gradient is a sum over the batch when no row is packed;
 - LayerNorm, the linear bias and cross-entropy write into buffers they own instead of
   allocating one per step of the formula; cross-entropy turns the logits into its
-  probabilities and then into the gradient, so one (N, V) buffer serves all three.
+  probabilities and then into the gradient, so one (N, V) buffer serves all three;
+- AdamW updates each parameter in one sweep of cache-sized blocks instead of ~10 passes
+  over the whole tensor.
 """
 
 from __future__ import annotations
@@ -18,59 +24,101 @@ import math
 
 import numpy as np
 
-from npgpt import layers
+from npgpt import layers, optim
 from npgpt.kernels import REFERENCE
+from npgpt.kernels.threads import parallel_rows
 
 ROW_BLOCK = 64  # rows per block of a long elementwise chain: (64, 4C) floats stay in L2
 QUERY_BLOCK = 128  # queries per block: later blocks see more keys, none sees the future
+FLAT_BLOCK = 1 << 14  # elements per block of the optimizer's sweep over a flat parameter
 GELU_SCALE = layers.GELU_SCALE
+
+
+def over_row_blocks(fn, N: int, row_size: int) -> list:
+    """fn(r0, r1) for every block of ROW_BLOCK rows of [0, N), contiguous runs of blocks
+    shared among the threads; returns each thread's list of fn's results."""
+
+    def run(a, b):
+        return [fn(r0, min(r0 + ROW_BLOCK, b)) for r0 in range(a, b, ROW_BLOCK)]
+
+    return parallel_rows(run, N, row_size, align=ROW_BLOCK)
 
 
 # -- linear ---------------------------------------------------------------------------------
 def linear_forward(x, w, b):
-    """x @ w + b, the bias added in place. The cache is the reference's."""
+    """x @ w + b, the bias added in place over row ranges. The cache is the reference's."""
     out = x @ w
-    out += b
+
+    def add_bias(r0, r1):
+        out[r0:r1] += b
+
+    parallel_rows(add_bias, out.shape[0], out.shape[1])
     return out, (x, w)
+
+
+def linear_backward(dout, cache):
+    """dout (N, Cout) -> dx, dw (BLAS), db (summed over row ranges)."""
+    x, w = cache
+    db = np.sum(parallel_rows(lambda r0, r1: np.sum(dout[r0:r1], axis=0), dout.shape[0], dout.shape[1]), axis=0)
+    return dout @ w.mT, x.mT @ dout, db
 
 
 # -- layer norm -----------------------------------------------------------------------------
 def layer_norm_forward(x, w, b, eps):
-    """x (N, C) -> out (N, C); x - mean is normalised in place."""
-    xhat = x - np.mean(x, axis=-1, keepdims=True)  # (N, C), centred
-    rstd = 1.0 / np.sqrt(np.mean(xhat * xhat, axis=-1, keepdims=True) + eps)  # (N, 1)
-    xhat *= rstd  # (N, C), normalised
-    out = xhat * w
-    out += b
+    """x (N, C) -> out (N, C); x - mean is normalised in place, block by block."""
+    N, C = x.shape
+    xhat, out, rstd = np.empty_like(x), np.empty_like(x), np.empty((N, 1), dtype=x.dtype)
+
+    def block(r0, r1):
+        xh, rs, o = xhat[r0:r1], rstd[r0:r1], out[r0:r1]
+        np.subtract(x[r0:r1], np.mean(x[r0:r1], axis=-1, keepdims=True), out=xh)  # centred
+        np.multiply(xh, xh, out=o)  # o as scratch
+        np.mean(o, axis=-1, keepdims=True, out=rs)
+        rs += eps
+        np.sqrt(rs, out=rs)
+        np.divide(1.0, rs, out=rs)  # (Nb, 1)
+        xh *= rs  # normalised
+        np.multiply(xh, w, out=o)
+        o += b
+
+    over_row_blocks(block, N, C)
     return out, (xhat, rstd, w)
 
 
 def layer_norm_backward(dout, cache):
-    """dout (N, C) -> dx, dw, db; dx built in place."""
+    """dout (N, C) -> dx, dw, db; dx built in place, block by block."""
     xhat, rstd, w = cache
-    dw = np.sum(dout * xhat, axis=0)
-    db = np.sum(dout, axis=0)
-    g = dout * w  # (N, C)
-    dx = g - np.mean(g, axis=-1, keepdims=True)
-    dx -= xhat * np.mean(g * xhat, axis=-1, keepdims=True)
-    dx *= rstd
+    N, C = dout.shape
+    dx = np.empty_like(dout)
+
+    def block(r0, r1):
+        d, xh, g = dout[r0:r1], xhat[r0:r1], dx[r0:r1]
+        np.multiply(d, xh, out=g)  # g as scratch
+        dw = np.sum(g, axis=0)
+        db = np.sum(d, axis=0)
+        np.multiply(d, w, out=g)  # g = dout * w
+        mean_gx = np.mean(g * xh, axis=-1, keepdims=True)
+        g -= np.mean(g, axis=-1, keepdims=True)
+        g -= xh * mean_gx
+        g *= rstd[r0:r1]
+        return dw, db
+
+    parts = over_row_blocks(block, N, C)
+    dw = np.sum([p[0] for run in parts for p in run], axis=0)
+    db = np.sum([p[1] for run in parts for p in run], axis=0)
     return dx, dw, db
 
 
 # -- GELU -----------------------------------------------------------------------------------
-def by_row_blocks(fn, *arrays):
-    """fn applied to blocks of ROW_BLOCK rows, written into one (N, ...) result."""
-    N = arrays[0].shape[0]
-    out = np.empty_like(arrays[0])
-    for r0 in range(0, N, ROW_BLOCK):
-        r1 = min(r0 + ROW_BLOCK, N)
-        out[r0:r1, ...] = fn(*(a[r0:r1, ...] for a in arrays))
-    return out
-
-
 def gelu_forward(x):
     """x (N, 4C) -> out (N, 4C). Keeps only x: backward recomputes the tanh."""
-    return by_row_blocks(gelu_block, x), x
+    out = np.empty_like(x)
+
+    def block(r0, r1):
+        out[r0:r1] = gelu_block(x[r0:r1])
+
+    over_row_blocks(block, x.shape[0], x.shape[1])
+    return out, x
 
 
 def gelu_block(x):
@@ -79,7 +127,7 @@ def gelu_block(x):
     u += 1.0
     u *= x
     u *= GELU_SCALE
-    out = np.tanh(u)
+    out = np.tanh(u, out=u)
     out += 1.0
     out *= x
     out *= 0.5
@@ -88,7 +136,13 @@ def gelu_block(x):
 
 def gelu_backward(dout, x):
     """dout (N, 4C) -> dx (N, 4C)."""
-    return by_row_blocks(gelu_grad_block, dout, x)
+    dx = np.empty_like(dout)
+
+    def block(r0, r1):
+        dx[r0:r1] = gelu_grad_block(dout[r0:r1], x[r0:r1])
+
+    over_row_blocks(block, x.shape[0], x.shape[1])
+    return dx
 
 
 def gelu_grad_block(dout, x):
@@ -97,11 +151,13 @@ def gelu_grad_block(dout, x):
     u += 1.0
     u *= x
     u *= GELU_SCALE  # u = sqrt(2/pi) (x + 0.044715 x^3)
-    t = np.tanh(u)
-    du = 3 * 0.044715 * x2
+    t = np.tanh(u, out=u)
+    du = x2  # x2 is not needed again
+    du *= 3 * 0.044715
     du += 1.0
     du *= GELU_SCALE  # du/dx
-    dx = 1.0 - t * t  # dtanh/du
+    dx = t * t
+    np.subtract(1.0, dx, out=dx)  # dtanh/du
     dx *= du
     dx *= x
     dx *= 0.5  # 0.5 x (1 - t^2) du/dx
@@ -132,33 +188,55 @@ def attention_forward(q, k, v, dropout=None, segments=None):
 
 def attention_probs(q, k, same=None):
     """Masked softmax(q k^T / sqrt(hs)): q (B, NH, Tb, hs) are the last Tb of the S
-    positions of k (B, NH, S, hs); `same` (B, Tb, S) also masks other documents' keys."""
-    Tb, S = q.shape[2], k.shape[2]
+    positions of k (B, NH, S, hs); `same` (B, Tb, S) also masks other documents' keys.
+    The scores are one batched matmul; the softmax runs over ranges of heads."""
+    B, NH, Tb, _ = q.shape
+    S = k.shape[2]
     att = (q * (1.0 / math.sqrt(q.shape[3]))) @ k.mT  # (B, NH, Tb, S), scores
-    if Tb > 1:  # only the last Tb columns hold masked entries: key s > query position
-        future = np.triu(np.ones((Tb, Tb), dtype=bool), 1)  # (Tb, Tb): key after query
-        np.copyto(att[:, :, :, S - Tb :], -np.inf, where=future)
-    if same is not None:
-        np.copyto(att, -np.inf, where=~same[:, None, :, :])
-    att -= np.max(att, axis=-1, keepdims=True)
-    np.exp(att, out=att)
-    att /= np.sum(att, axis=-1, keepdims=True)
+    future = np.triu(np.ones((Tb, Tb), dtype=bool), 1) if Tb > 1 else None  # (Tb, Tb): key after query
+    heads = att.reshape(B * NH, Tb, S)  # a view: the matmul's result is contiguous
+    other = None if same is None else ~same  # (B, Tb, S)
+
+    def softmax(h0, h1):
+        a = heads[h0:h1]
+        if future is not None:  # only the last Tb columns hold masked entries
+            np.copyto(a[:, :, S - Tb :], -np.inf, where=future)
+        if other is not None:
+            for h in range(h0, h1):
+                np.copyto(a[h - h0], -np.inf, where=other[h // NH])
+        a -= np.max(a, axis=-1, keepdims=True)
+        np.exp(a, out=a)
+        a /= np.sum(a, axis=-1, keepdims=True)
+
+    parallel_rows(softmax, B * NH, Tb * S)
     return att
 
 
 def attention_backward(dy, cache):
-    """dy (B, NH, T, hs) -> dq (B, NH, T, hs), dk, dv (B, NH, S, hs), block by block."""
+    """dy (B, NH, T, hs) -> dq (B, NH, T, hs), dk, dv (B, NH, S, hs), block by block;
+    the softmax's backward runs over ranges of heads."""
     q, k, v, blocks = cache
+    B, NH = q.shape[:2]
     scale = 1.0 / math.sqrt(q.shape[3])
     dq, dk, dv = np.empty_like(q), np.zeros_like(k), np.zeros_like(v)
     for t0, t1, s1, att, mask in blocks:
         dyb = dy[:, :, t0:t1, :]  # (B, NH, Tb, hs)
         att_dropped = att if mask is None else att * mask
         dv[:, :, :s1, :] += att_dropped.mT @ dyb  # (B, NH, s1, hs)
-        datt = layers.dropout_backward(dyb @ v[:, :, :s1, :].mT, mask)  # (B, NH, Tb, s1)
-        datt -= np.sum(datt * att, axis=-1, keepdims=True)
-        datt *= att
-        datt *= scale
+        datt = dyb @ v[:, :, :s1, :].mT  # (B, NH, Tb, s1)
+        heads = datt.reshape(B * NH, t1 - t0, s1)
+        probs = att.reshape(B * NH, t1 - t0, s1)
+        drop = None if mask is None else np.broadcast_to(mask, att.shape).reshape(B * NH, t1 - t0, s1)
+
+        def softmax_backward(h0, h1):
+            d, p = heads[h0:h1], probs[h0:h1]
+            if drop is not None:
+                d *= drop[h0:h1]
+            d -= np.sum(d * p, axis=-1, keepdims=True)
+            d *= p
+            d *= scale
+
+        parallel_rows(softmax_backward, B * NH, (t1 - t0) * s1)
         dq[:, :, t0:t1, :] = datt @ k[:, :, :s1, :]
         dk[:, :, :s1, :] += datt.mT @ q[:, :, t0:t1, :]
     return dq, dk, dv
@@ -181,19 +259,26 @@ def embedding_backward(dx, cache, dwte, wpe_shape, backend):
     return dwte, dwpe
 
 
-# -- cross-entropy, in the logits' own buffer -------------------------------------------------
+# -- cross-entropy, in the logits' own buffer, over row ranges ---------------------------------
 def cross_entropy_forward(logits, targets, ignore_index=layers.IGNORE_INDEX):
     """The reference's loss; the logits are overwritten with the probabilities."""
+    N, V = logits.shape
     valid = targets != ignore_index  # (N,)
     safe = np.where(valid, targets, 0)  # (N,), ignored rows read class 0
-    logits -= np.max(logits, axis=-1, keepdims=True)
-    target_logit = np.take_along_axis(logits, safe[:, None], axis=-1)[:, 0]  # (N,)
-    probs = np.exp(logits, out=logits)  # (N, V), unnormalised
-    total = np.sum(probs, axis=-1, keepdims=True)  # (N, 1)
-    probs /= total
+    row_loss = np.empty(N, dtype=logits.dtype)  # log(sum exp) - target logit, per row
+
+    def rows(r0, r1):
+        z = logits[r0:r1]
+        z -= np.max(z, axis=-1, keepdims=True)
+        target_logit = np.take_along_axis(z, safe[r0:r1, None], axis=-1)[:, 0]
+        np.exp(z, out=z)  # unnormalised probabilities
+        total = np.sum(z, axis=-1, keepdims=True)
+        z /= total
+        np.subtract(np.log(total[:, 0]), target_logit, out=row_loss[r0:r1])
+
+    parallel_rows(rows, N, V)
     weight = valid.astype(logits.dtype) / max(int(np.count_nonzero(valid)), 1)
-    loss = np.sum(weight * (np.log(total[:, 0]) - target_logit))
-    return np.asarray(loss), (probs, safe, weight)
+    return np.asarray(np.sum(weight * row_loss)), (logits, safe, weight)
 
 
 def cross_entropy_backward(dloss, cache):
@@ -201,15 +286,69 @@ def cross_entropy_backward(dloss, cache):
     probs, safe, weight = cache
     scale = weight * dloss  # (N,)
     dlogits = probs  # the probabilities are not needed again: scaled in place
-    dlogits *= scale[:, None]
-    dlogits[np.arange(len(safe)), safe] -= scale  # one target per row: no repeated index
+
+    def rows(r0, r1):
+        dlogits[r0:r1] *= scale[r0:r1, None]
+        dlogits[np.arange(r0, r1), safe[r0:r1]] -= scale[r0:r1]  # one target per row
+
+    parallel_rows(rows, probs.shape[0], probs.shape[1])
     return dlogits
+
+
+# -- the optimizer: AdamW and the gradient norm, in cache-sized blocks over row ranges ---------
+def adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps):
+    """`npgpt.optim.adamw_update`, one sweep over FLAT_BLOCK-element blocks of the flat
+    parameter, each block's ~10 passes in cache (p, m, v updated in place)."""
+    if not all(a.flags.c_contiguous for a in (p, m, v)):  # no flat view to update in place
+        return optim.adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps)
+    step_size = lr / (1.0 - beta1**step)
+    sqrt_bc2 = math.sqrt(1.0 - beta2**step)
+    decay = 1.0 - lr * weight_decay
+    pf, gf, mf, vf = (a.reshape(-1) for a in (p, g, m, v))  # views (g: a copy if strided)
+    n_blocks = -(-pf.size // FLAT_BLOCK)
+
+    def run(b0, b1):
+        scratch = np.empty(FLAT_BLOCK, dtype=pf.dtype)
+        for e0 in range(b0 * FLAT_BLOCK, min(b1 * FLAT_BLOCK, pf.size), FLAT_BLOCK):
+            e1 = min(e0 + FLAT_BLOCK, pf.size)
+            pb, gb, mb, vb, s = pf[e0:e1], gf[e0:e1], mf[e0:e1], vf[e0:e1], scratch[: e1 - e0]
+            if weight_decay:
+                pb *= decay
+            mb *= beta1
+            np.multiply(gb, 1.0 - beta1, out=s)
+            mb += s
+            vb *= beta2
+            np.multiply(gb, gb, out=s)
+            s *= 1.0 - beta2
+            vb += s
+            np.sqrt(vb, out=s)
+            s /= sqrt_bc2
+            s += eps
+            np.divide(mb, s, out=s)
+            s *= step_size
+            pb -= s
+
+    parallel_rows(run, n_blocks, FLAT_BLOCK)
+
+
+def sum_of_squares(g):
+    """sum(g * g) as a 0-d array, from per-block sums of products (no g * g temporary)."""
+    flat = g.reshape(-1)
+    n_blocks = -(-flat.size // FLAT_BLOCK)
+
+    def run(b0, b1):
+        return sum(
+            float(np.einsum("i,i->", flat[e0 : e0 + FLAT_BLOCK], flat[e0 : e0 + FLAT_BLOCK]))
+            for e0 in range(b0 * FLAT_BLOCK, min(b1 * FLAT_BLOCK, flat.size), FLAT_BLOCK)
+        )
+
+    return np.asarray(sum(parallel_rows(run, n_blocks, FLAT_BLOCK)), dtype=g.dtype)
 
 
 KERNELS = REFERENCE.replace(
     "numpy-fast",
     linear_forward=linear_forward,
-    linear_backward=layers.linear_backward,
+    linear_backward=linear_backward,
     layer_norm_forward=layer_norm_forward,
     layer_norm_backward=layer_norm_backward,
     gelu_forward=gelu_forward,
@@ -220,4 +359,6 @@ KERNELS = REFERENCE.replace(
     embedding_backward=embedding_backward,
     cross_entropy_forward=cross_entropy_forward,
     cross_entropy_backward=cross_entropy_backward,
+    adamw_update=adamw_update,
+    sum_of_squares=sum_of_squares,
 )

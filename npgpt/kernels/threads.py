@@ -1,0 +1,150 @@
+"""The NumPy kernels' thread pool, and the BLAS pool kept the same size.
+
+NumPy releases the GIL inside its ufuncs and reductions, so a pass over an array split
+into row ranges runs on several cores from plain Python threads. `parallel_rows` runs
+`fn(r0, r1)` over such ranges on a persistent pool: one range in the calling thread,
+the others on the pool's workers.
+
+How many threads:
+- `set_num_threads(n)` (the CLIs' `--threads N`), else
+- $NPGPT_NUM_THREADS, else
+- the BLAS library's own thread count, read at each call (so a `threadpoolctl` limit
+  set around a benchmark applies to both pools).
+`set_num_threads` and $NPGPT_NUM_THREADS also set the BLAS pool to n, through OpenBLAS's
+`openblas_set_num_threads` found by ctypes among the loaded libraries (Linux: listed in
+/proc/self/maps; NumPy's wheels bundle OpenBLAS). Where no OpenBLAS is found (macOS
+Accelerate, MKL builds, other systems) the BLAS pool is left alone: set
+OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS before starting Python there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+ENV = "NPGPT_NUM_THREADS"
+MIN_ELEMENTS = 1 << 15  # work below ~32k elements per thread stays on the calling thread
+
+_chosen: int | None = None  # set_num_threads' (or the environment's) n; None: follow BLAS
+_env_read = False
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_lock = threading.Lock()
+
+
+def _openblas():
+    """(get, set) ctypes functions of the loaded OpenBLAS, or None."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for get_name, set_name in (
+            ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+            ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+            ("openblas_get_num_threads", "openblas_set_num_threads"),
+        ):
+            get, set_ = getattr(lib, get_name, None), getattr(lib, set_name, None)
+            if get is not None and set_ is not None:
+                get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
+                return get, set_
+    return None
+
+
+_blas = None
+_blas_looked = False
+
+
+def _blas_functions():
+    global _blas, _blas_looked
+    if not _blas_looked:
+        import numpy  # noqa: F401  (loads the BLAS library this looks for)
+
+        _blas, _blas_looked = _openblas(), True
+    return _blas
+
+
+def blas_threads() -> int | None:
+    """The BLAS pool's thread count, where the BLAS is a loaded OpenBLAS; else None."""
+    blas = _blas_functions()
+    return None if blas is None else max(1, int(blas[0]()))
+
+
+def set_num_threads(n: int) -> None:
+    """Use n threads for the kernels' passes and (OpenBLAS) for BLAS."""
+    global _chosen
+    if int(n) < 1:
+        raise ValueError(f"the number of threads must be at least 1, got {n}")
+    _chosen = int(n)
+    blas = _blas_functions()
+    if blas is not None:
+        blas[1](_chosen)
+
+
+def num_threads() -> int:
+    """The threads a pass runs on now (see the module docstring for where n comes from)."""
+    global _env_read
+    if not _env_read:
+        _env_read = True
+        value = os.environ.get(ENV, "").strip()
+        if value and _chosen is None:
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"{ENV} must be a whole number >= 1, got {value!r}")
+            set_num_threads(int(value))
+    if _chosen is not None:
+        return _chosen
+    return blas_threads() or 1
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _lock:
+        if _pool is None or _pool_size < workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_size = ThreadPoolExecutor(workers, thread_name_prefix="npgpt"), workers
+        return _pool
+
+
+def row_ranges(N: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
+    """[0, N) cut into at most `parts` contiguous, nearly equal ranges whose inner edges
+    are multiples of `align`."""
+    step = -(-N // max(1, parts))
+    step = -(-step // align) * align
+    return [(r0, min(r0 + step, N)) for r0 in range(0, N, max(step, 1))]
+
+
+def parallel_rows(fn, N: int, row_size: int = 1, align: int = 1) -> list:
+    """[fn(r0, r1) for ranges covering rows [0, N) once each, in order], the ranges run on
+    up to `num_threads()` threads; `row_size` (elements per row) keeps small work on the
+    calling thread, `align` makes the inner range edges multiples of it."""
+    parts = min(num_threads(), max(1, (N * row_size) // MIN_ELEMENTS), N)
+    ranges = row_ranges(N, parts, align)
+    if len(ranges) <= 1:
+        return [fn(0, N)] if N else []
+    futures = [_executor(len(ranges) - 1).submit(fn, r0, r1) for r0, r1 in ranges[1:]]
+    try:
+        first = fn(*ranges[0])
+    finally:
+        rest = [f.result() for f in futures]
+    return [first, *rest]
+
+
+def add_threads_option(parser) -> None:
+    """The CLIs' `--threads N` (applied with `set_num_threads` when given)."""
+
+    def positive(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+        return int(text)
+
+    parser.add_argument("--threads", type=positive, metavar="N",
+                        help=f"CPU threads for NumPy's kernels and BLAS (default: ${ENV}, else the BLAS library's count)")  # fmt: skip
