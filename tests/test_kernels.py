@@ -1,6 +1,7 @@
 """The kernel interface: every fast NumPy kernel, forward and backward, equals the plain
-reference in `npgpt.layers` (float64, Hypothesis), and the whole model gives the same
-logits and gradients with either set; how a backend's set is chosen."""
+reference in `npgpt.layers` / `npgpt.optim` (float64, Hypothesis), split over 3 threads
+and small blocks so tiny shapes cross every range and block edge; the whole model gives
+the same logits and gradients with either set; how a backend's set is chosen."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import npgpt.kernels.numpy_fast as fast
-from npgpt import layers
+from npgpt import layers, optim
+from npgpt.kernels import threads
 from npgpt.backend import NumpyBackend, get_backend
 from npgpt.config import GPTConfig
 from npgpt.kernels import NAMES, REFERENCE, select_kernels
@@ -24,14 +26,17 @@ TOL = dict(rtol=1e-12, atol=1e-12)
 
 
 @contextlib.contextmanager
-def blocks(query_block=None, row_block=None):
-    """Smaller blocks for the fast kernels, so small shapes cross block edges."""
-    saved = fast.QUERY_BLOCK, fast.ROW_BLOCK
+def blocks(query_block=None, row_block=None, flat_block=None, n_threads=3):
+    """Smaller blocks for the fast kernels, and every pass split over `n_threads` threads
+    however small, so small shapes cross block and thread-range edges."""
+    saved = fast.QUERY_BLOCK, fast.ROW_BLOCK, fast.FLAT_BLOCK, threads.MIN_ELEMENTS, threads._chosen
     fast.QUERY_BLOCK, fast.ROW_BLOCK = query_block or saved[0], row_block or saved[1]
+    fast.FLAT_BLOCK = flat_block or saved[2]
+    threads.MIN_ELEMENTS, threads._chosen = 1, n_threads  # the pool only: BLAS is left alone
     try:
         yield
     finally:
-        fast.QUERY_BLOCK, fast.ROW_BLOCK = saved
+        fast.QUERY_BLOCK, fast.ROW_BLOCK, fast.FLAT_BLOCK, threads.MIN_ELEMENTS, threads._chosen = saved
 
 
 def assert_same(a, b):
@@ -49,18 +54,19 @@ def segments_of(rng, B, T):
 
 
 @settings(max_examples=25, deadline=None)
-@given(N=st.integers(1, 37), C=st.integers(1, 9), row_block=st.integers(1, 8), seed=st.integers(0, 2**16))
-def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, seed):
-    """Odd sizes, row blocks that do and do not divide N."""
+@given(N=st.integers(1, 37), C=st.integers(1, 9), row_block=st.integers(1, 8), n_threads=st.integers(1, 4),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, n_threads, seed):
+    """Odd sizes, row blocks that do and do not divide N, 1-4 thread ranges."""
     rng = np.random.default_rng(seed)
     x, dout = rng.standard_normal((N, C)), rng.standard_normal((N, C))
     w, b = rng.standard_normal((C, C + 2)), rng.standard_normal(C + 2)
-    with blocks(row_block=row_block):
+    with blocks(row_block=row_block, n_threads=n_threads):
         out, cache = fast.linear_forward(x, w, b)
         ref, ref_cache = layers.linear_forward(x, w, b)
         np.testing.assert_allclose(out, ref, **TOL)
         dl = rng.standard_normal(out.shape)
-        assert_same(fast.KERNELS.linear_backward(dl, cache), layers.linear_backward(dl, ref_cache))
+        assert_same(fast.linear_backward(dl, cache), layers.linear_backward(dl, ref_cache))
 
         g, gb = 1.0 + 0.3 * rng.standard_normal(C), rng.standard_normal(C)
         out, cache = fast.layer_norm_forward(x, g, gb, 1e-5)
@@ -85,6 +91,7 @@ attention_shapes = st.fixed_dictionaries(
         query_block=st.integers(1, 6),
         segments=st.booleans(),
         dropout=st.booleans(),
+        threads=st.integers(1, 4),  # ranges of heads: B * NH is 1..9
         seed=st.integers(0, 2**16),
     )
 )
@@ -116,29 +123,62 @@ def test_attention_equals_the_reference(s):
     B, T = s["B"], s["T"]
     past = 0 if s["segments"] else s["past"]  # segments come without a cache
     segments = segments_of(rng, B, T) if s["segments"] else None
-    with blocks(query_block=s["query_block"]):
+    with blocks(query_block=s["query_block"], n_threads=s["threads"]):
         check_attention(B, s["NH"], T, T + past, s["hs"], rng, segments, s["dropout"])
 
 
 @pytest.mark.parametrize("T", [127, 128, 129, 200])
 def test_attention_across_the_default_query_block(T):
     rng = np.random.default_rng(T)
-    check_attention(3, 2, T, T, 2, rng, segments_of(rng, 3, T), dropout=True)
-    check_attention(1, 1, T, T + 3, 3, rng)
+    with blocks():
+        check_attention(3, 2, T, T, 2, rng, segments_of(rng, 3, T), dropout=True)
+        check_attention(1, 1, T, T + 3, 3, rng)
 
 
 @settings(max_examples=25, deadline=None)
-@given(N=st.integers(1, 20), V=st.integers(1, 11), seed=st.integers(0, 2**16))
-def test_cross_entropy_equals_the_reference(N, V, seed):
+@given(N=st.integers(1, 20), V=st.integers(1, 11), n_threads=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_cross_entropy_equals_the_reference(N, V, n_threads, seed):
     rng = np.random.default_rng(seed)
     logits = 3 * rng.standard_normal((N, V))
     targets = rng.integers(0, V, N)
     targets[rng.random(N) < 0.3] = layers.IGNORE_INDEX
     ref, ref_cache = layers.cross_entropy_forward(logits.copy(), targets)
-    loss, cache = fast.cross_entropy_forward(logits.copy(), targets)  # overwrites its logits
+    with blocks(row_block=3, n_threads=n_threads):
+        loss, cache = fast.cross_entropy_forward(logits.copy(), targets)  # overwrites its logits
+        dlogits = fast.cross_entropy_backward(0.7, cache)
     np.testing.assert_allclose(loss, ref, **TOL)
     assert np.ndim(loss) == 0
-    np.testing.assert_allclose(fast.cross_entropy_backward(0.7, cache), layers.cross_entropy_backward(0.7, ref_cache), **TOL)
+    np.testing.assert_allclose(dlogits, layers.cross_entropy_backward(0.7, ref_cache), **TOL)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.sampled_from([(1,), (7,), (3, 5), (13, 3), (2, 3, 4)]),
+    flat_block=st.integers(1, 9),
+    n_threads=st.integers(1, 4),
+    decay=st.sampled_from([0.0, 0.1]),
+    step=st.integers(1, 3),
+    strided=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_optimizer_kernels_equal_the_reference(shape, flat_block, n_threads, decay, step, strided, seed):
+    """AdamW's update and the sum of squares, over flat blocks that do and do not divide
+    the size, split over threads; a strided parameter takes the reference's path."""
+    rng = np.random.default_rng(seed)
+    p, g = rng.standard_normal(shape), rng.standard_normal(shape)
+    m, v = 0.1 * rng.standard_normal(shape), rng.random(shape)
+    layout = (lambda a: np.repeat(a, 2, axis=-1)[..., ::2]) if strided else np.copy  # every other element
+    ours, ref = [layout(a) for a in (p, m, v)], [layout(a) for a in (p, m, v)]
+    g = layout(g)
+    args = (1e-2, decay, 0.9, 0.95, step, 1e-8)
+    with blocks(flat_block=flat_block, n_threads=n_threads):
+        fast.adamw_update(ours[0], g, ours[1], ours[2], *args)
+        total = fast.sum_of_squares(g)
+    optim.adamw_update(ref[0], g, ref[1], ref[2], *args)
+    assert_same(ours, ref)
+    assert not np.allclose(ours[0], p)  # the parameter moved
+    np.testing.assert_allclose(total, optim.sum_of_squares(g), **TOL)
+    assert np.ndim(total) == 0 and total.dtype == g.dtype
 
 
 @settings(max_examples=25, deadline=None)
@@ -180,7 +220,7 @@ def test_the_model_gives_the_same_logits_and_gradients_with_either_set(s):
     segments = segments_of(rng, s["B"], s["T"]) if s["segments"] else None
     # dropout draws one mask per query block: the same stream only with one block
     query_block = 128 if s["dropout"] else s["query_block"]
-    with blocks(query_block=query_block, row_block=5):
+    with blocks(query_block=query_block, row_block=5, n_threads=2):
         np.testing.assert_allclose(fast_model.forward(ids, segments=segments), ref_model.forward(ids, segments=segments), **TOL)
         drop = (lambda: np.random.default_rng(1)) if s["dropout"] else (lambda: None)
         loss, grads = fast_model.loss_and_grads(ids, targets, rng=drop(), segments=segments)

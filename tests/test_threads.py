@@ -1,0 +1,116 @@
+"""The kernels' thread pool: how rows are split, that ranges really run on several threads,
+where the thread count comes from (--threads, $NPGPT_NUM_THREADS, the BLAS pool), and
+that the BLAS pool follows it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from npgpt import eval as evaluate
+from npgpt import generate, train
+from npgpt.kernels import threads
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def restore_threads():
+    """Put the pool's and the BLAS library's thread counts back after the test."""
+    chosen, blas, minimum = threads._chosen, threads.blas_threads(), threads.MIN_ELEMENTS
+    yield
+    threads._chosen, threads.MIN_ELEMENTS = chosen, minimum
+    if blas is not None:
+        threads._blas_functions()[1](blas)
+
+
+@given(N=st.integers(0, 200), parts=st.integers(1, 9), align=st.integers(1, 16))
+def test_row_ranges_cover_every_row_once(N, parts, align):
+    ranges = threads.row_ranges(N, parts, align)
+    assert [r for r0, r1 in ranges for r in range(r0, r1)] == list(range(N))
+    assert len(ranges) <= parts and all(r1 > r0 for r0, r1 in ranges)
+    assert all(r1 % align == 0 for _, r1 in ranges[:-1])  # inner edges on block boundaries
+
+
+def test_ranges_run_on_several_threads_in_order(restore_threads):
+    threads._chosen, threads.MIN_ELEMENTS = 3, 1
+    seen = threads.parallel_rows(lambda r0, r1: (r0, r1, threading.get_ident()), 10)
+    assert [(r0, r1) for r0, r1, _ in seen] == [(0, 4), (4, 8), (8, 10)]
+    assert seen[0][2] == threading.get_ident()  # the caller takes the first range
+    assert len({ident for *_, ident in seen}) >= 2  # the others go to the pool's workers
+    threads.MIN_ELEMENTS = 1 << 15
+    assert len(threads.parallel_rows(lambda r0, r1: r0, 10, row_size=100)) == 1  # too small to split
+
+
+def test_an_error_in_a_range_reaches_the_caller(restore_threads):
+    threads._chosen, threads.MIN_ELEMENTS = 2, 1
+
+    def fail_late(r0, r1):
+        if r0 > 0:
+            raise RuntimeError("range failed")
+
+    with pytest.raises(RuntimeError, match="range failed"):
+        threads.parallel_rows(fail_late, 10)
+
+
+@pytest.mark.skipif(threads.blas_threads() is None, reason="no OpenBLAS loaded: the BLAS pool is not set here")
+def test_set_num_threads_sets_the_blas_pool_too(restore_threads):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    for n in (1, 2):
+        threads.set_num_threads(n)
+        assert threads.num_threads() == n
+        assert [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"] == [n]
+    with pytest.raises(ValueError, match="at least 1"):
+        threads.set_num_threads(0)
+
+
+@pytest.mark.skipif(threads.blas_threads() is None, reason="no OpenBLAS loaded")
+def test_by_default_the_pool_follows_the_blas_pool(restore_threads):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    threads._chosen = None
+    with threadpoolctl.threadpool_limits(limits=1):
+        assert threads.num_threads() == 1
+    assert threads.num_threads() == threads.blas_threads()
+
+
+def probe(env: dict) -> subprocess.CompletedProcess:
+    code = "from npgpt.kernels import threads; print(threads.num_threads(), threads.blas_threads())"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, **env})  # fmt: skip
+
+
+def test_the_environment_sets_both_pools():
+    result = probe({"NPGPT_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    pool, blas = result.stdout.split()
+    assert pool == "1" and blas in ("1", "None")
+    result = probe({"NPGPT_NUM_THREADS": "two"})
+    assert result.returncode != 0 and "NPGPT_NUM_THREADS must be a whole number" in result.stderr
+
+
+@pytest.mark.parametrize("module", [train, generate, evaluate])
+def test_every_cli_takes_threads(module, capsys):
+    assert module.build_parser().parse_args(["--threads", "2", *required(module)]).threads == 2
+    with pytest.raises(SystemExit) as exit_info:
+        module.build_parser().parse_args(["--threads", "0", *required(module)])
+    assert exit_info.value.code == 2 and "--threads: must be a whole number >= 1" in capsys.readouterr().err
+
+
+def required(module) -> list[str]:
+    return {evaluate: ["--weights", "w", "--data", "d"], train: ["--out-dir", "o"]}.get(module, [])
+
+
+def test_train_applies_threads(tmp_path, restore_threads):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be, that is the question. " * 40, encoding="utf-8")
+    flags = ["--data", str(corpus), "--out-dir", str(tmp_path / "run"), "--threads", "1", "--n-layer", "1",
+             "--n-head", "2", "--n-embd", "8", "--block-size", "8", "--batch-size", "2", "--max-iters", "2",
+             "--eval-iters", "1", "--warmup-iters", "1"]  # fmt: skip
+    assert train.main(flags) == 0
+    assert threads.num_threads() == 1
