@@ -26,17 +26,21 @@ TOL = dict(rtol=1e-12, atol=1e-12)
 
 
 @contextlib.contextmanager
-def blocks(query_block=None, row_block=None, flat_block=None, n_threads=3):
-    """Smaller blocks for the fast kernels, and every pass split over `n_threads` threads
-    however small, so small shapes cross block and thread-range edges."""
-    saved = fast.QUERY_BLOCK, fast.ROW_BLOCK, fast.FLAT_BLOCK, threads.MIN_ELEMENTS, threads._chosen
-    fast.QUERY_BLOCK, fast.ROW_BLOCK = query_block or saved[0], row_block or saved[1]
-    fast.FLAT_BLOCK = flat_block or saved[2]
-    threads.MIN_ELEMENTS, threads._chosen = 1, n_threads  # the pool only: BLAS is left alone
+def blocks(n_threads=3, **sizes):
+    """Smaller blocks for the fast kernels (query_block=4 sets fast.QUERY_BLOCK, ...), and
+    every pass split over `n_threads` threads however small, so small shapes cross block
+    and thread-range edges. The pool only: the BLAS library's threads are left alone."""
+    names = {name.upper(): size for name, size in sizes.items() if size is not None}
+    saved = {name: getattr(fast, name) for name in names}, threads.MIN_ELEMENTS, threads._chosen
+    for name, size in names.items():
+        setattr(fast, name, size)
+    threads.MIN_ELEMENTS, threads._chosen = 1, n_threads
     try:
         yield
     finally:
-        fast.QUERY_BLOCK, fast.ROW_BLOCK, fast.FLAT_BLOCK, threads.MIN_ELEMENTS, threads._chosen = saved
+        for name, size in saved[0].items():
+            setattr(fast, name, size)
+        threads.MIN_ELEMENTS, threads._chosen = saved[1:]
 
 
 def assert_same(a, b):
@@ -136,14 +140,15 @@ def test_attention_across_the_default_query_block(T):
 
 
 @settings(max_examples=25, deadline=None)
-@given(N=st.integers(1, 20), V=st.integers(1, 11), n_threads=st.integers(1, 4), seed=st.integers(0, 2**16))
-def test_cross_entropy_equals_the_reference(N, V, n_threads, seed):
+@given(N=st.integers(1, 20), V=st.integers(1, 11), ce_block=st.integers(1, 40), n_threads=st.integers(1, 4),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_cross_entropy_equals_the_reference(N, V, ce_block, n_threads, seed):
     rng = np.random.default_rng(seed)
     logits = 3 * rng.standard_normal((N, V))
     targets = rng.integers(0, V, N)
     targets[rng.random(N) < 0.3] = layers.IGNORE_INDEX
     ref, ref_cache = layers.cross_entropy_forward(logits.copy(), targets)
-    with blocks(row_block=3, n_threads=n_threads):
+    with blocks(ce_block=ce_block, n_threads=n_threads):
         loss, cache = fast.cross_entropy_forward(logits.copy(), targets)  # overwrites its logits
         dlogits = fast.cross_entropy_backward(0.7, cache)
     np.testing.assert_allclose(loss, ref, **TOL)
@@ -171,7 +176,7 @@ def test_optimizer_kernels_equal_the_reference(shape, flat_block, n_threads, dec
     ours, ref = [layout(a) for a in (p, m, v)], [layout(a) for a in (p, m, v)]
     g = layout(g)
     args = (1e-2, decay, 0.9, 0.95, step, 1e-8)
-    with blocks(flat_block=flat_block, n_threads=n_threads):
+    with blocks(flat_block=flat_block, dot_block=flat_block + 1, n_threads=n_threads):
         fast.adamw_update(ours[0], g, ours[1], ours[2], *args)
         total = fast.sum_of_squares(g)
     optim.adamw_update(ref[0], g, ref[1], ref[2], *args)

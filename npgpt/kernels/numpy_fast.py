@@ -31,6 +31,8 @@ from npgpt.kernels.threads import parallel_rows
 ROW_BLOCK = 64  # rows per block of a long elementwise chain: (64, 4C) floats stay in L2
 QUERY_BLOCK = 128  # queries per block: later blocks see more keys, none sees the future
 FLAT_BLOCK = 1 << 14  # elements per block of the optimizer's sweep over a flat parameter
+DOT_BLOCK = 1 << 13  # elements per dot product: OpenBLAS threads dots above 10000 elements
+CE_BLOCK = 1 << 16  # logits per block of cross-entropy's passes (a few rows of a large V)
 GELU_SCALE = layers.GELU_SCALE
 
 
@@ -266,17 +268,20 @@ def cross_entropy_forward(logits, targets, ignore_index=layers.IGNORE_INDEX):
     valid = targets != ignore_index  # (N,)
     safe = np.where(valid, targets, 0)  # (N,), ignored rows read class 0
     row_loss = np.empty(N, dtype=logits.dtype)  # log(sum exp) - target logit, per row
+    block = max(1, CE_BLOCK // max(V, 1))  # rows whose passes stay in cache
 
-    def rows(r0, r1):
-        z = logits[r0:r1]
-        z -= np.max(z, axis=-1, keepdims=True)
-        target_logit = np.take_along_axis(z, safe[r0:r1, None], axis=-1)[:, 0]
-        np.exp(z, out=z)  # unnormalised probabilities
-        total = np.sum(z, axis=-1, keepdims=True)
-        z /= total
-        np.subtract(np.log(total[:, 0]), target_logit, out=row_loss[r0:r1])
+    def rows(a, b):
+        for r0 in range(a, b, block):
+            r1 = min(r0 + block, b)
+            z = logits[r0:r1]
+            z -= np.max(z, axis=-1, keepdims=True)
+            target_logit = np.take_along_axis(z, safe[r0:r1, None], axis=-1)[:, 0]
+            np.exp(z, out=z)  # unnormalised probabilities
+            total = np.sum(z, axis=-1, keepdims=True)
+            z /= total
+            np.subtract(np.log(total[:, 0]), target_logit, out=row_loss[r0:r1])
 
-    parallel_rows(rows, N, V)
+    parallel_rows(rows, N, V, align=block)
     weight = valid.astype(logits.dtype) / max(int(np.count_nonzero(valid)), 1)
     return np.asarray(np.sum(weight * row_loss)), (logits, safe, weight)
 
@@ -332,17 +337,16 @@ def adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps):
 
 
 def sum_of_squares(g):
-    """sum(g * g) as a 0-d array, from per-block sums of products (no g * g temporary)."""
+    """sum(g * g) as a 0-d array: BLAS dot products of DOT_BLOCK-element pieces (no g * g
+    temporary; pieces this short stay on one BLAS thread), summed in float64."""
     flat = g.reshape(-1)
-    n_blocks = -(-flat.size // FLAT_BLOCK)
+    n_blocks = -(-flat.size // DOT_BLOCK)
 
     def run(b0, b1):
-        return sum(
-            float(np.einsum("i,i->", flat[e0 : e0 + FLAT_BLOCK], flat[e0 : e0 + FLAT_BLOCK]))
-            for e0 in range(b0 * FLAT_BLOCK, min(b1 * FLAT_BLOCK, flat.size), FLAT_BLOCK)
-        )
+        pieces = (flat[e0 : e0 + DOT_BLOCK] for e0 in range(b0 * DOT_BLOCK, min(b1 * DOT_BLOCK, flat.size), DOT_BLOCK))
+        return math.fsum(float(np.dot(piece, piece)) for piece in pieces)
 
-    return np.asarray(sum(parallel_rows(run, n_blocks, FLAT_BLOCK)), dtype=g.dtype)
+    return np.asarray(math.fsum(parallel_rows(run, n_blocks, DOT_BLOCK)), dtype=g.dtype)
 
 
 KERNELS = REFERENCE.replace(
