@@ -200,15 +200,15 @@ def attention_probs(q, k, same=None):
     other = None if same is None else ~same  # (B, Tb, S)
 
     def softmax(h0, h1):
-        a = heads[h0:h1]
-        if future is not None:  # only the last Tb columns hold masked entries
-            np.copyto(a[:, :, S - Tb :], -np.inf, where=future)
-        if other is not None:
-            for h in range(h0, h1):
-                np.copyto(a[h - h0], -np.inf, where=other[h // NH])
-        a -= np.max(a, axis=-1, keepdims=True)
-        np.exp(a, out=a)
-        a /= np.sum(a, axis=-1, keepdims=True)
+        for h in range(h0, h1):  # one head's (Tb, S) block at a time: its passes stay in cache
+            a = heads[h]
+            if future is not None:  # only the last Tb columns hold masked entries
+                np.copyto(a[:, S - Tb :], -np.inf, where=future)
+            if other is not None:
+                np.copyto(a, -np.inf, where=other[h // NH])
+            a -= np.max(a, axis=-1, keepdims=True)
+            np.exp(a, out=a)
+            a /= np.sum(a, axis=-1, keepdims=True)
 
     parallel_rows(softmax, B * NH, Tb * S)
     return att
@@ -231,12 +231,13 @@ def attention_backward(dy, cache):
         drop = None if mask is None else np.broadcast_to(mask, att.shape).reshape(B * NH, t1 - t0, s1)
 
         def softmax_backward(h0, h1):
-            d, p = heads[h0:h1], probs[h0:h1]
-            if drop is not None:
-                d *= drop[h0:h1]
-            d -= np.sum(d * p, axis=-1, keepdims=True)
-            d *= p
-            d *= scale
+            for h in range(h0, h1):  # one head at a time, as in the forward
+                d, p = heads[h], probs[h]
+                if drop is not None:
+                    d *= drop[h]
+                d -= np.sum(d * p, axis=-1, keepdims=True)
+                d *= p
+                d *= scale
 
         parallel_rows(softmax_backward, B * NH, (t1 - t0) * s1)
         dq[:, :, t0:t1, :] = datt @ k[:, :, :s1, :]
