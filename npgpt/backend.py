@@ -106,7 +106,8 @@ class Backend:
 
 class NumpyBackend(Backend):
     """NumPy on the CPU: the reference backend, running the fast NumPy kernel set
-    (`npgpt.kernels.numpy_fast`) unless given another (`NumpyBackend(REFERENCE)`).
+    (`npgpt.kernels.numpy_fast`, its passes on `npgpt.kernels.threads`' pool) unless given
+    another (`NumpyBackend(REFERENCE)`).
 
     Like a GPU framework's caching allocator, it asks glibc's malloc to keep freed memory
     for reuse: a training step allocates and frees the same large temporaries every time,

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from npgpt.kernels.threads import add_threads_option, set_num_threads
+from npgpt.kernels.threads import add_threads_option, configure as configure_threads
 from npgpt.layers import IGNORE_INDEX
 
 
@@ -78,9 +78,9 @@ def main(argv=None) -> int:
     from npgpt.backend import BackendError, get_backend
     from npgpt.generate import WeightsError, load_model
 
-    args = build_parser().parse_args(argv)
-    if args.threads:
-        set_num_threads(args.threads)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_threads(args.threads, parser)
     try:
         model, tokenizer = load_model(args.weights, get_backend(args.backend), args.dtype)
         with open(args.data, encoding="utf-8") as f:

@@ -29,7 +29,7 @@ import numpy as np
 
 from npgpt.backend import BackendError, array_namespace, get_backend
 from npgpt.checkpoint import CheckpointError
-from npgpt.kernels.threads import add_threads_option, set_num_threads
+from npgpt.kernels.threads import add_threads_option, configure as configure_threads
 from npgpt.model import GPT
 from npgpt.sampling import SamplingConfig, sample
 
@@ -332,8 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.greedy)
     except ValueError as e:
         parser.error(f"invalid sampling values: {e}")
-    if args.threads:
-        set_num_threads(args.threads)
+    configure_threads(args.threads, parser)
     try:
         model, tokenizer = load_model(args.weights, get_backend(args.backend), args.dtype)
         prompt = args.prompt if args.prompt is not None else _stdin_prompt()

@@ -37,7 +37,7 @@ from npgpt.backend import BackendError, get_backend
 from npgpt.checkpoint import CONFIG_KEY, load_safetensors, save_safetensors
 from npgpt.config import GPTConfig
 from npgpt.data import BatchSampler, split_tokens
-from npgpt.kernels.threads import add_threads_option, set_num_threads
+from npgpt.kernels.threads import add_threads_option, configure as configure_threads
 from npgpt.model import GPT, FLOAT_DTYPES
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr, global_norm
 
@@ -386,8 +386,7 @@ def main(argv=None) -> int:
     for name in ("batch_size", "grad_accum", "max_iters", "log_interval", "checkpoint_interval", "eval_iters"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.threads:
-        set_num_threads(args.threads)
+    configure_threads(args.threads, parser)
     try:
         if args.data:
             args.data = str(Path(args.data).resolve())  # a resumed run may start elsewhere

@@ -23,9 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture
 def restore_threads():
     """Put the pool's and the BLAS library's thread counts back after the test."""
-    chosen, blas, minimum = threads._chosen, threads.blas_threads(), threads.MIN_ELEMENTS
+    chosen, blas, minimum, env_read = threads._chosen, threads.blas_threads(), threads.MIN_ELEMENTS, threads._env_read
     yield
-    threads._chosen, threads.MIN_ELEMENTS = chosen, minimum
+    threads._chosen, threads.MIN_ELEMENTS, threads._env_read = chosen, minimum, env_read
     if blas is not None:
         threads._blas_functions()[1](blas)
 
@@ -100,6 +100,16 @@ def test_every_cli_takes_threads(module, capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.build_parser().parse_args(["--threads", "0", *required(module)])
     assert exit_info.value.code == 2 and "--threads: must be a whole number >= 1" in capsys.readouterr().err
+
+
+def test_a_bad_environment_value_is_a_one_line_cli_error(monkeypatch, capsys, restore_threads):
+    monkeypatch.setattr(threads, "_env_read", False)
+    monkeypatch.setenv("NPGPT_NUM_THREADS", "0")
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "error: NPGPT_NUM_THREADS must be a whole number >= 1" in err
+    assert "Traceback" not in err
 
 
 def required(module) -> list[str]:

@@ -138,8 +138,19 @@ def parallel_rows(fn, N: int, row_size: int = 1, align: int = 1) -> list:
     return [first, *rest]
 
 
+def configure(n: int | None, parser) -> int:
+    """A CLI's thread count: `--threads` n when given, else $NPGPT_NUM_THREADS or the BLAS
+    count; a bad $NPGPT_NUM_THREADS exits through `parser.error`. Returns the count."""
+    try:
+        if n:
+            set_num_threads(n)
+        return num_threads()
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def add_threads_option(parser) -> None:
-    """The CLIs' `--threads N` (applied with `set_num_threads` when given)."""
+    """The CLIs' `--threads N` (applied by `configure`)."""
 
     def positive(text: str) -> int:
         if not text.isdigit() or int(text) < 1:
