@@ -97,7 +97,7 @@ def num_threads() -> int:
         value = os.environ.get(ENV, "").strip()
         if value and _chosen is None:
             if not value.isdigit() or int(value) < 1:
-                raise ValueError(f"{ENV} must be a whole number >= 1, got {value!r}")
+                raise ValueError(f"{ENV} must be a whole number >= 1, got {value!r}; unset it or give e.g. {ENV}=2")
             set_num_threads(int(value))
     if _chosen is not None:
         return _chosen
