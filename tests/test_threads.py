@@ -44,7 +44,7 @@ def test_ranges_run_on_several_threads_in_order(restore_threads):
     assert [(r0, r1) for r0, r1, _ in seen] == [(0, 4), (4, 8), (8, 10)]
     assert seen[0][2] == threading.get_ident()  # the caller takes the first range
     assert len({ident for *_, ident in seen}) >= 2  # the others go to the pool's workers
-    threads.MIN_ELEMENTS = 1 << 15
+    threads.MIN_ELEMENTS = 1 << 16
     assert len(threads.parallel_rows(lambda r0, r1: r0, 10, row_size=100)) == 1  # too small to split
 
 
