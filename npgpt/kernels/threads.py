@@ -26,7 +26,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 ENV = "NPGPT_NUM_THREADS"
-MIN_ELEMENTS = 1 << 16  # below ~64k elements per thread, waking a thread costs more than it saves
+MIN_ELEMENTS = 1 << 16  # elements per thread below which a pass (tens of us) stays on the calling thread
 
 _chosen: int | None = None  # set_num_threads' (or the environment's) n; None: follow BLAS
 _env_read = False
