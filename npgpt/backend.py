@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from npgpt.errors import UserError
+
 ENTRY_POINT_GROUP = "npgpt.backends"
 INSTALL_HINTS = {
     "cupy": 'pip install "npgpt[cupy]"  (or: pip install ./backends/cupy)',
@@ -29,7 +31,7 @@ INSTALL_HINTS = {
 }
 
 
-class BackendError(RuntimeError):
+class BackendError(UserError, RuntimeError):
     """A backend that is unknown, not installed, or cannot run on this machine."""
 
 

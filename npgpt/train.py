@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from npgpt.backend import BackendError, get_backend
+from npgpt.backend import get_backend
+from npgpt.errors import UserError, add_debug_flag, run_cli
 from npgpt.checkpoint import CONFIG_KEY, load_safetensors, save_safetensors
 from npgpt.config import GPTConfig
 from npgpt.data import BatchSampler, split_tokens
@@ -47,7 +48,7 @@ RESUME_OVERRIDES = {"max_iters", "log_interval", "eval_interval", "eval_iters", 
 DROPOUT_STREAM = 2  # seeds dropout generators apart from the data sampler's (0 train, 1 val)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
 
 

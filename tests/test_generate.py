@@ -16,16 +16,15 @@ from npgpt.generate import (
     PromptCropped,
     PromptError,
     StopStrings,
-    WeightsError,
     encode_prompt,
     generate,
     generate_ids,
     main,
-    resolve_weights,
 )
 from npgpt.model import GPT, init_params
 from npgpt.sampling import SamplingConfig
 from npgpt.tokenizer.bpe import BPETokenizer
+from npgpt.weights import WeightsError, resolve_weights
 
 ROOT = __import__("conftest").ROOT
 EOT = 256

@@ -71,7 +71,7 @@ def test_training_writes_a_loadable_checkpoint_and_a_log(corpus, tmp_path):
     assert log[0]["loss"] == pytest.approx(math.log(len(set(TEXT))), abs=0.3)  # ~uniform at init
     assert saved_step(out) == 12
     # generate's loader reads the folder
-    from npgpt.generate import load_model
+    from npgpt.weights import load_model
 
     model, tokenizer = load_model(out)
     assert tokenizer.decode(tokenizer.encode("Speak")) == "Speak" and model.config.n_ctx == 8
@@ -196,7 +196,7 @@ def test_fine_tuning_starts_from_the_checkpoint(corpus, tmp_path):
                        "--lr", "1e-4", "--warmup-iters", "1", "--batch-size", "2", "--log-interval", "1"]) == 0  # fmt: skip
     # its first logged loss is the base model's loss on the first batch: it starts from the base
     from npgpt.data import BatchSampler, split_tokens
-    from npgpt.generate import load_model
+    from npgpt.weights import load_model
 
     model, tok = load_model(base)
     ids, targets = BatchSampler(split_tokens(np.asarray(tok.encode(TEXT)), 0.1)[0], 2, 8, seed=1337).batch(0)
@@ -230,7 +230,7 @@ def test_eval_cli_and_exact_perplexity(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(corpus, out, "--max-iters", "3") == 0
     from npgpt.eval import main
-    from npgpt.generate import load_model
+    from npgpt.weights import load_model
 
     model, tok = load_model(out)
     ids = np.asarray(tok.encode(TEXT[:9]))  # fits one window of the 8-token context
