@@ -134,9 +134,9 @@ def bfloat16_to_float32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
-def save_checkpoint(path, params: dict[str, np.ndarray], config: GPTConfig):
-    """An npgpt checkpoint: the parameters plus the GPTConfig in the header metadata."""
-    save_safetensors(path, params, {CONFIG_KEY: config.to_json(), "format": "npgpt"})
+def save_checkpoint(path, params: dict[str, np.ndarray], config: GPTConfig, metadata: dict[str, str] | None = None):
+    """An npgpt checkpoint: the parameters plus the GPTConfig (and `metadata`) in the header."""
+    save_safetensors(path, params, {**(metadata or {}), CONFIG_KEY: config.to_json(), "format": "npgpt"})
 
 
 def load_checkpoint(path) -> tuple[dict[str, np.ndarray], GPTConfig]:

@@ -222,7 +222,7 @@ class GPT:
     def loss(self, ids, targets, ignore_index: int = -1):
         """Mean cross-entropy (a 0-d device array) of predicting targets (B, T) from ids (B, T)."""
         logits, _ = self._forward(self.as_ids(ids))
-        loss, _ = layers.cross_entropy_forward(self._flat(logits), self._targets(targets), ignore_index)
+        loss, _ = layers.cross_entropy_forward(self._flat(logits), self._targets(targets, ignore_index), ignore_index)
         return loss
 
     def loss_and_grads(self, ids, targets, ignore_index: int = -1, rng: np.random.Generator | None = None):
@@ -233,7 +233,7 @@ class GPT:
         mean. Pass `rng` to train with the config's dropout.
         """
         logits, tape = self._forward(self.as_ids(ids), rng=rng, keep=True)
-        loss, ce = layers.cross_entropy_forward(self._flat(logits), self._targets(targets), ignore_index)
+        loss, ce = layers.cross_entropy_forward(self._flat(logits), self._targets(targets, ignore_index), ignore_index)
         dlogits = layers.cross_entropy_backward(1.0, ce, self.backend)  # (N, V)
         return loss, self._backward(dlogits, tape)
 
@@ -285,11 +285,17 @@ class GPT:
     def _flat(self, logits):
         return self.backend.xp.reshape(logits, (-1, self.config.vocab_size))  # (N, V)
 
-    def _targets(self, targets):
-        """Targets (B, T) -> (N,) int64 on the device (ids in [0, V) or the ignore index)."""
+    def _targets(self, targets, ignore_index: int):
+        """Targets (B, T) -> (N,) int64 on the device. Host targets are checked to be ids
+        in [0, V) or `ignore_index`; device ones are trusted (a check would cost a sync)."""
         xp = self.backend.xp
         if not self.backend.holds(targets):
-            targets = self.backend.asarray(np.asarray(targets), dtype=xp.int64)
+            host = np.asarray(targets)
+            wrong = (host != ignore_index) & ((host < 0) | (host >= self.config.vocab_size))
+            if np.any(wrong):
+                raise ValueError(f"targets must be ids in [0, {self.config.vocab_size}) or the ignore index "
+                                 f"{ignore_index}, got {host[wrong].flat[0]} (pass ignore_index= to match your labels)")  # fmt: skip
+            targets = self.backend.asarray(host, dtype=xp.int64)
         return xp.reshape(targets, (-1,))
 
 

@@ -95,14 +95,14 @@ def test_resume_is_bit_for_bit(corpus, tmp_path, backend):
 def test_resume_refuses_changed_settings_and_mismatched_files(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(corpus, out, "--max-iters", "3") == 0
-    assert train.main(["--resume", "--out-dir", str(out), "--n-embd", "16"]) == 2
+    assert train.main(["--resume", "--out-dir", str(out), "--n-embd", "16"]) == 1
     assert "--n-embd (16 vs saved 8)" in capsys.readouterr().err
-    assert run(corpus, out, "--max-iters", "3") == 2  # starting over an existing run is refused
+    assert run(corpus, out, "--max-iters", "3") == 1  # starting over an existing run is refused
     assert "--resume" in capsys.readouterr().err
     # a model file from another step than the trainer state (a save cut off between them)
     params, meta = load_safetensors(out / "model.safetensors")
     checkpoint.save_safetensors(out / "model.safetensors", dict(params), {**meta, "npgpt.step": "2"})
-    assert train.main(["--resume", "--out-dir", str(out), "--max-iters", "5"]) == 2
+    assert train.main(["--resume", "--out-dir", str(out), "--max-iters", "5"]) == 1
     assert "cannot be resumed" in capsys.readouterr().err
 
 
@@ -163,12 +163,11 @@ def test_a_failed_save_leaves_the_previous_checkpoint(corpus, tmp_path, monkeypa
         return replace(src, dst)
 
     monkeypatch.setattr(checkpoint.os, "replace", failing_replace)
-    with pytest.raises(OSError):
-        train.main(["--resume", "--out-dir", str(out), "--max-iters", "6", "--checkpoint-interval", "2"])
+    assert train.main(["--resume", "--out-dir", str(out), "--max-iters", "6", "--checkpoint-interval", "2"]) == 1
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")], "temp file left behind"
     # model.safetensors moved on to step 4 but the state did not: resume refuses rather than mixing
     assert saved_step(out) == 4
-    assert train.main(["--resume", "--out-dir", str(out), "--max-iters", "6"]) == 2
+    assert train.main(["--resume", "--out-dir", str(out), "--max-iters", "6"]) == 1
     state, _ = load_safetensors(out / "trainer_state.safetensors")
     assert all(np.array_equal(state[k], before[k]) for k in state)
 
@@ -245,7 +244,7 @@ def test_eval_cli_and_exact_perplexity(corpus, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["tokens_evaluated"] == len(TEXT) - 1 and result["stride"] == 4 and result["context"] == 8
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
-    assert main(["--weights", str(out), "--data", corpus, "--stride", "9"]) == 2
+    assert main(["--weights", str(out), "--data", corpus, "--stride", "9"]) == 1
     assert "stride must be in [1, context=8]" in capsys.readouterr().err
 
 
