@@ -296,20 +296,27 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self):
-        """Model, then trainer state (each atomically); the state names the step, so a
-        crash between the two files is detected on resume, never silently mixed."""
+        """Model and trainer state, each written in full under a pending name first and
+        only then renamed into place, so a failed write (a full disk) leaves the previous
+        checkpoint whole and resumable. The state names the step, so a crash between the
+        two renames is detected on resume, never silently mixed."""
+        pending = {name: self.out / f".{name}.pending" for name in (WEIGHTS_FILE, STATE_FILE)}
         try:
-            save_checkpoint(self.out / WEIGHTS_FILE, self.model.to_numpy(), self.model.config, {STEP_KEY: str(self.step)})
+            save_checkpoint(pending[WEIGHTS_FILE], self.model.to_numpy(), self.model.config, {STEP_KEY: str(self.step)})
             moments, scalars = self.opt.state_dict()
             state = {"step": self.step, "optimizer": scalars, "tokens_seen": self.step * self.tokens_per_step,
                      "args": {k: v for k, v in vars(self.args).items() if k not in NOT_SAVED}}  # fmt: skip
-            save_safetensors(self.out / STATE_FILE, moments, {TRAINER_KEY: json.dumps(state), STEP_KEY: str(self.step)})
+            save_safetensors(pending[STATE_FILE], moments, {TRAINER_KEY: json.dumps(state), STEP_KEY: str(self.step)})
         except OSError as e:
+            for file in pending.values():
+                file.unlink(missing_ok=True)
             kept = f"the checkpoint of step {self.last_good_step} is kept" if self.saved_once else "nothing was saved"
             raise TrainingError(
                 f"could not save step {self.step} in {self.out} ({e.strerror or e}); {kept}. Free some space "
                 f"(or fix the folder) and continue with --resume --out-dir {self.out}"
             ) from None
+        for name, file in pending.items():
+            os.replace(file, self.out / name)
         self.last_good_step, self.saved_once = self.step, True
 
 
