@@ -289,7 +289,7 @@ class GPT:
         """Targets (B, T) -> (N,) int64 on the device. Host targets are checked to be ids
         in [0, V) or `ignore_index`; device ones are trusted (a check would cost a sync)."""
         xp = self.backend.xp
-        if not self.backend.holds(targets):
+        if isinstance(targets, (np.ndarray, list, tuple)):
             host = np.asarray(targets)
             wrong = (host != ignore_index) & ((host < 0) | (host >= self.config.vocab_size))
             if np.any(wrong):

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--min-lr", type=float, default=1e-4)
     o.add_argument("--warmup-iters", type=int, default=100)
     o.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of the 2-D weight matrices")
-    o.add_argument("--decay-embeddings", action="store_true", help="also decay wte and wpe")
+    o.add_argument("--decay-embeddings", action="store_true", help="also decay wte and wpe (nanoGPT's groups; the default is minGPT's)")
     o.add_argument("--beta1", type=float, default=0.9)
     o.add_argument("--beta2", type=float, default=0.99)
     o.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm limit (0: off)")
