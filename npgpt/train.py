@@ -41,6 +41,7 @@ from npgpt.config import GPTConfig
 from npgpt.data import BatchSampler, split_tokens
 from npgpt.model import GPT, FLOAT_DTYPES
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr, global_norm
+from npgpt.tokenizer.formats import save as save_tokenizer
 from npgpt.weights import WEIGHTS_FILE, check_vocabularies, load_host_params, load_tokenizer_beside, resolve_weights
 
 STATE_FILE, LOG_FILE = "trainer_state.safetensors", "log.jsonl"
@@ -332,7 +333,7 @@ def say(message: str):
 def write_tokenizer(tokenizer, out: Path):
     """The tokenizer's files, written to a temp folder and moved in file by file."""
     with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizer.") as tmp:
-        tokenizer.save(tmp)
+        save_tokenizer(tokenizer, tmp)
         for file in Path(tmp).iterdir():
             os.replace(file, out / file.name)
 

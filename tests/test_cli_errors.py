@@ -18,6 +18,7 @@ import pytest
 from npgpt.config import GPTConfig
 from npgpt.model import GPT
 from npgpt.tokenizer import BPETokenizer, CharTokenizer
+from npgpt.tokenizer.formats import load as load_tokenizer, save as save_tokenizer
 
 ROOT = __import__("conftest").ROOT
 SHIPPED = ROOT / "weights" / "shakespeare"
@@ -54,7 +55,7 @@ def files(tmp_path_factory):
         if zero_rows_from is not None:
             params["wte.weight"][zero_rows_from:] = 0
         GPT.from_numpy(config, params).save(folder / "model.safetensors")
-        tokenizer.save(folder)
+        save_tokenizer(tokenizer, folder)
         return folder
 
     small = dict(n_ctx=16, n_embd=8, n_head=2, n_layer=1)
@@ -72,13 +73,13 @@ def files(tmp_path_factory):
     header = raw[8 : 8 + n].replace(b'\\"n_head\\": 2', b'\\"n_head\\": 3')
     assert header != raw[8 : 8 + n]
     (bad / "model.safetensors").write_bytes(raw[:8] + header + raw[8 + n :])
-    chars.save(bad)
+    save_tokenizer(chars, bad)
 
     # a corrupted .tiktoken beside the weights
     broken = root / "broken_tiktoken"
     broken.mkdir()
     (broken / "model.safetensors").write_bytes((root / "padded" / "model.safetensors").read_bytes())
-    byte_bpe.save(broken)
+    save_tokenizer(byte_bpe, broken)
     lines = (broken / "tokenizer.tiktoken").read_text().splitlines()
     lines[10] = "this is not base64"
     (broken / "tokenizer.tiktoken").write_text("\n".join(lines) + "\n")
@@ -88,7 +89,7 @@ def files(tmp_path_factory):
 
     trained = train_bpe(TEXT * 4, 300)
     for name in ("half_merges", "one_field", "bad_json", "bad_bytes"):
-        trained.save(root / name, format="huggingface")
+        save_tokenizer(trained, root / name, format="huggingface")
     merges = (root / "half_merges" / "merges.txt").read_text("utf-8").splitlines()
     (root / "half_merges" / "merges.txt").write_text("\n".join(merges[: len(merges) // 2]) + "\n", "utf-8")
     merges[3] = merges[3].split(" ")[0]

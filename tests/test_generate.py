@@ -26,6 +26,7 @@ from npgpt.model import GPT, init_params
 from npgpt.sampling import SamplingConfig
 from npgpt.tokenizer.bpe import BPETokenizer
 from npgpt.weights import WeightsError, resolve_weights
+from npgpt.tokenizer.formats import load as load_tokenizer, save as save_tokenizer
 
 ROOT = __import__("conftest").ROOT
 EOT = 256
@@ -58,7 +59,7 @@ def sharp_model(backend="numpy", config=CONFIG, emit=None) -> GPT:
 def weights_dir(tmp_path):
     """A folder as --weights expects it: model.safetensors and the tokenizer's files."""
     sharp_model().save(tmp_path / "model.safetensors")
-    byte_tokenizer().save(tmp_path)
+    save_tokenizer(byte_tokenizer(), tmp_path)
     return tmp_path
 
 

@@ -178,9 +178,9 @@ def test_tokenizer_choices(corpus, tmp_path, spec):
         spec = str(data_path("gpt2/encoder.json").parent)
     out = tmp_path / "run"
     assert run(corpus, out, "--tokenizer", spec, "--max-iters", "2", "--val-fraction", "0.2") == 0
-    from npgpt.tokenizer import Tokenizer
+    from npgpt.tokenizer import load as load_tokenizer
 
-    tok = Tokenizer.load(out)
+    tok = load_tokenizer(out)
     expected = {"bytes": 256, "bpe:300": 300}.get(spec, 50257)
     assert tok.n_vocab == expected
     params, _ = load_safetensors(out / "model.safetensors")

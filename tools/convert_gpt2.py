@@ -25,6 +25,7 @@ from npgpt.convert.converter import detect_format  # noqa: E402
 from npgpt.convert.parity import PROMPTS, compare, format_report  # noqa: E402
 from npgpt.errors import UserError, add_debug_flag, run_cli  # noqa: E402
 from npgpt.weights import WEIGHTS_FILE  # noqa: E402
+from npgpt.tokenizer.formats import load as load_tokenizer, save as save_tokenizer  # noqa: E402
 
 
 def parse_args(argv):
@@ -74,7 +75,6 @@ def hf_logits_fn(source_dir: Path, source_format: str):
 def run_check(source_dir: Path, out_dir: Path, checkpoint: Path, n_new: int) -> bool:
     """Print the parity report; True when every greedy continuation is identical."""
     from npgpt.model import GPT
-    from npgpt.tokenizer import Tokenizer
 
     try:
         reference = hf_logits_fn(source_dir, detect_format(source_dir))
@@ -82,7 +82,7 @@ def run_check(source_dir: Path, out_dir: Path, checkpoint: Path, n_new: int) -> 
         print(f"--check needs transformers and torch ({error})", file=sys.stderr)
         return False
     model = GPT.load(checkpoint, dtype="float32")
-    tokenizer = Tokenizer.load(out_dir)
+    tokenizer = load_tokenizer(out_dir)
     prompts = [tokenizer.encode(text)[-(model.config.n_ctx - n_new) :] for text in PROMPTS]  # fit n_ctx
     candidate = lambda ids: model.backend.to_numpy(model.forward(np.asarray([ids])))[0]  # noqa: E731
     reports = compare(reference, candidate, prompts, n_new)

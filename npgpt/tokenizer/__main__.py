@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from npgpt.errors import UserError, add_debug_flag, run_cli
-from npgpt.tokenizer.base import Tokenizer
 from npgpt.tokenizer.char import CharTokenizer
 from npgpt.tokenizer.train import train_bpe
+from npgpt.tokenizer.formats import load as load_tokenizer, save as save_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,10 +65,10 @@ def _main(argv: list[str] | None) -> int:
             except ValueError as e:  # a vocabulary size or pattern that cannot work
                 raise UserError(f"{e}; change --vocab-size, --pattern or --special") from None
         seconds = time.perf_counter() - start
-        tokenizer.save(args.output, None if args.char else args.format)
+        save_tokenizer(tokenizer, args.output, None if args.char else args.format)
         print(f"trained {tokenizer!r} in {seconds:.2f} s; saved to {args.output}", file=sys.stderr)
     elif args.command == "encode":
-        tokenizer = Tokenizer.load(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer)
         if args.text is not None:
             text = args.text
         else:
@@ -79,7 +79,7 @@ def _main(argv: list[str] | None) -> int:
             raise UserError(f"the text cannot be encoded: {e}") from None
         print(" ".join(map(str, ids)))
     else:
-        tokenizer = Tokenizer.load(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer)
         words = sys.stdin.read().split() if not args.ids else []
         if not all(word.lstrip("-").isdigit() for word in words):
             raise UserError("stdin must hold whitespace-separated integer ids; give ids such as 15339 995")

@@ -24,6 +24,7 @@ from pathlib import Path
 from npgpt.errors import UserError
 from npgpt.tokenizer.base import ENDOFTEXT, Tokenizer
 from npgpt.tokenizer.bpe import GPT2_PATTERN, BPETokenizer
+from npgpt.tokenizer.char import CharTokenizer
 
 METADATA = "npgpt_tokenizer.json"
 TIKTOKEN_FILE = "tokenizer.tiktoken"
@@ -187,15 +188,29 @@ def write_merges_form(directory: Path, tokenizer: BPETokenizer, form: str = "hug
 
 
 # --- saving and loading whole tokenizers ----------------------------------------------
-def save_bpe(tokenizer: BPETokenizer, directory: str | Path, format: str = "tiktoken") -> Path:
+FORMATS = ("tiktoken", *MERGES_FORMS)  # the forms a BPE vocabulary can be saved in
+
+
+def save(tokenizer: Tokenizer, directory: str | Path, format: str | None = None) -> Path:
+    """Write `tokenizer` to `directory` and return it: a BPE vocabulary as "tiktoken"
+    (tokenizer.tiktoken; also for None), "huggingface" (vocab.json + merges.txt) or "gpt2"
+    (encoder.json + vocab.bpe), plus npgpt_tokenizer.json (pattern and special tokens); a
+    character vocabulary as npgpt_tokenizer.json alone (format None or "char")."""
     directory = Path(directory)
+    if isinstance(tokenizer, CharTokenizer):
+        if format not in (None, "char"):
+            raise ValueError(f"a character-level tokenizer is saved in its own form only, not {format!r}")
+        directory.mkdir(parents=True, exist_ok=True)
+        write_metadata(directory, {"kind": "char", "chars": tokenizer.chars})
+        return directory
+    format = format or "tiktoken"
+    if format not in FORMATS:
+        raise ValueError(f"unknown tokenizer format {format!r}; use one of {', '.join(FORMATS)}")
     directory.mkdir(parents=True, exist_ok=True)
     if format == "tiktoken":
         write_tiktoken(directory / TIKTOKEN_FILE, tokenizer.ranks)
-    elif format in MERGES_FORMS:
-        write_merges_form(directory, tokenizer, format)
     else:
-        raise ValueError(f"unknown tokenizer format {format!r}; use 'tiktoken', 'huggingface' or 'gpt2'")
+        write_merges_form(directory, tokenizer, format)
     metadata = {"kind": "bpe", "format": format, "pattern": tokenizer.pattern, "special_tokens": tokenizer.special_tokens}
     write_metadata(directory, metadata)
     return directory
@@ -220,8 +235,6 @@ def load(path: str | Path) -> Tokenizer:
     if not isinstance(metadata, dict):
         raise TokenizerFileError(f"{metadata_path}: expected a JSON object; the file is damaged, replace it")
     if metadata.get("kind") == "char":
-        from npgpt.tokenizer.char import CharTokenizer
-
         try:
             return CharTokenizer(metadata["chars"])
         except (KeyError, TypeError, ValueError) as e:
@@ -242,9 +255,6 @@ def load(path: str | Path) -> Tokenizer:
     else:
         raise TokenizerFileError(f"{metadata_path}: unknown format {format!r}; the file is damaged, replace it")
     return _bpe(source, ranks, special_tokens, metadata.get("pattern", GPT2_PATTERN))
-
-
-load_tokenizer = load
 
 
 def _bpe(source: Path, ranks, special_tokens, pattern) -> BPETokenizer:
