@@ -27,6 +27,7 @@ import numpy as np
 
 from npgpt.backend import get_backend
 from npgpt.errors import UserError, add_debug_flag, run_cli
+from npgpt.model import FLOAT_DTYPES
 from npgpt.weights import load_model
 
 IGNORE = -100  # the ignore index of the targets no window scores twice
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text (reads only as much of the file as they need)")
     p.add_argument("--batch-size", type=int, help="windows per forward pass (default: as many as keep the logits under 256 MiB, at most 64)")
     p.add_argument("--backend", default="numpy", help="array backend (default numpy)")
-    p.add_argument("--dtype", choices=["float16", "float32", "float64"], help="cast the weights (default: as stored)")
+    p.add_argument("--dtype", choices=FLOAT_DTYPES, help="cast the weights (default: as stored)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     add_debug_flag(p)

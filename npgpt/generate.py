@@ -34,7 +34,7 @@ import numpy as np
 
 from npgpt.backend import array_namespace, get_backend
 from npgpt.errors import UserError, add_debug_flag, run_cli
-from npgpt.model import GPT
+from npgpt.model import FLOAT_DTYPES, GPT
 from npgpt.sampling import SamplingConfig, sample
 from npgpt.weights import load_model
 
@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--backend", default="numpy", help="array backend, e.g. numpy, cupy, array-api-strict (default: numpy)")
     parser.add_argument("--weights", help="a folder with model.safetensors and the tokenizer, a .safetensors file, or a NAME for weights/NAME/")
-    parser.add_argument("--dtype", choices=["float16", "float32", "float64"], help="cast the weights (default: as stored)")
+    parser.add_argument("--dtype", choices=FLOAT_DTYPES, help="cast the weights (default: as stored)")
     parser.add_argument("--prompt", help="text to continue (default: read stdin when it is not a terminal; else start from <|endoftext|>)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate per sample (default: 256)")
     parser.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this; 0 means greedy (default: 1.0)")

@@ -19,6 +19,7 @@ from npgpt.checkpoint import read_checkpoint
 from npgpt.config import GPTConfig
 from npgpt.errors import UserError
 from npgpt.model import GPT, check_params
+from npgpt.tokenizer.formats import load as load_tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_WEIGHTS = "shakespeare"
@@ -62,10 +63,8 @@ def resolve_weights(spec: str | Path | None = None) -> Path:
 
 def load_tokenizer_beside(file: Path):
     """The tokenizer in the folder of a weights file."""
-    from npgpt.tokenizer.formats import load
-
     try:
-        return load(file.parent)
+        return load_tokenizer(file.parent)
     except FileNotFoundError as e:
         if isinstance(e, UserError):
             raise

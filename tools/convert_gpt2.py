@@ -24,6 +24,7 @@ from npgpt.convert import convert, fetch_from_hub, read_source  # noqa: E402
 from npgpt.convert.converter import detect_format  # noqa: E402
 from npgpt.convert.parity import PROMPTS, compare, format_report  # noqa: E402
 from npgpt.errors import UserError, add_debug_flag, run_cli  # noqa: E402
+from npgpt.model import FLOAT_DTYPES  # noqa: E402
 from npgpt.weights import WEIGHTS_FILE  # noqa: E402
 from npgpt.tokenizer.formats import load as load_tokenizer, save as save_tokenizer  # noqa: E402
 
@@ -37,7 +38,7 @@ def parse_args(argv):
     parser.add_argument("--cache-dir", help="download cache (default: $NPGPT_CACHE/hub or ~/.cache/npgpt/hub)")
     parser.add_argument("--name", help="output name: writes <out-root>/<name>/ (default: the source folder's or repo's name)")
     parser.add_argument("--out-root", default="weights", help="parent folder of the output (default: weights)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "float64"), help="stored dtype (default: float32)")
+    parser.add_argument("--dtype", default="float32", choices=FLOAT_DTYPES, help="stored dtype (default: float32)")
     parser.add_argument("--check", action="store_true", help="compare against transformers on fixed prompts (float32 on both sides)")
     parser.add_argument("--n-new", type=int, default=32, help="greedy tokens generated per prompt by --check (default: 32)")
     parser.add_argument("--overwrite", action="store_true", help="replace a model already in the output folder")
