@@ -73,11 +73,13 @@ def test_greedy_generations_agree_for_64_tokens(exported, shakespeare_text):
     ours, tokenizer = load_model(weights)
     prompt = tokenizer.encode(shakespeare_text[:200])[:16]
     mine = list(generate_ids(ours, prompt, 64, SamplingConfig(greedy=True), use_cache=True))
-    model, ids = hf_model(out), torch.tensor([prompt])
+    model, step, past, theirs = hf_model(out), torch.tensor([prompt]), None, []
     with torch.no_grad():
-        for _ in range(64):  # transformers' forward, argmax each step (generate() would stop at eos)
-            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert ids[0, len(prompt) :].tolist() == mine
+        for _ in range(64):  # transformers' cached forward, argmax each step (generate() would stop at eos)
+            result = model(step, past_key_values=past, use_cache=True)
+            past, step = result.past_key_values, result.logits[:, -1].argmax(-1, keepdim=True)
+            theirs.append(int(step))
+    assert theirs == mine
 
 
 def test_the_hf_tokenizer_gives_npgpt_ids_on_tinyshakespeare(exported, shakespeare_text):
