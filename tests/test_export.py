@@ -46,10 +46,30 @@ def fresh_model(tmp_path_factory, shakespeare_text):
     return root / "run"
 
 
-@pytest.fixture(scope="module", params=["shipped", "fresh"])
+@pytest.fixture(scope="module")
+def finetuned_gpt2(tmp_path_factory, shakespeare_text):
+    """A GPT-2 (OpenAI's layout, GPT-2's whole vocabulary, tiny shape) converted, then fine-tuned."""
+    from npgpt import train
+    from npgpt.convert import convert
+
+    root = tmp_path_factory.mktemp("gpt2")
+    convert(data_path("gpt2-tf-tiny"), root / "converted")
+    (root / "data.txt").write_text(shakespeare_text[:5_000], "utf-8")
+    argv = ["--data", str(root / "data.txt"), "--out-dir", str(root / "run"), "--init-from", str(root / "converted"),
+            "--block-size", "32", "--batch-size", "2", "--max-iters", "2", "--eval-iters", "1", "--lr", "1e-2"]  # fmt: skip
+    assert train.main(argv) == 0
+    return root / "run"
+
+
+MODELS = {"shipped": lambda request: ROOT / "weights" / "shakespeare",
+          "fresh": lambda request: request.getfixturevalue("fresh_model"),
+          "finetuned-gpt2": lambda request: request.getfixturevalue("finetuned_gpt2")}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
 def exported(request, tmp_path_factory):
     """(npgpt weights folder, exported Hugging Face folder)."""
-    weights = ROOT / "weights" / "shakespeare" if request.param == "shipped" else request.getfixturevalue("fresh_model")
+    weights = MODELS[request.param](request)
     out = export(weights, tmp_path_factory.mktemp("hf") / request.param)
     return weights, out
 
@@ -69,13 +89,15 @@ def test_transformers_logits_equal_npgpt_logits(exported):
 
 
 def test_greedy_generations_agree_for_64_tokens(exported, shakespeare_text):
+    """64 tokens (48 for the fine-tuned GPT-2, whose context is 64)."""
     weights, out = exported
     ours, tokenizer = load_model(weights)
     prompt = tokenizer.encode(shakespeare_text[:200])[:16]
-    mine = list(generate_ids(ours, prompt, 64, SamplingConfig(greedy=True), use_cache=True))
+    n_new = min(64, ours.config.n_ctx - len(prompt))  # transformers cannot go past n_positions
+    mine = list(generate_ids(ours, prompt, n_new, SamplingConfig(greedy=True), use_cache=True))
     model, step, past, theirs = hf_model(out), torch.tensor([prompt]), None, []
     with torch.no_grad():
-        for _ in range(64):  # transformers' cached forward, argmax each step (generate() would stop at eos)
+        for _ in range(n_new):  # transformers' cached forward, argmax each step (generate() would stop at eos)
             result = model(step, past_key_values=past, use_cache=True)
             past, step = result.past_key_values, result.logits[:, -1].argmax(-1, keepdim=True)
             theirs.append(int(step))
