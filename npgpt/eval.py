@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from npgpt.backend import get_backend
+from npgpt.layers import IGNORE_INDEX
 from npgpt.errors import UserError, add_debug_flag, run_cli
 from npgpt.model import FLOAT_DTYPES
 from npgpt.weights import load_model
 
-IGNORE = -100  # the ignore index of the targets no window scores twice
 LOGITS_BUDGET = 2**26  # default batch: at most this many logits (256 MiB in float32) at once
 READ_CHARS = 1 << 16  # --max-tokens: characters read per step
 
@@ -74,9 +74,9 @@ def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int |
         inputs = np.stack([ids[begin : end - 1] for begin, end, _ in group])  # (B, T)
         targets = np.stack([ids[begin + 1 : end] for begin, end, _ in group])  # (B, T), a copy
         for row, (begin, _, first) in enumerate(group):
-            targets[row, : first - (begin + 1)] = IGNORE
+            targets[row, : first - (begin + 1)] = IGNORE_INDEX
         n_new = sum(end - first for _, end, first in group)
-        loss = model.loss(inputs, targets, ignore_index=IGNORE)  # mean over the scored targets
+        loss = model.loss(inputs, targets, ignore_index=IGNORE_INDEX)  # mean over the scored targets
         nll += float(model.backend.to_numpy(loss)) * n_new
         count += n_new
         if progress is not None:
