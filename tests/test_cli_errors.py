@@ -88,7 +88,7 @@ def files(tmp_path_factory):
     from npgpt.tokenizer import train_bpe
 
     trained = train_bpe(TEXT * 4, 300)
-    for name in ("half_merges", "one_field", "bad_json", "bad_bytes"):
+    for name in ("half_merges", "one_field", "bad_json", "bad_bytes", "gap_ids"):
         save_tokenizer(trained, root / name, format="huggingface")
     merges = (root / "half_merges" / "merges.txt").read_text("utf-8").splitlines()
     (root / "half_merges" / "merges.txt").write_text("\n".join(merges[: len(merges) // 2]) + "\n", "utf-8")
@@ -99,6 +99,17 @@ def files(tmp_path_factory):
     raw_merges = (root / "bad_bytes" / "merges.txt").read_bytes().split(b"\n")
     raw_merges[5] = b"\xff\xfe " + raw_merges[5]
     (root / "bad_bytes" / "merges.txt").write_bytes(b"\n".join(raw_merges))
+    vocab = json.loads((root / "gap_ids" / "vocab.json").read_text("utf-8"))
+    last = max(vocab, key=vocab.get)
+    vocab[last] += 1  # ids 0..298, then 300
+    (root / "gap_ids" / "vocab.json").write_text(json.dumps(vocab), "utf-8")
+    gap = root / "gap_tiktoken"
+    (gap / "model.safetensors").parent.mkdir()
+    (gap / "model.safetensors").write_bytes((root / "padded" / "model.safetensors").read_bytes())
+    save_tokenizer(byte_bpe, gap)
+    lines = (gap / "tokenizer.tiktoken").read_text().splitlines()
+    lines[-1] = lines[-1].rsplit(" ", 1)[0] + " 999"
+    (gap / "tokenizer.tiktoken").write_text("\n".join(lines) + "\n")
     return root
 
 
@@ -148,6 +159,8 @@ CASES = [
     ("tokenizer-one-field-merge", [*ENCODE, "{root}/one_field", "--text", "hello"], ["merges.txt:4", "two tokens"], None),
     ("tokenizer-bad-json", [*ENCODE, "{root}/bad_json", "--text", "hello"], ["vocab.json:1", "invalid JSON"], None),
     ("tokenizer-bad-bytes", [*ENCODE, "{root}/bad_bytes", "--text", "hello"], ["merges.txt:6", "not utf-8"], None),
+    ("tokenizer-ids-with-a-gap", [*ENCODE, "{root}/gap_ids", "--text", "hello"], ["vocab.json", "without gaps", "299 is missing"], None),
+    ("generate-tiktoken-rank-gap", [*GEN, "--weights", "{root}/gap_tiktoken"], ["tokenizer.tiktoken:256", "rank 999 follows 254"], None),
     ("tokenizer-missing-folder", [*ENCODE, "{root}/nowhere", "--text", "hello"], ["no tokenizer at"], None),
     ("tokenizer-decode-unknown-id", ["-m", "npgpt.tokenizer", "decode", "{root}/tiny", "99999"], ["99999"], None),
     ("convert-missing-source", ["tools/convert_gpt2.py", "{root}/nowhere", "--out-root", "{root}/converted"], ["not a directory"], "{root}/converted"),

@@ -154,6 +154,15 @@ def read_merges_form(vocab_path: str | Path, merges_path: str | Path, special_to
                 f"({len(merges)} merges for {len(vocab)} entries), nor a special token; the merges file looks "
                 "truncated, replace it"
             )
+    if len(ranks) != 256 + len(merges):
+        raise TokenizerFileError(
+            f"{merges_path}: {len(merges)} merges make {len(ranks) - 256} distinct tokens (a merge repeats); "
+            "the file is damaged, replace it"
+        )
+    for expected, token_id in enumerate(sorted(ranks.values())):
+        if token_id != expected:
+            raise TokenizerFileError(f"{vocab_path}: ids must be 0, 1, 2, ... without gaps, but {expected} is missing; "
+                                     "the file is damaged, replace it")  # fmt: skip
     return ranks, specials
 
 
