@@ -25,8 +25,16 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from npgpt.errors import UserError
+
 ENV = "NPGPT_NUM_THREADS"
 MIN_ELEMENTS = 1 << 16  # elements per thread below which a pass (tens of us) stays on the calling thread
+
+
+
+class ThreadsError(UserError, ValueError):
+    """A thread count that is not a whole number >= 1."""
+
 
 _chosen: int | None = None  # set_num_threads' (or the environment's) n; None: follow BLAS
 _env_read = False
@@ -82,7 +90,7 @@ def set_num_threads(n: int) -> None:
     """Use n threads for the kernels' passes and (OpenBLAS) for BLAS."""
     global _chosen
     if int(n) < 1:
-        raise ValueError(f"the number of threads must be at least 1, got {n}")
+        raise ThreadsError(f"the number of threads must be at least 1, got {n}; give 1 or more")
     _chosen = int(n)
     blas = _blas_functions()
     if blas is not None:
@@ -97,7 +105,7 @@ def num_threads() -> int:
         value = os.environ.get(ENV, "").strip()
         if value and _chosen is None:
             if not value.isdigit() or int(value) < 1:
-                raise ValueError(f"{ENV} must be a whole number >= 1, got {value!r}; unset it or give e.g. {ENV}=2")
+                raise ThreadsError(f"{ENV} must be a whole number >= 1, got {value!r}; unset it or give e.g. {ENV}=2")
             set_num_threads(int(value))
     if _chosen is not None:
         return _chosen
@@ -138,15 +146,12 @@ def parallel_rows(fn, N: int, row_size: int = 1, align: int = 1) -> list:
     return [first, *rest]
 
 
-def configure(n: int | None, parser) -> int:
+def configure(n: int | None) -> int:
     """A CLI's thread count: `--threads` n when given, else $NPGPT_NUM_THREADS or the BLAS
-    count; a bad $NPGPT_NUM_THREADS exits through `parser.error`. Returns the count."""
-    try:
-        if n:
-            set_num_threads(n)
-        return num_threads()
-    except ValueError as e:
-        parser.error(str(e))
+    count (a bad $NPGPT_NUM_THREADS raises ThreadsError, a one-line CLI error). Returns it."""
+    if n:
+        set_num_threads(n)
+    return num_threads()
 
 
 def add_threads_option(parser) -> None:
