@@ -131,6 +131,20 @@ def test_attention_equals_the_reference(s):
         check_attention(B, s["NH"], T, T + past, s["hs"], rng, segments, s["dropout"])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_at_extremes_equals_the_reference(dtype):
+    """Where exp(-2u) overflows (very negative x) and where it underflows (very positive)."""
+    x = np.array([[-1e4, -100.0, -30.0, -12.0, -5.0, 0.0, 5.0, 12.0, 30.0, 100.0, 1e4]], dtype=dtype)
+    dout = np.linspace(-1.0, 1.0, x.size, dtype=dtype)[None, :]
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else TOL
+    with np.errstate(over="raise", divide="raise", invalid="raise"):  # no warning escapes the kernels
+        out, cache = fast.gelu_forward(x)
+        dx = fast.gelu_backward(dout, cache)
+    assert out.dtype == dx.dtype == dtype
+    np.testing.assert_allclose(out, layers.gelu_forward(x)[0], **tol)
+    np.testing.assert_allclose(dx, layers.gelu_backward(dout, x), **tol)
+
+
 @pytest.mark.parametrize("T", [127, 128, 129, 200])
 def test_attention_across_the_default_query_block(T):
     rng = np.random.default_rng(T)
