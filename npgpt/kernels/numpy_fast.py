@@ -172,78 +172,78 @@ def gelu_grad_block(dout, x):
     return dx
 
 
-# -- attention over query blocks ------------------------------------------------------------
+# -- attention over query blocks, heads split among the threads ----------------------------
 def attention_forward(q, k, v, dropout=None, segments=None):
     """The reference's attention, QUERY_BLOCK queries at a time, each block against only
-    the keys s < S - T + t1 its last query can see. Same arguments and result."""
-    T, S = q.shape[2], k.shape[2]
-    y = np.empty_like(q)
+    the keys s < S - T + t1 its last query can see. Each thread takes a range of the
+    B * NH heads, its matmuls and softmax (one head's block at a time, in cache), with
+    BLAS on one thread meanwhile: per-head matmuls are too small to split again."""
+    B, NH, T, hs = q.shape
+    S = k.shape[2]
+    y = np.empty(q.shape, dtype=q.dtype)
+    qs = q * (1.0 / math.sqrt(hs))  # (B, NH, T, hs), scaled once
     blocks = []
     for t0 in range(0, T, QUERY_BLOCK):
         t1 = min(t0 + QUERY_BLOCK, T)
-        s1 = S - T + t1  # keys visible to the block's last query
-        same = None if segments is None else segments[:, t0:t1, None] == segments[:, None, :s1]  # (B, Tb, s1)
-        att = attention_probs(q[:, :, t0:t1, :], k[:, :, :s1, :], same)  # (B, NH, Tb, s1)
-        att_dropped, mask = dropout(att, t0) if dropout is not None else (att, None)
-        y[:, :, t0:t1, :] = att_dropped @ v[:, :, :s1, :]
+        Tb, s1 = t1 - t0, S - T + t1  # keys visible to the block's last query
+        future = np.triu(np.ones((Tb, Tb), dtype=bool), 1) if Tb > 1 else None  # (Tb, Tb): key after query
+        other = None if segments is None else segments[:, t0:t1, None] != segments[:, None, :s1]  # (B, Tb, s1)
+        att = np.empty((B * NH, Tb, s1), dtype=q.dtype)
+
+        def probs(h0, h1):
+            for h in range(h0, h1):
+                b, n = divmod(h, NH)
+                a = np.matmul(qs[b, n, t0:t1], k[b, n, :s1].T, out=att[h])  # (Tb, s1), scores
+                if future is not None:  # only the last Tb columns hold masked entries
+                    np.copyto(a[:, s1 - Tb :], -np.inf, where=future)
+                if other is not None:
+                    np.copyto(a, -np.inf, where=other[h // NH])
+                a -= np.max(a, axis=-1, keepdims=True)
+                np.exp(a, out=a)
+                a /= np.sum(a, axis=-1, keepdims=True)
+
+        parallel_rows(probs, B * NH, Tb * s1 * hs, one_blas_thread=True)
+        att4 = att.reshape(B, NH, Tb, s1)
+        dropped, mask = dropout(att4, t0) if dropout is not None else (att4, None)
+        dropped = dropped.reshape(B * NH, Tb, s1)
+
+        def values(h0, h1):
+            for h in range(h0, h1):
+                b, n = divmod(h, NH)
+                np.matmul(dropped[h], v[b, n, :s1], out=y[b, n, t0:t1])
+
+        parallel_rows(values, B * NH, Tb * s1 * hs, one_blas_thread=True)
         blocks.append((t0, t1, s1, att, mask))
     return y, (q, k, v, blocks)
 
 
-def attention_probs(q, k, same=None):
-    """Masked softmax(q k^T / sqrt(hs)): q (B, NH, Tb, hs) are the last Tb of the S
-    positions of k (B, NH, S, hs); `same` (B, Tb, S) also masks other documents' keys.
-    The scores are one batched matmul; the softmax runs over ranges of heads."""
-    B, NH, Tb, _ = q.shape
-    S = k.shape[2]
-    att = (q * (1.0 / math.sqrt(q.shape[3]))) @ k.mT  # (B, NH, Tb, S), scores
-    future = np.triu(np.ones((Tb, Tb), dtype=bool), 1) if Tb > 1 else None  # (Tb, Tb): key after query
-    heads = att.reshape(B * NH, Tb, S)  # a view: the matmul's result is contiguous
-    other = None if same is None else ~same  # (B, Tb, S)
-
-    def softmax(h0, h1):
-        for h in range(h0, h1):  # one head's (Tb, S) block at a time: its passes stay in cache
-            a = heads[h]
-            if future is not None:  # only the last Tb columns hold masked entries
-                np.copyto(a[:, S - Tb :], -np.inf, where=future)
-            if other is not None:
-                np.copyto(a, -np.inf, where=other[h // NH])
-            a -= np.max(a, axis=-1, keepdims=True)
-            np.exp(a, out=a)
-            a /= np.sum(a, axis=-1, keepdims=True)
-
-    parallel_rows(softmax, B * NH, Tb * S)
-    return att
-
-
 def attention_backward(dy, cache):
-    """dy (B, NH, T, hs) -> dq (B, NH, T, hs), dk, dv (B, NH, S, hs), block by block;
-    the softmax's backward runs over ranges of heads."""
+    """dy (B, NH, T, hs) -> dq (B, NH, T, hs), dk, dv (B, NH, S, hs), block by block,
+    each thread taking a range of heads (as in the forward)."""
     q, k, v, blocks = cache
-    B, NH = q.shape[:2]
-    scale = 1.0 / math.sqrt(q.shape[3])
-    dq, dk, dv = np.empty_like(q), np.zeros_like(k), np.zeros_like(v)
+    B, NH, T, hs = q.shape
+    scale = 1.0 / math.sqrt(hs)
+    dq = np.empty(q.shape, dtype=q.dtype)
+    dk, dv = np.zeros(k.shape, dtype=k.dtype), np.zeros(v.shape, dtype=v.dtype)
     for t0, t1, s1, att, mask in blocks:
-        dyb = dy[:, :, t0:t1, :]  # (B, NH, Tb, hs)
-        att_dropped = att if mask is None else att * mask
-        dv[:, :, :s1, :] += att_dropped.mT @ dyb  # (B, NH, s1, hs)
-        datt = dyb @ v[:, :, :s1, :].mT  # (B, NH, Tb, s1)
-        heads = datt.reshape(B * NH, t1 - t0, s1)
-        probs = att.reshape(B * NH, t1 - t0, s1)
-        drop = None if mask is None else np.broadcast_to(mask, att.shape).reshape(B * NH, t1 - t0, s1)
+        Tb = t1 - t0
+        drop = None if mask is None else np.broadcast_to(mask, (B, NH, Tb, s1)).reshape(B * NH, Tb, s1)
 
-        def softmax_backward(h0, h1):
-            for h in range(h0, h1):  # one head at a time, as in the forward
-                d, p = heads[h], probs[h]
+        def heads(h0, h1):
+            for h in range(h0, h1):
+                b, n = divmod(h, NH)
+                p, dyb = att[h], dy[b, n, t0:t1]  # (Tb, s1), (Tb, hs)
+                dv[b, n, :s1] += (p if drop is None else p * drop[h]).T @ dyb  # (s1, hs)
+                d = dyb @ v[b, n, :s1].T  # (Tb, s1), d(dropped probabilities)
                 if drop is not None:
                     d *= drop[h]
                 d -= np.sum(d * p, axis=-1, keepdims=True)
                 d *= p
-                d *= scale
+                d *= scale  # d(scores)
+                np.matmul(d, k[b, n, :s1], out=dq[b, n, t0:t1])
+                dk[b, n, :s1] += d.T @ q[b, n, t0:t1]
 
-        parallel_rows(softmax_backward, B * NH, (t1 - t0) * s1)
-        dq[:, :, t0:t1, :] = datt @ k[:, :, :s1, :]
-        dk[:, :, :s1, :] += datt.mT @ q[:, :, t0:t1, :]
+        parallel_rows(heads, B * NH, Tb * s1 * hs, one_blas_thread=True)
     return dq, dk, dv
 
 

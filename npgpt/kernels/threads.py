@@ -130,19 +130,32 @@ def row_ranges(N: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
     return [(r0, min(r0 + step, N)) for r0 in range(0, N, max(step, 1))]
 
 
-def parallel_rows(fn, N: int, row_size: int = 1, align: int = 1) -> list:
+def parallel_rows(fn, N: int, row_size: int = 1, align: int = 1, one_blas_thread: bool = False) -> list:
     """[fn(r0, r1) for ranges covering rows [0, N) once each, in order], the ranges run on
     up to `num_threads()` threads; `row_size` (elements per row) keeps small work on the
-    calling thread, `align` makes the inner range edges multiples of it."""
+    calling thread, `align` makes the inner range edges multiples of it.
+
+    `one_blas_thread`: fn calls BLAS on small matrices; while the ranges run on several
+    threads, the (OpenBLAS) BLAS pool is set to one thread, so each range's calls run in
+    its own thread, and restored after. Other threads' BLAS calls meanwhile get one too.
+    """
     parts = min(num_threads(), max(1, (N * row_size) // MIN_ELEMENTS), N)
     ranges = row_ranges(N, parts, align)
     if len(ranges) <= 1:
         return [fn(0, N)] if N else []
-    futures = [_executor(len(ranges) - 1).submit(fn, r0, r1) for r0, r1 in ranges[1:]]
+    blas = _blas_functions() if one_blas_thread else None
+    before = None if blas is None else blas[0]()
+    if before is not None and before > 1:
+        blas[1](1)
     try:
-        first = fn(*ranges[0])
+        futures = [_executor(len(ranges) - 1).submit(fn, r0, r1) for r0, r1 in ranges[1:]]
+        try:
+            first = fn(*ranges[0])
+        finally:
+            rest = [f.result() for f in futures]
     finally:
-        rest = [f.result() for f in futures]
+        if before is not None and before > 1:
+            blas[1](before)
     return [first, *rest]
 
 
