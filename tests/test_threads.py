@@ -122,3 +122,12 @@ def test_train_applies_threads(tmp_path, restore_threads):
              "--eval-iters", "1", "--warmup-iters", "1"]  # fmt: skip
     assert train.main(flags) == 0
     assert threads.num_threads() == 1
+
+
+@pytest.mark.skipif(threads.blas_threads() is None, reason="no OpenBLAS loaded")
+def test_ranges_that_call_blas_get_one_blas_thread_each(restore_threads):
+    threads.set_num_threads(2)
+    threads.MIN_ELEMENTS = 1
+    assert threads.parallel_rows(lambda r0, r1: threads.blas_threads(), 4, one_blas_thread=True) == [1, 1]
+    assert threads.blas_threads() == 2  # restored
+    assert threads.parallel_rows(lambda r0, r1: threads.blas_threads(), 4) == [2, 2]
