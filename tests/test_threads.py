@@ -23,9 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture
 def restore_threads():
     """Put the pool's and the BLAS library's thread counts back after the test."""
-    chosen, blas, minimum, env_read = threads._chosen, threads.blas_threads(), threads.MIN_ELEMENTS, threads._env_read
+    saved = threads._chosen, threads.MIN_ELEMENTS, threads._env_seen, threads._env_threads
+    blas = threads.blas_threads()
     yield
-    threads._chosen, threads.MIN_ELEMENTS, threads._env_read = chosen, minimum, env_read
+    threads._chosen, threads.MIN_ELEMENTS, threads._env_seen, threads._env_threads = saved
     if blas is not None:
         threads._blas_functions()[1](blas)
 
@@ -85,6 +86,18 @@ def probe(env: dict) -> subprocess.CompletedProcess:
                           env={**os.environ, **env})  # fmt: skip
 
 
+@pytest.mark.skipif(threads.blas_threads() is None, reason="no OpenBLAS loaded")
+def test_a_changed_environment_value_applies_to_both_pools(monkeypatch, restore_threads):
+    """As a benchmark does: NPGPT_NUM_THREADS=1 for one run, then 2 for the next."""
+    threads._chosen = None
+    for n in (1, 2, 1):
+        monkeypatch.setenv("NPGPT_NUM_THREADS", str(n))
+        assert threads.num_threads() == n and threads.blas_threads() == n
+    monkeypatch.delenv("NPGPT_NUM_THREADS")
+    threads._blas_functions()[1](2)
+    assert threads.num_threads() == 2  # unset: the BLAS pool's count again
+
+
 def test_the_environment_sets_both_pools():
     result = probe({"NPGPT_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
@@ -103,7 +116,7 @@ def test_every_cli_takes_threads(module, capsys):
 
 
 def test_a_bad_environment_value_is_a_one_line_cli_error(monkeypatch, capsys, restore_threads):
-    monkeypatch.setattr(threads, "_env_read", False)
+    threads._chosen = None
     monkeypatch.setenv("NPGPT_NUM_THREADS", "0")
     assert generate.main(["--prompt", "hi"]) == 1
     err = capsys.readouterr().err

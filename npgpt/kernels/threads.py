@@ -7,7 +7,7 @@ the others on the pool's workers.
 
 How many threads:
 - `set_num_threads(n)` (the CLIs' `--threads N`), else
-- $NPGPT_NUM_THREADS, else
+- $NPGPT_NUM_THREADS (read at each pass, so a change applies), else
 - the BLAS library's own thread count, read at each call (so a `threadpoolctl` limit
   set around a benchmark applies to both pools).
 `set_num_threads` and $NPGPT_NUM_THREADS also set the BLAS pool to n, through OpenBLAS's
@@ -36,8 +36,9 @@ class ThreadsError(UserError, ValueError):
     """A thread count that is not a whole number >= 1."""
 
 
-_chosen: int | None = None  # set_num_threads' (or the environment's) n; None: follow BLAS
-_env_read = False
+_chosen: int | None = None  # set_num_threads' n; None: the environment's, else follow BLAS
+_env_seen: str | None = None  # the $NPGPT_NUM_THREADS value last applied
+_env_threads: int | None = None
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _lock = threading.Lock()
@@ -98,18 +99,24 @@ def set_num_threads(n: int) -> None:
 
 
 def num_threads() -> int:
-    """The threads a pass runs on now (see the module docstring for where n comes from)."""
-    global _env_read
-    if not _env_read:
-        _env_read = True
-        value = os.environ.get(ENV, "").strip()
-        if value and _chosen is None:
-            if not value.isdigit() or int(value) < 1:
-                raise ThreadsError(f"{ENV} must be a whole number >= 1, got {value!r}; unset it or give e.g. {ENV}=2")
-            set_num_threads(int(value))
+    """The threads a pass runs on now (see the module docstring for where n comes from).
+    $NPGPT_NUM_THREADS is read at each call; a new value also sets the BLAS pool, once."""
     if _chosen is not None:
         return _chosen
-    return blas_threads() or 1
+    value = os.environ.get(ENV, "").strip()
+    if value != _env_seen:
+        _apply_environment(value)
+    return _env_threads or blas_threads() or 1
+
+
+def _apply_environment(value: str) -> None:
+    global _env_seen, _env_threads
+    if value and (not value.isdigit() or int(value) < 1):
+        raise ThreadsError(f"{ENV} must be a whole number >= 1, got {value!r}; unset it or give e.g. {ENV}=2")
+    _env_seen, _env_threads = value, int(value) if value else None
+    blas = _blas_functions()
+    if value and blas is not None:
+        blas[1](int(value))
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
