@@ -13,6 +13,7 @@ Chunks repeat a lot in real text, so each chunk's ids are cached.
 from __future__ import annotations
 
 import sys
+from heapq import heapify, heappop, heappush
 from itertools import chain
 from pathlib import Path
 
@@ -38,11 +39,16 @@ PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 NO_MERGE = sys.maxsize  # rank of a pair whose joined bytes are not a token
 SINGLE_BYTES = [bytes([b]) for b in range(256)]
 CACHE_LIMIT = 1 << 20  # chunks remembered before the cache starts over
+HEAP_FROM = 64  # chunks of this many bytes or more merge with the heap (see bpe_merge)
 
 
 def bpe_merge(parts: list[bytes], ranks: dict[bytes, int], stop_rank: int = NO_MERGE) -> list[bytes]:
     """Merge `parts` in place: join the lowest-ranked adjacent pair (leftmost on ties)
-    until no pair joins into a token with rank below `stop_rank`. Returns `parts`."""
+    until no pair joins into a token with rank below `stop_rank`. Returns `parts`.
+
+    Each merge scans every pair (quadratic in the chunk's length), which is fastest for
+    the short chunks of ordinary text; `_encode_chunk` sends long chunks to
+    `bpe_merge_heap`, which gives the same parts in O(n log n)."""
     get = ranks.get
     # pair_ranks[i] is the rank of parts[i] + parts[i + 1]
     pair_ranks = [get(a + b, NO_MERGE) for a, b in zip(parts, parts[1:])]
@@ -57,6 +63,46 @@ def bpe_merge(parts: list[bytes], ranks: dict[bytes, int], stop_rank: int = NO_M
             pair_ranks[i - 1] = get(parts[i - 1] + merged, NO_MERGE)
         if i < len(pair_ranks):
             pair_ranks[i] = get(merged + parts[i + 1], NO_MERGE)
+    return parts
+
+
+def bpe_merge_heap(chunk: bytes, ranks: dict[bytes, int], stop_rank: int = NO_MERGE) -> list[bytes]:
+    """The parts `bpe_merge` gives for the single bytes of `chunk`, in O(n log n).
+
+    The parts form a linked list of byte ranges [start, end[start]) keyed by their start
+    offset; a heap holds (rank, left start, right end) for every joinable adjacent pair.
+    The smallest entry is the lowest rank, leftmost on ties (starts grow left to right).
+    An entry goes stale when either of its parts joins something else: it is skipped when
+    its left part is gone or the part after it no longer ends at the recorded end."""
+    n = len(chunk)
+    get = ranks.get
+    end = list(range(1, n + 1))  # end[s]: end of the part starting at s (while it lives)
+    prev = list(range(-1, n - 1))  # prev[s]: start of the part before it, or -1
+    alive = [True] * n
+    heap = [(r, s, s + 2) for s in range(n - 1) if (r := get(chunk[s : s + 2], NO_MERGE)) < stop_rank]
+    heapify(heap)
+    while heap:
+        _, left, stop = heappop(heap)
+        right = end[left] if alive[left] else n
+        if right >= n or end[right] != stop:
+            continue  # stale: a part of this pair has merged since
+        # join the part starting at `right` into the one starting at `left`
+        alive[right] = False
+        end[left] = stop
+        if stop < n:
+            prev[stop] = left
+            rank = get(chunk[left : end[stop]], NO_MERGE)
+            if rank < stop_rank:
+                heappush(heap, (rank, left, end[stop]))
+        before = prev[left]
+        if before >= 0:
+            rank = get(chunk[before:stop], NO_MERGE)
+            if rank < stop_rank:
+                heappush(heap, (rank, before, stop))
+    parts, start = [], 0
+    while start < n:
+        parts.append(chunk[start : end[start]])
+        start = end[start]
     return parts
 
 
@@ -125,6 +171,8 @@ class BPETokenizer(Tokenizer):
         token_id = ranks.get(chunk)
         if token_id is not None:
             return [token_id]
+        if len(chunk) >= HEAP_FROM:
+            return [ranks[part] for part in bpe_merge_heap(chunk, ranks)]
         return [ranks[part] for part in bpe_merge(list(map(SINGLE_BYTES.__getitem__, chunk)), ranks)]
 
     def token_bytes(self, token_id: int) -> bytes:
