@@ -39,3 +39,11 @@ class BatchSampler:
         window = starts[:, None] + np.arange(self.block_size + 1)  # (B, T + 1)
         chunk = self.tokens[window]
         return chunk[:, :-1], chunk[:, 1:]
+
+
+if __name__ == "__main__":  # python -m npgpt.data prepare ...: see npgpt.prepare
+    import sys
+
+    from npgpt.prepare import main
+
+    sys.exit(main())
