@@ -43,7 +43,7 @@ def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int |
     stride = stride or max(1, context // 2)
     nll, count, windows = 0.0, 0, 0
     for begin, end, first in sliding_windows(len(ids), context, stride):
-        inputs = ids[begin : end - 1]
+        inputs = ids[begin : end - 1].astype(np.int64)
         targets = ids[begin + 1 : end].astype(np.int64)  # a copy: the ignored part is overwritten
         targets[: first - (begin + 1)] = IGNORE
         n_new = end - first
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m npgpt.eval", description=__doc__.split("\n\n")[0].split(": ")[0] + ".",
                                 epilog="See the module docstring (python -c 'import npgpt.eval; help(npgpt.eval)') for the method.")  # fmt: skip
     p.add_argument("--weights", required=True, help="checkpoint folder (model.safetensors + tokenizer), .safetensors file, or NAME for weights/NAME/")
-    p.add_argument("--data", required=True, help="UTF-8 text file to score")
+    p.add_argument("--data", required=True, help="UTF-8 text file to score, or a folder made by python -m npgpt.data prepare")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="which split of a prepared folder to score (default val)")
     p.add_argument("--context", type=int, help="tokens per window (default: the model's n_ctx)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: context // 2)")
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
@@ -75,17 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from npgpt.backend import BackendError, get_backend
     from npgpt.generate import WeightsError, load_model
+    from npgpt.prepare import PrepareError, read_tokens
 
     args = build_parser().parse_args(argv)
     try:
         model, tokenizer = load_model(args.weights, get_backend(args.backend), args.dtype)
-        with open(args.data, encoding="utf-8") as f:
-            ids = np.asarray(tokenizer.encode(f.read(), allowed_special="all"), dtype=np.int64)
+        ids = read_tokens(args.data, tokenizer, args.split)  # a prepared folder's split is memory-mapped
         if args.max_tokens:
             ids = ids[: args.max_tokens]
         start = time.perf_counter()
         result = perplexity(model, ids, args.context, args.stride)
-    except (WeightsError, BackendError, ValueError, OSError) as e:
+    except (WeightsError, BackendError, PrepareError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result["seconds"] = time.perf_counter() - start

@@ -39,6 +39,7 @@ from npgpt.config import GPTConfig
 from npgpt.data import BatchSampler, split_tokens
 from npgpt.model import GPT, FLOAT_DTYPES
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr, global_norm
+from npgpt.prepare import PrepareError, read_tokens
 
 MODEL_FILE, STATE_FILE, LOG_FILE = "model.safetensors", "trainer_state.safetensors", "log.jsonl"
 STEP_KEY, TRAINER_KEY = "npgpt.step", "npgpt.trainer"
@@ -60,14 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--data ../shared/data/corpora/tinyshakespeare.txt --out-dir weights/shakespeare --tokenizer char",
     )
     g = p.add_argument_group("data and output")
-    g.add_argument("--data", help="UTF-8 text file to train on (required unless --resume)")
+    g.add_argument("--data", help="UTF-8 text file, or a folder made by python -m npgpt.data prepare (required unless --resume)")
     g.add_argument("--out-dir", required=True, help="checkpoint folder (created; with --resume, read first)")
     g.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir exactly where it stopped")
-    g.add_argument("--tokenizer", default="char",
+    g.add_argument("--tokenizer",
                    help="char | bytes | bpe:N (train an N-token byte-level BPE on the text) | a tokenizer folder, "
-                        "e.g. ../shared/data/gpt2 for GPT-2's BPE (default: char; ignored with --init-from)")  # fmt: skip
+                        "e.g. ../shared/data/gpt2 for GPT-2's BPE (default: a prepared folder's own, else char; "
+                        "ignored with --init-from)")  # fmt: skip
     g.add_argument("--init-from", help="fine-tune: a checkpoint folder, .safetensors file or weights/NAME (model + tokenizer)")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of the tokens held out for validation (default 0.1)")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of a text file's tokens held out for validation "
+                   "(default 0.1; a prepared folder has its own split)")  # fmt: skip
     m = p.add_argument_group("model (from scratch)")
     m.add_argument("--preset", help="a GPT-2 size (gpt2, gpt2-medium, ..., or 124M, ...) instead of the four flags below")
     m.add_argument("--n-layer", type=int, default=4)
@@ -122,11 +125,22 @@ def make_tokenizer(spec: str, text: str):
     raise TrainingError(f"--tokenizer {spec!r}: expected char, bytes, bpe:N or an existing tokenizer folder")
 
 
-def encode_file(tokenizer, path) -> np.ndarray:
-    text = read_text(path)
-    ids = tokenizer.encode(text, allowed_special="all")
-    dtype = np.uint16 if tokenizer.n_vocab <= 2**16 else np.int32
-    return np.asarray(ids, dtype=dtype)
+def load_splits(tokenizer, path, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) tokens of --data: a prepared folder's splits, memory-mapped, or a text
+    file's tokens cut by --val-fraction."""
+    try:
+        if Path(path).is_dir():
+            return read_tokens(path, tokenizer, "train"), read_tokens(path, tokenizer, "val")
+        return split_tokens(read_tokens(path, tokenizer), val_fraction)
+    except PrepareError as e:
+        raise TrainingError(str(e)) from None
+
+
+def prepared_tokenizer(folder):
+    from npgpt.prepare import TOKENIZER_DIR
+    from npgpt.tokenizer import Tokenizer
+
+    return Tokenizer.load(Path(folder) / TOKENIZER_DIR)
 
 
 def read_text(path) -> str:
@@ -158,16 +172,16 @@ def load_host_params(file) -> tuple[dict[str, np.ndarray], GPTConfig, dict[str, 
 class Trainer:
     """One training run: model, optimizer, samplers, and the checkpoint folder."""
 
-    def __init__(self, args, model: GPT, tokenizer, tokens: np.ndarray, start_step: int = 0):
+    def __init__(self, args, model: GPT, tokenizer, data: tuple[np.ndarray, np.ndarray], start_step: int = 0):
         self.args, self.model, self.tokenizer = args, model, tokenizer
         self.out = Path(args.out_dir)
         self.backend = model.backend
         self.opt = AdamW(model.params, model.backend, betas=(args.beta1, args.beta2),
                          weight_decay=args.weight_decay, decay_embeddings=args.decay_embeddings)  # fmt: skip
-        train, val = split_tokens(tokens, args.val_fraction)
+        train, val = data
         T = args.block_size
         self.train_data = BatchSampler(train, args.batch_size, T, args.seed, "train")
-        self.val_data = BatchSampler(val, args.batch_size, T, args.seed, "val") if args.val_fraction > 0 else None
+        self.val_data = BatchSampler(val, args.batch_size, T, args.seed, "val") if len(val) else None
         self.step = start_step
         self.tokens_per_step = args.batch_size * T * args.grad_accum
         self.stop_requested = False
@@ -315,7 +329,7 @@ def start(args) -> Trainer:
     from npgpt.tokenizer import Tokenizer
 
     if not args.data:
-        raise TrainingError("--data is required (a UTF-8 text file) unless --resume")
+        raise TrainingError("--data is required (a UTF-8 text file or a prepared folder) unless --resume")
     out = Path(args.out_dir)
     if (out / STATE_FILE).exists():
         raise TrainingError(f"{out} already holds a training run: continue it with --resume, or choose another --out-dir")
@@ -329,8 +343,16 @@ def start(args) -> Trainer:
         args.block_size = args.block_size or config.n_ctx
         config = dataclasses.replace(config, dropout=args.dropout)
         model = GPT.from_numpy(config, params, backend, args.dtype)
+    elif Path(args.data).is_dir():  # a prepared folder: its tokenizer, unless --tokenizer names another
+        if args.tokenizer == "char" or (args.tokenizer or "").startswith("bpe:"):
+            raise TrainingError(f"--tokenizer {args.tokenizer} learns from text, but {args.data} is already tokenized; "
+                                "leave --tokenizer out (the folder's own is used) or prepare with it")  # fmt: skip
+        tokenizer = prepared_tokenizer(args.data) if args.tokenizer is None else make_tokenizer(args.tokenizer, "")
+        config = scratch_config(args, tokenizer.n_vocab)
+        args.block_size = config.n_ctx
+        model = GPT.init(config, backend, seed=args.seed, dtype=args.dtype)
     else:
-        tokenizer = make_tokenizer(args.tokenizer, read_text(args.data))
+        tokenizer = make_tokenizer(args.tokenizer or "char", read_text(args.data))
         config = scratch_config(args, tokenizer.n_vocab)
         args.block_size = config.n_ctx
         model = GPT.init(config, backend, seed=args.seed, dtype=args.dtype)
@@ -338,7 +360,7 @@ def start(args) -> Trainer:
         raise TrainingError(f"--block-size {args.block_size} exceeds the model's context of {model.config.n_ctx}")
     (out / LOG_FILE).unlink(missing_ok=True)
     write_tokenizer(tokenizer, out)
-    return Trainer(args, model, tokenizer, encode_file(tokenizer, args.data))
+    return Trainer(args, model, tokenizer, load_splits(tokenizer, args.data, args.val_fraction))
 
 
 def resume(args, given: set[str]) -> Trainer:
@@ -363,7 +385,7 @@ def resume(args, given: set[str]) -> Trainer:
     args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in given & RESUME_OVERRIDES}, "out_dir": str(out)})
     tokenizer = Tokenizer.load(out)
     model = GPT.from_numpy(config, params, get_backend(args.backend))
-    trainer = Trainer(args, model, tokenizer, encode_file(tokenizer, args.data), start_step=state["step"])
+    trainer = Trainer(args, model, tokenizer, load_splits(tokenizer, args.data, args.val_fraction), start_step=state["step"])
     trainer.opt.load_state_dict(moments, state["optimizer"])
     truncate_log(out / LOG_FILE, state["step"])
     say(f"resuming {out} at step {state['step']}")
