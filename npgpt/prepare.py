@@ -343,6 +343,8 @@ def prepare(inputs, out, tokenizer_spec, *, val_fraction=0.0005, seed=1337, text
     token_type = token_dtype(tokenizer.n_vocab, dtype)
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # from here on the folder is incomplete
+    for stale in out.glob(".prepare.*"):  # what a killed run left
+        shutil.rmtree(stale, ignore_errors=True)
     from npgpt.tokenizer.bpe import PATTERNS, BPETokenizer
 
     cut = not isinstance(tokenizer, BPETokenizer) or tokenizer.pattern in PATTERNS.values()
