@@ -13,13 +13,15 @@ The prepared folder:
     train.bin, val.bin   the tokens, raw little-endian `dtype` (uint16 when the vocabulary
                          has at most 65,536 ids, else uint32), read with np.memmap
     tokenizer/           the tokenizer's files (as `Tokenizer.save` writes them)
-    meta.json            written last: format, dtype, tokenizer (fingerprint, n_vocab,
-                         eot_id), splits (file, tokens, documents), val_fraction, seed,
-                         text_field, errors, sources (path, size, mtime_ns), bytes
+    meta.json            written last: format, version, dtype, tokenizer (fingerprint,
+                         n_vocab, eot_id), splits (file, tokens, documents), val_fraction,
+                         seed, text_field, errors, dtype_requested, trained_tokenizer (bpe:N
+                         and sample_mb, or null), bytes, sources (path, size, mtime_ns)
 
-Every file is written to a temp name, fsynced and renamed; meta.json is removed first and
-written last, so a folder whose meta.json is present is complete, and a killed run leaves
-none. Running again with the same inputs and settings does nothing.
+The fingerprint is the sha256 of the tokenizer's saved files (`fingerprint`). Every file
+is written to a temp name, fsynced and renamed; meta.json is removed first and written
+last, so a folder whose meta.json is present is complete, and a killed run leaves none.
+Running again with unchanged inputs, settings and tokenizer does nothing.
 
 Work is spread over `--workers` processes (spawned), each encoding batches of documents.
 Documents longer than about 1 MB are cut into pieces at newlines that sit between two
@@ -41,6 +43,8 @@ import sys
 import tempfile
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +114,7 @@ def resolve_tokenizer(spec: str, sample=None):
 @dataclass
 class Piece:
     text: str
+    nbytes: int  # bytes of the input file it was read from
     document: int  # number of the document, counted over all inputs
     last: bool  # the document's last piece
 
@@ -147,7 +152,7 @@ def decode(data: bytes, path: Path, offset: int, errors: str) -> str:
 
 
 def text_pieces(path: Path, errors: str, cut: bool):
-    """(text, is_last) pieces of one .txt file, cut at safe newlines when `cut`."""
+    """(text, bytes read, is_last) pieces of one .txt file, cut at safe newlines when `cut`."""
     carry, offset = b"", 0
     with open(path, "rb") as f:
         while True:
@@ -155,7 +160,7 @@ def text_pieces(path: Path, errors: str, cut: bool):
             data = carry + block
             if not block:
                 if data or offset == 0:
-                    yield decode(data, path, offset, errors), True
+                    yield decode(data, path, offset, errors), len(data), True
                 return
             found = None
             if cut:
@@ -165,12 +170,13 @@ def text_pieces(path: Path, errors: str, cut: bool):
                 carry = data
                 continue
             end = found.start() + 2
-            yield decode(data[:end], path, offset, errors), False
+            yield decode(data[:end], path, offset, errors), end, False
             carry, offset = data[end:], offset + end
 
 
 def jsonl_documents(path: Path, errors: str, field: str):
-    offset = 0
+    """(text, bytes read) per document of a .jsonl file (blank lines skipped)."""
+    offset = done = 0
     with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             text = decode(line, path, offset, errors)
@@ -186,7 +192,8 @@ def jsonl_documents(path: Path, errors: str, field: str):
                 raise PrepareError(f"{path}:{number}: no {field!r} field; name the text's field with --text-field") from None
             if not isinstance(document, str):
                 raise PrepareError(f"{path}:{number}: the {field!r} field is {type(document).__name__}, not text")
-            yield document
+            yield document, offset - done
+            done = offset
 
 
 def pieces(sources: list[Path], errors: str, field: str, cut: bool):
@@ -198,12 +205,12 @@ def pieces(sources: list[Path], errors: str, field: str, cut: bool):
             continue
         try:
             if path.suffix == ".jsonl":
-                for text in jsonl_documents(path, errors, field):
-                    yield Piece(text, document, True)
+                for text, nbytes in jsonl_documents(path, errors, field):
+                    yield Piece(text, nbytes, document, True)
                     document += 1
             else:
-                for text, last in text_pieces(path, errors, cut):
-                    yield Piece(text, document, last)
+                for text, nbytes, last in text_pieces(path, errors, cut):
+                    yield Piece(text, nbytes, document, last)
                 document += 1
         except OSError as e:
             raise PrepareError(f"{path}: cannot be read ({e.strerror}); fix it or leave it out") from None
@@ -214,7 +221,7 @@ def sample_text(sources: list[Path], errors: str, field: str, max_bytes: int) ->
     texts, size = [], 0
     for piece in pieces(sources, errors, field, cut=True):
         texts.append(piece.text)
-        size += len(piece.text)
+        size += piece.nbytes
         if size >= max_bytes:
             break
     return "\n".join(texts)
@@ -250,12 +257,13 @@ def encode_task(task: list[tuple[str, bool, bool]]) -> tuple[bytes, bytes]:
 
 
 def tasks(stream, seed: int, val_fraction: float, counts: dict):
-    """Batches of about TASK_BYTES of pieces; counts documents per split in `counts`."""
+    """(batch, input bytes) for batches of about TASK_BYTES of pieces; counts documents per
+    split in `counts`."""
     batch, size = [], 0
     for piece in stream:
         val = is_val(seed, piece.document, val_fraction)
         batch.append((piece.text, val, piece.last))
-        size += len(piece.text)
+        size += piece.nbytes
         if piece.last:
             counts[SPLITS[val]] += 1
         if size >= TASK_BYTES:
@@ -266,23 +274,30 @@ def tasks(stream, seed: int, val_fraction: float, counts: dict):
 
 
 def encoded(task_stream, workers: int, tokenizer_dir: str, dtype: str):
-    """(train bytes, val bytes, text size) per task, in order: in this process for one
-    worker, else in a spawned pool with at most 2 tasks per worker in flight."""
+    """(train bytes, val bytes, input bytes) per task, in order: in this process for one
+    worker, else in spawned worker processes with at most 2 tasks per worker in flight."""
     if workers == 1:
         init_worker(tokenizer_dir, dtype)
         for task, size in task_stream:
             yield (*encode_task(task), size)
         return
-    with multiprocessing.get_context("spawn").Pool(workers, init_worker, (tokenizer_dir, dtype)) as pool:
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, context, initializer=init_worker, initargs=(tokenizer_dir, dtype)) as pool:
         pending: deque = deque()
-        for task, size in task_stream:
-            pending.append((pool.apply_async(encode_task, (task,)), size))
-            if len(pending) >= 2 * workers:
-                result, done = pending.popleft()
-                yield (*result.get(), done)
-        while pending:
-            result, done = pending.popleft()
-            yield (*result.get(), done)
+        try:
+            for task, size in task_stream:
+                pending.append((pool.submit(encode_task, task), size))
+                if len(pending) >= 2 * workers:
+                    future, done = pending.popleft()
+                    yield (*future.result(), done)
+            while pending:
+                future, done = pending.popleft()
+                yield (*future.result(), done)
+        except BrokenProcessPool:
+            raise PrepareError("a worker process died (out of memory, or killed); run again, perhaps with fewer --workers") from None
+        finally:
+            for future, _ in pending:
+                future.cancel()
 
 
 # -- the prepared folder -------------------------------------------------------------------
@@ -315,9 +330,13 @@ def read_meta(folder: Path) -> dict | None:
     return meta if meta.get("format") == FORMAT else None
 
 
-def up_to_date(out: Path, settings: dict, sources: list[dict]) -> bool:
+def up_to_date(out: Path, settings: dict, sources: list[dict], tokenizer_fingerprint: str | None) -> bool:
+    """Whether `out` is complete and was made from these sources, settings and tokenizer
+    (None: a tokenizer trained by bpe:N, which the settings and sources determine)."""
     meta = read_meta(out)
     if not meta or meta.get("sources") != sources or any(meta.get(k) != v for k, v in settings.items()):
+        return False
+    if tokenizer_fingerprint and meta["tokenizer"]["fingerprint"] != tokenizer_fingerprint:
         return False
     try:
         open_prepared(out)
@@ -335,11 +354,13 @@ def prepare(inputs, out, tokenizer_spec, *, val_fraction=0.0005, seed=1337, text
     sources = find_sources(inputs)
     records = source_records(sources)
     out = Path(out)
-    settings = {"val_fraction": val_fraction, "seed": seed, "text_field": text_field, "errors": errors, "tokenizer_spec": tokenizer_spec, "dtype_requested": dtype}  # fmt: skip
-    if up_to_date(out, settings, records):
+    settings = {"val_fraction": val_fraction, "seed": seed, "text_field": text_field, "errors": errors, "dtype_requested": dtype,
+                "trained_tokenizer": {"spec": tokenizer_spec, "sample_mb": sample_mb} if tokenizer_spec.startswith("bpe:") else None}  # fmt: skip
+    tokenizer = None if settings["trained_tokenizer"] else resolve_tokenizer(tokenizer_spec)
+    if up_to_date(out, settings, records, tokenizer and fingerprint(tokenizer)):
         say(f"{out} is up to date ({len(sources)} unchanged sources, same settings): nothing to do")
         return read_meta(out)
-    tokenizer = resolve_tokenizer(tokenizer_spec, lambda: sample_text(sources, errors, text_field, int(sample_mb * 1e6)))
+    tokenizer = tokenizer or resolve_tokenizer(tokenizer_spec, lambda: sample_text(sources, errors, text_field, int(sample_mb * 1e6)))
     token_type = token_dtype(tokenizer.n_vocab, dtype)
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # from here on the folder is incomplete

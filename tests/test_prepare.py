@@ -325,12 +325,12 @@ def test_killed_prepare_leaves_nothing_that_reads_as_complete(big_corpus, big_pr
 
 
 RSS_PROBE = """
-import resource, sys
+import sys
 from npgpt import train
 code = train.main(sys.argv[1:])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM:")).split()[1])  # peak RSS, kB
 sys.exit(code)
-"""
+"""  # (not getrusage: its ru_maxrss survives fork + exec, so it may report the parent's peak)
 
 
 def test_training_from_the_big_corpus_keeps_rss_flat(big_prepared, small_corpus, tmp_path):
