@@ -64,8 +64,9 @@ def test_cut_documents_encode_as_whole_ones(gpt2, tmp_path_factory, text, patter
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(P, "PIECE_BYTES", 3)
         parts = list(P.text_pieces(path, "strict", cut=True))
-    assert "".join(t for t, _ in parts) == text and [last for _, last in parts][-1]
-    assert sum((tokenizer.encode_ordinary(t) for t, _ in parts), []) == tokenizer.encode_ordinary(text)
+    assert "".join(t for t, _, _ in parts) == text and [last for _, _, last in parts] == [False] * (len(parts) - 1) + [True]
+    assert sum(n for _, n, _ in parts) == len(text.encode())
+    assert sum((tokenizer.encode_ordinary(t) for t, _, _ in parts), []) == tokenizer.encode_ordinary(text)
 
 
 # -- a small corpus, every input kind --------------------------------------------------------
