@@ -95,11 +95,11 @@ def chunk_growth(npgpt_tokenizer, tiktoken_encoding, lengths, quadratic_up_to: i
 def cold_encode_by_merge(make, text: str, repeats: int) -> dict:
     """Cold encode seconds with long chunks merged by the heap (as shipped) and with every
     chunk merged by the quadratic merge (the algorithm before the heap), interleaved."""
-    times = {"heap_from_64": [], "quadratic_only": []}
+    times = {"heap_for_long_chunks": [], "quadratic_only": []}
     shipped = bpe.HEAP_FROM
     try:
         for _ in range(repeats):
-            for name, heap_from in (("heap_from_64", shipped), ("quadratic_only", 1 << 62)):
+            for name, heap_from in (("heap_for_long_chunks", shipped), ("quadratic_only", 1 << 62)):
                 bpe.HEAP_FROM = heap_from
                 tokenizer = make()
                 start = time.perf_counter()
