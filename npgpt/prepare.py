@@ -374,17 +374,16 @@ def prepare(inputs, out, tokenizer_spec, *, val_fraction=0.0005, seed=1337, text
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".prepare."))
     try:
         tokenizer.save(tmp / TOKENIZER_DIR)
-        files = {split: open(tmp / f"{split}.bin", "wb") for split in SPLITS}
-        progress = Progress(total)
-        stream = tasks(pieces(sources, errors, text_field, cut), seed, val_fraction, counts)
-        for train_bytes, val_bytes, size in encoded(stream, workers, str(tmp / TOKENIZER_DIR), token_type.str):
-            files["train"].write(train_bytes)
-            files["val"].write(val_bytes)
-            progress.update(size, (len(train_bytes) + len(val_bytes)) // token_type.itemsize)
-        for f in files.values():
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
+        with open(tmp / "train.bin", "wb") as train_file, open(tmp / "val.bin", "wb") as val_file:
+            progress = Progress(total)
+            stream = tasks(pieces(sources, errors, text_field, cut), seed, val_fraction, counts)
+            for train_bytes, val_bytes, size in encoded(stream, workers, str(tmp / TOKENIZER_DIR), token_type.str):
+                train_file.write(train_bytes)
+                val_file.write(val_bytes)
+                progress.update(size, (len(train_bytes) + len(val_bytes)) // token_type.itemsize)
+            for f in (train_file, val_file):
+                f.flush()
+                os.fsync(f.fileno())
         progress.finish()
         if progress.tokens == 0:
             raise PrepareError("the inputs hold no text; give files with text in them")
@@ -531,10 +530,10 @@ def main(argv=None) -> int:
         meta = prepare(args.inputs, args.out, args.tokenizer, val_fraction=args.val_fraction, seed=args.seed,
                        text_field=args.text_field, errors=args.errors, workers=args.workers, dtype=args.dtype,
                        sample_mb=args.sample_mb)  # fmt: skip
-    except (PrepareError, ValueError) as e:
+    except (PrepareError, ValueError, OSError) as e:
         if args.debug or os.environ.get("NPGPT_DEBUG") == "1":
             raise
-        say(f"error: {e}")
+        say(f"error: {e}" if not isinstance(e, OSError) else f"error: {e.filename or args.out}: {e.strerror or e}; check the path and its permissions")
         return 2
     except KeyboardInterrupt:
         say(f"interrupted: {args.out} is left incomplete (no {META_FILE}); run the same command again")
