@@ -3,6 +3,8 @@
 Batches are random windows of the stream (as in nanoGPT). Every batch is drawn from a
 generator seeded by (seed, split, step, micro-step) alone, so the data order is
 reproducible, and resuming at step k needs nothing but k: no sampler state to save.
+The stream may be a np.memmap of a prepared folder (`python -m npgpt.data prepare`, see
+npgpt.prepare): a batch reads only the windows it draws.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Train a GPT-2 on a UTF-8 text file: `python -m npgpt.train --data FILE --out-dir DIR`.
+"""Train a GPT-2 on a UTF-8 text file: `python -m npgpt.train --data FILE --out-dir DIR`,
+or on a folder of token files made by `python -m npgpt.data prepare` (`--data DIR`).
 
 From scratch (the tokenizer chosen by `--tokenizer`) or fine-tuning a checkpoint
 (`--init-from weights/NAME`). The output folder is a checkpoint that `npgpt.generate`
