@@ -357,7 +357,8 @@ def prepare(inputs, out, tokenizer_spec, *, val_fraction=0.0005, seed=1337, text
     settings = {"val_fraction": val_fraction, "seed": seed, "text_field": text_field, "errors": errors, "dtype_requested": dtype,
                 "trained_tokenizer": {"spec": tokenizer_spec, "sample_mb": sample_mb} if tokenizer_spec.startswith("bpe:") else None}  # fmt: skip
     tokenizer = None if settings["trained_tokenizer"] else resolve_tokenizer(tokenizer_spec)
-    if up_to_date(out, settings, records, tokenizer and fingerprint(tokenizer)):
+    known_fingerprint = tokenizer and fingerprint(tokenizer)
+    if up_to_date(out, settings, records, known_fingerprint):
         say(f"{out} is up to date ({len(sources)} unchanged sources, same settings): nothing to do")
         return read_meta(out)
     tokenizer = tokenizer or resolve_tokenizer(tokenizer_spec, lambda: sample_text(sources, errors, text_field, int(sample_mb * 1e6)))
@@ -395,7 +396,7 @@ def prepare(inputs, out, tokenizer_spec, *, val_fraction=0.0005, seed=1337, text
         fsync_dir(out)
         meta = {
             "format": FORMAT, "version": VERSION, "dtype": token_type.name,
-            "tokenizer": {"fingerprint": fingerprint(tokenizer), "n_vocab": tokenizer.n_vocab, "eot_id": tokenizer.eot_id},
+            "tokenizer": {"fingerprint": known_fingerprint or fingerprint(tokenizer), "n_vocab": tokenizer.n_vocab, "eot_id": tokenizer.eot_id},
             "splits": {s: {"file": f"{s}.bin", "tokens": tokens[s], "documents": counts[s]} for s in SPLITS},
             **settings, "bytes": total, "sources": records,
         }  # fmt: skip
