@@ -40,7 +40,7 @@ from npgpt.config import GPTConfig
 from npgpt.data import BatchSampler, split_tokens
 from npgpt.model import GPT, FLOAT_DTYPES
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr, global_norm
-from npgpt.prepare import PrepareError, read_tokens
+from npgpt.prepare import PrepareError, read_tokens, split_tokens_of
 
 MODEL_FILE, STATE_FILE, LOG_FILE = "model.safetensors", "trainer_state.safetensors", "log.jsonl"
 STEP_KEY, TRAINER_KEY = "npgpt.step", "npgpt.trainer"
@@ -131,7 +131,7 @@ def load_splits(tokenizer, path, val_fraction: float) -> tuple[np.ndarray, np.nd
     file's tokens cut by --val-fraction."""
     try:
         if Path(path).is_dir():
-            return read_tokens(path, tokenizer, "train"), read_tokens(path, tokenizer, "val")
+            return read_tokens(path, tokenizer, "train"), split_tokens_of(path, "val")
         return split_tokens(read_tokens(path, tokenizer), val_fraction)
     except PrepareError as e:
         raise TrainingError(str(e)) from None

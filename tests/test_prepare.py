@@ -188,6 +188,14 @@ def test_bad_input_gets_one_clear_line(gpt2_dir, tmp_path):
     assert read_split(tmp_path / "wide", "train") == list(b"some text") + [70_000]
 
 
+def test_unreadable_input_is_named(tmp_path, monkeypatch):
+    """(Permissions cannot be taken from root, so the permission check is what is faked.)"""
+    (tmp_path / "a.txt").write_text("text")
+    monkeypatch.setattr(P.os, "access", lambda path, mode: False)
+    with pytest.raises(P.PrepareError, match=r"a\.txt: not readable"):
+        P.find_sources([str(tmp_path)])
+
+
 # -- training and evaluation read the folders ---------------------------------------------------
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "8", "--block-size", "8", "--batch-size", "2",
         "--warmup-iters", "2", "--log-interval", "1", "--eval-iters", "2"]  # fmt: skip
