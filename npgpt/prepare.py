@@ -12,7 +12,7 @@ The prepared folder:
 
     train.bin, val.bin   the tokens, raw little-endian `dtype` (uint16 when the vocabulary
                          has at most 65,536 ids, else uint32), read with np.memmap
-    tokenizer/           the tokenizer's files (as `Tokenizer.save` writes them)
+    tokenizer/           the tokenizer's files (as `npgpt.tokenizer.save` writes them)
     meta.json            written last: format, version, dtype, tokenizer (fingerprint,
                          n_vocab, eot_id), splits (file, tokens, documents), val_fraction,
                          seed, text_field, errors, dtype_requested, trained_tokenizer (bpe:N
@@ -50,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
+from npgpt.errors import UserError, add_debug_flag, run_cli
+
 META_FILE, TOKENIZER_DIR = "meta.json", "tokenizer"
 SPLITS = ("train", "val")
 FORMAT, VERSION = "npgpt-tokens", 1
@@ -58,16 +60,18 @@ TASK_BYTES = 1 << 20  # text per batch sent to a worker
 SAFE_CUT = re.compile(rb"[\x21-\x7e]\n(?=[\x21-\x7e])")  # a cut after this "\n" changes no chunk
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError, RuntimeError):
     """Bad input or a failed write; the message says what is wrong and what to do."""
 
 
 # -- tokenizers ----------------------------------------------------------------------------
 def fingerprint(tokenizer) -> str:
-    """sha256 of the files `tokenizer.save` writes in its default form: equal for the same
-    vocabulary, pattern and special tokens, whichever file form it was loaded from."""
+    """sha256 of the files `npgpt.tokenizer.save` writes in its default form: equal for the
+    same vocabulary, pattern and special tokens, whichever file form it was loaded from."""
+    from npgpt.tokenizer import save
+
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save(tmp)
+        save(tokenizer, tmp)
         digest = hashlib.sha256()
         for file in sorted(Path(tmp).iterdir()):
             digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
@@ -86,7 +90,7 @@ def token_dtype(n_vocab: int, requested: str = "auto") -> np.dtype:
 def resolve_tokenizer(spec: str, sample=None):
     """A tokenizer folder or .tiktoken file, a weights NAME (weights/NAME/), or bpe:N (trained
     on `sample()`, a function returning text, with <|endoftext|> as a special token)."""
-    from npgpt.tokenizer import ENDOFTEXT, Tokenizer, train_bpe
+    from npgpt.tokenizer import ENDOFTEXT, load, train_bpe
 
     if spec.startswith("bpe:"):
         try:
@@ -98,14 +102,14 @@ def resolve_tokenizer(spec: str, sample=None):
         return train_bpe(text, vocab_size, special_tokens=(ENDOFTEXT,))
     path = Path(spec).expanduser()
     if not path.exists() and len(path.parts) == 1:
-        from npgpt.generate import WeightsError, resolve_weights
+        from npgpt.weights import WeightsError, resolve_weights
 
         try:
             path = resolve_weights(spec).parent
         except WeightsError as e:
             raise PrepareError(f"--tokenizer {spec!r} is neither a tokenizer folder nor bpe:N, and {e}") from None
     try:
-        return Tokenizer.load(path)
+        return load(path)
     except (OSError, ValueError) as e:
         raise PrepareError(f"--tokenizer {spec}: {e}") from None
 
@@ -238,9 +242,9 @@ _worker: dict = {}
 
 
 def init_worker(tokenizer_dir: str, dtype: str):
-    from npgpt.tokenizer import Tokenizer
+    from npgpt.tokenizer import load
 
-    _worker.update(tokenizer=Tokenizer.load(tokenizer_dir), dtype=np.dtype(dtype))
+    _worker.update(tokenizer=load(tokenizer_dir), dtype=np.dtype(dtype))
 
 
 def encode_task(task: list[tuple[str, bool, bool]]) -> tuple[bytes, bytes]:
@@ -367,6 +371,7 @@ def prepare(inputs, out, tokenizer_spec, *, val_fraction=0.0005, seed=1337, text
     (out / META_FILE).unlink(missing_ok=True)  # from here on the folder is incomplete
     for stale in out.glob(".prepare.*"):  # what a killed run left
         shutil.rmtree(stale, ignore_errors=True)
+    from npgpt.tokenizer import save
     from npgpt.tokenizer.bpe import PATTERNS, BPETokenizer
 
     cut = not isinstance(tokenizer, BPETokenizer) or tokenizer.pattern in PATTERNS.values()
@@ -374,7 +379,7 @@ def prepare(inputs, out, tokenizer_spec, *, val_fraction=0.0005, seed=1337, text
     counts = {"train": 0, "val": 0}
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".prepare."))
     try:
-        tokenizer.save(tmp / TOKENIZER_DIR)
+        save(tokenizer, tmp / TOKENIZER_DIR)
         with open(tmp / "train.bin", "wb") as train_file, open(tmp / "val.bin", "wb") as val_file:
             progress = Progress(total)
             stream = tasks(pieces(sources, errors, text_field, cut), seed, val_fraction, counts)
@@ -518,24 +523,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--errors", choices=("strict", "replace"), default="strict", help="invalid UTF-8: stop (strict, default) or read as U+FFFD")
     d.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto", help="token type (default: the smallest that fits)")
     d.add_argument("--sample-mb", type=float, default=10.0, help="MB of the corpus that bpe:N trains on (default 10)")
-    d.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_debug_flag(d)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_cli(_main, argv)
+
+
+def _main(argv) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:
-        say(f"error: --workers must be >= 1, got {args.workers}; give a positive count")
-        return 2
+        parser.error(f"--workers must be >= 1, got {args.workers}")
     try:
         meta = prepare(args.inputs, args.out, args.tokenizer, val_fraction=args.val_fraction, seed=args.seed,
                        text_field=args.text_field, errors=args.errors, workers=args.workers, dtype=args.dtype,
                        sample_mb=args.sample_mb)  # fmt: skip
-    except (PrepareError, ValueError, OSError) as e:
-        if args.debug or os.environ.get("NPGPT_DEBUG") == "1":
-            raise
-        say(f"error: {e}" if not isinstance(e, OSError) else f"error: {e.filename or args.out}: {e.strerror or e}; check the path and its permissions")
-        return 2
     except KeyboardInterrupt:
         say(f"interrupted: {args.out} is left incomplete (no {META_FILE}); run the same command again")
         return 130

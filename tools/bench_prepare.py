@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import emit, interleaved, log, summary  # noqa: E402
 
 from npgpt.prepare import is_val, prepare  # noqa: E402
-from npgpt.tokenizer import Tokenizer  # noqa: E402
+from npgpt.tokenizer import load, save  # noqa: E402
 from npgpt.tokenizer.bpe import GPT2_PATTERN  # noqa: E402
 
 DATA = Path(os.environ.get("NPGPT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     encoding = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256})
     with tempfile.TemporaryDirectory(prefix="bench-prepare.") as tmp:
         tmp = Path(tmp)
-        tokenizer_dir = Tokenizer.load(args.data / "gpt2" / "gpt2.tiktoken").save(tmp / "tokenizer")
+        tokenizer_dir = save(load(args.data / "gpt2" / "gpt2.tiktoken"), tmp / "tokenizer")
         (tmp / "corpus").mkdir()
         per_file = max(1, len(documents) // 20)
         for i in range(0, len(documents), per_file):
