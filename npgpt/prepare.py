@@ -106,8 +106,9 @@ def resolve_tokenizer(spec: str, sample=None):
 
         try:
             path = resolve_weights(spec).parent
-        except WeightsError as e:
-            raise PrepareError(f"--tokenizer {spec!r} is neither a tokenizer folder nor bpe:N, and {e}") from None
+        except WeightsError:
+            raise PrepareError(f"--tokenizer {spec!r} is no tokenizer folder, weights name (weights/{spec}/) or bpe:N; "
+                               "give one, e.g. ../shared/data/gpt2 or bpe:4096") from None  # fmt: skip
     try:
         return load(path)
     except (OSError, ValueError) as e:

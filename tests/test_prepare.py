@@ -327,7 +327,7 @@ def test_killed_prepare_leaves_nothing_that_reads_as_complete(big_corpus, big_pr
         P.open_prepared(out)
     from npgpt import train
 
-    with pytest.raises(train.TrainingError, match="not a complete prepared folder"):
+    with pytest.raises(P.PrepareError, match="not a complete prepared folder"):
         train.load_splits(load(tokenizer_dir), out, 0.1)
 
 
@@ -347,7 +347,7 @@ def test_training_from_the_big_corpus_keeps_rss_flat(big_prepared, small_corpus,
     P.prepare([small_corpus[0]], small, str(tokenizer_dir), val_fraction=0.3, workers=1)
     peaks = {}
     for name, data in (("small", small), ("big", runs[2][0])):
-        args = ["--data", str(data), "--out-dir", str(tmp_path / name), *TINY, "--max-iters", "20", "--eval-interval", "10"]
+        args = ["--data", str(data), "--out-dir", str(tmp_path / f"run-{name}"), *TINY, "--max-iters", "20", "--eval-interval", "10"]
         result = subprocess.run([sys.executable, "-c", RSS_PROBE, *args], capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr
         peaks[name] = int(result.stdout.split()[-1]) * 1024
