@@ -62,7 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m npgpt.eval", description=__doc__.split("\n\n")[0].split(": ")[0] + ".",
                                 epilog="See the module docstring (python -c 'import npgpt.eval; help(npgpt.eval)') for the method.")  # fmt: skip
     p.add_argument("--weights", required=True, help="checkpoint folder (model.safetensors + tokenizer), .safetensors file, or NAME for weights/NAME/")
-    p.add_argument("--data", required=True, help="UTF-8 text file to score")
+    p.add_argument("--data", required=True, help="UTF-8 text file to score (with --format pairs: JSON Lines pairs)")
+    p.add_argument("--format", choices=("text", "pairs"), default="text",
+                   help="text: perplexity of the text (default); pairs: completion loss and exact-match accuracy "
+                        "of greedy generation on {\"prompt\", \"completion\"} records (see npgpt.pairs_eval)")  # fmt: skip
+    p.add_argument("--stop", action="append", default=[], help="pairs: a string that ends generation (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="pairs: generation limit per prompt (default 256)")
+    p.add_argument("--skip-bad", action="store_true", help="pairs: skip bad records (counted) instead of stopping")
     p.add_argument("--context", type=int, help="tokens per window (default: the model's n_ctx)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: context // 2)")
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
@@ -79,6 +85,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         model, tokenizer = load_model(args.weights, get_backend(args.backend), args.dtype)
+        if args.format == "pairs":
+            return score_pairs_main(args, model, tokenizer)
         with open(args.data, encoding="utf-8") as f:
             ids = np.asarray(tokenizer.encode(f.read(), allowed_special="all"), dtype=np.int64)
         if args.max_tokens:
@@ -95,6 +103,16 @@ def main(argv=None) -> int:
         print(f"{args.data}: {result['tokens_evaluated']:,} tokens evaluated in {result['windows']} windows "
               f"(context {result['context']}, stride {result['stride']}): loss {result['loss']:.4f} nats/token, "
               f"perplexity {result['perplexity']:.3f}")  # fmt: skip
+    return 0
+
+
+def score_pairs_main(args, model, tokenizer) -> int:
+    from npgpt import pairs_eval
+    from npgpt.pairs import read_pairs
+
+    result = pairs_eval.score_pairs(model, tokenizer, read_pairs(args.data, args.skip_bad), args.stop,
+                                    args.max_new_tokens, args.skip_bad, progress=pairs_eval.say)  # fmt: skip
+    print(json.dumps(result) if args.json else pairs_eval.summary(result))
     return 0
 
 

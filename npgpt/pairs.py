@@ -199,6 +199,15 @@ class PairsData:
         return (f"{len(self.examples):,} pairs from {self.file.path} ({scored:,} completion tokens; "
                 f"{self.truncated} prompts truncated from the left{self.file.skip_note()})")  # fmt: skip
 
+    def samplers(self, block_size, batch_size, grad_accum, seed, val_fraction):
+        """(train, validation or None) PackedSamplers: the last val_fraction of the examples
+        validate."""
+        train, val = split_examples(self.examples, val_fraction)
+        if not train:
+            raise PairsError(f"{self.file.path}: no examples left to train on; lower --val-fraction")
+        val_sampler = PackedSampler(pack(val, block_size), batch_size, 1, seed, "val") if val else None
+        return PackedSampler(pack(train, block_size), batch_size, grad_accum, seed, "train"), val_sampler
+
 
 def load_examples(path, tokenizer, block_size: int, skip_bad: bool = False) -> PairsData:
     """Read, tokenize and fit every record to `block_size`; records that cannot be encoded

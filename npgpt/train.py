@@ -39,6 +39,7 @@ from npgpt.config import GPTConfig
 from npgpt.data import BatchSampler, split_tokens
 from npgpt.model import GPT, FLOAT_DTYPES
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr, global_norm
+from npgpt.pairs import IGNORE_INDEX, PairsData, add_end_of_text, load_examples, read_pairs
 
 MODEL_FILE, STATE_FILE, LOG_FILE = "model.safetensors", "trainer_state.safetensors", "log.jsonl"
 STEP_KEY, TRAINER_KEY = "npgpt.step", "npgpt.trainer"
@@ -60,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--data ../shared/data/corpora/tinyshakespeare.txt --out-dir weights/shakespeare --tokenizer char",
     )
     g = p.add_argument_group("data and output")
-    g.add_argument("--data", help="UTF-8 text file to train on (required unless --resume)")
+    g.add_argument("--data", help="UTF-8 text file to train on, or with --format pairs a JSON Lines file (required unless --resume)")
+    g.add_argument("--format", choices=("text", "pairs"), default="text",
+                   help="text: continued pre-training, loss on every token (default); pairs: fine-tune on "
+                        "{\"prompt\", \"completion\"} records, loss on completions only, packed into windows")  # fmt: skip
+    g.add_argument("--skip-bad", action="store_true", help="with --format pairs: skip bad records (counted) instead of stopping")
     g.add_argument("--out-dir", required=True, help="checkpoint folder (created; with --resume, read first)")
     g.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir exactly where it stopped")
     g.add_argument("--tokenizer", default="char",
@@ -158,16 +163,24 @@ def load_host_params(file) -> tuple[dict[str, np.ndarray], GPTConfig, dict[str, 
 class Trainer:
     """One training run: model, optimizer, samplers, and the checkpoint folder."""
 
-    def __init__(self, args, model: GPT, tokenizer, tokens: np.ndarray, start_step: int = 0):
+    def __init__(self, args, model: GPT, tokenizer, data: np.ndarray | PairsData, start_step: int = 0):
+        """`data`: a token stream (--format text) or tokenized pairs (--format pairs)."""
         self.args, self.model, self.tokenizer = args, model, tokenizer
         self.out = Path(args.out_dir)
         self.backend = model.backend
         self.opt = AdamW(model.params, model.backend, betas=(args.beta1, args.beta2),
                          weight_decay=args.weight_decay, decay_embeddings=args.decay_embeddings)  # fmt: skip
-        train, val = split_tokens(tokens, args.val_fraction)
         T = args.block_size
-        self.train_data = BatchSampler(train, args.batch_size, T, args.seed, "train")
-        self.val_data = BatchSampler(val, args.batch_size, T, args.seed, "val") if args.val_fraction > 0 else None
+        self.pairs = isinstance(data, PairsData)
+        if self.pairs:
+            self.train_data, self.val_data = data.samplers(T, args.batch_size, args.grad_accum, args.seed, args.val_fraction)
+            self.data_summary = data.summary()
+        else:
+            train, val = split_tokens(data, args.val_fraction)
+            self.train_data = BatchSampler(train, args.batch_size, T, args.seed, "train")
+            self.val_data = BatchSampler(val, args.batch_size, T, args.seed, "val") if args.val_fraction > 0 else None
+            self.data_summary = f"{len(self.train_data.tokens):,} train tokens"
+        self.scored = 0  # targets scored (completion tokens with --format pairs) since the last report
         self.step = start_step
         self.tokens_per_step = args.batch_size * T * args.grad_accum
         self.stop_requested = False
@@ -180,9 +193,10 @@ class Trainer:
         args, model = self.args, self.model
         total_loss, grads = 0.0, None
         for micro in range(args.grad_accum):
-            ids, targets = self.train_data.batch(self.step, micro)
+            ids, targets, *segments = self.train_data.batch(self.step, micro)
+            self.scored += int(np.count_nonzero(targets != IGNORE_INDEX))
             rng = np.random.default_rng([args.seed, DROPOUT_STREAM, self.step, micro]) if model.config.dropout else None
-            loss, g = model.loss_and_grads(ids, targets, rng=rng)
+            loss, g = model.loss_and_grads(ids, targets, ignore_index=IGNORE_INDEX, rng=rng)
             total_loss = total_loss + loss
             if grads is None:
                 grads = g
@@ -203,7 +217,7 @@ class Trainer:
 
     def val_loss(self) -> float:
         """Mean loss over `eval_iters` fixed validation batches (the same ones every time)."""
-        losses = [self.model.loss(*self.val_data.batch(i)) for i in range(self.args.eval_iters)]
+        losses = [self.model.loss(*self.val_data.batch(i)[:2], ignore_index=IGNORE_INDEX) for i in range(self.args.eval_iters)]
         return float(self.backend.to_numpy(sum(losses[1:], losses[0]))) / len(losses)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -213,7 +227,7 @@ class Trainer:
         if self.step >= args.max_iters:
             say(f"already at step {self.step} of {args.max_iters}: nothing to do (raise --max-iters to continue)")
             return 0
-        say(f"training {self.model.config} on {self.backend.name}: {len(self.train_data.tokens):,} train tokens, "
+        say(f"training {self.model.config} on {self.backend.name}: {self.data_summary}, "
             f"{self.tokens_per_step:,} tokens/step, steps {self.step} -> {args.max_iters}")  # fmt: skip
         window_loss, window_norm, window_steps = 0.0, 0.0, 0
         clock = time.perf_counter()
@@ -263,11 +277,15 @@ class Trainer:
                 f"or a --grad-clip.")  # fmt: skip
             return False
         tokens_per_s = steps * self.tokens_per_step / elapsed
+        scored_per_s, self.scored = self.scored / elapsed, 0
         eta = (self.args.max_iters - self.step) * elapsed / steps
-        say(f"step {self.step:>6}/{self.args.max_iters} | loss {loss:.4f} | lr {self.lr(self.step - 1):.2e} | "
-            f"grad norm {norm:.3f} | {tokens_per_s:,.0f} tok/s | {1000 * elapsed / steps:.0f} ms/step | ETA {format_duration(eta)}")  # fmt: skip
+        what, rate = ("completion loss", f"{scored_per_s:,.0f} completion tok/s ({tokens_per_s:,.0f} tok/s)") if self.pairs \
+            else ("loss", f"{tokens_per_s:,.0f} tok/s")  # fmt: skip
+        say(f"step {self.step:>6}/{self.args.max_iters} | {what} {loss:.4f} | lr {self.lr(self.step - 1):.2e} | "
+            f"grad norm {norm:.3f} | {rate} | {1000 * elapsed / steps:.0f} ms/step | ETA {format_duration(eta)}")  # fmt: skip
+        extra = {"completion_tokens_per_s": scored_per_s} if self.pairs else {}
         self.log(step=self.step, loss=loss, lr=self.lr(self.step - 1), grad_norm=norm,
-                 tokens_per_s=tokens_per_s, seconds_per_step=elapsed / steps)  # fmt: skip
+                 tokens_per_s=tokens_per_s, seconds_per_step=elapsed / steps, **extra)  # fmt: skip
         return True
 
     def evaluate(self):
@@ -315,7 +333,7 @@ def start(args) -> Trainer:
     from npgpt.tokenizer import Tokenizer
 
     if not args.data:
-        raise TrainingError("--data is required (a UTF-8 text file) unless --resume")
+        raise TrainingError("--data is required (a UTF-8 text file, or JSON Lines with --format pairs) unless --resume")
     out = Path(args.out_dir)
     if (out / STATE_FILE).exists():
         raise TrainingError(f"{out} already holds a training run: continue it with --resume, or choose another --out-dir")
@@ -326,11 +344,20 @@ def start(args) -> Trainer:
         file = resolve_weights(args.init_from)
         tokenizer = Tokenizer.load(file.parent)
         params, config, _ = load_host_params(file)
+        if args.format == "pairs":
+            tokenizer, params, added = add_end_of_text(tokenizer, params)
+            config = dataclasses.replace(config, vocab_size=params["wte.weight"].shape[0])
+            if added:
+                say(f"added <|endoftext|> to the tokenizer as id {tokenizer.eot_id} (to end each completion)")
         args.block_size = args.block_size or config.n_ctx
         config = dataclasses.replace(config, dropout=args.dropout)
         model = GPT.from_numpy(config, params, backend, args.dtype)
     else:
-        tokenizer = make_tokenizer(args.tokenizer, read_text(args.data))
+        if args.format == "pairs":
+            pairs = read_pairs(args.data, args.skip_bad).pairs
+            tokenizer, _, _ = add_end_of_text(make_tokenizer(args.tokenizer, "\n".join(p.prompt + p.completion for p in pairs)))
+        else:
+            tokenizer = make_tokenizer(args.tokenizer, read_text(args.data))
         config = scratch_config(args, tokenizer.n_vocab)
         args.block_size = config.n_ctx
         model = GPT.init(config, backend, seed=args.seed, dtype=args.dtype)
@@ -338,7 +365,14 @@ def start(args) -> Trainer:
         raise TrainingError(f"--block-size {args.block_size} exceeds the model's context of {model.config.n_ctx}")
     (out / LOG_FILE).unlink(missing_ok=True)
     write_tokenizer(tokenizer, out)
-    return Trainer(args, model, tokenizer, encode_file(tokenizer, args.data))
+    return Trainer(args, model, tokenizer, load_data(args, tokenizer))
+
+
+def load_data(args, tokenizer) -> np.ndarray | PairsData:
+    """The token stream of a text file, or the examples of a pairs file."""
+    if getattr(args, "format", "text") == "pairs":  # runs saved before --format existed are text
+        return load_examples(args.data, tokenizer, args.block_size, args.skip_bad)
+    return encode_file(tokenizer, args.data)
 
 
 def resume(args, given: set[str]) -> Trainer:
@@ -363,7 +397,7 @@ def resume(args, given: set[str]) -> Trainer:
     args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in given & RESUME_OVERRIDES}, "out_dir": str(out)})
     tokenizer = Tokenizer.load(out)
     model = GPT.from_numpy(config, params, get_backend(args.backend))
-    trainer = Trainer(args, model, tokenizer, encode_file(tokenizer, args.data), start_step=state["step"])
+    trainer = Trainer(args, model, tokenizer, load_data(args, tokenizer), start_step=state["step"])
     trainer.opt.load_state_dict(moments, state["optimizer"])
     truncate_log(out / LOG_FILE, state["step"])
     say(f"resuming {out} at step {state['step']}")

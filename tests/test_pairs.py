@@ -1,0 +1,152 @@
+"""Fine-tuning on prompt/completion pairs: reading (bad records), tokenizing with masked
+prompt targets, left truncation, packing, the sampler, the trainer and the task evaluation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from npgpt import layers, pairs, train
+from npgpt.checkpoint import load_safetensors
+from npgpt.config import GPTConfig
+from npgpt.pairs import IGNORE_INDEX, PairsError, make_example, pack, read_pairs
+from npgpt.tokenizer import BPETokenizer
+from test_gradients import grad_errors, random_model
+
+BYTES = BPETokenizer({bytes([b]): b for b in range(256)}, {"<|endoftext|>": 256})
+
+
+def write(tmp_path, *lines, name="pairs.jsonl"):
+    path = tmp_path / name
+    path.write_bytes(b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines))
+    return path
+
+
+# -- reading ------------------------------------------------------------------------------
+BAD = {
+    "invalid JSON": '{"prompt": "a", "completion": ',
+    'no "completion" field': '{"prompt": "a"}',
+    'no "prompt" field': '{"completion": "a"}',
+    '"prompt" is a JSON int, not a string': '{"prompt": 3, "completion": "a"}',
+    '"completion" is a JSON null, not a string': '{"prompt": "a", "completion": null}',
+    '"completion" is empty': '{"prompt": "a", "completion": ""}',
+    "a JSON list, not an object": '["a", "b"]',
+    "not UTF-8": b'{"prompt": "\xff", "completion": "a"}',
+}
+
+
+@pytest.mark.parametrize("what", BAD)
+def test_a_bad_record_is_named_by_file_and_line_or_skipped(tmp_path, what):
+    good = '{"prompt": "x", "completion": "y"}'
+    path = write(tmp_path, good, "", BAD[what], good)  # the blank line 2 is not a record
+    with pytest.raises(PairsError) as e:
+        read_pairs(path)
+    assert str(e.value).startswith(f"{path}:3: {what}") and "--skip-bad" in str(e.value)
+    read = read_pairs(path, skip_bad=True)
+    assert [p.line for p in read.pairs] == [1, 4] and len(read.skipped) == 1
+    assert read.skip_note().startswith(f"; skipped 1 bad record (first: {path}:3: {what}")
+
+
+def test_train_cli_one_line_errors(tmp_path, capsys):
+    path = write(tmp_path, '{"prompt": "x", "completion": "y"}', '{"prompt": "x"}')
+    args = ["--format", "pairs", "--data", str(path), "--tokenizer", "bytes", "--max-iters", "1", "--n-layer", "1",
+            "--n-head", "1", "--n-embd", "4", "--block-size", "8", "--batch-size", "1", "--val-fraction", "0"]  # fmt: skip
+    assert train.main([*args, "--out-dir", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {path}:2: no \"completion\" field;")
+    assert train.main([*args, "--out-dir", str(tmp_path / "b"), "--skip-bad"]) == 0
+    assert "skipped 1 bad record" in capsys.readouterr().err
+    assert train.main([*args, "--out-dir", str(tmp_path / "c"), "--data", str(tmp_path / "nope.jsonl")]) == 2
+    assert "nope.jsonl: no such file" in capsys.readouterr().err
+
+
+# -- examples ---------------------------------------------------------------------------------
+def test_prompt_targets_are_masked_and_long_prompts_cut_from_the_left():
+    ex = make_example([1, 2, 3], [4, 5], eot=9, block_size=8)
+    assert ex.ids.tolist() == [1, 2, 3, 4, 5] and ex.cut == 0
+    assert ex.targets.tolist() == [IGNORE_INDEX, IGNORE_INDEX, 4, 5, 9]  # 3 predicts the first completion token
+    ex = make_example([1, 2, 3, 4, 5, 6], [7, 8], eot=9, block_size=4)
+    assert ex.ids.tolist() == [5, 6, 7, 8] and ex.targets.tolist() == [IGNORE_INDEX, 7, 8, 9] and ex.cut == 4
+    assert make_example([1], [7, 8], eot=9, block_size=3).targets.tolist() == [7, 8, 9]
+    with pytest.raises(ValueError, match="the completion is 4 tokens with end-of-text"):
+        make_example([1], [7, 8, 9], eot=9, block_size=3)
+
+
+def test_load_examples_counts_truncations_and_skips_records_that_cannot_fit(tmp_path):
+    path = write(tmp_path, *(json.dumps({"prompt": p, "completion": c}) for p, c in
+                             [("ab", "cd"), ("a" * 20, "b"), ("", "xyz"), ("a", "b" * 12)]))  # fmt: skip
+    with pytest.raises(PairsError, match=rf"{path}:4: the completion is 13 tokens"):
+        pairs.load_examples(path, BYTES, block_size=8)
+    data = pairs.load_examples(path, BYTES, block_size=8, skip_bad=True)
+    assert len(data.examples) == 3 and data.truncated == 1 and len(data.file.skipped) == 1
+    assert data.examples[2].ids.tolist() == [256, *b"xyz"]  # an empty prompt is <|endoftext|>
+    assert "3 pairs" in data.summary() and "1 prompts truncated" in data.summary()
+
+
+def test_packing_keeps_examples_whole_and_in_order():
+    rng = np.random.default_rng(0)
+    examples = [make_example(list(rng.integers(0, 9, n)), list(rng.integers(0, 9, m)), 9, 10)
+                for n, m in rng.integers(1, 6, (40, 2))]  # fmt: skip
+    p = pack(examples, 10, pad_id=0)
+    assert p.ids.shape == p.targets.shape == p.segments.shape and p.ids.shape[1] == 10
+    assert p.scored == sum(int(np.sum(ex.targets != IGNORE_INDEX)) for ex in examples)
+    found, used = [], []  # (ids, targets) per segment; example positions per window
+    for ids, targets, seg in zip(p.ids, p.targets, p.segments):
+        assert np.all(np.diff(seg) >= 0) and seg[0] == 0  # contiguous runs 0, 1, 2, ...
+        runs = [(ids[seg == s].tolist(), targets[seg == s].tolist()) for s in np.unique(seg)]
+        real = [r for r in runs if any(t != IGNORE_INDEX for t in r[1])]  # padding scores nothing
+        assert real == runs[: len(real)] and len(runs) - len(real) <= 1  # padding only at the end
+        found += real
+        used.append(sum(len(r[0]) for r in real))
+    assert found == [(ex.ids.tolist(), ex.targets.tolist()) for ex in examples]
+    # next fit: a window is closed only when the next example does not fit in it
+    firsts = np.cumsum([0] + [int(np.unique(seg[targets != IGNORE_INDEX]).size) for seg, targets in zip(p.segments, p.targets)])
+    for w in range(len(used) - 1):
+        assert used[w] + len(examples[firsts[w + 1]].ids) > 10
+
+
+def test_the_sampler_visits_every_window_once_per_epoch_and_is_a_function_of_the_step():
+    examples = [make_example([1], [2, 3], 9, 4) for _ in range(10)]  # one example per window of 4
+    for i, ex in enumerate(examples):
+        ex.ids[0] = i  # tell the windows apart
+    sampler = pairs.PackedSampler(pack(examples, 4), batch_size=3, grad_accum=2, seed=5)
+    seen = np.concatenate([sampler.batch(step, micro)[0][:, 0] for step in range(5) for micro in range(2)])  # 30
+    for epoch in range(3):
+        assert sorted(seen[10 * epoch : 10 * epoch + 10]) == list(range(10))
+    again = pairs.PackedSampler(pack(examples, 4), batch_size=3, grad_accum=2, seed=5)
+    assert all(np.array_equal(a, b) for a, b in zip(again.batch(3, 1), sampler.batch(3, 1)))
+
+
+def test_adding_end_of_text_grows_the_embedding_by_the_mean_row(tmp_path):
+    tok = BPETokenizer({bytes([b]): b for b in range(256)})
+    wte = np.random.default_rng(0).standard_normal((256, 4)).astype(np.float32)
+    grown, params, added = pairs.add_end_of_text(tok, {"wte.weight": wte})
+    assert added and grown.eot_id == 256 and grown.n_vocab == 257
+    assert params["wte.weight"].shape == (257, 4) and np.allclose(params["wte.weight"][256], wte.mean(0))
+    grown.save(tmp_path)
+    from npgpt.tokenizer import Tokenizer
+
+    assert Tokenizer.load(tmp_path).encode("a<|endoftext|>", allowed_special="all") == [97, 256]
+    assert pairs.add_end_of_text(grown, params)[2] is False
+
+
+# -- the loss: completion tokens only --------------------------------------------------------
+def test_masked_prompt_positions_contribute_exactly_zero_gradient():
+    """A packed window's gradient matches float64 finite differences of the loss on the
+    completion tokens alone, and the rows of dlogits at prompt positions are exactly 0."""
+    cfg = GPTConfig(vocab_size=7, n_ctx=8, n_embd=4, n_head=2, n_layer=1)
+    model = random_model(cfg, 11)
+    window = pack([make_example([1, 2, 3], [4, 5], 6, 8), make_example([2], [3], 6, 8)], 8)
+    ids, targets = window.ids, window.targets
+    assert targets.tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 4, 5, 6, 3, 6, IGNORE_INDEX]]
+    assert grad_errors(model, ids, targets, ignore_index=IGNORE_INDEX) == {}
+    logits = np.asarray(model.forward(ids)).reshape(-1, 7)
+    _, ce = layers.cross_entropy_forward(logits, targets.reshape(-1), IGNORE_INDEX)
+    dlogits = np.asarray(layers.cross_entropy_backward(1.0, ce, model.backend))
+    masked = targets.reshape(-1) == IGNORE_INDEX
+    assert np.array_equal(dlogits[masked], np.zeros_like(dlogits[masked])) and np.all(np.abs(dlogits[~masked]).sum(1) > 0)
