@@ -3,6 +3,7 @@ prompt targets, left truncation, packing, the sampler, the trainer and the task 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -19,6 +20,14 @@ from npgpt.tokenizer import BPETokenizer
 from test_gradients import grad_errors, random_model
 
 BYTES = BPETokenizer({bytes([b]): b for b in range(256)}, {"<|endoftext|>": 256})
+
+
+def make_task():
+    """tools/make_task.py as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("make_task", ROOT / "tools" / "make_task.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write(tmp_path, *lines, name="pairs.jsonl"):
@@ -150,3 +159,101 @@ def test_masked_prompt_positions_contribute_exactly_zero_gradient():
     dlogits = np.asarray(layers.cross_entropy_backward(1.0, ce, model.backend))
     masked = targets.reshape(-1) == IGNORE_INDEX
     assert np.array_equal(dlogits[masked], np.zeros_like(dlogits[masked])) and np.all(np.abs(dlogits[~masked]).sum(1) > 0)
+
+
+# -- the trainer and the evaluator ------------------------------------------------------------
+TINY = ["--format", "pairs", "--tokenizer", "bytes", "--n-layer", "1", "--n-head", "2", "--n-embd", "8",
+        "--block-size", "16", "--batch-size", "2", "--warmup-iters", "2", "--log-interval", "1", "--eval-iters", "2"]  # fmt: skip
+
+
+@pytest.fixture
+def task(tmp_path):
+    train_records, test_records = make_task().make("reverse", 60, 10, seed=1)
+    paths = []
+    for name, records in [("train", train_records), ("test", test_records)]:
+        paths.append(write(tmp_path, *(json.dumps(r) for r in records), name=f"{name}.jsonl"))
+    return paths
+
+
+def test_pairs_training_resumes_bit_for_bit_and_logs_completion_tokens(task, tmp_path):
+    from test_train import assert_identical, params_and_moments
+
+    flags = [*TINY, "--data", str(task[0]), "--grad-accum", "2", "--checkpoint-interval", "4", "--eval-interval", "3"]
+    assert train.main([*flags, "--out-dir", str(tmp_path / "straight"), "--max-iters", "8"]) == 0
+    assert train.main([*flags, "--out-dir", str(tmp_path / "split"), "--max-iters", "5", "--lr-decay-iters", "8"]) == 0
+    assert train.main(["--resume", "--out-dir", str(tmp_path / "split"), "--max-iters", "8"]) == 0
+    assert_identical(params_and_moments(tmp_path / "straight"), params_and_moments(tmp_path / "split"))
+    log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert len(steps) == 8 and all(0 < r["completion_tokens_per_s"] < r["tokens_per_s"] for r in steps)
+    assert [r["step"] for r in log if "val_loss" in r] == [3, 6, 8]
+
+
+def test_fine_tuning_the_shipped_model_adds_end_of_text(task, tmp_path, capsys):
+    out = tmp_path / "tuned"
+    assert train.main(["--format", "pairs", "--data", str(task[0]), "--init-from", str(ROOT / "weights" / "shakespeare"),
+                       "--out-dir", str(out), "--block-size", "32", "--batch-size", "2", "--max-iters", "1",
+                       "--val-fraction", "0"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "added <|endoftext|> to the tokenizer as id 1024" in err and "completion loss" in err
+    params, _ = load_safetensors(out / "model.safetensors")
+    assert params["wte.weight"].shape == (1025, 192)
+    from npgpt.tokenizer import Tokenizer
+
+    assert Tokenizer.load(out).eot_id == 1024
+
+
+def test_eval_pairs_json_and_exact_match(task, tmp_path, capsys, monkeypatch):
+    from npgpt import eval as evaluate, pairs_eval
+
+    out = tmp_path / "run"
+    assert train.main([*TINY, "--data", str(task[0]), "--out-dir", str(out), "--max-iters", "2"]) == 0
+    capsys.readouterr()
+    assert evaluate.main(["--weights", str(out), "--data", str(task[1]), "--format", "pairs", "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["pairs"] == 10 and result["skipped"] == 0 and result["end_of_text"]
+    assert result["perplexity"] == pytest.approx(np.exp(result["loss"])) and 0 <= result["exact_match"] <= 1
+    assert "pairs 10/10 | exact match" in captured.err  # the progress line
+    # exact match is decided by greedy decoding: a model that always answers right scores 1
+    monkeypatch.setattr(pairs_eval, "greedy_matches", lambda model, tok, prompt, expected, *a: True)
+    assert evaluate.main(["--weights", str(out), "--data", str(task[1]), "--format", "pairs"]) == 0
+    assert "exact match 100.0% (10/10, greedy)" in capsys.readouterr().out
+    bad = write(tmp_path, '{"prompt": "x", "completion": 1}')
+    assert evaluate.main(["--weights", str(out), "--data", str(bad), "--format", "pairs"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {bad}:1: \"completion\" is a JSON int, not a string;")
+
+
+def test_greedy_matches_and_stop_strings():
+    from npgpt.generate import load_model
+    from npgpt.pairs_eval import cut_at_stop, greedy_matches
+
+    assert cut_at_stop("ab\ncd", ["\n"]) == "ab" and cut_at_stop("abc", ["x", "bc"]) == "a" and cut_at_stop("ab", []) == "ab"
+    model, tok = load_model(ROOT / "weights" / "shakespeare")
+    prompt = tok.encode("ROMEO:\n")
+    from npgpt.generate import generate
+    from npgpt.sampling import SamplingConfig
+
+    greedy = "".join(generate(model, tok, prompt, max_new_tokens=12, sampling=SamplingConfig(greedy=True)))
+    line = greedy.split("\n")[0]
+    assert greedy_matches(model, tok, prompt, line, stops=["\n"], max_new_tokens=12)
+    assert not greedy_matches(model, tok, prompt, line + "x", stops=["\n"], max_new_tokens=12)
+    assert not greedy_matches(model, tok, prompt, line[:-1], stops=["\n"], max_new_tokens=12)
+
+
+def test_make_task_holds_test_prompts_back(tmp_path):
+    for task in ("reverse", "add"):
+        assert make_task().main([task, "--out-dir", str(tmp_path / task), "--train", "300", "--test", "50"]) == 0
+        train_records, test_records = ([json.loads(line) for line in (tmp_path / task / f"{s}.jsonl").read_text().splitlines()]
+                                       for s in ("train", "test"))  # fmt: skip
+        assert len(train_records) == 300 and len(test_records) == 50
+        assert not {r["prompt"] for r in train_records} & {r["prompt"] for r in test_records}
+        for r in test_records:
+            x = r["prompt"][:-1]
+            assert r["completion"] == (x[::-1] if task == "reverse" else str(eval(x)))
+
+
+def test_help_mentions_pairs():
+    for module in ("npgpt.train", "npgpt.eval"):
+        out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True)
+        assert "--format {text,pairs}" in out.stdout
