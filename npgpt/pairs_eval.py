@@ -22,7 +22,7 @@ import numpy as np
 from npgpt.pairs import IGNORE_INDEX, SKIP_HINT, PairsError, PairsFile, encode_pair, make_example
 from npgpt.sampling import SamplingConfig
 
-PROGRESS_SECONDS = 2.0  # between progress lines
+PROGRESS_SECONDS = 5.0  # between progress lines
 
 
 def cut_at_stop(text: str, stops) -> str:
