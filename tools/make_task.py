@@ -6,7 +6,7 @@ writes OUT/train.jsonl and OUT/test.jsonl ({"prompt": ..., "completion": ...} pe
 The test examples are held back: none of their prompts occurs in the training file.
 
 Tasks:
-    reverse  a random word of 3-6 lowercase letters, reversed:  {"prompt": "lamp=", "completion": "pmal"}
+    reverse  a random word of 3-6 (--max-len) lowercase letters, reversed:  {"prompt": "lamp=", "completion": "pmal"}
     add      the sum of two 3-digit numbers:                    {"prompt": "123+456=", "completion": "579"}
 """
 
@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 
 
-def reverse(rng: np.random.Generator) -> tuple[str, str]:
-    word = "".join(rng.choice(list(string.ascii_lowercase), size=int(rng.integers(3, 7))))
+def reverse(rng: np.random.Generator, max_len: int = 6) -> tuple[str, str]:
+    word = "".join(rng.choice(list(string.ascii_lowercase), size=int(rng.integers(3, max_len + 1))))
     return f"{word}=", word[::-1]
 
 
-def add(rng: np.random.Generator) -> tuple[str, str]:
+def add(rng: np.random.Generator, max_len=None) -> tuple[str, str]:
     a, b = (int(x) for x in rng.integers(100, 1000, size=2))
     return f"{a}+{b}=", str(a + b)
 
@@ -34,7 +34,7 @@ def add(rng: np.random.Generator) -> tuple[str, str]:
 TASKS = {"reverse": reverse, "add": add}
 
 
-def make(task: str, n_train: int, n_test: int, seed: int) -> tuple[list[dict], list[dict]]:
+def make(task: str, n_train: int, n_test: int, seed: int, max_len: int = 6) -> tuple[list[dict], list[dict]]:
     """n_train + n_test examples with distinct prompts, drawn from a generator seeded by `seed`;
     the test examples are the last n_test distinct prompts drawn."""
     rng, draw = np.random.default_rng(seed), TASKS[task]
@@ -42,7 +42,7 @@ def make(task: str, n_train: int, n_test: int, seed: int) -> tuple[list[dict], l
     for _ in range(100 * (n_train + n_test)):
         if len(examples) == n_train + n_test:
             break
-        prompt, completion = draw(rng)
+        prompt, completion = draw(rng, max_len)
         examples.setdefault(prompt, completion)
     else:
         raise ValueError(f"the {task} task has fewer than {n_train + n_test} distinct prompts")
@@ -61,9 +61,12 @@ def main(argv=None) -> int:
     p.add_argument("--train", type=int, default=20000, help="training examples (default 20000)")
     p.add_argument("--test", type=int, default=500, help="held-back test examples (default 500)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-len", type=int, default=6, help="reverse: the longest word, 3 or more (default 6)")
     args = p.parse_args(argv)
     try:
-        train, test = make(args.task, args.train, args.test, args.seed)
+        if args.max_len < 3:
+            raise ValueError(f"--max-len must be at least 3, got {args.max_len}")
+        train, test = make(args.task, args.train, args.test, args.seed, args.max_len)
     except ValueError as e:
         print(f"error: {e}; ask for fewer examples", file=sys.stderr)
         return 2
