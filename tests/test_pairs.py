@@ -278,3 +278,29 @@ def test_fine_tuning_learns_the_task(tmp_path, capsys):
         scores[name] = json.loads(capsys.readouterr().out)
     assert scores["before"]["exact_match"] == 0.0 and scores["after"]["exact_match"] >= 0.4, scores
     assert scores["after"]["loss"] < scores["before"]["loss"] / 3
+
+
+def per_example_losses(model, window, segments=None) -> list[float]:
+    """Summed completion loss of each example (segment) of one packed window (1, T)."""
+    kwargs = {} if segments is None else {"segments": segments}
+    logits = np.asarray(model.forward(window.ids, **kwargs))[0]  # (T, V)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    targets, seg = window.targets[0], window.segments[0]
+    return [-sum(logp[t, targets[t]] for t in np.flatnonzero((seg == s) & (targets != IGNORE_INDEX)))
+            for s in np.unique(seg[targets != IGNORE_INDEX])]  # fmt: skip
+
+
+def test_without_the_mask_only_the_first_example_of_a_window_keeps_its_loss():
+    """Packed without a document mask, an example attends to the examples before it in its
+    window (and sits at later positions): only each window's first example scores as it
+    does alone. This is the documented difference of packing without `segments`."""
+    cfg = GPTConfig(vocab_size=7, n_ctx=12, n_embd=4, n_head=2, n_layer=1)
+    model = random_model(cfg, 4)
+    examples = [make_example([1, 2], [3, 4], 6, 12), make_example([5], [2], 6, 12), make_example([2, 2, 3], [1], 6, 12)]
+    window = pack(examples, 12)
+    assert len(window.ids) == 1
+    alone = [per_example_losses(model, pack([ex], len(ex.ids)))[0] for ex in examples]
+    packed = per_example_losses(model, window)
+    assert packed[0] == pytest.approx(alone[0], rel=1e-12)
+    assert all(abs(p - a) > 1e-6 for p, a in zip(packed[1:], alone[1:]))
