@@ -13,9 +13,9 @@ record.
 
 Examples are packed whole, in file order, into `block_size` windows (next fit; the tail
 of a window is padding with ignored targets). Each window carries `segments`: the index
-of the example each position belongs to. A model given segments masks attention across
-examples and restarts positions at each example, so an example's loss in a packed window
-is its loss alone.
+of the example each position belongs to. The trainer passes them to the model, which
+masks attention across examples and restarts positions at each example, so an example's
+loss and gradient in a packed window are exactly those it gets alone.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from npgpt.data import SPLITS
-
-IGNORE_INDEX = -100  # a target that contributes no loss (Hugging Face's label-mask value)
+from npgpt.layers import IGNORE_INDEX
 FIELDS = ("prompt", "completion")
 SKIP_HINT = "fix the record, or pass --skip-bad to skip bad records"
 

@@ -19,7 +19,8 @@ import time
 
 import numpy as np
 
-from npgpt.pairs import IGNORE_INDEX, SKIP_HINT, PairsError, PairsFile, encode_pair, make_example
+from npgpt.layers import IGNORE_INDEX
+from npgpt.pairs import SKIP_HINT, PairsError, PairsFile, encode_pair, make_example
 from npgpt.sampling import SamplingConfig
 
 PROGRESS_SECONDS = 5.0  # between progress lines
@@ -66,7 +67,7 @@ def score_pairs(model, tokenizer, file: PairsFile, stops=(), max_new_tokens: int
             total -= 1
             continue
         n = int(np.count_nonzero(example.targets != IGNORE_INDEX))
-        loss = model.loss(example.ids[None, :], example.targets[None, :], ignore_index=IGNORE_INDEX)
+        loss = model.loss(example.ids[None, :], example.targets[None, :])
         nll += float(model.backend.to_numpy(loss)) * n
         scored += n
         truncated += example.cut > 0

@@ -39,7 +39,8 @@ from npgpt.config import GPTConfig
 from npgpt.data import BatchSampler, split_tokens
 from npgpt.model import GPT, FLOAT_DTYPES
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr, global_norm
-from npgpt.pairs import IGNORE_INDEX, PairsData, add_end_of_text, load_examples, read_pairs
+from npgpt.layers import IGNORE_INDEX
+from npgpt.pairs import PairsData, add_end_of_text, load_examples, read_pairs
 
 MODEL_FILE, STATE_FILE, LOG_FILE = "model.safetensors", "trainer_state.safetensors", "log.jsonl"
 STEP_KEY, TRAINER_KEY = "npgpt.step", "npgpt.trainer"
@@ -193,10 +194,10 @@ class Trainer:
         args, model = self.args, self.model
         total_loss, grads = 0.0, None
         for micro in range(args.grad_accum):
-            ids, targets, *segments = self.train_data.batch(self.step, micro)
+            ids, targets, *segments = self.train_data.batch(self.step, micro)  # packed pairs: + segments
             self.scored += int(np.count_nonzero(targets != IGNORE_INDEX))
             rng = np.random.default_rng([args.seed, DROPOUT_STREAM, self.step, micro]) if model.config.dropout else None
-            loss, g = model.loss_and_grads(ids, targets, ignore_index=IGNORE_INDEX, rng=rng)
+            loss, g = model.loss_and_grads(ids, targets, rng=rng, segments=segments[0] if segments else None)
             total_loss = total_loss + loss
             if grads is None:
                 grads = g
@@ -217,8 +218,11 @@ class Trainer:
 
     def val_loss(self) -> float:
         """Mean loss over `eval_iters` fixed validation batches (the same ones every time)."""
-        losses = [self.model.loss(*self.val_data.batch(i)[:2], ignore_index=IGNORE_INDEX) for i in range(self.args.eval_iters)]
+        losses = [self.val_batch_loss(*self.val_data.batch(i)) for i in range(self.args.eval_iters)]
         return float(self.backend.to_numpy(sum(losses[1:], losses[0]))) / len(losses)
+
+    def val_batch_loss(self, ids, targets, segments=None):
+        return self.model.loss(ids, targets, segments=segments)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> int:

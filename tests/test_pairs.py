@@ -15,7 +15,8 @@ from conftest import ROOT
 from npgpt import layers, pairs, train
 from npgpt.checkpoint import load_safetensors
 from npgpt.config import GPTConfig
-from npgpt.pairs import IGNORE_INDEX, PairsError, make_example, pack, read_pairs
+from npgpt.layers import IGNORE_INDEX
+from npgpt.pairs import PairsError, make_example, pack, read_pairs
 from npgpt.tokenizer import BPETokenizer
 from test_gradients import grad_errors, random_model
 
@@ -146,17 +147,20 @@ def test_adding_end_of_text_grows_the_embedding_by_the_mean_row(tmp_path):
 
 # -- the loss: completion tokens only --------------------------------------------------------
 def test_masked_prompt_positions_contribute_exactly_zero_gradient():
-    """A packed window's gradient matches float64 finite differences of the loss on the
-    completion tokens alone, and the rows of dlogits at prompt positions are exactly 0."""
+    """A packed window's gradient (with its segments) matches float64 finite differences
+    of the loss on the completion tokens alone, and the rows of dlogits at prompt
+    positions are exactly 0."""
     cfg = GPTConfig(vocab_size=7, n_ctx=8, n_embd=4, n_head=2, n_layer=1)
     model = random_model(cfg, 11)
     window = pack([make_example([1, 2, 3], [4, 5], 6, 8), make_example([2], [3], 6, 8)], 8)
     ids, targets = window.ids, window.targets
     assert targets.tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 4, 5, 6, 3, 6, IGNORE_INDEX]]
-    assert grad_errors(model, ids, targets, ignore_index=IGNORE_INDEX) == {}
-    logits = np.asarray(model.forward(ids)).reshape(-1, 7)
+    assert window.segments.tolist() == [[0, 0, 0, 0, 0, 1, 1, 2]]
+    assert grad_errors(model, ids, targets, segments=window.segments) == {}
+    assert grad_errors(model, ids, targets) == {}  # without the mask too
+    logits = np.asarray(model.forward(ids, segments=window.segments)).reshape(-1, 7)
     _, ce = layers.cross_entropy_forward(logits, targets.reshape(-1), IGNORE_INDEX)
-    dlogits = np.asarray(layers.cross_entropy_backward(1.0, ce, model.backend))
+    dlogits = np.asarray(layers.cross_entropy_backward(1.0, ce))
     masked = targets.reshape(-1) == IGNORE_INDEX
     assert np.array_equal(dlogits[masked], np.zeros_like(dlogits[masked])) and np.all(np.abs(dlogits[~masked]).sum(1) > 0)
 
@@ -291,16 +295,25 @@ def per_example_losses(model, window, segments=None) -> list[float]:
             for s in np.unique(seg[targets != IGNORE_INDEX])]  # fmt: skip
 
 
-def test_without_the_mask_only_the_first_example_of_a_window_keeps_its_loss():
-    """Packed without a document mask, an example attends to the examples before it in its
-    window (and sits at later positions): only each window's first example scores as it
-    does alone. This is the documented difference of packing without `segments`."""
+def test_packing_gives_each_example_its_loss_alone_with_the_mask_and_only_the_first_without():
+    """With the window's segments, every packed example scores exactly as it does alone,
+    and the packed gradient is the one-at-a-time gradients' weighted mean. Without them an
+    example attends to the examples before it in its window (at later positions): only
+    each window's first example keeps its loss."""
     cfg = GPTConfig(vocab_size=7, n_ctx=12, n_embd=4, n_head=2, n_layer=1)
     model = random_model(cfg, 4)
     examples = [make_example([1, 2], [3, 4], 6, 12), make_example([5], [2], 6, 12), make_example([2, 2, 3], [1], 6, 12)]
     window = pack(examples, 12)
     assert len(window.ids) == 1
     alone = [per_example_losses(model, pack([ex], len(ex.ids)))[0] for ex in examples]
+    np.testing.assert_allclose(per_example_losses(model, window, window.segments), alone, rtol=1e-12)
     packed = per_example_losses(model, window)
     assert packed[0] == pytest.approx(alone[0], rel=1e-12)
     assert all(abs(p - a) > 1e-6 for p, a in zip(packed[1:], alone[1:]))
+    # gradients: the packed mean over all completion tokens == the count-weighted mean of each alone
+    _, grads = model.loss_and_grads(window.ids, window.targets, segments=window.segments)
+    counts = [int(np.sum(ex.targets != IGNORE_INDEX)) for ex in examples]
+    each = [model.loss_and_grads(ex.ids[None, :], ex.targets[None, :])[1] for ex in examples]
+    for name in grads:
+        expected = sum(n * g[name] for n, g in zip(counts, each)) / sum(counts)
+        np.testing.assert_allclose(grads[name], expected, rtol=1e-10, atol=1e-13, err_msg=name)
