@@ -265,8 +265,9 @@ def test_help_mentions_pairs():
 
 def test_fine_tuning_learns_the_task(tmp_path, capsys):
     """The README's worked example, smaller: the shipped model fine-tuned for 150 steps of
-    8 x 32 tokens on reversing 3-letter words. Bar: >= 40% exact match on 100 held-back
-    words (measured: 55%; the pre-trained model: 0%). About 15 s of CPU time."""
+    8 x 32 tokens on reversing 3-letter words. Bar: >= 60% exact match on 100 held-back
+    words (measured: 78%, 55% without the document mask; the pre-trained model: 0%).
+    About 15 s of CPU time."""
     from npgpt import eval as evaluate
 
     assert make_task().main(["reverse", "--max-len", "3", "--train", "2000", "--test", "100", "--out-dir", str(tmp_path)]) == 0
@@ -280,7 +281,7 @@ def test_fine_tuning_learns_the_task(tmp_path, capsys):
         capsys.readouterr()
         assert evaluate.main(["--weights", weights, "--data", str(tmp_path / "test.jsonl"), "--format", "pairs", "--json"]) == 0
         scores[name] = json.loads(capsys.readouterr().out)
-    assert scores["before"]["exact_match"] == 0.0 and scores["after"]["exact_match"] >= 0.4, scores
+    assert scores["before"]["exact_match"] == 0.0 and scores["after"]["exact_match"] >= 0.6, scores
     assert scores["after"]["loss"] < scores["before"]["loss"] / 3
 
 
