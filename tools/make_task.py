@@ -1,6 +1,6 @@
 """Synthetic prompt/completion tasks for fine-tuning, as JSON Lines train and test files.
 
-    python tools/make_task.py reverse --out-dir runs/reverse --train 20000 --test 500
+    python tools/make_task.py reverse --out-dir runs/reverse --train 100000 --test 500
 
 writes OUT/train.jsonl and OUT/test.jsonl ({"prompt": ..., "completion": ...} per line).
 The test examples are held back: none of their prompts occurs in the training file.
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python tools/make_task.py", description=__doc__.split("\n\n")[0])
     p.add_argument("task", choices=sorted(TASKS))
     p.add_argument("--out-dir", required=True, help="folder for train.jsonl and test.jsonl (created)")
-    p.add_argument("--train", type=int, default=20000, help="training examples (default 20000)")
+    p.add_argument("--train", type=int, default=100000, help="training examples (default 100000)")
     p.add_argument("--test", type=int, default=500, help="held-back test examples (default 500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-len", type=int, default=6, help="reverse: the longest word, 3 or more (default 6)")
