@@ -14,8 +14,8 @@ record.
 Examples are packed whole, in file order, into `block_size` windows (next fit; the tail
 of a window is padding with ignored targets). Each window carries `segments`: the index
 of the example each position belongs to. The trainer passes them to the model, which
-masks attention across examples and restarts positions at each example, so an example's
-loss and gradient in a packed window are exactly those it gets alone.
+masks attention across examples and restarts positions at each example, so each example
+contributes to a packed window's loss and gradient what it contributes alone (to rounding).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import numpy as np
 
 from npgpt.data import SPLITS
 from npgpt.layers import IGNORE_INDEX
+
 FIELDS = ("prompt", "completion")
 SKIP_HINT = "fix the record, or pass --skip-bad to skip bad records"
 
