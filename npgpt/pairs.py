@@ -28,13 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from npgpt.data import SPLITS
+from npgpt.errors import UserError
 from npgpt.layers import IGNORE_INDEX
 
 FIELDS = ("prompt", "completion")
 SKIP_HINT = "fix the record, or pass --skip-bad to skip bad records"
 
 
-class PairsError(ValueError):
+class PairsError(UserError, ValueError):
     """A pairs file that cannot be used; the message names the file and line."""
 
 
