@@ -28,6 +28,7 @@ import numpy as np
 from npgpt.backend import get_backend
 from npgpt.layers import IGNORE_INDEX
 from npgpt.errors import UserError, add_debug_flag, run_cli
+from npgpt.generate import unescape
 from npgpt.model import FLOAT_DTYPES
 from npgpt.weights import load_model
 
@@ -173,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "pairs"), default="text",
                    help="text: perplexity of the text (default); pairs: completion loss and exact-match accuracy "
                         "of greedy generation on {\"prompt\", \"completion\"} records (see npgpt.pairs_eval)")  # fmt: skip
-    p.add_argument("--stop", action="append", default=[], help="pairs: a string that ends generation (repeatable)")
+    p.add_argument("--stop", action="append", default=[], type=unescape, metavar="TEXT",
+                   help=r"pairs: a string that ends generation; repeat for several; escapes \n \t \\ \uXXXX work")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=256, help="pairs: generation limit per prompt (default 256)")
     p.add_argument("--skip-bad", action="store_true", help="pairs: skip bad records (counted) instead of stopping")
     p.add_argument("--context", type=int, help="tokens per window (default: the model's n_ctx)")
