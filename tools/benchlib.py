@@ -168,14 +168,20 @@ def summary(seconds: list[float]) -> dict:
     return {"median_s": statistics.median(seconds), "min_s": min(seconds), "runs": len(seconds)}
 
 
-def best_seconds(fn, repeats: int) -> float:
-    """Fastest of `repeats` timed calls of fn (after one untimed call)."""
+def best_seconds(fn, repeats: int, min_sample_s: float = 2e-3) -> float:
+    """Seconds per call of fn: the fastest of `repeats` samples (after one untimed call),
+    each sample timing enough back-to-back calls to last >= min_sample_s, so that tiny
+    calls are not lost in the timer and the scheduler's noise."""
     fn()
+    start = time.perf_counter()
+    fn()
+    calls = max(1, int(min_sample_s / max(time.perf_counter() - start, 1e-7)))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
     return best
 
 
