@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import npgpt.layers as layers
+import npgpt.kernels.numpy_fast as fast
 from npgpt.backend import get_backend
 from npgpt.config import GPTConfig
 from npgpt.model import GPT, init_params, param_shapes
@@ -86,10 +86,10 @@ def test_query_blocks_do_not_change_attention(model64, monkeypatch, block):
     """Splitting the queries into blocks (to skip masked keys) is exact reorganisation."""
     ids = np.arange(2 * 17).reshape(2, 17) % TINY.vocab_size
     expected = model64.forward(ids)
-    monkeypatch.setattr(layers, "QUERY_BLOCK", block)
+    monkeypatch.setattr(fast, "QUERY_BLOCK", block)
     np.testing.assert_allclose(model64.forward(ids), expected, rtol=0, atol=1e-12)
     loss, grads = model64.loss_and_grads(ids, ids)
-    monkeypatch.setattr(layers, "QUERY_BLOCK", 128)
+    monkeypatch.setattr(fast, "QUERY_BLOCK", 128)
     loss_ref, grads_ref = model64.loss_and_grads(ids, ids)
     assert abs(float(loss) - float(loss_ref)) < 1e-12
     for name in grads:
@@ -110,8 +110,8 @@ def test_array_api_strict_matches_numpy(device, monkeypatch):
     """The engine uses only portable array operations: array-api-strict (which refuses
     hidden host conversion, float64 on no_float64, and slices past an array's end) gives
     NumPy's results. Small blocks make the query and row loops end on partial blocks."""
-    monkeypatch.setattr(layers, "QUERY_BLOCK", 4)
-    monkeypatch.setattr(layers, "ROW_BLOCK", 5)
+    monkeypatch.setattr(fast, "QUERY_BLOCK", 4)
+    monkeypatch.setattr(fast, "ROW_BLOCK", 5)
     ids = np.arange(2 * 13).reshape(2, 13) % TINY.vocab_size
     reference = tiny_model("numpy")
     strict = tiny_model(f"array-api-strict:{device}")
@@ -210,3 +210,15 @@ def test_no_float64_leak_on_float32_models():
     assert model.forward(ids).dtype == np.float32
     loss, grads = model.loss_and_grads(ids, ids)
     assert loss.dtype == np.float32 and all(g.dtype == np.float32 for g in grads.values())
+
+
+def test_targets_outside_the_vocabulary_are_refused_unless_ignored():
+    """Hugging Face-style -100 labels must match the ignore index, not wrap around to V-100."""
+    model = GPT.init(GPTConfig(vocab_size=50, n_ctx=4, n_embd=8, n_head=2, n_layer=1))
+    ids = np.array([[1, 2, 3, 4]])
+    for wrong in (-100, 50, -2):
+        with pytest.raises(ValueError, match=r"targets must be ids in \[0, 50\)"):
+            model.loss(ids, np.array([[1, 2, 3, wrong]]), ignore_index=-7)
+        with pytest.raises(ValueError, match="ignore index"):
+            model.loss_and_grads(ids, np.array([[1, 2, wrong, 3]]), ignore_index=-7)
+    assert np.isfinite(float(model.loss(ids, np.array([[1, 2, 3, -100]]), ignore_index=-100)))
