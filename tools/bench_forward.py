@@ -5,7 +5,7 @@ reports tokens/s, the fraction of the GEMM ceiling reached, and with --vs torch 
 forward through transformers' GPT2LMHeadModel on the same weights, interleaved, and the
 time ratio npgpt / torch.
 
-The ceiling is measured in the same run at the same thread count on the forward's own
+The ceiling is measured in the same run with up to the same thread count on the forward's own
 GEMM shapes: for each, the best of NumPy's matmul and (if installed) torch.matmul,
 weighted by FLOPs (benchlib.gemm_ceiling). FLOPs are benchlib.forward_gemms': the
 linear layers, the LM head, and attention's two products over the causal triangle only.
@@ -90,7 +90,7 @@ def main(argv=None):
                 log(f"forward B={B} T={T} threads={n_threads} ...")
                 times = interleaved(contenders, args.repeats)
                 gemms = forward_gemms(cfg, B, T)
-                ceiling = gemm_ceiling(gemms, model.backend, torch)
+                ceiling = gemm_ceiling(gemms, model.backend, torch, n_threads=n_threads)
                 rate, flops = ceiling["gemm_ceiling_gflops"] * 1e9, total_flops(gemms)
                 row = {"B": B, "T": T, "threads": n_threads, **ceiling}
                 for name, ts in times.items():

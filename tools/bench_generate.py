@@ -11,7 +11,7 @@ and reports tokens/s = new tokens / whole call (prefill included, as for transfo
 and npgpt's decode-only rate (the steps after the first token).
 
 Decoding one token reads every weight once (the LM head reads all of wte), so the ceiling
-is streaming bandwidth, measured in the same run at the same thread count: the best of
+is streaming bandwidth, measured in the same run with up to the same thread count: the best of
 a GEMV over max(4 x last-level cache, 512 MiB) through NumPy's BLAS (or the backend's
 matmul) and, under --vs torch, torch.mv (benchlib.bandwidth).
 `fraction_of_bandwidth_ceiling` = weight bytes read per token x tokens/s / bandwidth (the
@@ -84,7 +84,7 @@ def main(argv=None):
     for n_threads in thread_counts:
         with threads(n_threads):
             log(f"generate threads={n_threads}: bandwidth ...")
-            row = {"threads": n_threads, **bandwidth(backend, torch, device)}
+            row = {"threads": n_threads, **bandwidth(backend, torch, device, n_threads)}
             streams = bytes_per_token >= 4 * llc_bytes()  # else the weights stay in cache: no bandwidth bound
             ceiling = row["bandwidth_ceiling_gb_s"] * 1e9 / bytes_per_token if streams else None
             row["weights_stream_from_memory"] = streams
