@@ -191,16 +191,14 @@ def attention_forward(q, k, v, dropout=None, segments=None):
         att = np.empty((B * NH, Tb, s1), dtype=q.dtype)
 
         def probs(h0, h1):
+            if h1 - h0 == B * NH:  # one range (one thread, or little work): batched, BLAS's own threads
+                a4 = np.matmul(qs[:, :, t0:t1], k[:, :, :s1].mT, out=att.reshape(B, NH, Tb, s1))
+                masked_softmax(a4, future, None if other is None else other[:, None])
+                return
             for h in range(h0, h1):
                 b, n = divmod(h, NH)
                 a = np.matmul(qs[b, n, t0:t1], k[b, n, :s1].T, out=att[h])  # (Tb, s1), scores
-                if future is not None:  # only the last Tb columns hold masked entries
-                    np.copyto(a[:, s1 - Tb :], -np.inf, where=future)
-                if other is not None:
-                    np.copyto(a, -np.inf, where=other[h // NH])
-                a -= np.max(a, axis=-1, keepdims=True)
-                np.exp(a, out=a)
-                a /= np.sum(a, axis=-1, keepdims=True)
+                masked_softmax(a, future, None if other is None else other[b])
 
         parallel_rows(probs, B * NH, Tb * s1 * hs, one_blas_thread=True)
         att4 = att.reshape(B, NH, Tb, s1)
@@ -208,6 +206,9 @@ def attention_forward(q, k, v, dropout=None, segments=None):
         dropped = dropped.reshape(B * NH, Tb, s1)
 
         def values(h0, h1):
+            if h1 - h0 == B * NH:
+                y[:, :, t0:t1] = dropped.reshape(B, NH, Tb, s1) @ v[:, :, :s1]
+                return
             for h in range(h0, h1):
                 b, n = divmod(h, NH)
                 np.matmul(dropped[h], v[b, n, :s1], out=y[b, n, t0:t1])
@@ -215,6 +216,19 @@ def attention_forward(q, k, v, dropout=None, segments=None):
         parallel_rows(values, B * NH, Tb * s1 * hs, one_blas_thread=True)
         blocks.append((t0, t1, s1, att, mask))
     return y, (q, k, v, blocks)
+
+
+def masked_softmax(a, future, other):
+    """Softmax over the last axis of scores a (..., Tb, s1), in place: `future` (Tb, Tb)
+    masks keys after each query (the last Tb columns), `other` (broadcast to a) keys of
+    other documents."""
+    if future is not None:
+        np.copyto(a[..., a.shape[-1] - future.shape[0] :], -np.inf, where=future)
+    if other is not None:
+        np.copyto(a, -np.inf, where=other)
+    a -= np.max(a, axis=-1, keepdims=True)
+    np.exp(a, out=a)
+    a /= np.sum(a, axis=-1, keepdims=True)
 
 
 def attention_backward(dy, cache):
