@@ -96,6 +96,7 @@ attention_shapes = st.fixed_dictionaries(
         segments=st.booleans(),
         dropout=st.booleans(),
         threads=st.integers(1, 4),  # ranges of heads: B * NH is 1..9
+        batched=st.sampled_from([0, 1 << 16]),  # all heads at once when one thread has them
         seed=st.integers(0, 2**16),
     )
 )
@@ -127,7 +128,7 @@ def test_attention_equals_the_reference(s):
     B, T = s["B"], s["T"]
     past = 0 if s["segments"] else s["past"]  # segments come without a cache
     segments = segments_of(rng, B, T) if s["segments"] else None
-    with blocks(query_block=s["query_block"], n_threads=s["threads"]):
+    with blocks(query_block=s["query_block"], n_threads=s["threads"], batched_attention=s["batched"]):
         check_attention(B, s["NH"], T, T + past, s["hs"], rng, segments, s["dropout"])
 
 

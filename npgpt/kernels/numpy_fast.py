@@ -32,6 +32,7 @@ ROW_BLOCK = 64  # rows per block of a long elementwise chain: (64, 4C) floats st
 QUERY_BLOCK = 128  # queries per block: later blocks see more keys, none sees the future
 FLAT_BLOCK = 1 << 14  # elements per block of the optimizer's sweep over a flat parameter
 DOT_BLOCK = 1 << 13  # elements per dot product: OpenBLAS threads dots above 10000 elements
+BATCHED_ATTENTION = 1 << 16  # scores up to which all heads go at once (else one head at a time, in cache)
 CE_BLOCK = 1 << 16  # logits per block of cross-entropy's passes (a few rows of a large V)
 GELU_SCALE = layers.GELU_SCALE
 
@@ -191,7 +192,7 @@ def attention_forward(q, k, v, dropout=None, segments=None):
         att = np.empty((B * NH, Tb, s1), dtype=q.dtype)
 
         def probs(h0, h1):
-            if h1 - h0 == B * NH:  # one range (one thread, or little work): batched, BLAS's own threads
+            if h1 - h0 == B * NH and att.size <= BATCHED_ATTENTION:  # little work (decoding): batched
                 a4 = np.matmul(qs[:, :, t0:t1], k[:, :, :s1].mT, out=att.reshape(B, NH, Tb, s1))
                 masked_softmax(a4, future, None if other is None else other[:, None])
                 return
@@ -206,7 +207,7 @@ def attention_forward(q, k, v, dropout=None, segments=None):
         dropped = dropped.reshape(B * NH, Tb, s1)
 
         def values(h0, h1):
-            if h1 - h0 == B * NH:
+            if h1 - h0 == B * NH and att.size <= BATCHED_ATTENTION:
                 y[:, :, t0:t1] = dropped.reshape(B, NH, Tb, s1) @ v[:, :, :s1]
                 return
             for h in range(h0, h1):
