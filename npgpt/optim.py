@@ -47,12 +47,15 @@ class AdamW:
         eps: float = 1e-8,
         weight_decay: float = 0.1,
         decay_embeddings: bool = False,
+        decay: dict[str, bool] | None = None,
     ):
         xp = backend.xp
         self.params, self.backend = params, backend
         self.beta1, self.beta2 = betas
         self.eps, self.weight_decay = eps, weight_decay
-        self.decay = {name: default_decay(name, tuple(p.shape), decay_embeddings) for name, p in params.items()}
+        if decay is None:  # given explicitly for pieces of parameters (ZeRO-1 shards)
+            decay = {name: default_decay(name, tuple(p.shape), decay_embeddings) for name, p in params.items()}
+        self.decay = decay
         self.m = {name: xp.zeros_like(p) for name, p in params.items()}  # first moments
         self.v = {name: xp.zeros_like(p) for name, p in params.items()}  # second moments
         self.t = 0  # steps taken

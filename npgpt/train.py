@@ -16,6 +16,13 @@ step is the whole RNG state and a resumed run is bit-for-bit the run that never 
 
 On a device backend the loop reads nothing back to the host except at log intervals
 (the summed loss and gradient norm) and checkpoints.
+
+Under `mpiexec -n N` the run is data-parallel (see `npgpt.distributed`): rank r trains
+on the global micro-batches r*grad_accum ... (r+1)*grad_accum - 1 of each step, so the
+global batch is batch-size x grad-accum x N, and one process with `--grad-accum 4` trains
+on exactly the sequences (and dropout masks) of two ranks with `--grad-accum 2`. Only
+rank 0 prints and writes; a checkpoint holds the unsharded optimizer state, so a run may
+resume at another world size that divides its global batch.
 """
 
 from __future__ import annotations
@@ -37,13 +44,15 @@ from npgpt.backend import BackendError, get_backend
 from npgpt.checkpoint import CONFIG_KEY, load_safetensors, save_safetensors
 from npgpt.config import GPTConfig
 from npgpt.data import BatchSampler, split_tokens
+from npgpt.distributed import DEFAULT_BUCKET_MB, DEFAULT_TIMEOUT, Comm, DataParallel, DistributedError, connect, launched_rank, limit_threads
 from npgpt.model import GPT, FLOAT_DTYPES
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr, global_norm
 
 MODEL_FILE, STATE_FILE, LOG_FILE = "model.safetensors", "trainer_state.safetensors", "log.jsonl"
 STEP_KEY, TRAINER_KEY = "npgpt.step", "npgpt.trainer"
 # Settings a resumed run may change; any other flag must match the checkpoint's.
-RESUME_OVERRIDES = {"max_iters", "log_interval", "eval_interval", "eval_iters", "checkpoint_interval", "backend"}
+RESUME_OVERRIDES = {"max_iters", "log_interval", "eval_interval", "eval_iters", "checkpoint_interval", "backend",
+                    "threads", "zero", "bucket_mb", "comm_timeout"}
 DROPOUT_STREAM = 2  # seeds dropout generators apart from the data sampler's (0 train, 1 val)
 
 
@@ -96,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-interval", type=int, default=250, help="steps between validation estimates (0: only at the end)")
     r.add_argument("--eval-iters", type=int, default=20, help="validation batches per estimate")
     r.add_argument("--checkpoint-interval", type=int, default=250, help="steps between checkpoints (and at the end, and on Ctrl-C)")
+    r.add_argument("--threads", type=int, help="BLAS threads per process (default: all cores; under mpiexec, the cores "
+                                                "divided by the ranks on the node)")  # fmt: skip
+    d = p.add_argument_group("many processes (under mpiexec -n N; see the README)")
+    d.add_argument("--zero", type=int, choices=(0, 1), default=0, help="1: shard AdamW's moments across ranks (ZeRO-1)")
+    d.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB, help="gradient all-reduce bucket size in MB (default 25)")
+    d.add_argument("--comm-timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help="seconds a rank waits for the others before ending the job (a rank died or hangs; default 600)")  # fmt: skip
     return p
 
 
@@ -158,18 +174,22 @@ def load_host_params(file) -> tuple[dict[str, np.ndarray], GPTConfig, dict[str, 
 class Trainer:
     """One training run: model, optimizer, samplers, and the checkpoint folder."""
 
-    def __init__(self, args, model: GPT, tokenizer, tokens: np.ndarray, start_step: int = 0):
+    def __init__(self, args, model: GPT, tokenizer, tokens: np.ndarray, start_step: int = 0, comm: Comm | None = None):
         self.args, self.model, self.tokenizer = args, model, tokenizer
+        self.comm = comm = comm or Comm()
         self.out = Path(args.out_dir)
         self.backend = model.backend
-        self.opt = AdamW(model.params, model.backend, betas=(args.beta1, args.beta2),
-                         weight_decay=args.weight_decay, decay_embeddings=args.decay_embeddings)  # fmt: skip
+        adamw = dict(betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, decay_embeddings=args.decay_embeddings)
+        self.dp = None  # one process, unsharded: the plain loop below
+        if comm.size > 1 or args.zero:
+            self.dp = DataParallel(model, comm, args.grad_accum, zero=args.zero, bucket_mb=args.bucket_mb, **adamw)
+        self.opt = self.dp.opt if self.dp else AdamW(model.params, model.backend, **adamw)
         train, val = split_tokens(tokens, args.val_fraction)
         T = args.block_size
         self.train_data = BatchSampler(train, args.batch_size, T, args.seed, "train")
         self.val_data = BatchSampler(val, args.batch_size, T, args.seed, "val") if args.val_fraction > 0 else None
         self.step = start_step
-        self.tokens_per_step = args.batch_size * T * args.grad_accum
+        self.tokens_per_step = args.batch_size * T * args.grad_accum * comm.size
         self.stop_requested = False
         self.last_good_step = start_step
 
@@ -177,6 +197,8 @@ class Trainer:
     def train_step(self):
         """Forward, backward (accumulated over micro-batches), clip, AdamW. Returns the
         mean loss and the gradient norm as 0-d device arrays (no host sync)."""
+        if self.dp:
+            return self.parallel_train_step()
         args, model = self.args, self.model
         total_loss, grads = 0.0, None
         for micro in range(args.grad_accum):
@@ -197,14 +219,37 @@ class Trainer:
         self.step += 1
         return total_loss / args.grad_accum, norm
 
+    def parallel_train_step(self):
+        """The step above on this rank's share of the global batch: its micro-batches'
+        gradients summed into buckets that are all-reduced (or reduce-scattered) across
+        ranks. Returns this rank's mean loss and the global gradient norm."""
+        args, model, dp = self.args, self.model, self.dp
+        total_loss = 0.0
+        for micro in range(args.grad_accum):
+            j = self.comm.rank * args.grad_accum + micro  # the global micro-batch index
+            ids, targets = self.train_data.batch(self.step, j)
+            rng = np.random.default_rng([args.seed, DROPOUT_STREAM, self.step, j]) if model.config.dropout else None
+            loss, g = model.loss_and_grads(ids, targets, rng=rng)
+            dp.accumulate(g, last=micro == args.grad_accum - 1)
+            total_loss = total_loss + loss
+        dp.reduce()
+        norm = dp.clip_and_step(args.grad_clip, self.lr(self.step))
+        self.step += 1
+        return total_loss / args.grad_accum, norm
+
     def lr(self, step: int) -> float:
         a = self.args
         return cosine_lr(step, a.lr, a.min_lr, a.warmup_iters, a.lr_decay_iters)
 
     def val_loss(self) -> float:
         """Mean loss over `eval_iters` fixed validation batches (the same ones every time)."""
-        losses = [self.model.loss(*self.val_data.batch(i)) for i in range(self.args.eval_iters)]
-        return float(self.backend.to_numpy(sum(losses[1:], losses[0]))) / len(losses)
+        if self.comm.size == 1:
+            losses = [self.model.loss(*self.val_data.batch(i)) for i in range(self.args.eval_iters)]
+            return float(self.backend.to_numpy(sum(losses[1:], losses[0]))) / len(losses)
+        # Batch i on rank i % world; the per-rank sums are added on the host.
+        mine = [float(self.backend.to_numpy(self.model.loss(*self.val_data.batch(i))))
+                for i in range(self.comm.rank, self.args.eval_iters, self.comm.size)]  # fmt: skip
+        return float(self.comm.allreduce_host(np.array([sum(mine)]))[0]) / self.args.eval_iters
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> int:
@@ -213,14 +258,18 @@ class Trainer:
         if self.step >= args.max_iters:
             say(f"already at step {self.step} of {args.max_iters}: nothing to do (raise --max-iters to continue)")
             return 0
-        say(f"training {self.model.config} on {self.backend.name}: {len(self.train_data.tokens):,} train tokens, "
-            f"{self.tokens_per_step:,} tokens/step, steps {self.step} -> {args.max_iters}")  # fmt: skip
+        ranks = f" on each of {self.comm.size} ranks" if self.comm.size > 1 else ""
+        say(f"training {self.model.config} on {self.backend.name}{ranks}: {len(self.train_data.tokens):,} train tokens, "
+            f"global batch {args.batch_size} x {args.grad_accum} x {self.comm.size} ranks = {self.tokens_per_step:,} "
+            f"tokens/step, steps {self.step} -> {args.max_iters}")  # fmt: skip
         window_loss, window_norm, window_steps = 0.0, 0.0, 0
         clock = time.perf_counter()
         previous = signal.signal(signal.SIGINT, self._on_interrupt)
         try:
             while self.step < args.max_iters and not self.stop_requested:
                 loss, norm = self.train_step()
+                if self.comm.size > 1:  # every rank stops after the same step (Ctrl-C reaches them at different times)
+                    self.stop_requested = bool(self.comm.allreduce_host(np.array([int(self.stop_requested)]))[0])
                 window_loss, window_norm, window_steps = window_loss + loss, window_norm + norm, window_steps + 1
                 done = self.step == args.max_iters
                 checkpoint_due = done or self.stop_requested or self.step % args.checkpoint_interval == 0
@@ -254,6 +303,8 @@ class Trainer:
 
     def report(self, loss_sum, norm_sum, steps, elapsed) -> bool:
         """Read the window's loss back to the host, print and log it; False if it diverged."""
+        if self.dp:  # the mean over ranks of their mean losses
+            loss_sum = self.dp.comm_sum_scalar(loss_sum) / self.comm.size
         loss = float(self.backend.to_numpy(loss_sum)) / steps
         norm = float(self.backend.to_numpy(norm_sum)) / steps
         if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -264,10 +315,13 @@ class Trainer:
             return False
         tokens_per_s = steps * self.tokens_per_step / elapsed
         eta = (self.args.max_iters - self.step) * elapsed / steps
+        comm_share = self.comm.take_wait_seconds() / elapsed
+        comm = f" | comm {100 * comm_share:.0f}%" if self.comm.size > 1 else ""
         say(f"step {self.step:>6}/{self.args.max_iters} | loss {loss:.4f} | lr {self.lr(self.step - 1):.2e} | "
-            f"grad norm {norm:.3f} | {tokens_per_s:,.0f} tok/s | {1000 * elapsed / steps:.0f} ms/step | ETA {format_duration(eta)}")  # fmt: skip
+            f"grad norm {norm:.3f} | {tokens_per_s:,.0f} tok/s{comm} | {1000 * elapsed / steps:.0f} ms/step | ETA {format_duration(eta)}")  # fmt: skip
+        extra = {"comm_wait_share": comm_share, "ranks": self.comm.size} if self.comm.size > 1 else {}
         self.log(step=self.step, loss=loss, lr=self.lr(self.step - 1), grad_norm=norm,
-                 tokens_per_s=tokens_per_s, seconds_per_step=elapsed / steps)  # fmt: skip
+                 tokens_per_s=tokens_per_s, seconds_per_step=elapsed / steps, **extra)  # fmt: skip
         return True
 
     def evaluate(self):
@@ -276,6 +330,8 @@ class Trainer:
         self.log(step=self.step, val_loss=loss, val_perplexity=math.exp(min(loss, 700)))
 
     def log(self, **record):
+        if self.comm.rank != 0:
+            return
         with open(self.out / LOG_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -283,13 +339,16 @@ class Trainer:
     def save(self):
         """Model, then trainer state (each atomically); the state names the step, so a
         crash between the two files is detected on resume, never silently mixed."""
+        optimizer = self.dp.state_dict() if self.dp else self.opt.state_dict()  # ZeRO-1: gathered to rank 0
+        self.last_good_step = self.step
+        if self.comm.rank != 0:
+            return
         meta = {CONFIG_KEY: self.model.config.to_json(), "format": "npgpt", STEP_KEY: str(self.step)}
         save_safetensors(self.out / MODEL_FILE, self.model.to_numpy(), meta)
-        moments, scalars = self.opt.state_dict()
+        moments, scalars = optimizer
         state = {"step": self.step, "optimizer": scalars, "tokens_seen": self.step * self.tokens_per_step,
-                 "args": {k: v for k, v in vars(self.args).items() if k != "resume"}}  # fmt: skip
+                 "world_size": self.comm.size, "args": {k: v for k, v in vars(self.args).items() if k != "resume"}}  # fmt: skip
         save_safetensors(self.out / STATE_FILE, moments, {TRAINER_KEY: json.dumps(state), STEP_KEY: str(self.step)})
-        self.last_good_step = self.step
 
 
 def format_duration(seconds: float) -> str:
@@ -309,7 +368,7 @@ def write_tokenizer(tokenizer, out: Path):
             os.replace(file, out / file.name)
 
 
-def start(args) -> Trainer:
+def start(args, comm: Comm) -> Trainer:
     """A fresh run: tokenizer and model from scratch or from --init-from."""
     from npgpt.generate import resolve_weights
     from npgpt.tokenizer import Tokenizer
@@ -319,7 +378,8 @@ def start(args) -> Trainer:
     out = Path(args.out_dir)
     if (out / STATE_FILE).exists():
         raise TrainingError(f"{out} already holds a training run: continue it with --resume, or choose another --out-dir")
-    out.mkdir(parents=True, exist_ok=True)
+    if comm.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters  # fixed now: a resume may change --max-iters
     backend = get_backend(args.backend)
     if args.init_from:
@@ -336,12 +396,13 @@ def start(args) -> Trainer:
         model = GPT.init(config, backend, seed=args.seed, dtype=args.dtype)
     if args.block_size > model.config.n_ctx:
         raise TrainingError(f"--block-size {args.block_size} exceeds the model's context of {model.config.n_ctx}")
-    (out / LOG_FILE).unlink(missing_ok=True)
-    write_tokenizer(tokenizer, out)
-    return Trainer(args, model, tokenizer, encode_file(tokenizer, args.data))
+    if comm.rank == 0:
+        (out / LOG_FILE).unlink(missing_ok=True)
+        write_tokenizer(tokenizer, out)
+    return Trainer(args, model, tokenizer, encode_file(tokenizer, args.data), comm=comm)
 
 
-def resume(args, given: set[str]) -> Trainer:
+def resume(args, given: set[str], comm: Comm) -> Trainer:
     """The run saved in --out-dir, with the saved settings (a few may be overridden)."""
     from npgpt.tokenizer import Tokenizer
 
@@ -356,18 +417,38 @@ def resume(args, given: set[str]) -> Trainer:
                             f"{meta[STEP_KEY]} (a save was cut off); the folder cannot be resumed")  # fmt: skip
     saved = state["args"]
     clashes = [f"--{k.replace('_', '-')} ({getattr(args, k)!r} vs saved {saved[k]!r})"
-               for k in given - RESUME_OVERRIDES - {"resume", "out_dir"} if getattr(args, k) != saved.get(k)]  # fmt: skip
+               for k in given - RESUME_OVERRIDES - {"resume", "out_dir", "grad_accum"} if getattr(args, k) != saved.get(k)]  # fmt: skip
     if clashes:
         raise TrainingError(f"a resumed run keeps its settings; these differ: {', '.join(clashes)}. "
                             f"Only {', '.join('--' + k.replace('_', '-') for k in sorted(RESUME_OVERRIDES))} may change.")  # fmt: skip
-    args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in given & RESUME_OVERRIDES}, "out_dir": str(out)})
+    grad_accum = split_global_batch(saved["grad_accum"] * state.get("world_size", 1), comm.size,
+                                    args.grad_accum if "grad_accum" in given else None)  # fmt: skip
+    overrides = {k: getattr(args, k) for k in given & RESUME_OVERRIDES}
+    args = argparse.Namespace(**{**DEFAULTS_OF_NEW_FLAGS, **saved, **overrides, "out_dir": str(out), "grad_accum": grad_accum})
     tokenizer = Tokenizer.load(out)
     model = GPT.from_numpy(config, params, get_backend(args.backend))
-    trainer = Trainer(args, model, tokenizer, encode_file(tokenizer, args.data), start_step=state["step"])
-    trainer.opt.load_state_dict(moments, state["optimizer"])
-    truncate_log(out / LOG_FILE, state["step"])
-    say(f"resuming {out} at step {state['step']}")
+    trainer = Trainer(args, model, tokenizer, encode_file(tokenizer, args.data), start_step=state["step"], comm=comm)
+    (trainer.dp or trainer.opt).load_state_dict(moments, state["optimizer"])
+    if comm.rank == 0:
+        truncate_log(out / LOG_FILE, state["step"])
+    say(f"resuming {out} at step {state['step']}" + (f" on {comm.size} ranks x --grad-accum {grad_accum}" if comm.size > 1 else ""))
     return trainer
+
+
+# Flags added after some checkpoints were written: their values for those checkpoints.
+DEFAULTS_OF_NEW_FLAGS = {"threads": None, "zero": 0, "bucket_mb": DEFAULT_BUCKET_MB, "comm_timeout": DEFAULT_TIMEOUT}
+
+
+def split_global_batch(micro_batches: int, world: int, given: int | None) -> int:
+    """--grad-accum of a resumed run on `world` ranks: the saved run's global count of
+    micro-batches per step, divided over the ranks (the same sequences, another split)."""
+    if micro_batches % world:
+        raise TrainingError(f"the run's global batch is {micro_batches} micro-batches per step, which {world} ranks "
+                            f"cannot share equally: resume on a number of ranks that divides {micro_batches}")  # fmt: skip
+    if given is not None and given * world != micro_batches:
+        raise TrainingError(f"--grad-accum {given} on {world} ranks gives {given * world} micro-batches per step, but "
+                            f"the run has {micro_batches}: leave out --grad-accum (it becomes {micro_batches // world})")  # fmt: skip
+    return micro_batches // world
 
 
 def truncate_log(path: Path, step: int):
@@ -378,6 +459,8 @@ def truncate_log(path: Path, step: int):
 
 
 def main(argv=None) -> int:
+    if launched_rank() != 0:  # under mpiexec only rank 0 prints
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
@@ -385,9 +468,24 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
+        comm = connect(args.comm_timeout)
+    except DistributedError as e:
+        say(f"error: {e}")
+        return 2
+    error = None
+    try:
+        limit_threads(args.threads, comm)
         if args.data:
             args.data = str(Path(args.data).resolve())  # a resumed run may start elsewhere
-        trainer = resume(args, explicit_flags(argv)) if args.resume else start(args)
+        trainer = resume(args, explicit_flags(argv), comm) if args.resume else start(args, comm)
+    except (TrainingError, BackendError, DistributedError, ValueError) as e:
+        error = str(e)
+    errors = comm.allgather_object(error)  # every rank starts, or none does
+    if any(errors):
+        rank = next(r for r, e in enumerate(errors) if e)
+        say(f"error: {f'rank {rank}: ' if rank else ''}{errors[rank]}")
+        return 2
+    try:
         return trainer.run()
     except (TrainingError, BackendError, ValueError) as e:
         say(f"error: {e}")
