@@ -281,9 +281,10 @@ class DataParallel:
         self.backend = backend = model.backend
         xp = backend.xp
         shapes = {name: tuple(p.shape) for name, p in model.params.items()}
-        self.layout = layout = Layout(shapes, _itemsize(model.params["wte.weight"]), comm.size, bucket_mb * 2**20)
-        self.flat_params = xp.zeros((layout.total,), dtype=model.dtype)
-        self.flat_grads = xp.zeros((layout.total,), dtype=model.dtype)
+        self.itemsize = xp.finfo(model.dtype).bits // 8
+        self.layout = layout = Layout(shapes, self.itemsize, comm.size, bucket_mb * 2**20)
+        self.flat_params = xp.zeros((layout.total,), dtype=model.dtype, device=backend.device)
+        self.flat_grads = xp.zeros((layout.total,), dtype=model.dtype, device=backend.device)
         views = layout.views(self.flat_params, xp)
         for name in model.params:  # parameters become views of the flat buffer (same order)
             views[name][...] = model.params[name]
@@ -388,7 +389,7 @@ class DataParallel:
         [lo, hi) of the flat vector it owns, cut at parameter boundaries (so each piece
         keeps its parameter's weight-decay choice)."""
         xp, layout, rank = self.backend.xp, self.layout, self.comm.rank
-        self.shard_grads = xp.zeros((layout.total // layout.world,), dtype=self.model.dtype)
+        self.shard_grads = xp.zeros((layout.total // layout.world,), dtype=self.model.dtype, device=self.backend.device)
         self._shard_slices, self.pieces = [], []  # pieces: (key, name, flat lo, flat hi, shard lo)
         shard_offset = 0
         for b, (_, _, names) in enumerate(layout.buckets):
@@ -452,7 +453,7 @@ class DataParallel:
                 if host is None or tuple(host.shape) != shape:
                     got = None if host is None else tuple(host.shape)
                     raise ValueError(f"optimizer state for {prefix}{name}: expected shape {shape}, found {got}")
-            host_shard = np.zeros(shard.shape[0], dtype=_host_dtype(shard))
+            host_shard = np.zeros(shard.shape[0], dtype=np.float64)
             for key, name, a, z, s in self.pieces:
                 o = self.layout.slots[name][0]
                 host_shard[s : s + z - a] = np.asarray(tensors[prefix + name]).reshape(-1)[a - o : z - o]
@@ -463,18 +464,4 @@ class DataParallel:
 
     def optimizer_bytes(self) -> int:
         """Bytes of AdamW moments this rank holds."""
-        return sum(_nbytes(a) for a in (*self.opt.m.values(), *self.opt.v.values()))
-
-
-def _host_dtype(array) -> np.dtype:
-    """The NumPy dtype of a backend array (NumPy, CuPy and array-api-strict dtypes all
-    print as the NumPy name)."""
-    return np.dtype(str(array.dtype))
-
-
-def _itemsize(array) -> int:
-    return _host_dtype(array).itemsize
-
-
-def _nbytes(array) -> int:
-    return math.prod(array.shape) * _itemsize(array)
+        return sum(math.prod(a.shape) * self.itemsize for a in (*self.opt.m.values(), *self.opt.v.values()))
