@@ -1,4 +1,4 @@
-"""Data-parallel training under a real `mpiexec -n 2` (MPICH from the test extra), against
+"""Data-parallel training under a real `mpiexec -n 2` (and -n 4) (MPICH from the test extra), against
 one process: the same run however the global batch is split (dropout on), ZeRO-1, resume
 at another world size, Ctrl-C, a killed or hung rank, rank-0-only output; and, in
 process, the flat layout and its buckets.
@@ -111,17 +111,18 @@ def assert_same_run(a: Path, b: Path, rtol: float):
 
 
 # -- mpiexec -n 2 --------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", list(RTOL))
-def test_two_ranks_train_the_run_of_one_process(corpus, reference, tmp_path, dtype):
-    """2 ranks x --grad-accum 2 == 1 process x --grad-accum 4 (same sequences, same dropout
-    masks), and only rank 0 prints or writes."""
-    out = tmp_path / "two"
-    done = mpirun(2, "--data", corpus, "--out-dir", str(out), *TINY, *BUCKETS, "--grad-accum", "2", "--dtype", dtype)
+@pytest.mark.parametrize("ranks, dtype", [(2, "float64"), (2, "float32"), (4, "float64")])
+def test_ranks_train_the_run_of_one_process(corpus, reference, tmp_path, ranks, dtype):
+    """2 ranks x --grad-accum 2 and 4 ranks x --grad-accum 1 == 1 process x --grad-accum 4
+    (same sequences, same dropout masks), and only rank 0 prints or writes."""
+    out = tmp_path / "split"
+    accum = str(4 // ranks)
+    done = mpirun(ranks, "--data", corpus, "--out-dir", str(out), *TINY, *BUCKETS, "--grad-accum", accum, "--dtype", dtype)
     assert done.returncode == 0, done.stderr
     assert_same_run(reference[dtype], out, RTOL[dtype])
     # one progress line per log interval (rank 1 is silent), global batch and comm share shown
     assert done.stderr.count("step     20/20") == 1, done.stderr
-    assert "global batch 2 x 2 x 2 ranks" in done.stderr and "comm " in done.stderr
+    assert f"global batch 2 x {accum} x {ranks} ranks" in done.stderr and "comm " in done.stderr
     assert done.stdout == ""
     assert sorted(os.listdir(out)) == sorted(os.listdir(reference[dtype]))
 
