@@ -109,6 +109,12 @@ class Backend:
         every backend sees the same stream (dropout masks, reproducible runs)."""
         return self.asarray(rng.random(shape, dtype=np.float32), dtype=dtype)
 
+    def communicator(self, comm):
+        """The communicator data-parallel training sums this backend's arrays with: by
+        default `comm` itself (MPI on host buffers, which NumPy arrays are); a GPU
+        backend returns one that keeps gradients on the device (CuPy: NCCL)."""
+        return comm
+
     def synchronize(self) -> None:
         """Wait for queued device work (for honest timing). Host backends: nothing."""
 

@@ -80,6 +80,14 @@ def limit_threads(threads: int | None, comm: Comm) -> None:
     threadpool_limits(limits=threads)
 
 
+def rank_backend(spec: str, comm: Comm) -> str:
+    """Under mpiexec, a GPU backend named without a device ("cupy") takes the device of
+    this rank's place on its node ("cupy:1" for local rank 1)."""
+    if comm.size > 1 and ":" not in spec and spec.endswith("cupy"):
+        return f"{spec}:{comm.local_rank}"
+    return spec
+
+
 def connect(timeout: float = DEFAULT_TIMEOUT) -> Comm:
     """This process's communicator: `MPIComm` under a launcher, else the one-process `Comm`
     (without importing mpi4py, so a plain run is exactly a run without MPI)."""
@@ -139,6 +147,10 @@ class Comm:
 
     def allgather_object(self, obj) -> list:
         return [obj]
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank."""
+        return obj
 
     def abort(self, message: str, status: int = 1):
         print(message, file=sys.stderr, flush=True)
@@ -205,6 +217,9 @@ class MPIComm(Comm):
 
     def allgather_object(self, obj) -> list:
         return self.world.allgather(obj)
+
+    def broadcast_object(self, obj):
+        return self.world.bcast(obj, root=0)
 
     def abort(self, message: str, status: int = 1):
         print(message, file=sys.__stderr__, flush=True)  # any rank may be the one that notices

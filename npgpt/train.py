@@ -44,7 +44,7 @@ from npgpt.backend import BackendError, get_backend
 from npgpt.checkpoint import CONFIG_KEY, load_safetensors, save_safetensors
 from npgpt.config import GPTConfig
 from npgpt.data import BatchSampler, split_tokens
-from npgpt.distributed import DEFAULT_BUCKET_MB, DEFAULT_TIMEOUT, Comm, DataParallel, DistributedError, connect, launched_rank, limit_threads
+from npgpt.distributed import DEFAULT_BUCKET_MB, DEFAULT_TIMEOUT, Comm, DataParallel, DistributedError, connect, launched_rank, limit_threads, rank_backend
 from npgpt.model import GPT, FLOAT_DTYPES
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr, global_norm
 
@@ -182,7 +182,8 @@ class Trainer:
         adamw = dict(betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, decay_embeddings=args.decay_embeddings)
         self.dp = None  # one process, unsharded: the plain loop below
         if comm.size > 1 or args.zero:
-            self.dp = DataParallel(model, comm, args.grad_accum, zero=args.zero, bucket_mb=args.bucket_mb, **adamw)
+            self.dp = DataParallel(model, model.backend.communicator(comm), args.grad_accum, zero=args.zero,
+                                   bucket_mb=args.bucket_mb, **adamw)  # fmt: skip
         self.opt = self.dp.opt if self.dp else AdamW(model.params, model.backend, **adamw)
         train, val = split_tokens(tokens, args.val_fraction)
         T = args.block_size
@@ -381,7 +382,7 @@ def start(args, comm: Comm) -> Trainer:
     if comm.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters  # fixed now: a resume may change --max-iters
-    backend = get_backend(args.backend)
+    backend = get_backend(rank_backend(args.backend, comm))
     if args.init_from:
         file = resolve_weights(args.init_from)
         tokenizer = Tokenizer.load(file.parent)
@@ -426,7 +427,7 @@ def resume(args, given: set[str], comm: Comm) -> Trainer:
     overrides = {k: getattr(args, k) for k in given & RESUME_OVERRIDES}
     args = argparse.Namespace(**{**DEFAULTS_OF_NEW_FLAGS, **saved, **overrides, "out_dir": str(out), "grad_accum": grad_accum})
     tokenizer = Tokenizer.load(out)
-    model = GPT.from_numpy(config, params, get_backend(args.backend))
+    model = GPT.from_numpy(config, params, get_backend(rank_backend(args.backend, comm)))
     trainer = Trainer(args, model, tokenizer, encode_file(tokenizer, args.data), start_step=state["step"], comm=comm)
     (trainer.dp or trainer.opt).load_state_dict(moments, state["optimizer"])
     if comm.rank == 0:

@@ -48,17 +48,17 @@ def mpiexec() -> str:
 
 
 def env() -> dict:
-    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    paths = [str(ROOT), str(ROOT / "backends" / "cupy"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
 
 
-def launch(n: int, *flags, **popen):
-    cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "npgpt.train", *flags]
+def launch(n: int, *flags, program=("-m", "npgpt.train"), **popen):
+    cmd = [mpiexec(), "-n", str(n), sys.executable, *program, *flags]
     return subprocess.Popen(cmd, cwd=ROOT, env=env(), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **popen)
 
 
-def mpirun(n: int, *flags) -> subprocess.CompletedProcess:
-    proc = launch(n, *flags)
+def mpirun(n: int, *flags, **launch_args) -> subprocess.CompletedProcess:
+    proc = launch(n, *flags, **launch_args)
     try:
         out, err = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -162,6 +162,41 @@ def test_resume_refuses_a_world_size_that_does_not_divide_the_global_batch(corpu
     done = mpirun(2, "--resume", "--out-dir", str(out), "--max-iters", "4")
     assert done.returncode == 2 and done.stderr.count("error: ") == 1, done.stderr
     assert "3 micro-batches" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_the_nccl_path_runs_end_to_end_on_the_fake_gpu(corpus, reference, tmp_path, zero):
+    """--backend fake-cupy under mpiexec -n 2: each rank on its own (fake) GPU, gradients
+    summed by NCCL calls on a stream of their own (buckets, or reduce-scatter + all-gather
+    with ZeRO-1), none downloaded: the host receives only the log's scalars and the final
+    checkpoint. The run equals one NumPy process."""
+    out, report = tmp_path / "run", tmp_path / "report"
+    done = mpirun(2, str(report), "--data", corpus, "--out-dir", str(out), *TINY, *BUCKETS, "--grad-accum", "2",
+                  "--dtype", "float64", "--backend", "fake-cupy", "--zero", str(zero),
+                  program=[str(ROOT / "tests" / "fake_nccl.py")])  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert_same_run(reference["float64"], out, RTOL["float64"])
+    ranks = [json.loads(Path(f"{report}.{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["calls"] == ranks[1]["calls"]  # the same collectives in the same order
+    calls = ranks[0]["calls"]
+    model = GPT.load(out / "model.safetensors")
+    n_params = sum(int(np.prod(p.shape)) for p in model.params.values())
+    layout = Layout({k: tuple(v.shape) for k, v in model.params.items()}, 8, 2, float(BUCKETS[1]) * 2**20)
+    buckets, steps = len(layout.buckets), 20
+    kinds = {kind: sum(1 for c in calls if c[0] == kind) for kind in ("allReduce", "reduceScatter", "allGather")}
+    reported = 20 // 5  # the loss is summed over the ranks once per log interval
+    if zero:
+        assert kinds == {"allReduce": steps + reported, "reduceScatter": steps * buckets, "allGather": steps * buckets}
+    else:
+        assert kinds == {"allReduce": steps * buckets + reported, "reduceScatter": 0, "allGather": 0}
+        assert sum(c[1] for c in calls if c[1] > 1) == steps * layout.total
+    assert all(c[2] == "NCCL_FLOAT64" and c[3] != ranks[0]["compute_stream"] for c in calls)
+    # Downloads: the final checkpoint (rank 0: parameters + 2 moments; with ZeRO-1 each rank
+    # its two moment shards of total / 2), and scalars. Gradients through the host would add
+    # 8 x n_params per step.
+    moments = 8 * (layout.total if zero else 2 * n_params)
+    assert ranks[0]["download_bytes"] <= 8 * n_params + moments + 4096
+    assert ranks[1]["download_bytes"] <= (moments if zero else 0) + 4096
 
 
 def rank_pid(mpiexec_pid: int, rank: int) -> int | None:

@@ -11,6 +11,7 @@ Registered under the entry-point group `npgpt.backends` as `cupy`, so
   CuPy refuses implicit conversion to NumPy, so any other crossing is an error.
 - `index_add` is `cupyx.scatter_add` (atomic adds: repeated ids sum), `synchronize`
   waits on the current stream, `peak_memory_bytes` is what CuPy's memory pool holds.
+- `communicator` (under mpiexec) sums gradients over NCCL between the ranks' GPUs.
 - `uniform` keeps the base class's host-drawn stream: dropout masks are the same on
   every backend, at the price of one upload per dropout site per training step.
 
@@ -54,6 +55,14 @@ class CupyBackend(Backend):
         """target[ids[n], :] += values[n, :] in place, repeated ids summed (atomic adds)."""
         self._cupyx.scatter_add(target, ids, values)
         return target
+
+    def communicator(self, comm):
+        """NCCL between the ranks' GPUs (`npgpt_cupy.nccl`), its id sent over `comm` (MPI)."""
+        if comm.size == 1:
+            return comm
+        from npgpt_cupy.nccl import NCCLComm
+
+        return NCCLComm(comm, self._cupy)
 
     def synchronize(self) -> None:
         self._cupy.cuda.get_current_stream().synchronize()
