@@ -5,6 +5,7 @@
     generate   cached/uncached decoding vs the bandwidth ceiling (and transformers)
     tokenizer  BPE encode/decode/train throughput vs tiktoken and encoder.py
     gpu        GPT-2 124M decoding and a training step on CuPy vs PyTorch CUDA
+    scale      data-parallel tokens/s: 1 rank x 2 threads vs 2 ranks x 1 thread (mpiexec), ZeRO-1 memory
 
 `python tools/bench.py <name> --help` lists each one's options.
 """
@@ -13,7 +14,7 @@ import importlib
 import sys
 from pathlib import Path
 
-NAMES = ("forward", "train", "generate", "tokenizer", "gpu")
+NAMES = ("forward", "train", "generate", "tokenizer", "gpu", "scale")
 
 
 def main(argv=None):
