@@ -6,6 +6,8 @@
 #   2. the whole test suite on numpy and cupy: NPGPT_TEST_BACKENDS=numpy,cupy pytest;
 #   3. tools/bench_gpu.py --vs torch: GPT-2 124M decoding and a training step, npgpt on
 #      CuPy vs PyTorch CUDA in the same process;
+#   4. with 2 or more GPUs: data-parallel training over NCCL, mpiexec -n NGPU --backend cupy
+#      (each rank its own GPU) against one process with the same global batch;
 # and writes OUT/gpu_check.json (suite result + benchmark) beside the raw logs.
 #
 # Usage: tools/gpu_check.sh [OUT]   (default OUT: gpu-check/)
@@ -40,6 +42,29 @@ set -e
 echo "== benchmark: npgpt on cupy vs PyTorch CUDA" >&2
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of arguments
 python tools/bench_gpu.py --vs torch ${BENCH_ARGS:-} > "$OUT/bench_gpu.json"
+
+NGPU=$(nvidia-smi -L | grep -c '^GPU' || true)
+if [ "$NGPU" -ge 2 ]; then
+    echo "== multi-GPU: mpiexec -n $NGPU over NCCL vs one process" >&2
+    python -c "import sys; sys.stdout.write('To be, or not to be, that is the question. ' * 5000)" > "$OUT/corpus.txt"
+    RUN=(--data "$OUT/corpus.txt" --n-layer 4 --n-head 4 --n-embd 128 --block-size 128 --batch-size 8 --max-iters 30
+         --log-interval 10 --eval-interval 30 --eval-iters 4 --dropout 0.1 --dtype float64)
+    rm -rf "$OUT/dp1" "$OUT/dpN"
+    python -m npgpt.train "${RUN[@]}" --out-dir "$OUT/dp1" --backend cupy --grad-accum "$NGPU" 2> "$OUT/dp1.txt"
+    mpiexec -n "$NGPU" python -m npgpt.train "${RUN[@]}" --out-dir "$OUT/dpN" --backend cupy --zero 1 2> "$OUT/dpN.txt"
+    python - "$OUT" "$NGPU" <<'PY' | tee "$OUT/multi_gpu.json"
+import json, sys
+import numpy as np
+from npgpt.checkpoint import load_safetensors
+out, n = sys.argv[1], int(sys.argv[2])
+a, _ = load_safetensors(f"{out}/dp1/model.safetensors")
+b, _ = load_safetensors(f"{out}/dpN/model.safetensors")
+worst = max(float(np.max(np.abs(a[k] - b[k])) / np.max(np.abs(a[k]))) for k in a if np.any(a[k]))
+print(json.dumps({"gpus": n, "max_relative_weight_difference": worst, "equal_within_1e-6": worst <= 1e-6,
+                  "log_1_process": open(f"{out}/dp1.txt").read().splitlines()[-3:],
+                  "log_mpiexec": open(f"{out}/dpN.txt").read().splitlines()[-3:]}, indent=2))
+PY
+fi
 
 python - "$OUT" "$SUITE" <<'PY'
 import json, sys
