@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from npgpt.optim import AdamW
+from npgpt.optim import AdamW, clip_factor, clip_grad_norm, default_decay, global_norm
 
 DEFAULT_BUCKET_MB = 25.0  # PyTorch DDP's default bucket size
 DEFAULT_TIMEOUT = 600.0  # seconds a rank waits for the others before ending the job
@@ -285,9 +285,10 @@ class DataParallel:
     """The model's parameters and gradients in flat buffers, reduced across ranks bucket by
     bucket, and the optimizer (AdamW, or with `zero=1` AdamW on this rank's shard).
 
-    Per step: `accumulate(grads)` for each micro-batch but the last, which goes through
-    `ready(names, grads)` (the backward hook) or `accumulate(grads, last=True)`; then
-    `reduce()` returns the averaged gradients, `clip_and_step(max_norm, lr)` updates.
+    Per step: `add(grads)` for each micro-batch but the last, whose gradients come through
+    `ready(names, grads)` (the backward hook) or `add(grads, final=True)`; then `reduce()`
+    leaves the mean gradients and `clip_and_step(max_norm, lr)` updates the parameters.
+    Every rank must start the buckets in the same order (the backward's, or parameter order).
     """
 
     def __init__(self, model, comm: Comm, micro_batches: int, zero: int = 0,
@@ -307,8 +308,6 @@ class DataParallel:
         grad_views = layout.views(self.flat_grads, xp)
         self.grads = {name: grad_views[name] for name in model.params}  # parameter order
         self.scale = 1.0 / (micro_batches * comm.size)  # sum over ranks and micro-batches -> mean
-        self.micro_batches = micro_batches
-        self.decay = AdamW(model.params, backend, **adamw).decay if zero else None
         if zero:
             self.opt = self._sharded_adamw(adamw)
         else:
@@ -322,18 +321,18 @@ class DataParallel:
         self.requests: list = []
         self.started: list[int] = []
 
-    def accumulate(self, grads: dict, last: bool = False):
-        """Add one micro-batch's gradients (all names) into the flat buffer."""
-        self._add(list(grads), grads)
-        self.micro += 1
-        if last:
-            for b in range(len(self.layout.buckets)):
-                if b not in self.started:
-                    self._start(b)
+    def add(self, grads: dict, final: bool = False):
+        """Add one micro-batch's gradients (every parameter's) into the flat buffer; `final`:
+        the step's last micro-batch, so every bucket starts."""
+        if final:
+            self.ready(list(grads), grads)
+        else:
+            self._add(grads, grads)
+            self.micro += 1
 
     def ready(self, names: list[str], grads: dict):
-        """Backward hook of the last micro-batch: `names`' gradients are final, so add them
-        and start every bucket they complete."""
+        """The backward hook of the step's last micro-batch: `names`' gradients are final, so
+        add them and start each bucket they complete (nonblocking)."""
         self._add(names, grads)
         for name in names:
             b = self.layout.bucket_of[name]
@@ -363,6 +362,9 @@ class DataParallel:
     def reduce(self):
         """Wait for every bucket; the gradients (this rank's shard with ZeRO-1) become the
         mean over ranks and micro-batches."""
+        if len(self.started) != len(self.layout.buckets):
+            unreported = [n for b, (_, _, names) in enumerate(self.layout.buckets) if b not in self.started for n in names]
+            raise RuntimeError(f"the last micro-batch left gradients unreported: {', '.join(unreported[:4])} ...")
         self.comm.wait(self.requests)
         target = self.shard_grads if self.zero else self.flat_grads
         if self.scale != 1.0:
@@ -372,23 +374,16 @@ class DataParallel:
     # -- the update ----------------------------------------------------------------------------
     def clip_and_step(self, max_norm: float, lr: float):
         """Clip by the global norm (0: off) and take one AdamW step; returns the norm (0-d)."""
-        xp = self.backend.xp
-        if self.zero:
-            local = xp.sum(self.shard_grads * self.shard_grads)
-            norm = xp.sqrt(self.comm_sum_scalar(local))
-        else:
-            norm = xp.sqrt(xp.sum(self.flat_grads * self.flat_grads))  # padding is zero
-        if max_norm > 0:
-            factor = xp.minimum(max_norm / (norm + 1e-6), 1.0)
-            (self.shard_grads if self.zero else self.flat_grads)[...] *= factor
-        if self.zero:
-            self.opt.step(self.shard_pieces_grads, lr)
-            requests = []
-            for b, (start, stop, _) in enumerate(self.layout.buckets):
-                requests.append(self.comm.start_allgather(self.flat_params[start:stop]))
-            self.comm.wait(requests)
-        else:
+        if not self.zero:
+            norm = clip_grad_norm(self.grads, max_norm, self.backend) if max_norm > 0 else global_norm(self.grads, self.backend)
             self.opt.step(self.grads, lr)
+            return norm
+        xp = self.backend.xp
+        norm = xp.sqrt(self.comm_sum_scalar(xp.sum(self.shard_grads * self.shard_grads)))  # padding is zero
+        if max_norm > 0:
+            self.shard_grads *= clip_factor(norm, max_norm, xp)
+        self.opt.step(self.shard_pieces_grads, lr)
+        self.comm.wait([self.comm.start_allgather(self.flat_params[start:stop]) for start, stop, _ in self.layout.buckets])
         return norm
 
     def comm_sum_scalar(self, value):
@@ -418,7 +413,8 @@ class DataParallel:
             shard_offset += hi - lo
         params = {key: self.flat_params[a:z] for key, _, a, z, _ in self.pieces}
         self.shard_pieces_grads = {key: self.shard_grads[s : s + z - a] for key, _, a, z, s in self.pieces}
-        decay = {key: self.decay[name] for key, name, *_ in self.pieces}
+        embeddings = adamw.get("decay_embeddings", False)
+        decay = {key: default_decay(name, layout.slots[name][2], embeddings) for key, name, *_ in self.pieces}
         opt = AdamW(params, self.backend, decay=decay, **adamw)
         # The moments of all pieces as views of two flat shard buffers (gathered for checkpoints).
         self.shard_m = xp.zeros_like(self.shard_grads)

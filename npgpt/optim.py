@@ -117,10 +117,15 @@ def clip_grad_norm(grads: dict, max_norm: float, backend: Backend):
     clipping as a 0-d device array (for logging).
     """
     norm = global_norm(grads, backend)
-    factor = backend.xp.minimum(max_norm / (norm + 1e-6), 1.0)
+    factor = clip_factor(norm, max_norm, backend.xp)
     for g in grads.values():
         g *= factor
     return norm
+
+
+def clip_factor(norm, max_norm: float, xp):
+    """min(1, max_norm / (norm + 1e-6)) as a 0-d device array: what clipping multiplies by."""
+    return xp.minimum(max_norm / (norm + 1e-6), 1.0)
 
 
 def cosine_lr(step: int, max_lr: float, min_lr: float, warmup: int, decay_steps: int) -> float:

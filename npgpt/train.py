@@ -44,7 +44,8 @@ from npgpt.backend import BackendError, get_backend
 from npgpt.checkpoint import CONFIG_KEY, load_safetensors, save_safetensors
 from npgpt.config import GPTConfig
 from npgpt.data import BatchSampler, split_tokens
-from npgpt.distributed import DEFAULT_BUCKET_MB, DEFAULT_TIMEOUT, Comm, DataParallel, DistributedError, connect, launched_rank, limit_threads, rank_backend
+from npgpt.distributed import (DEFAULT_BUCKET_MB, DEFAULT_TIMEOUT, Comm, DataParallel, DistributedError, connect,
+                               launched_rank, limit_threads, rank_backend)  # fmt: skip
 from npgpt.model import GPT, FLOAT_DTYPES
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr, global_norm
 
@@ -231,7 +232,7 @@ class Trainer:
             ids, targets = self.train_data.batch(self.step, j)
             rng = np.random.default_rng([args.seed, DROPOUT_STREAM, self.step, j]) if model.config.dropout else None
             loss, g = model.loss_and_grads(ids, targets, rng=rng)
-            dp.accumulate(g, last=micro == args.grad_accum - 1)
+            dp.add(g, final=micro == args.grad_accum - 1)
             total_loss = total_loss + loss
         dp.reduce()
         norm = dp.clip_and_step(args.grad_clip, self.lr(self.step))

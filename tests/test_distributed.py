@@ -310,7 +310,7 @@ def test_zero1_on_one_process_is_adamw(backend):
         clip_grad_norm(grads, 0.5, backend)
         opt.step(grads, 1e-2)
         _, grads = flat.loss_and_grads(ids, targets)
-        dp.accumulate(grads, last=True)
+        dp.add(grads, final=True)
         dp.reduce()
         dp.clip_and_step(0.5, 1e-2)
     for name in plain.params:

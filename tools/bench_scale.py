@@ -64,10 +64,9 @@ def worker(args) -> dict:
                 last = micro == accum - 1
                 if hook is not None and last:
                     model.loss_and_grads(ids, targets, grad_ready=hook)
-                    dp.accumulate({}, last=True)
                 else:
                     _, grads = model.loss_and_grads(ids, targets)
-                    dp.accumulate(grads, last=last)
+                    dp.add(grads, final=last)
             dp.reduce()
             dp.clip_and_step(1.0, 1e-4)
             elapsed = time.perf_counter() - start
