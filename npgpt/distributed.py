@@ -4,10 +4,11 @@ Three pieces, each a class:
 
 - `Comm`: who this process is (rank of world, and rank among the ranks on its node) and
   the collectives the trainer needs. `Comm` itself is the one-process world (every
-  collective is the identity); `MPIComm` runs them over MPI (mpi4py) on host buffers.
-  The NCCL engine for device buffers lives in `npgpt.nccl`. Every wait is bounded: a
-  peer that died or hangs ends the job with a clear message after `timeout` seconds
-  (MPI_Abort), never a silent hang.
+  collective is the identity); `MPIComm` runs them over MPI (mpi4py) on host buffers,
+  and every wait of it is bounded: a peer that hangs ends the job with a clear message
+  after `timeout` seconds (MPI_Abort), never a silent hang. A backend whose arrays live
+  on a device supplies its own (`Backend.communicator`; CuPy's is NCCL, in
+  `npgpt_cupy.nccl`).
 - `Layout`: the parameters laid end to end in the order the backward pass finishes them
   (ln_f, block L-1 ... block 0, wte and wpe), cut into buckets of about `bucket_bytes`,
   each padded to a multiple of the world size so that it splits into equal shards.
@@ -34,9 +35,10 @@ from npgpt.optim import AdamW, clip_factor, clip_grad_norm, default_decay, globa
 
 DEFAULT_BUCKET_MB = 25.0  # PyTorch DDP's default bucket size
 DEFAULT_TIMEOUT = 600.0  # seconds a rank waits for the others before ending the job
-# Environment variables a launcher sets for each process: world size (MPICH/Hydra, Open MPI, PMIx, Slurm).
-WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_NTASKS")
-RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+# What a launcher tells each process it starts: world size and rank (PMI: MPICH's and Intel
+# MPI's Hydra, srun --mpi=pmi2; Open MPI's mpirun).
+WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
 
 
 class DistributedError(RuntimeError):
