@@ -198,46 +198,43 @@ class Trainer:
     # -- one optimizer step ---------------------------------------------------------------
     def train_step(self):
         """Forward, backward (accumulated over micro-batches), clip, AdamW. Returns the
-        mean loss and the gradient norm as 0-d device arrays (no host sync)."""
-        if self.dp:
-            return self.parallel_train_step()
-        args, model = self.args, self.model
+        mean loss and the gradient norm as 0-d device arrays (no host sync).
+
+        Under mpiexec this rank's micro-batches go into `DataParallel`'s buckets, which
+        sum them over the ranks; the loss returned is this rank's mean."""
+        args, dp = self.args, self.dp
         total_loss, grads = 0.0, None
         for micro in range(args.grad_accum):
-            ids, targets = self.train_data.batch(self.step, micro)
-            rng = np.random.default_rng([args.seed, DROPOUT_STREAM, self.step, micro]) if model.config.dropout else None
-            loss, g = model.loss_and_grads(ids, targets, rng=rng)
+            loss, g = self.micro_batch(micro)
             total_loss = total_loss + loss
-            if grads is None:
+            if dp:
+                dp.add(g, final=micro == args.grad_accum - 1)
+            elif grads is None:
                 grads = g
             else:
                 for name, value in g.items():
                     grads[name] += value
-        if args.grad_accum > 1:
-            for value in grads.values():
-                value *= 1.0 / args.grad_accum
-        norm = clip_grad_norm(grads, args.grad_clip, self.backend) if args.grad_clip > 0 else global_norm(grads, self.backend)
-        self.opt.step(grads, self.lr(self.step))
+        if dp:
+            dp.reduce()
+            norm = dp.clip_and_step(args.grad_clip, self.lr(self.step))
+        else:
+            if args.grad_accum > 1:
+                for value in grads.values():
+                    value *= 1.0 / args.grad_accum
+            norm = clip_grad_norm(grads, args.grad_clip, self.backend) if args.grad_clip > 0 else global_norm(grads, self.backend)
+            self.opt.step(grads, self.lr(self.step))
         self.step += 1
         return total_loss / args.grad_accum, norm
 
-    def parallel_train_step(self):
-        """The step above on this rank's share of the global batch: its micro-batches'
-        gradients summed into buckets that are all-reduced (or reduce-scattered) across
-        ranks. Returns this rank's mean loss and the global gradient norm."""
-        args, model, dp = self.args, self.model, self.dp
-        total_loss = 0.0
-        for micro in range(args.grad_accum):
-            j = self.comm.rank * args.grad_accum + micro  # the global micro-batch index
-            ids, targets = self.train_data.batch(self.step, j)
-            rng = np.random.default_rng([args.seed, DROPOUT_STREAM, self.step, j]) if model.config.dropout else None
-            loss, g = model.loss_and_grads(ids, targets, rng=rng)
-            dp.add(g, final=micro == args.grad_accum - 1)
-            total_loss = total_loss + loss
-        dp.reduce()
-        norm = dp.clip_and_step(args.grad_clip, self.lr(self.step))
-        self.step += 1
-        return total_loss / args.grad_accum, norm
+    def micro_batch(self, micro: int):
+        """Loss and gradients of this rank's micro-batch `micro` of the step: the global
+        micro-batch rank x grad-accum + micro, whose sequences and dropout masks depend on
+        (seed, step, that index) alone."""
+        args, model = self.args, self.model
+        j = self.comm.rank * args.grad_accum + micro
+        ids, targets = self.train_data.batch(self.step, j)
+        rng = np.random.default_rng([args.seed, DROPOUT_STREAM, self.step, j]) if model.config.dropout else None
+        return model.loss_and_grads(ids, targets, rng=rng)
 
     def lr(self, step: int) -> float:
         a = self.args
