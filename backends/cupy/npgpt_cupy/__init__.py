@@ -14,6 +14,8 @@ Registered under the entry-point group `npgpt.backends` as `cupy`, so
 - `communicator` (under mpiexec) sums gradients over NCCL between the ranks' GPUs.
 - `uniform` keeps the base class's host-drawn stream: dropout masks are the same on
   every backend, at the price of one upload per dropout site per training step.
+- `kernels` is the plain reference set (`npgpt.kernels.REFERENCE`); fused kernels would
+  come in as `REFERENCE.replace("cupy", ...)` passed to `Backend.__init__`.
 
 Selecting it fails with a `BackendError` saying what is wrong: CuPy missing (ImportError,
 turned into an install hint by `get_backend`), CuPy too old, or no usable GPU.
