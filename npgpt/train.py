@@ -200,15 +200,18 @@ class Trainer:
         """Forward, backward (accumulated over micro-batches), clip, AdamW. Returns the
         mean loss and the gradient norm as 0-d device arrays (no host sync).
 
-        Under mpiexec this rank's micro-batches go into `DataParallel`'s buckets, which
-        sum them over the ranks; the loss returned is this rank's mean."""
+        Under mpiexec this rank's micro-batches go into `DataParallel`'s buckets; during
+        the last one's backward pass each bucket starts its sum over the ranks as soon as
+        its gradients are final (the `grad_ready` hook). The loss returned is this rank's mean."""
         args, dp = self.args, self.dp
         total_loss, grads = 0.0, None
         for micro in range(args.grad_accum):
-            loss, g = self.micro_batch(micro)
+            final = micro == args.grad_accum - 1
+            loss, g = self.micro_batch(micro, grad_ready=dp.ready if dp and final else None)
             total_loss = total_loss + loss
             if dp:
-                dp.add(g, final=micro == args.grad_accum - 1)
+                if not final:
+                    dp.add(g)
             elif grads is None:
                 grads = g
             else:
@@ -226,7 +229,7 @@ class Trainer:
         self.step += 1
         return total_loss / args.grad_accum, norm
 
-    def micro_batch(self, micro: int):
+    def micro_batch(self, micro: int, grad_ready=None):
         """Loss and gradients of this rank's micro-batch `micro` of the step: the global
         micro-batch rank x grad-accum + micro, whose sequences and dropout masks depend on
         (seed, step, that index) alone."""
@@ -234,7 +237,7 @@ class Trainer:
         j = self.comm.rank * args.grad_accum + micro
         ids, targets = self.train_data.batch(self.step, j)
         rng = np.random.default_rng([args.seed, DROPOUT_STREAM, self.step, j]) if model.config.dropout else None
-        return model.loss_and_grads(ids, targets, rng=rng)
+        return model.loss_and_grads(ids, targets, rng=rng, grad_ready=grad_ready)
 
     def lr(self, step: int) -> float:
         a = self.args

@@ -320,3 +320,38 @@ def test_zero1_on_one_process_is_adamw(backend):
     assert scalars == expected_scalars and tensors.keys() == expected.keys()
     for key in expected:
         np.testing.assert_allclose(tensors[key], expected[key], rtol=1e-12, atol=1e-14)
+
+
+class RecordingComm(Comm):
+    """The one-process world, noting when each bucket's sum starts."""
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[str] = []
+
+    def start_allreduce(self, buf):
+        self.events.append(f"start {buf.shape[0]}")
+
+
+def test_buckets_start_during_the_backward_pass():
+    """Through the grad_ready hook each bucket starts as soon as its gradients are final:
+    ln_f's and the last block's first, the embeddings' last, and no bucket waits for the
+    end of the backward pass except the one that holds wte and wpe."""
+    config = GPTConfig(vocab_size=13, n_ctx=8, n_embd=8, n_head=2, n_layer=3)
+    model = GPT.init(config, "numpy", seed=0, dtype="float64")
+    comm = RecordingComm()
+    dp = DataParallel(model, comm, micro_batches=1, bucket_mb=900 / 2**20)  # ~1 block per bucket
+
+    def hook(names, grads):
+        comm.events.append(" ".join(names))
+        dp.ready(names, grads)
+
+    ids = np.random.default_rng(0).integers(0, 13, (2, 8))
+    model.loss_and_grads(ids, ids, grad_ready=hook)
+    starts = [i for i, e in enumerate(comm.events) if e.startswith("start")]
+    assert len(starts) == len(dp.layout.buckets) >= 4
+    last_report = max(i for i, e in enumerate(comm.events) if not e.startswith("start"))
+    assert comm.events[last_report] == "wte.weight wpe.weight"
+    assert sum(1 for i in starts if i > last_report) == 1  # only the embeddings' bucket starts at the end
+    assert starts[0] < comm.events.index(" ".join(n for n in model.params if n.startswith("h.0.")))
+    dp.reduce()
