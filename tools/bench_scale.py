@@ -1,4 +1,4 @@
-"""Data-parallel scaling: `python tools/bench.py scale [--configs a c] [--steps 3] [--rounds 2]`.
+"""Data-parallel scaling: `python tools/bench.py scale [--configs a c] [--steps 3] [--rounds 2] [--ways ...]`.
 
 The same training step (forward + backward of two micro-batches of train config a or c,
 gradients summed over them and, with 2 ranks, over MPI in buckets of 25 MB; global-norm
@@ -7,13 +7,16 @@ clipping; AdamW) run two ways on this machine, with the same global batch:
     1 rank  x 2 threads   --grad-accum 2
     2 ranks x 1 thread    --grad-accum 1 each, under mpiexec -n 2
 
-Each way is a fresh process (group) per round, the two alternating round by round so that
-load from other processes hits both alike. Reported per config: median step time and
+    2 ranks x 1 thread, 2x1_overlap: the same, buckets started by the backward hook
+
+Each way is a fresh process (group) per round, the ways alternating round by round so that
+load from other processes hits all alike. Reported per config: median step time and
 tokens/s of each way, their ratio (2 ranks / 1 rank), the share of the step rank 0 spent
 blocked on communication (which includes waiting for a slower rank), the gradient
-all-reduce's time alone (ranks in step, nothing else running), and, with --overlap (the
-backward hook starting each bucket as soon as its gradients are final), the share of
-that time hidden: 1 - (wait with overlap) / (all-reduce alone). Then the
+all-reduce's time alone (ranks in step, nothing else running), and, from 2x1_overlap (the
+backward hook starting each bucket as soon as its gradients are final; 2x1 starts them
+all after the backward pass), the share of that time hidden: 1 - (wait with overlap) /
+(all-reduce alone). Then the
 ZeRO-1 memory on config a: bytes of AdamW moments per rank and peak RSS, unsharded vs
 --zero 1 on 2 ranks.
 
@@ -43,6 +46,10 @@ from bench_train import CONFIGS  # noqa: E402
 from npgpt.config import GPTConfig  # noqa: E402
 from npgpt.distributed import DataParallel, connect  # noqa: E402
 from npgpt.model import GPT  # noqa: E402
+
+
+WAYS = {"1x2": dict(ranks=1, threads_=2), "2x1": dict(ranks=2, threads_=1),
+        "2x1_overlap": dict(ranks=2, threads_=1, overlap=True)}
 
 
 # -- one process (one rank) --------------------------------------------------------------------
@@ -112,8 +119,10 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", nargs="+", default=["a", "c"], choices=sorted(CONFIGS))
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run (after one warm-up step)")
     ap.add_argument("--rounds", type=int, default=2, help="runs of each way, alternating")
-    ap.add_argument("--overlap", action="store_true", help="also time the 2-rank run with the backward hook")
+    ap.add_argument("--ways", nargs="+", default=list(WAYS), choices=list(WAYS), help="what to time (default: all three)")
+    ap.add_argument("--no-zero-memory", action="store_true", help="skip the ZeRO-1 memory runs")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--overlap", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--config", default="a", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--zero", type=int, default=0, help=argparse.SUPPRESS)
@@ -127,9 +136,7 @@ def main(argv=None) -> int:
 
     report = {"configs": {}}
     for config in args.configs:
-        ways = {"1x2": dict(ranks=1, threads_=2), "2x1": dict(ranks=2, threads_=1)}
-        if args.overlap:
-            ways["2x1_overlap"] = dict(ranks=2, threads_=1, overlap=True)
+        ways = {name: WAYS[name] for name in args.ways}
         runs = {name: [] for name in ways}
         for r in range(args.rounds):
             for name, way in ways.items():
@@ -141,14 +148,19 @@ def main(argv=None) -> int:
             row[name] = {**results[-1], "step_s": statistics.median(steps), "step_times_s": steps,
                          "tokens_per_s": results[-1]["tokens_per_s"] * results[-1]["step_s"] / statistics.median(steps),
                          "comm_wait_share": statistics.median(res["comm_wait_share"] for res in results),
-                         "comm_wait_s": statistics.median(res["comm_wait_s"] for res in results)}  # fmt: skip
-        row["ratio_2x1_over_1x2"] = row["2x1"]["tokens_per_s"] / row["1x2"]["tokens_per_s"]
-        if args.overlap:
+                         "comm_wait_s": statistics.median(res["comm_wait_s"] for res in results),
+                         "allreduce_alone_s": statistics.median(res["allreduce_alone_s"] for res in results)}  # fmt: skip
+        if "1x2" in row and "2x1" in row:
+            row["ratio_2x1_over_1x2"] = row["2x1"]["tokens_per_s"] / row["1x2"]["tokens_per_s"]
+        if "2x1" in row and "2x1_overlap" in row:
             alone, overlapped = row["2x1"]["allreduce_alone_s"], row["2x1_overlap"]["comm_wait_s"]
             row["hidden_comm_share"] = max(0.0, 1.0 - overlapped / alone) if alone > 0 else None
         report["configs"][config] = row
         log(json.dumps({k: v if not isinstance(v, dict) else {kk: v[kk] for kk in ("tokens_per_s", "comm_wait_share")}
                         for k, v in row.items()}))  # fmt: skip
+    if args.no_zero_memory:
+        emit(report)
+        return 0
     log("ZeRO-1 memory on config a ...")
     report["zero1_memory_config_a"] = {
         f"zero{z}": {k: v for k, v in run_worker(2, 1, "a", 1, zero=z).items() if k in ("optimizer_bytes_per_rank", "peak_rss_bytes", "gradient_bytes")}

@@ -29,7 +29,7 @@ class NCCLComm(Comm):
         self.comm = nccl.NcclCommunicator(host.size, unique_id, host.rank)
         self.stream = cupy.cuda.Stream(non_blocking=True)  # collectives run here
 
-    def _launch(self, call, buf):
+    def _launch(self, call):
         """Queue `call(stream_ptr)` on the NCCL stream after everything queued so far on
         the compute stream; the request is the event marking its end."""
         compute = self.cupy.cuda.get_current_stream()
@@ -42,16 +42,16 @@ class NCCLComm(Comm):
 
     def start_allreduce(self, buf):
         ptr, n = buf.data.ptr, buf.size
-        return self._launch(lambda s: self.comm.allReduce(ptr, ptr, n, self._type(buf), self.nccl.NCCL_SUM, s), buf)
+        return self._launch(lambda s: self.comm.allReduce(ptr, ptr, n, self._type(buf), self.nccl.NCCL_SUM, s))
 
     def start_reduce_scatter(self, buf, out):
         send, recv, n = buf.data.ptr, out.data.ptr, out.size
-        return self._launch(lambda s: self.comm.reduceScatter(send, recv, n, self._type(buf), self.nccl.NCCL_SUM, s), buf)
+        return self._launch(lambda s: self.comm.reduceScatter(send, recv, n, self._type(buf), self.nccl.NCCL_SUM, s))
 
     def start_allgather(self, buf):
         n = buf.size // self.size  # in place: this rank's part sits at offset rank * n
         send, recv = buf.data.ptr + self.rank * n * buf.itemsize, buf.data.ptr
-        return self._launch(lambda s: self.comm.allGather(send, recv, n, self._type(buf), s), buf)
+        return self._launch(lambda s: self.comm.allGather(send, recv, n, self._type(buf), s))
 
     def wait(self, requests) -> None:
         """The compute stream waits (on the device) for each collective; the host goes on."""
