@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from npgpt.errors import UserError, error_message
 from npgpt.optim import AdamW, clip_factor, clip_grad_norm, default_decay, global_norm
 
 DEFAULT_BUCKET_MB = 25.0  # PyTorch DDP's default bucket size
@@ -41,8 +42,8 @@ WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
 RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
 
 
-class DistributedError(RuntimeError):
-    """A multi-process run that cannot start (MPI missing, an inconsistent setting)."""
+class DistributedError(UserError, RuntimeError):
+    """A multi-process run that cannot start (MPI missing, a rank that failed to set up)."""
 
 
 def launched_world_size() -> int:
@@ -88,6 +89,26 @@ def rank_backend(spec: str, comm: Comm) -> str:
     if comm.size > 1 and ":" not in spec and spec.endswith("cupy"):
         return f"{spec}:{comm.local_rank}"
     return spec
+
+
+def on_every_rank(comm: Comm, make):
+    """`make()` on every rank, all succeeding or all failing: a rank whose `make` raised
+    re-raises its error, the others raise a DistributedError naming the first such rank
+    and its message (without this, they would wait for it in the first collective)."""
+    if comm.size == 1:
+        return make()
+    result, failure = None, None
+    try:
+        result = make()
+    except Exception as e:  # noqa: BLE001 - passed on to the other ranks, then re-raised
+        failure = e
+    errors = comm.allgather_object(None if failure is None else error_message(failure) or repr(failure))
+    if failure is not None:
+        raise failure
+    rank = next((r for r, e in enumerate(errors) if e is not None), None)
+    if rank is not None:
+        raise DistributedError(f"rank {rank} could not start: {errors[rank]}")
+    return result
 
 
 def connect(timeout: float = DEFAULT_TIMEOUT) -> Comm:
