@@ -355,3 +355,30 @@ def test_buckets_start_during_the_backward_pass():
     assert sum(1 for i in starts if i > last_report) == 1  # only the embeddings' bucket starts at the end
     assert starts[0] < comm.events.index(" ".join(n for n in model.params if n.startswith("h.0.")))
     dp.reduce()
+
+
+class TwoRanks(Comm):
+    """Rank 0 of a two-rank world whose rank 1 reports `other` from its set-up."""
+
+    def __init__(self, other):
+        super().__init__()
+        self.size, self.other = 2, other
+
+    def allgather_object(self, obj) -> list:
+        return [obj, self.other]
+
+
+def test_a_rank_that_cannot_start_stops_them_all():
+    from npgpt.distributed import DistributedError, on_every_rank
+
+    assert on_every_rank(TwoRanks(None), lambda: "trainer") == "trainer"
+    with pytest.raises(DistributedError, match="rank 1 could not start: --data x: no such file"):
+        on_every_rank(TwoRanks("--data x: no such file"), lambda: "trainer")
+    with pytest.raises(ValueError, match="mine"):  # a rank's own failure is raised as it is
+        on_every_rank(TwoRanks(None), lambda: (_ for _ in ()).throw(ValueError("mine")))
+
+
+def test_resume_splits_the_global_batch_or_says_how():
+    assert train.split_global_batch(4, 2, None) == 2 and train.split_global_batch(4, 4, 1) == 1
+    with pytest.raises(train.TrainingError, match="leave out --grad-accum"):
+        train.split_global_batch(4, 2, 1)
