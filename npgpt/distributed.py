@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -36,6 +37,7 @@ from npgpt.optim import AdamW, clip_factor, clip_grad_norm, default_decay, globa
 
 DEFAULT_BUCKET_MB = 25.0  # PyTorch DDP's default bucket size
 DEFAULT_TIMEOUT = 600.0  # seconds a rank waits for the others before ending the job
+POLL_SECONDS = 1e-3  # how often the progress thread tests pending collectives
 # What a launcher tells each process it starts: world size and rank (PMI: MPICH's and Intel
 # MPI's Hydra, srun --mpi=pmi2; Open MPI's mpirun).
 WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
@@ -197,19 +199,45 @@ class MPIComm(Comm):
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
         self.timeout = timeout
+        # MPI moves a nonblocking collective on only inside MPI calls: while the backward
+        # pass computes (NumPy releases the GIL), a thread polls the pending ones.
+        self._lock = threading.Lock()
+        self._pending: list = []
+        self._poller: threading.Thread | None = None
+        self._threaded = MPI.Query_thread() == MPI.THREAD_MULTIPLE
 
     def start_allreduce(self, buf):
-        return self.world.Iallreduce(self.MPI.IN_PLACE, buf)
+        return self._track(self.world.Iallreduce(self.MPI.IN_PLACE, buf))
 
     def start_reduce_scatter(self, buf, out):
-        return self.world.Ireduce_scatter_block(buf, out)
+        return self._track(self.world.Ireduce_scatter_block(buf, out))
 
     def start_allgather(self, buf):
-        return self.world.Iallgather(self.MPI.IN_PLACE, buf)
+        return self._track(self.world.Iallgather(self.MPI.IN_PLACE, buf))
+
+    def _track(self, request):
+        if self._threaded:
+            with self._lock:
+                self._pending.append(request)
+                if self._poller is None:
+                    self._poller = threading.Thread(target=self._poll, name="npgpt-mpi-progress", daemon=True)
+                    self._poller.start()
+        return request
+
+    def _poll(self):
+        """Test the pending requests every POLL_SECONDS until none is left."""
+        while True:
+            with self._lock:
+                self._pending = [r for r in self._pending if not r.Test()]
+                if not self._pending:
+                    self._poller = None
+                    return
+            time.sleep(POLL_SECONDS)
 
     def progress(self, requests) -> None:
         if requests:
-            self.MPI.Request.Testall(requests)
+            with self._lock:
+                self.MPI.Request.Testall(requests)
 
     def wait(self, requests) -> None:
         """Poll until done; past `timeout` seconds, a peer is dead or hung: end the job."""
@@ -217,7 +245,7 @@ class MPIComm(Comm):
         if not requests:
             return
         start = time.perf_counter()
-        while not self.MPI.Request.Testall(requests):
+        while not self._test_all(requests):
             waited = time.perf_counter() - start
             if waited > self.timeout:
                 self.abort(f"error: rank {self.rank} waited {waited:.0f} s for the other ranks, which stopped "
@@ -225,6 +253,10 @@ class MPIComm(Comm):
                            f"with --resume (raise --comm-timeout if steps are this slow)")  # fmt: skip
             time.sleep(0 if waited < 1e-3 else 2e-4)  # spin briefly, then yield the core
         self.wait_seconds += time.perf_counter() - start
+
+    def _test_all(self, requests) -> bool:
+        with self._lock:
+            return self.MPI.Request.Testall(requests)
 
     def allreduce_host(self, values: np.ndarray) -> np.ndarray:
         values = np.ascontiguousarray(values)
