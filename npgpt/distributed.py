@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -225,7 +226,9 @@ class MPIComm(Comm):
         return request
 
     def _poll(self):
-        """Test the pending requests every POLL_SECONDS until none is left."""
+        """Test the pending requests every POLL_SECONDS until none is left (signals such
+        as Ctrl-C stay with the main thread, whose handlers run there anyway)."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         while True:
             with self._lock:
                 self._pending = [r for r in self._pending if not r.Test()]

@@ -207,7 +207,8 @@ class Trainer:
             raise TrainingError(str(e)) from None
         self.step = start_step
         self.tokens_per_step = args.batch_size * T * args.grad_accum * comm.size
-        self.stop_requested = False
+        self.interrupted = False  # set by the Ctrl-C handler, at any moment
+        self.stop_requested = False  # set only between steps (agreed by all ranks under mpiexec)
         self.last_good_step = start_step
         self.saved_once = start_step > 0  # a resumed run has a checkpoint on disk
 
@@ -286,8 +287,9 @@ class Trainer:
         try:
             while self.step < args.max_iters and not self.stop_requested:
                 loss, norm = self.train_step()
+                self.stop_requested = self.interrupted
                 if self.comm.size > 1:  # every rank stops after the same step (Ctrl-C reaches them at different times)
-                    self.stop_requested = bool(self.comm.allreduce_host(np.array([int(self.stop_requested)]))[0])
+                    self.stop_requested = bool(self.comm.allreduce_host(np.array([int(self.interrupted)]))[0])
                 window_loss, window_norm, window_steps = window_loss + loss, window_norm + norm, window_steps + 1
                 done = self.step == args.max_iters
                 checkpoint_due = done or self.stop_requested or self.step % args.checkpoint_interval == 0
@@ -302,10 +304,6 @@ class Trainer:
                     if checkpoint_due:
                         self.save()
                     clock = time.perf_counter()
-            if self.stop_requested and self.last_good_step != self.step:  # Ctrl-C came after this step's save point
-                if window_steps and not self.report(window_loss, window_norm, window_steps, time.perf_counter() - clock):
-                    return 1
-                self.save()
         finally:
             signal.signal(signal.SIGINT, previous)
         if self.stop_requested:
@@ -315,7 +313,7 @@ class Trainer:
 
     def _on_interrupt(self, signum, frame):
         """First Ctrl-C: finish the step, save, stop. A second one aborts at once."""
-        self.stop_requested = True
+        self.interrupted = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
         say("\nCtrl-C: finishing this step and saving a checkpoint (press again to abort without saving)")
 
