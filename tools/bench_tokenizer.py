@@ -4,9 +4,12 @@ Three GPT-2 tokenizers, timed round-robin in one process: npgpt's, tiktoken (Rus
 thread) and tools/baseline_bpe.py (pure Python the way OpenAI's encoder.py works).
 "cold" is the first call on a freshly built tokenizer (empty caches; building it is not
 timed), "warm" a later call on the same one. MB/s counts UTF-8 bytes of text. Ratios are
-npgpt's throughput over the others'. Also: the time to train a 1024-token vocabulary.
+npgpt's throughput over the others'. Also: the time to train a 1024-token vocabulary, and
+the growth with a chunk's length: seconds to encode one chunk of n random lowercase
+letters (one match of the split pattern), npgpt (cache cleared) vs tiktoken, and npgpt's
+quadratic merge alone up to --quadratic-up-to letters.
 
-    python tools/bench.py tokenizer [--repeats 5] [--train-repeats 3]
+    python tools/bench.py tokenizer [--repeats 5] [--train-repeats 3] [--chunk-lengths 1000,...]
 """
 
 from __future__ import annotations
@@ -14,17 +17,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("RAYON_NUM_THREADS", "1")  # tiktoken's thread pool (used by batch calls only)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baseline_bpe import BaselineBPE  # noqa: E402
+from baseline_bpe import BaselineBPE  # noqa: E402  (tools/ is on sys.path: run through tools/bench.py)
 from benchlib import emit, interleaved, log, summary  # noqa: E402
 
-from npgpt.tokenizer import train_bpe  # noqa: E402
+from npgpt.tokenizer import bpe, train_bpe  # noqa: E402
 from npgpt.tokenizer.bpe import GPT2_PATTERN  # noqa: E402
 from npgpt.tokenizer.formats import load as load_tokenizer, save as save_tokenizer  # noqa: E402
 
@@ -65,14 +66,61 @@ def throughput(times: dict[str, list[float]], nbytes: int) -> dict:
     return report
 
 
+def chunk_growth(npgpt_tokenizer, tiktoken_encoding, lengths, quadratic_up_to: int, repeats: int) -> dict:
+    """Per chunk length n: median seconds to encode n random lowercase letters, per contender."""
+    import random
+    import string
+
+    rng = random.Random(0)
+    table = {}
+    for n in lengths:
+        text = "".join(rng.choice(string.ascii_lowercase) for _ in range(n))
+
+        def npgpt_heap():
+            npgpt_tokenizer._cache.clear()
+            npgpt_tokenizer.encode_ordinary(text)
+
+        contenders = {"npgpt": npgpt_heap, "tiktoken": lambda: tiktoken_encoding.encode_ordinary(text)}
+        if n <= quadratic_up_to:
+            singles = [bytes([b]) for b in text.encode()]
+            contenders["npgpt_quadratic_merge"] = lambda: bpe.bpe_merge(list(singles), npgpt_tokenizer.ranks)
+        times = interleaved(contenders, repeats, warmup=0)
+        table[n] = {name: statistics.median(t) for name, t in times.items()}
+        log(f"chunk of {n:,} letters: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in table[n].items()))
+    return table
+
+
+def cold_encode_by_merge(make, text: str, repeats: int) -> dict:
+    """Cold encode seconds with long chunks merged by the heap (as shipped) and with every
+    chunk merged by the quadratic merge (the algorithm before the heap), interleaved."""
+    times = {"heap_for_long_chunks": [], "quadratic_only": []}
+    shipped = bpe.HEAP_FROM
+    try:
+        for _ in range(repeats):
+            for name, heap_from in (("heap_for_long_chunks", shipped), ("quadratic_only", 1 << 62)):
+                bpe.HEAP_FROM = heap_from
+                tokenizer = make()
+                start = time.perf_counter()
+                tokenizer.encode(text)
+                times[name].append(time.perf_counter() - start)
+    finally:
+        bpe.HEAP_FROM = shipped
+    return {name: summary(t) for name, t in times.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench.py tokenizer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per contender and measure (default 5)")
     parser.add_argument("--train-repeats", type=int, default=3, help="timed 1024-token trainings (default 3)")
     parser.add_argument("--data", type=Path, default=DATA, help=f"data folder (default {DATA})")
+    parser.add_argument("--chunk-lengths", default="1000,2000,5000,10000,20000,50000,100000",
+                        help="letters per chunk for the growth table (comma-separated)")
+    parser.add_argument("--quadratic-up-to", type=int, default=10000, help="longest chunk timed with the quadratic merge (default 10000)")
+    parser.add_argument("--chunk-repeats", type=int, default=3, help="timed runs per chunk length (default 3)")
+    parser.add_argument("--max-chars", type=int, help="use only the corpus's first N characters (smoke runs)")
     args = parser.parse_args(argv)
 
-    text = (args.data / "corpora" / "tinyshakespeare.txt").read_text("utf-8")
+    text = (args.data / "corpora" / "tinyshakespeare.txt").read_text("utf-8")[: args.max_chars]
     nbytes = len(text.encode("utf-8"))
     build = builders(args.data)
     warm = {name: make() for name, make in build.items()}
@@ -97,24 +145,32 @@ def main(argv=None) -> int:
         trained = train_bpe(text, 1024)
         train_seconds.append(time.perf_counter() - start)
 
+    log("chunk-length growth")
+    growth = chunk_growth(warm["npgpt"], warm["tiktoken"], [int(n) for n in args.chunk_lengths.split(",")],
+                          args.quadratic_up_to, args.chunk_repeats)  # fmt: skip
+    log("cold encode: heap merge for long chunks vs quadratic merge only")
+    by_merge = cold_encode_by_merge(build["npgpt"], text, args.repeats)
+
+    encode_warm, encode_cold = throughput(encode_warm, nbytes), throughput(encode_cold, nbytes)
+    lines = [f"tokenizer: npgpt / tiktoken encode warm {encode_warm['npgpt_over_tiktoken']:.2f}, cold {encode_cold['npgpt_over_tiktoken']:.2f};"
+             f" train 1024: {statistics.median(train_seconds):.2f} s"]
     emit(
         {
             "benchmark": "tokenizer",
-            "corpus": "tinyshakespeare",
+            "corpus": "tinyshakespeare" if args.max_chars is None else f"tinyshakespeare[:{args.max_chars}]",
             "corpus_bytes": nbytes,
             "tokens": len(tokens),
             "threads": 1,
             "ids_identical_to_tiktoken_and_baseline": identical,
-            "encode_cold": throughput(encode_cold, nbytes),
-            "encode_warm": throughput(encode_warm, nbytes),
+            "encode_cold": encode_cold,
+            "encode_warm": encode_warm,
             "decode_cold": throughput(decode_cold, nbytes),
             "decode_warm": throughput(decode_warm, nbytes),
+            "chunk_length_seconds": growth,
+            "cold_encode_by_merge": by_merge,
             "train_1024": {**summary(train_seconds), "n_vocab": trained.n_vocab, "tokens_of_corpus": len(trained.encode(text))},
             "goals": {"encode_warm_over_tiktoken": 0.4, "encode_cold_over_tiktoken": 0.2, "train_1024_s": 10.0},
-        }
+        },
+        lines,
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,7 +4,7 @@
 #      the CUDA build on Linux): pip install -e ".[cupy,test]"; the standalone plugin
 #      package (backends/cupy) is built as a wheel to prove that route too;
 #   2. the whole test suite on numpy and cupy: NPGPT_TEST_BACKENDS=numpy,cupy pytest;
-#   3. tools/bench_gpu.py --vs torch: GPT-2 124M decoding and a training step, npgpt on
+#   3. tools/bench.py generate/train --backend cupy --vs torch: GPT-2 124M decoding and a training step, npgpt on
 #      CuPy vs PyTorch CUDA in the same process;
 #   4. with 2 or more GPUs: data-parallel training over NCCL, mpiexec -n NGPU --backend cupy
 #      (each rank its own GPU) against one process with the same global batch;
@@ -12,7 +12,7 @@
 #
 # Usage: tools/gpu_check.sh [OUT]   (default OUT: gpu-check/)
 # Environment: PYTHON (default python3), VENV (default .venv-gpu), BENCH_ARGS (extra
-# arguments for tools/bench_gpu.py, e.g. "--batch 4 --seq 1024").
+# arguments for `tools/bench.py train`, e.g. "--batch 4 --seq 1024").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-gpu-check}"
@@ -41,7 +41,7 @@ set -e
 
 echo "== benchmark: npgpt on cupy vs PyTorch CUDA" >&2
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of arguments
-python tools/bench_gpu.py --vs torch ${BENCH_ARGS:-} > "$OUT/bench_gpu.json"
+{ echo '{"generate":'; python tools/bench.py generate --backend cupy --vs torch; echo ',"train":'; python tools/bench.py train --backend cupy --vs torch --configs g ${BENCH_ARGS:-}; echo '}'; } > "$OUT/bench_gpu.json"
 
 NGPU=$(nvidia-smi -L | grep -c '^GPU' || true)
 if [ "$NGPU" -ge 2 ]; then
