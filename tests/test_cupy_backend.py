@@ -50,7 +50,7 @@ def test_the_plugin_is_registered_under_npgpt_backends():
 
 def test_without_cupy_the_message_says_how_to_install(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "cupy", None)  # `import cupy` fails
-    with pytest.raises(BackendError, match=r'CuPy is not installed.*pip install "npgpt\[cupy\]"'):
+    with pytest.raises(BackendError, match=r'CuPy is not installed.*pip install "npgpt\[cupy13\]".*"npgpt\[cupy\]"'):
         get_backend("cupy")
 
 
@@ -77,6 +77,46 @@ def test_the_same_entry_point_registered_twice_is_fine(fake, monkeypatch):
     twice = [importlib.metadata.EntryPoint("cupy", "npgpt_cupy:make_backend", backend_module.ENTRY_POINT_GROUP)] * 2
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: twice)
     assert get_backend("cupy").name == "cupy:0"
+
+
+def test_found_from_a_checkout_with_no_entry_points(fake, monkeypatch):
+    """PYTHONPATH=.:backends/cupy and nothing installed: "cupy" by its known import path,
+    or any plugin as module:factory[:device]."""
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+    assert "cupy" in backend_module.available_backends()
+    assert get_backend("cupy").name == "cupy:0"
+    assert get_backend("npgpt_cupy:make_backend:1").name == "cupy:1"
+
+
+def test_not_listed_without_cupy(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "cupy", None)
+    assert "cupy" not in backend_module.available_backends()
+
+
+def test_tf32_is_refused_with_what_to_unset(fake, monkeypatch):
+    monkeypatch.setenv("CUPY_TF32", "1")
+    with pytest.raises(BackendError, match=r"^CUPY_TF32=1 makes float32 matmuls TF32.*; to fix: unset CUPY_TF32"):
+        get_backend("cupy")
+
+
+def test_float16_is_checked_on_first_use_and_a_failure_says_what_to_install(fake, monkeypatch):
+    """float16 kernels compile against CUDA's headers: a missing cuda_fp16.h is a
+    BackendError naming the fix, not a compile log in the middle of a forward pass."""
+    b = get_backend("cupy")
+    tanh = fake.tanh
+
+    def tanh_without_fp16_headers(x, *args, **kwargs):
+        if x.dtype == np.float16:
+            raise RuntimeError("catastrophic error: cannot open source file \"cuda_fp16.h\"\n1 catastrophic error detected")
+        return tanh(x, *args, **kwargs)
+
+    monkeypatch.setattr(fake, "tanh", tanh_without_fp16_headers)
+    assert b.dtype("float32") == np.float32
+    with pytest.raises(BackendError, match=r'^CuPy cannot run float16 kernels on GPU 0 \(RuntimeError: catastrophic error: cannot open source file "cuda_fp16.h"\); .*\[ctk\]') as e:
+        GPT.init(TINY, backend=b, dtype="float16")
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(fake, "tanh", tanh)
+    assert GPT.init(TINY, backend=b, dtype="float16").dtype == np.float16
 
 
 # -- the fake behaves like CuPy where it matters ---------------------------------------------------

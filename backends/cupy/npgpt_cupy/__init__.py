@@ -1,7 +1,8 @@
 """npgpt's CuPy backend: the engine on an NVIDIA GPU.
 
-Registered under the entry-point group `npgpt.backends` as `cupy`, so
-`get_backend("cupy")` (or "cupy:1" for the second GPU) returns a `CupyBackend`:
+Registered under the entry-point group `npgpt.backends` as `cupy` (and known to
+`npgpt.backend` by import path, so a checkout with PYTHONPATH=.:backends/cupy needs no
+install), `get_backend("cupy")` (or "cupy:1" for the second GPU) returns a `CupyBackend`:
 
 - `xp`: CuPy's own namespace, which follows NumPy 2 and so the array API, plus the
   `device=` keyword of the creation functions (`npgpt_cupy.namespace`). CuPy arrays do
@@ -14,24 +15,37 @@ Registered under the entry-point group `npgpt.backends` as `cupy`, so
 - `uniform` keeps the base class's host-drawn stream: dropout masks are the same on
   every backend, at the price of one upload per dropout site per training step.
 
-Selecting it fails with a `BackendError` saying what is wrong: CuPy missing (ImportError,
-turned into an install hint by `get_backend`), CuPy too old, or no usable GPU.
+Either CuPy wheel works, `cupy-cuda12x` (extra `npgpt[cupy]`) or `cupy-cuda13x`
+(`npgpt[cupy13]`): both install the module `cupy`. Selecting the backend fails with a
+`BackendError` saying what is wrong: CuPy missing (ImportError, turned into an install
+hint by `get_backend`), CuPy too old, or no usable GPU.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import importlib.util
+import os
+import sys
 
 from npgpt.backend import Backend, BackendError, register_array_namespace
 
 from npgpt_cupy.namespace import CupyNamespace
 
-__all__ = ["CupyBackend", "make_backend"]
+__all__ = ["CupyBackend", "available", "make_backend"]
 
 NO_GPU_HINT = (
-    "check that this machine has an NVIDIA GPU and driver (`nvidia-smi` must list the GPU) "
-    "and that the CUDA version of your CuPy wheel (cupy-cuda12x) is one the driver supports"
+    "check that this machine has an NVIDIA GPU and driver (`nvidia-smi` must list the GPU) and that your CuPy "
+    'wheel suits the driver: cupy-cuda13x where nvidia-smi shows "CUDA Version: 13.x", cupy-cuda12x for 12.x'
 )
+
+
+def available() -> bool:
+    """Whether CuPy is installed (without importing it; a GPU is checked only on use)."""
+    if "cupy" in sys.modules:  # imported already (or blocked: None)
+        return sys.modules["cupy"] is not None
+    return importlib.util.find_spec("cupy") is not None
 
 
 class CupyBackend(Backend):
@@ -40,6 +54,15 @@ class CupyBackend(Backend):
     def __init__(self, cupy, cupyx, device):
         super().__init__(f"cupy:{device.id}", array_api_namespace(cupy), device)
         self._cupy, self._cupyx = cupy, cupyx
+        self._float16_checked = False
+
+    def dtype(self, name: str):
+        """A dtype by name; the first ask for float16 runs a float16 kernel, since those
+        compile against CUDA's headers (cuda_fp16.h), which a bare driver lacks."""
+        if name == "float16" and not self._float16_checked:
+            _check_float16(self)
+            self._float16_checked = True
+        return super().dtype(name)
 
     def asarray(self, host, dtype=None):
         """Host data -> device array: the one host->device copy."""
@@ -84,8 +107,8 @@ def make_backend(device: str | None) -> CupyBackend:
 
     if not hasattr(cupy.ndarray, "mT"):
         raise BackendError(
-            f"CuPy {cupy.__version__} is too old: npgpt needs CuPy 14 or newer (NumPy 2's API, ndarray.mT). "
-            'To fix: pip install -U "cupy-cuda12x[ctk]>=14"'
+            f"CuPy {cupy.__version__} is too old: npgpt needs CuPy 14 or newer (NumPy 2's API, ndarray.mT); "
+            f'to fix: pip install -U "{_cupy_wheel()}>=14"'
         )
     index = _device_index(device)
     count = _device_count(cupy)
@@ -95,6 +118,7 @@ def make_backend(device: str | None) -> CupyBackend:
     gpu.use()  # CuPy computes on the current device: make it this one for the thread
     backend = CupyBackend(cupy, cupyx, gpu)
     register_array_namespace(cupy.ndarray, backend.xp)
+    _refuse_tf32()
     _smoke_test(backend)
     return backend
 
@@ -112,7 +136,7 @@ def _device_count(cupy) -> int:
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:  # CUDARuntimeError: no device, no driver, driver too old
-        raise BackendError(f"CuPy is installed but cannot reach a GPU ({type(e).__name__}: {e}); {NO_GPU_HINT}") from e
+        raise BackendError(f"CuPy is installed but cannot reach a GPU ({_why(e)}); {NO_GPU_HINT}") from e
     if count == 0:
         raise BackendError(f"CuPy is installed but CUDA sees no GPU; {NO_GPU_HINT}")
     return count
@@ -126,7 +150,41 @@ def _smoke_test(backend: CupyBackend) -> None:
         backend.to_numpy(backend.xp.tanh(x) @ x.mT)
     except Exception as e:
         raise BackendError(
-            f"CuPy found GPU {backend.device.id} but cannot run a kernel on it ({type(e).__name__}: {e}). "
-            'The CUDA libraries may be missing: pip install "cupy-cuda12x[ctk]>=14" brings them; '
-            f"else {NO_GPU_HINT}"
+            f"CuPy found GPU {backend.device.id} but cannot run a kernel on it ({_why(e)}); "
+            f"the CUDA libraries may be missing: pip install \"{_cupy_wheel()}[ctk]\" brings them; else {NO_GPU_HINT}"
         ) from e
+
+
+def _refuse_tf32() -> None:
+    """CUPY_TF32=1 turns float32 matmuls into TF32 (a 10-bit mantissa): float32 results
+    would then differ from NumPy's by ~1e-3, not round-off, so it is refused."""
+    if os.environ.get("CUPY_TF32", "0") != "0":
+        raise BackendError(
+            f"CUPY_TF32={os.environ['CUPY_TF32']} makes float32 matmuls TF32, ~1e-3 off the float32 results npgpt "
+            "promises; to fix: unset CUPY_TF32 (for speed, use --dtype float16 instead)"
+        )
+
+
+def _check_float16(backend: CupyBackend) -> None:
+    """Run an elementwise kernel and a matmul in float16 (BackendError if they fail)."""
+    try:
+        x = backend.asarray([[1.0, 2.0]], dtype=backend.xp.float16)
+        backend.to_numpy(backend.xp.tanh(x) @ x.mT)
+    except Exception as e:
+        raise BackendError(
+            f"CuPy cannot run float16 kernels on GPU {backend.device.id} ({_why(e)}); they need CUDA's "
+            f'headers (cuda_fp16.h): pip install "{_cupy_wheel()}[ctk]" brings them, or set CUDA_PATH to a CUDA '
+            "toolkit; else use float32"
+        ) from e
+
+
+def _why(error: Exception) -> str:
+    """An exception in one line (a compile error's message carries the whole log)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _cupy_wheel() -> str:
+    """The name of the installed CuPy distribution ("cupy-cuda13x", ...)."""
+    names = importlib.metadata.packages_distributions().get("cupy") or ["cupy-cuda13x"]
+    return names[0]
