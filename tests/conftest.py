@@ -12,6 +12,8 @@ a GPU.
 
 Tests marked `needs_array_api_strict` skip where array-api-strict is not installed (a GPU
 machine's own Python, tools/gpu_check.sh); under $NPGPT_REQUIRE_DATA=1 that skip fails too.
+Tests marked `gpu` need CuPy and an NVIDIA GPU; they skip elsewhere, even under
+$NPGPT_REQUIRE_DATA=1 (CI has no GPU).
 """
 
 from __future__ import annotations
@@ -48,6 +50,22 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "needs_array_api_strict" in item.keywords:
                 item.add_marker(skip)
+    if any("gpu" in item.keywords for item in items) and (why_not := no_gpu_reason()):
+        skip = pytest.mark.skip(reason=f"needs CuPy and a GPU: {why_not}")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def no_gpu_reason() -> str | None:
+    """Why the real CuPy backend cannot run here, or None when it can."""
+    from npgpt.backend import BackendError
+
+    try:
+        get_backend("cupy")
+    except BackendError as e:
+        return str(e)
+    return None
 
 
 @pytest.fixture(params=TEST_BACKENDS)
@@ -59,6 +77,6 @@ def backend(request):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if REQUIRE_DATA and report.skipped and not hasattr(report, "wasxfail"):
+    if REQUIRE_DATA and report.skipped and not hasattr(report, "wasxfail") and "gpu" not in item.keywords:
         report.outcome = "failed"
         report.longrepr = f"skipped, but NPGPT_REQUIRE_DATA=1 forbids skips: {report.longrepr}"

@@ -11,7 +11,9 @@ It imitates CuPy 14 where npgpt could go wrong on a real GPU:
   reductions and scalar indexing give 0-d arrays, not scalars.
 - Each array lives on the device that was current when it was made; using it while
   another device is current raises CuPy's ValueError (no peer access here).
-- `cupyx.scatter_add` sums repeated indices (it is `numpy.add.at`, as CuPy documents).
+- `cupyx.scatter_add` sums repeated indices (it is `numpy.add.at`, as CuPy documents);
+  `cupy.unique` counts a synchronisation, as CuPy's waits for its data-dependent size;
+  `take` and `take_along_axis` wrap an index outside the axis around, as CuPy's do.
 - `cupy.cuda`: `Device` (context manager, `.use()`, `.synchronize()`), `runtime.
   getDeviceCount()` (raising CUDARuntimeError when `STATE.device_count == 0`),
   `get_current_stream().synchronize()` (counted), and a memory pool whose
@@ -309,6 +311,24 @@ HOST_ATTRIBUTES = (
 ).split()
 
 
+def take(a, indices, axis=None, out=None):
+    """cupy.take: an index outside the axis wraps around (CuPy checks nothing)."""
+    a, indices = _unwrap(a), _unwrap(indices)
+    return _wrap(np.take(a, indices, axis=axis, mode="wrap"))
+
+
+def take_along_axis(a, indices, axis):
+    """cupy.take_along_axis: fancy indexing, which wraps an index outside the axis."""
+    a, indices = _unwrap(a), _unwrap(indices)
+    return _wrap(np.take_along_axis(a, indices % a.shape[axis], axis=axis))
+
+
+def unique(ar, *args, **kwargs):
+    """cupy.unique: its result's size depends on the data, so CuPy synchronises (counted)."""
+    STATE.transfers.syncs += 1
+    return _wrap(np.unique(_unwrap(ar), *args, **_unwrap(kwargs)))
+
+
 def scatter_add(a, slices, value):
     """cupyx.scatter_add: a[slices] += value with repeated indices summed, in place."""
     if not isinstance(a, ndarray):
@@ -402,6 +422,7 @@ def build_modules() -> dict[str, types.ModuleType]:
         setattr(cupy, name, _device_function(name))
     for name in HOST_ATTRIBUTES:
         setattr(cupy, name, getattr(np, name))
+    cupy.unique, cupy.take, cupy.take_along_axis = unique, take, take_along_axis
     cupyx = types.ModuleType("cupyx")
     cupyx.scatter_add = scatter_add
     return {"cupy": cupy, "cupy.cuda": cuda, "cupy.cuda.runtime": runtime, "cupyx": cupyx}

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import npgpt.backend as backend_module
+import npgpt_cupy
 from npgpt.backend import BackendError, get_backend
 from npgpt.config import GPTConfig
 from npgpt.generate import generate_ids
@@ -133,17 +134,53 @@ def test_fake_arrays_refuse_implicit_host_conversion(fake):
 
 
 # -- the backend's operations -------------------------------------------------------------------
-@settings(max_examples=25, deadline=None)
-@given(ids=st.lists(st.integers(0, 5), min_size=1, max_size=20), seed=st.integers(0, 10**6))
-def test_index_add_sums_repeated_ids(ids, seed):
+@settings(max_examples=40, deadline=None)
+@given(ids=st.lists(st.integers(0, 5), min_size=1, max_size=20), seed=st.integers(0, 10**6), rows=st.sampled_from([1, 3, 2048]))
+def test_index_add_sums_repeated_ids_without_atomics(ids, seed, rows):
+    """The deterministic segment sum (one-hot matmul over the distinct ids, `rows` rows at
+    a time; plain indexing when no id repeats) equals np.add.at, into a non-zero target."""
     b = fake_cupy.make_backend()
-    values = np.random.default_rng(seed).normal(size=(len(ids), 3)).astype(np.float32)
-    expected = np.zeros((6, 3), dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    values, start = rng.normal(size=(len(ids), 3)).astype(np.float32), rng.normal(size=(6, 3)).astype(np.float32)
+    expected = start.copy()
     np.add.at(expected, np.array(ids), values)
-    target = b.xp.zeros((6, 3), dtype=b.xp.float32, device=b.device)
-    got = b.index_add(target, b.asarray(np.array(ids)), b.asarray(values))
+    target = b.asarray(start)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(npgpt_cupy, "SEGMENT_ROWS", rows)
+        got = b.index_add(target, b.asarray(np.array(ids)), b.asarray(values))
     assert got is target  # in place, as cupyx.scatter_add works
-    np.testing.assert_allclose(b.to_numpy(got), expected, rtol=1e-6)
+    np.testing.assert_allclose(b.to_numpy(got), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_index_add_uses_no_atomic_adds(fake, monkeypatch):
+    """cupyx.scatter_add's atomics sum repeated ids in a varying order (a resumed run would
+    differ in the last bits): index_add must not call it."""
+    monkeypatch.setattr(fake_cupy, "scatter_add", lambda *a: pytest.fail("atomic scatter_add used"))
+    monkeypatch.setitem(__import__("sys").modules["cupyx"].__dict__, "scatter_add", fake_cupy.scatter_add)
+    b = get_backend("cupy")
+    target = b.xp.zeros((4, 2), dtype=b.xp.float32, device=b.device)
+    (got, moved) = transfers_during(lambda: b.index_add(target, b.asarray(np.array([1, 1, 3])), b.asarray(np.ones((3, 2)))))
+    np.testing.assert_array_equal(b.to_numpy(got), [[0, 0], [2, 2], [0, 0], [1, 1]])
+    assert moved.syncs == 1  # cupy.unique's
+
+
+def test_an_out_of_range_id_on_the_device_is_an_error_at_the_next_read_back(fake):
+    """CuPy's take wraps a bad index around; the plugin records it on the device (no
+    transfer) and raises when data is read back."""
+    model = GPT.init(TINY, backend="cupy", seed=0)
+    b = model.backend
+    bad_ids = b.asarray(np.array([[1, TINY.vocab_size]]))
+    logits, moved = transfers_during(lambda: model.forward(bad_ids))
+    assert (moved.downloads, moved.syncs) == (0, 0)
+    with pytest.raises(IndexError, match=r"^an index outside its axis .* GPU 0, which CuPy wraps silently: a token id >= vocab_size"):
+        b.to_numpy(logits)
+    b.to_numpy(model.forward(b.asarray(np.array([[1, 2]]))))  # the record was cleared: good ids pass
+    targets = np.array([[3, -100]])  # Hugging Face's ignore label, with the ignore index left at -1
+    loss, _ = model.loss_and_grads(b.asarray(np.array([[1, 2]])), b.asarray(targets), ignore_index=-1)
+    with pytest.raises(IndexError, match="nor the ignore index"):
+        b.synchronize()
+    loss, _ = model.loss_and_grads(b.asarray(np.array([[1, 2]])), b.asarray(targets), ignore_index=-100)
+    assert np.isfinite(b.to_numpy(loss))
 
 
 def test_synchronize_waits_on_the_stream_and_memory_is_the_pool_high_water_mark(fake):
@@ -179,8 +216,9 @@ def test_generation_moves_one_id_up_and_one_row_of_logits_down_per_token(fake):
     prompt, n_new = [5, 9, 2], 6
     fake_cupy.STATE.log.clear()
     ids, moved = transfers_during(lambda: list(generate_ids(model, prompt, n_new, SamplingConfig(), np.random.default_rng(0))))
-    expected_log = [("up", (1, len(prompt))), ("down", (TINY.vocab_size,))]  # prefill
-    expected_log += [("up", (1, 1)), ("down", (TINY.vocab_size,))] * (n_new - 1)  # each further token
+    # each read-back of logits also reads the one bool that says whether an id was out of range
+    expected_log = [("up", (1, len(prompt))), ("down", (TINY.vocab_size,)), ("down", ())]  # prefill
+    expected_log += [("up", (1, 1)), ("down", (TINY.vocab_size,)), ("down", ())] * (n_new - 1)  # each further token
     assert fake_cupy.STATE.log == expected_log
     assert moved.upload_bytes == 8 * (len(prompt) + n_new - 1)  # int64 ids only
     assert moved.syncs == 0
@@ -223,7 +261,7 @@ def test_a_training_step_matches_numpy_and_never_reads_back(fake, dropout):
 
     model, loss, grads, moved = step("cupy")
     reference, ref_loss, ref_grads, _ = step("numpy")
-    assert moved.downloads == 0 and moved.syncs == 0
+    assert moved.downloads == 0 and moved.syncs == 2  # cupy.unique in the two index_adds
     dropout_sites = 1 + 3 * config.n_layer if dropout else 0  # embeddings; attention, two residuals per block
     assert moved.uploads == 2 + dropout_sites  # ids, targets, one mask per dropout site
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)

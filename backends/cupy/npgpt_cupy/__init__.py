@@ -10,8 +10,12 @@ install), `get_backend("cupy")` (or "cupy:1" for the second GPU) returns a `Cupy
   `npgpt.backend.register_array_namespace`.
 - host <-> device copies happen only in `asarray` (upload) and `to_numpy` (`.get()`):
   CuPy refuses implicit conversion to NumPy, so any other crossing is an error.
-- `index_add` is `cupyx.scatter_add` (atomic adds: repeated ids sum), `synchronize`
-  waits on the current stream, `peak_memory_bytes` is what CuPy's memory pool holds.
+- `index_add` is deterministic (the same bits on every run, unlike `cupyx.scatter_add`'s
+  atomic adds): a segment sum by a one-hot matmul over the distinct ids.
+- Indices are range-checked on the device (`namespace.CupyNamespace.check_indices`);
+  a bad one raises IndexError at the next read-back (`to_numpy`, `synchronize`).
+- `synchronize` waits on the current stream, `peak_memory_bytes` is what CuPy's memory
+  pool holds.
 - `uniform` keeps the base class's host-drawn stream: dropout masks are the same on
   every backend, at the price of one upload per dropout site per training step.
 
@@ -34,6 +38,8 @@ from npgpt.backend import Backend, BackendError, register_array_namespace
 from npgpt_cupy.namespace import CupyNamespace
 
 __all__ = ["CupyBackend", "available", "make_backend"]
+
+SEGMENT_ROWS = 2048  # rows per one-hot block of index_add: at most (N, 2048) floats at a time
 
 NO_GPU_HINT = (
     "check that this machine has an NVIDIA GPU and driver (`nvidia-smi` must list the GPU) and that your CuPy "
@@ -70,16 +76,41 @@ class CupyBackend(Backend):
             return self._cupy.asarray(host, dtype=dtype)
 
     def to_numpy(self, x):
-        """Device array -> NumPy: the one device->host copy (waits for the array's work)."""
-        return x.get()
+        """Device array -> NumPy: the one device->host copy (waits for the array's work);
+        IndexError if an out-of-range index was used since the last read-back."""
+        host = x.get()
+        self.xp.raise_on_bad_index(self.device.id)
+        return host
 
     def index_add(self, target, ids, values):
-        """target[ids[n], :] += values[n, :] in place, repeated ids summed (atomic adds)."""
-        self._cupyx.scatter_add(target, ids, values)
+        """target[ids[n], :] += values[n, :] in place, repeated ids summed, with the same
+        bits on every run (atomic adds, as in `cupyx.scatter_add`, sum in a varying order).
+
+        Distinct ids (the cross-entropy's flat ids) are added by plain indexing. Otherwise
+        each distinct id's rows are summed by a matmul with a one-hot (U distinct ids,
+        rows) matrix, SEGMENT_ROWS rows at a time, and added to its row once: 2 U N C
+        flops for N rows of C. `cupy.unique` costs one synchronisation (its size is data).
+        """
+        xp = self.xp
+        xp.check_indices(ids, target.shape[0])
+        distinct, inverse = self._cupy.unique(ids, return_inverse=True)  # (U,), (N,)
+        if distinct.size == ids.size:
+            target[ids] += values
+            return target
+        U, (N, C) = distinct.size, values.shape
+        sums = xp.zeros((U, C), dtype=values.dtype, device=self.device)
+        slots = xp.arange(U, dtype=inverse.dtype, device=self.device)[:, None]  # (U, 1)
+        for r0 in range(0, N, SEGMENT_ROWS):
+            r1 = min(r0 + SEGMENT_ROWS, N)
+            one_hot = xp.astype(slots == inverse[None, r0:r1], values.dtype)  # (U, rows)
+            sums += one_hot @ values[r0:r1, :]
+        target[distinct] += sums
         return target
 
     def synchronize(self) -> None:
+        """Wait for the stream's work (IndexError if an out-of-range index was used)."""
         self._cupy.cuda.get_current_stream().synchronize()
+        self.xp.raise_on_bad_index(self.device.id)
 
     def peak_memory_bytes(self) -> int:
         """Bytes held by CuPy's memory pool: its high-water mark, since the pool keeps
