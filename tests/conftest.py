@@ -48,12 +48,12 @@ def pytest_collection_modifyitems(config, items):
     if importlib.util.find_spec("array_api_strict") is None:
         skip = pytest.mark.skip(reason="array-api-strict is not installed (pip install array-api-strict)")
         for item in items:
-            if "needs_array_api_strict" in item.keywords:
+            if item.get_closest_marker("needs_array_api_strict"):
                 item.add_marker(skip)
-    if any("gpu" in item.keywords for item in items) and (why_not := no_gpu_reason()):
+    if any(item.get_closest_marker("gpu") for item in items) and (why_not := no_gpu_reason()):
         skip = pytest.mark.skip(reason=f"needs CuPy and a GPU: {why_not}")
         for item in items:
-            if "gpu" in item.keywords:
+            if item.get_closest_marker("gpu"):
                 item.add_marker(skip)
 
 
@@ -77,6 +77,6 @@ def backend(request):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if REQUIRE_DATA and report.skipped and not hasattr(report, "wasxfail") and "gpu" not in item.keywords:
+    if REQUIRE_DATA and report.skipped and not hasattr(report, "wasxfail") and not item.get_closest_marker("gpu"):
         report.outcome = "failed"
         report.longrepr = f"skipped, but NPGPT_REQUIRE_DATA=1 forbids skips: {report.longrepr}"

@@ -26,6 +26,7 @@ device arrays.
 Use `install(monkeypatch)` in a test: it puts `cupy`, `cupyx`, `cupy.cuda` and
 `cupy.cuda.runtime` into sys.modules for that test and resets the state. `make_backend`
 builds the plugin's backend on the fake for the whole-suite `fake-cupy` backend.
+`write_import_shim(folder)` makes `import cupy` give the fake in another process.
 """
 
 from __future__ import annotations
@@ -373,6 +374,11 @@ class Device:
     def __repr__(self):
         return f"<CUDA Device {self.id}>"
 
+    @property
+    def mem_info(self) -> tuple[int, int]:
+        """(free, total) bytes: total is FAKE_MEMORY_BYTES, used is what live arrays hold."""
+        return FAKE_MEMORY_BYTES - STATE.used_bytes, FAKE_MEMORY_BYTES
+
 
 class Stream:
     def synchronize(self):
@@ -387,6 +393,26 @@ def getDeviceCount() -> int:  # noqa: N802 - CUDA's spelling
     if STATE.device_count == 0:
         raise CUDARuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
     return STATE.device_count
+
+
+def getDeviceProperties(device: int) -> dict:  # noqa: N802
+    """A few of cudaDeviceProp's fields, as CuPy returns them (the name as bytes)."""
+    if not 0 <= device < STATE.device_count:
+        raise CUDARuntimeError("cudaErrorInvalidDevice: invalid device ordinal")
+    return {"name": b"fake GPU (tests/fake_cupy.py, NumPy)", "totalGlobalMem": FAKE_MEMORY_BYTES, "major": 0, "minor": 0,
+            "multiProcessorCount": 1}  # fmt: skip
+
+
+FAKE_MEMORY_BYTES = 16 * 2**30
+FAKE_CUDA_VERSION = 13000  # CUDA's integer form of 13.0
+
+
+def driverGetVersion() -> int:  # noqa: N802
+    return FAKE_CUDA_VERSION
+
+
+def runtimeGetVersion() -> int:  # noqa: N802
+    return FAKE_CUDA_VERSION
 
 
 class MemoryPool:
@@ -412,6 +438,8 @@ def build_modules() -> dict[str, types.ModuleType]:
     """Fresh `cupy`, `cupy.cuda`, `cupy.cuda.runtime` and `cupyx` module objects."""
     runtime = types.ModuleType("cupy.cuda.runtime")
     runtime.getDeviceCount, runtime.CUDARuntimeError = getDeviceCount, CUDARuntimeError
+    runtime.getDeviceProperties, runtime.driverGetVersion = getDeviceProperties, driverGetVersion
+    runtime.runtimeGetVersion = runtimeGetVersion
     cuda = types.ModuleType("cupy.cuda")
     cuda.Device, cuda.Stream, cuda.get_current_stream, cuda.runtime = Device, Stream, get_current_stream, runtime
     cupy = types.ModuleType("cupy", "fake cupy (tests/fake_cupy.py): NumPy standing in for a GPU")
@@ -465,3 +493,21 @@ def make_backend(device: str | None = None):
                 del sys.modules[name]
             else:
                 sys.modules[name] = module
+
+
+def write_import_shim(folder) -> None:
+    """Write packages `cupy` and `cupyx` into `folder` that make `import cupy` give this
+    fake in any Python that has `folder` on its path (a subprocess, tools/gpu_check.sh)."""
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    for name in ("cupy", "cupyx"):
+        package = Path(folder) / name
+        package.mkdir(parents=True, exist_ok=True)
+        (package / "__init__.py").write_text(
+            f'"""`import {name}` gives tests/fake_cupy.py\'s module (written by fake_cupy.write_import_shim)."""\n'
+            "import sys\n"
+            f"sys.path.insert(0, {str(tests)!r})\n"
+            "import fake_cupy\n\n"
+            "sys.modules.update(fake_cupy.modules())\n"
+        )
