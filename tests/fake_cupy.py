@@ -433,6 +433,18 @@ def get_default_memory_pool() -> MemoryPool:
     return _POOL
 
 
+class RandomState:
+    """cupy.random.RandomState: a seeded generator drawing on the device (no upload); here
+    NumPy's PCG64 stands in for cuRAND, so the numbers are not CuPy's."""
+
+    def __init__(self, seed=None, method=100):
+        self._rng = np.random.default_rng(seed)
+        self.method = method
+
+    def random_sample(self, size=None, dtype=float):
+        return _wrap(self._rng.random(size, dtype=dtype))
+
+
 # -- the modules ---------------------------------------------------------------------------
 def build_modules() -> dict[str, types.ModuleType]:
     """Fresh `cupy`, `cupy.cuda`, `cupy.cuda.runtime` and `cupyx` module objects."""
@@ -451,9 +463,11 @@ def build_modules() -> dict[str, types.ModuleType]:
     for name in HOST_ATTRIBUTES:
         setattr(cupy, name, getattr(np, name))
     cupy.unique, cupy.take, cupy.take_along_axis = unique, take, take_along_axis
+    cupy.random = types.ModuleType("cupy.random")
+    cupy.random.RandomState = RandomState
     cupyx = types.ModuleType("cupyx")
     cupyx.scatter_add = scatter_add
-    return {"cupy": cupy, "cupy.cuda": cuda, "cupy.cuda.runtime": runtime, "cupyx": cupyx}
+    return {"cupy": cupy, "cupy.cuda": cuda, "cupy.cuda.runtime": runtime, "cupy.random": cupy.random, "cupyx": cupyx}
 
 
 _MODULES: dict[str, types.ModuleType] = {}

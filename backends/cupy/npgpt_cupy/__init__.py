@@ -16,8 +16,9 @@ install), `get_backend("cupy")` (or "cupy:1" for the second GPU) returns a `Cupy
   a bad one raises IndexError at the next read-back (`to_numpy`, `synchronize`).
 - `synchronize` waits on the current stream, `peak_memory_bytes` is what CuPy's memory
   pool holds.
-- `uniform` keeps the base class's host-drawn stream: dropout masks are the same on
-  every backend, at the price of one upload per dropout site per training step.
+- `uniform` (dropout's draws) runs on the GPU: cuRAND's Philox seeded by one draw from
+  the host generator, so nothing is uploaded and a run still follows from its seed (and
+  resumes bit for bit); the masks are not NumPy's.
 
 Either CuPy wheel works, `cupy-cuda12x` (extra `npgpt[cupy]`) or `cupy-cuda13x`
 (`npgpt[cupy13]`): both install the module `cupy`. Selecting the backend fails with a
@@ -39,6 +40,7 @@ from npgpt_cupy.namespace import CupyNamespace
 
 __all__ = ["CupyBackend", "available", "make_backend"]
 
+CURAND_PHILOX = 161  # curand.h's CURAND_RNG_PSEUDO_PHILOX4_32_10: a counter-based generator, no set-up kernel
 SEGMENT_ROWS = 2048  # rows per one-hot block of index_add: at most (N, 2048) floats at a time
 
 NO_GPU_HINT = (
@@ -106,6 +108,16 @@ class CupyBackend(Backend):
             sums += one_hot @ values[r0:r1, :]
         target[distinct] += sums
         return target
+
+    def uniform(self, rng, shape, dtype):
+        """U[0, 1) samples drawn on the GPU by cuRAND's Philox generator, seeded with one
+        draw from the host generator `rng`: no upload, and the same `rng` state gives the
+        same samples (the stream is not NumPy's: the masks differ from other backends')."""
+        seed = int(rng.integers(2**63))
+        draw = dtype if dtype in (self.xp.float32, self.xp.float64) else self.xp.float32
+        with self.device:
+            samples = self._cupy.random.RandomState(seed, method=CURAND_PHILOX).random_sample(shape, dtype=draw)
+        return samples if draw == dtype else self.xp.astype(samples, dtype)
 
     def synchronize(self) -> None:
         """Wait for the stream's work (IndexError if an out-of-range index was used)."""
