@@ -57,3 +57,10 @@ def test_tf32_is_refused(monkeypatch):
     monkeypatch.setenv("CUPY_TF32", "1")
     with pytest.raises(BackendError, match="unset CUPY_TF32"):
         get_backend("cupy")
+
+
+def test_dropout_draws_on_the_device_reproducibly(gpu):
+    draws = [gpu.to_numpy(gpu.uniform(np.random.default_rng(5), (256, 64), gpu.dtype(d))) for d in ("float32", "float32", "float16")]
+    np.testing.assert_array_equal(draws[0], draws[1])
+    assert all(0 <= d.min() and d.max() < 1 and abs(d.mean() - 0.5) < 0.01 for d in draws)
+    assert draws[2].dtype == np.float16

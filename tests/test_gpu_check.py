@@ -74,10 +74,10 @@ def test_quick_run_writes_the_json_and_the_summary_offline_without_an_install(qu
     assert report["device"]["oracles"]["array_api_strict"] is not None  # (this Python has it; a GPU machine may not)
     assert all(r["ok"] for r in report["parity"]["forward"].values()) and set(report["parity"]["forward"]) == {"float16", "float32", "float64"}
     assert report["index_add"]["npgpt_index_add"]["same_bits_every_run"]
-    assert report["tests"]["summary"].startswith("6 passed")  # test_cupy_gpu.py ran on the double, none skipped
+    assert report["tests"]["summary"].startswith("7 passed")  # test_cupy_gpu.py ran on the double, none skipped
     assert "generate" in report["bench"]
     summary = (out / "gpu_check.txt").read_text()
-    assert summary in result.stdout and "forward float16" in summary and "tests: 6 passed" in summary
+    assert summary in result.stdout and "forward float16" in summary and "tests: 7 passed" in summary
     assert (out / "gpu_check" / "pytest.txt").exists()
 
 
