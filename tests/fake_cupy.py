@@ -27,10 +27,14 @@ Use `install(monkeypatch)` in a test: it puts `cupy`, `cupyx`, `cupy.cuda` and
 `cupy.cuda.runtime` into sys.modules for that test and resets the state. `make_backend`
 builds the plugin's backend on the fake for the whole-suite `fake-cupy` backend.
 `write_import_shim(folder)` makes `import cupy` give the fake in another process.
+`ElementwiseKernel` and `ReductionKernel` run kernel code written in a small subset of
+CUDA C (see KERNEL_FUNCTIONS) on NumPy, so fused kernels are tested here against the
+reference; that they compile with NVRTC is checked only on a GPU (tests/test_cupy_gpu.py).
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 import weakref
@@ -445,6 +449,103 @@ class RandomState:
         return _wrap(self._rng.random(size, dtype=dtype))
 
 
+# -- user kernels: CuPy's ElementwiseKernel and ReductionKernel, run on NumPy ---------------
+# Kernel code in a small subset of CUDA C runs here: statements `[const] TYPE name = expr;`,
+# `name = expr;`, `name op= expr;`, with + - * /, comparisons, parentheses, literals and
+# the math functions below, over whole arrays at once (no `i`, no `raw`, no `?:`, no
+# loops). Anything else is refused, so a kernel that uses more is caught here, not on a GPU.
+KERNEL_FUNCTIONS = {"tanh": np.tanh, "exp": np.exp, "log": np.log, "sqrt": np.sqrt, "rsqrt": lambda v: 1 / np.sqrt(v),
+                    "max": np.maximum, "min": np.minimum, "fabs": np.abs}  # fmt: skip
+_DECLARATION = re.compile(r"^(?:const\s+)?(?:[A-Z]|float|double|int|long long|long|bool)\s+(?=[A-Za-z_]\w*\s*=)")
+_UNSUPPORTED = re.compile(r"[?\[\]{}]|\bfor\b|\bwhile\b|\bif\b|//|/\*|\b_ind\b|\bi\b")
+
+
+def _kernel_python(code: str) -> str:
+    """Kernel statements -> Python statements (SyntaxError or ValueError if outside the subset)."""
+    if _UNSUPPORTED.search(code):
+        raise ValueError(f"fake_cupy runs kernels in a small subset of CUDA C (see KERNEL_FUNCTIONS); got: {code!r}")
+    statements = [_DECLARATION.sub("", s.strip()) for s in code.split(";") if s.strip()]
+    python = "\n".join(statements)
+    compile(python, "<kernel>", "exec")
+    return python
+
+
+def _kernel_params(params: str) -> list[tuple[str, str]]:
+    """'T x, float32 y' -> [("T", "x"), ("float32", "y")]."""
+    pairs = [p.split() for p in params.split(",") if p.strip()]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(f"fake_cupy kernels take 'TYPE name' parameters (no raw), got {params!r}")
+    return [(t, n) for t, n in pairs]
+
+
+def _kernel_inputs(params, args) -> tuple[dict, dict]:
+    """Bind inputs: ({name: NumPy value}, {type letter: dtype}) -- letters from array args."""
+    if len(args) < len(params):
+        raise TypeError(f"kernel needs {len(params)} inputs, got {len(args)}")
+    types, values = {}, {}
+    for (kind, name), arg in zip(params, args):
+        if isinstance(arg, ndarray):
+            if len(kind) == 1:
+                types.setdefault(kind, arg.dtype)
+            values[name] = _host(arg)
+    for (kind, name), arg in zip(params, args):
+        if not isinstance(arg, ndarray):
+            dtype = types[kind] if len(kind) == 1 else np.dtype(kind)
+            values[name] = dtype.type(arg)
+    return values, types
+
+
+class ElementwiseKernel:
+    """cupy.ElementwiseKernel on NumPy: the operation runs once over the broadcast inputs."""
+
+    def __init__(self, in_params, out_params, operation, name="kernel", **options):
+        self.in_params, self.out_params = _kernel_params(in_params), _kernel_params(out_params)
+        self.name, self.python = name, _kernel_python(operation)
+
+    def __call__(self, *args, size=None):
+        values, types = _kernel_inputs(self.in_params, args)
+        shape = np.broadcast_shapes(*(np.shape(v) for v in values.values()))
+        scope = dict(values)
+        with np.errstate(all="ignore"):
+            exec(self.python, dict(KERNEL_FUNCTIONS), scope)
+        outs = []
+        for kind, name in self.out_params:
+            dtype = types[kind] if len(kind) == 1 else np.dtype(kind)
+            outs.append(_wrap(np.array(np.broadcast_to(scope[name], shape), dtype=dtype)))
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+class ReductionKernel:
+    """cupy.ReductionKernel on NumPy: map, reduce over `axis` ("a + b", "max(a, b)" or
+    "min(a, b)"), then the post-map, where `_in_ind.size() / _out_ind.size()` is the
+    number of values reduced into each output."""
+
+    REDUCERS = {"a+b": np.sum, "max(a,b)": np.max, "min(a,b)": np.min}
+
+    def __init__(self, in_params, out_params, map_expr, reduce_expr, post_map_expr, identity, name="reduce", **options):
+        self.in_params, self.out_params = _kernel_params(in_params), _kernel_params(out_params)
+        if len(self.out_params) != 1 or reduce_expr.replace(" ", "") not in self.REDUCERS:
+            raise ValueError(f"fake_cupy reductions have one output and reduce with {list(self.REDUCERS)}")
+        self.reduce = self.REDUCERS[reduce_expr.replace(" ", "")]
+        self.map = _kernel_python(f"_mapped = {map_expr}")
+        post = post_map_expr.replace("_in_ind.size()", "_in_size").replace("_out_ind.size()", "_out_size")
+        self.post, self.name = _kernel_python(post), name
+
+    def __call__(self, *args, axis=None, keepdims=False):
+        values, types = _kernel_inputs(self.in_params, args)
+        shape = np.broadcast_shapes(*(np.shape(v) for v in values.values()))
+        scope = dict(values)
+        with np.errstate(all="ignore"):
+            exec(self.map, dict(KERNEL_FUNCTIONS), scope)
+            mapped = np.broadcast_to(scope["_mapped"], shape)
+            a = self.reduce(mapped, axis=axis, keepdims=keepdims)
+            scope.update(a=a, _in_size=mapped.size, _out_size=max(np.size(a), 1))
+            exec(self.post, dict(KERNEL_FUNCTIONS), scope)
+        kind, name = self.out_params[0]
+        dtype = types[kind] if len(kind) == 1 else np.dtype(kind)
+        return _wrap(np.asarray(scope[name], dtype=dtype))
+
+
 # -- the modules ---------------------------------------------------------------------------
 def build_modules() -> dict[str, types.ModuleType]:
     """Fresh `cupy`, `cupy.cuda`, `cupy.cuda.runtime` and `cupyx` module objects."""
@@ -463,6 +564,7 @@ def build_modules() -> dict[str, types.ModuleType]:
     for name in HOST_ATTRIBUTES:
         setattr(cupy, name, getattr(np, name))
     cupy.unique, cupy.take, cupy.take_along_axis = unique, take, take_along_axis
+    cupy.ElementwiseKernel, cupy.ReductionKernel = ElementwiseKernel, ReductionKernel
     cupy.random = types.ModuleType("cupy.random")
     cupy.random.RandomState = RandomState
     cupyx = types.ModuleType("cupyx")
