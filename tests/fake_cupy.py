@@ -503,15 +503,22 @@ class ElementwiseKernel:
         self.name, self.python = name, _kernel_python(operation)
 
     def __call__(self, *args, size=None):
+        """Inputs, then optionally the outputs to write into (an output may be an input)."""
         values, types = _kernel_inputs(self.in_params, args)
-        shape = np.broadcast_shapes(*(np.shape(v) for v in values.values()))
+        given = args[len(self.in_params) :]
+        shape = np.broadcast_shapes(*(np.shape(v) for v in values.values()), *(g.shape for g in given))
         scope = dict(values)
         with np.errstate(all="ignore"):
             exec(self.python, dict(KERNEL_FUNCTIONS), scope)
         outs = []
-        for kind, name in self.out_params:
+        for n, (kind, name) in enumerate(self.out_params):
             dtype = types[kind] if len(kind) == 1 else np.dtype(kind)
-            outs.append(_wrap(np.array(np.broadcast_to(scope[name], shape), dtype=dtype)))
+            result = np.broadcast_to(scope[name], shape)
+            if n < len(given):
+                _host(given[n])[...] = result
+                outs.append(given[n])
+            else:
+                outs.append(_wrap(np.array(result, dtype=dtype)))
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 

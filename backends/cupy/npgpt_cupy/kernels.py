@@ -4,6 +4,8 @@ reference formula makes several passes over memory, each equal to the `npgpt.lay
 formula (tests/test_cupy_backend.py, on the CuPy double; tests/test_cupy_gpu.py on a GPU).
 
     GELU          forward 1 kernel (reference: ~8 passes); backward 1 (~15)
+    attention     masked softmax 3 passes + 1 kernel over the whole (B, NH, T, S) scores
+                  (reference: ~7); its backward 2 (~5); the matmuls are cuBLAS's
     LayerNorm     forward 2 reductions + 1 kernel (~8); backward 2 reductions, 1 kernel,
                   2 column sums (~12)
     cross-entropy forward 2 reductions and a gather, keeping the logits instead of an
@@ -13,8 +15,8 @@ formula (tests/test_cupy_backend.py, on the CuPy double; tests/test_cupy_gpu.py 
 
 Kernels are written for float32 and float64 (computing in T); float16 arrays take the
 reference path, whose CuPy operations compute in float internally. The kernel code keeps
-to a small subset of CUDA C that tests/fake_cupy.py can also run. Linear, attention and
-embedding stay the reference's (cuBLAS matmuls; the embedding's deterministic index_add).
+to a small subset of CUDA C that tests/fake_cupy.py can also run. Linear and embedding
+stay the reference's (cuBLAS matmuls; the embedding's deterministic index_add).
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ ELEMENTWISE = {
     ),
     "layer_norm": ("T x, T mean, T rstd, T w, T b", "T xhat, T y", "xhat = (x - mean) * rstd; y = xhat * w + b"),
     "layer_norm_grad": ("T dout, T w, T xhat, T rstd, T mean_g, T mean_gx", "T dx", "dx = rstd * (dout * w - mean_g - xhat * mean_gx)"),
-    "softmax_grad": ("T x, T max, T log_sum, T scale", "T dx", "dx = exp(x - max - log_sum) * scale"),
+    "softmax_scaled": ("T x, T max, T log_sum, T scale", "T y", "y = exp(x - max - log_sum) * scale"),
+    "softmax_grad": ("T p, T dp, T sum_dp_p, T scale", "T dx", "dx = p * (dp - sum_dp_p) * scale"),
+    "scale_add": ("T x, T scale, T bias", "T y", "y = x * scale + bias"),
     "dropout": ("T x, T u, T p, T scale", "T y, T mask", "mask = (u >= p) * scale; y = x * mask"),
 }
 # (in_params, out_params, map_expr, reduce_expr, post_map_expr, identity) of each ReductionKernel
@@ -131,10 +135,45 @@ def cross_entropy_backward(dloss, cache):
     logits, row_max, log_sum, safe, weight = cache
     xp, k = namespace(logits), fused(logits)
     scale = (weight * dloss)[:, None]  # (N, 1)
-    dlogits = k.softmax_grad(logits, row_max, log_sum, scale)  # (N, V)
+    dlogits = k.softmax_scaled(logits, row_max, log_sum, scale)  # (N, V)
     rows = xp.arange(logits.shape[0], dtype=safe.dtype, device=logits.device)
     dlogits[rows, safe] -= scale[:, 0]  # one entry per row: distinct positions
     return dlogits
+
+
+# -- attention ------------------------------------------------------------------------------
+def attention_forward(q, k, v, dropout=None, segments=None):
+    """The reference's attention over whole arrays, its masked softmax in 3 passes (scale
+    and mask in place, row max, log-sum-exp) and one kernel writing the probabilities over
+    the scores; the cache is the reference's (q, k, v, probs, mask)."""
+    kern = fused(q)
+    if kern is None:
+        return layers.attention_forward(q, k, v, dropout, segments)
+    xp = namespace(q)
+    T, S = q.shape[2], k.shape[2]
+    visible = layers.visible_keys(T, S, segments, xp, q.device)  # (T, S) or (B, 1, T, S)
+    zeros = xp.zeros(visible.shape, dtype=q.dtype, device=q.device)
+    bias = xp.where(visible, zeros, zeros - math.inf)  # 0 where a key is visible, -inf elsewhere
+    scores = q @ k.mT  # (B, NH, T, S)
+    kern.scale_add(scores, 1.0 / math.sqrt(q.shape[3]), bias, scores)  # in place
+    row_max = xp.max(scores, axis=-1, keepdims=True)  # (B, NH, T, 1): finite, each query sees itself
+    log_sum = kern.log_sum_exp_shifted(scores, row_max, axis=-1, keepdims=True)  # (B, NH, T, 1)
+    probs = kern.softmax_scaled(scores, row_max, log_sum, 1.0, scores)  # in place: the scores are not needed again
+    dropped, mask = dropout(probs, 0) if dropout is not None else (probs, None)
+    return dropped @ v, (q, k, v, probs, mask)
+
+
+def attention_backward(dy, cache):
+    """dq, dk, dv; the softmax backward p * (dp - sum(dp * p)) / sqrt(hs) in 2 passes."""
+    q, k, v, probs, mask = cache
+    kern = fused(dy)
+    if kern is None:
+        return layers.attention_backward(dy, cache)
+    dv = layers.dropout_backward(probs, mask).mT @ dy  # (B, NH, S, hs)
+    dprobs = layers.dropout_backward(dy @ v.mT, mask)  # (B, NH, T, S)
+    sum_dp_p = kern.sum_product(dprobs, probs, axis=-1, keepdims=True)  # (B, NH, T, 1)
+    dscores = kern.softmax_grad(probs, dprobs, sum_dp_p, 1.0 / math.sqrt(q.shape[3]), dprobs)  # in place
+    return dscores @ k, dscores.mT @ q, dv
 
 
 # -- dropout --------------------------------------------------------------------------------
@@ -156,4 +195,6 @@ KERNELS = REFERENCE.replace(
     cross_entropy_backward=cross_entropy_backward,
     dropout_forward=dropout_forward,
     dropout_backward=layers.dropout_backward,
+    attention_forward=attention_forward,
+    attention_backward=attention_backward,
 )
