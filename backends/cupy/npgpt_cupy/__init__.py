@@ -188,14 +188,21 @@ def _device_count(cupy) -> int:
 def _smoke_test(backend: CupyBackend) -> None:
     """Compile and run one tiny kernel now, so missing CUDA libraries (NVRTC, cuBLAS)
     show up here with a hint rather than in the middle of a forward pass."""
-    try:
-        x = backend.asarray([[1.0, 2.0]], dtype=backend.xp.float32)
-        backend.to_numpy(backend.xp.tanh(x) @ x.mT)
-    except Exception as e:
+    if failure := _tiny_kernel_fails(backend, backend.xp.float32):
         raise BackendError(
-            f"CuPy found GPU {backend.device.id} but cannot run a kernel on it ({_why(e)}); "
+            f"CuPy found GPU {backend.device.id} but cannot run a kernel on it ({_why(failure)}); "
             f"the CUDA libraries may be missing: pip install \"{_cupy_wheel()}[ctk]\" brings them; else {NO_GPU_HINT}"
-        ) from e
+        ) from failure
+
+
+def _tiny_kernel_fails(backend: CupyBackend, dtype) -> Exception | None:
+    """Run an elementwise kernel and a matmul in `dtype`; the exception, if one is raised."""
+    try:
+        x = backend.asarray([[1.0, 2.0]], dtype=dtype)
+        backend.to_numpy(backend.xp.tanh(x) @ x.mT)
+    except Exception as e:  # a compile error, a missing library, no device: reported by the caller
+        return e
+    return None
 
 
 def _refuse_tf32() -> None:
@@ -209,16 +216,13 @@ def _refuse_tf32() -> None:
 
 
 def _check_float16(backend: CupyBackend) -> None:
-    """Run an elementwise kernel and a matmul in float16 (BackendError if they fail)."""
-    try:
-        x = backend.asarray([[1.0, 2.0]], dtype=backend.xp.float16)
-        backend.to_numpy(backend.xp.tanh(x) @ x.mT)
-    except Exception as e:
+    """Run a float16 kernel and matmul (BackendError if they fail)."""
+    if failure := _tiny_kernel_fails(backend, backend.xp.float16):
         raise BackendError(
-            f"CuPy cannot run float16 kernels on GPU {backend.device.id} ({_why(e)}); they need CUDA's "
+            f"CuPy cannot run float16 kernels on GPU {backend.device.id} ({_why(failure)}); they need CUDA's "
             f'headers (cuda_fp16.h): pip install "{_cupy_wheel()}[ctk]" brings them, or set CUDA_PATH to a CUDA '
             "toolkit; else use float32"
-        ) from e
+        ) from failure
 
 
 def _why(error: Exception) -> str:
