@@ -198,12 +198,12 @@ def test_uniform_is_drawn_on_the_device_seeded_by_the_host_generator(fake, dtype
     host state gives the same samples and the host stream moves on by exactly one draw."""
     b = get_backend("cupy")
     rng, device_dtype = np.random.default_rng(3), b.dtype(dtype)  # (float16's first use runs its check)
-    got, moved = transfers_during(lambda: b.uniform(rng, (400, 5), device_dtype))
+    got, moved = transfers_during(lambda: b.uniform(rng, (4000, 5), device_dtype))
     assert (moved.uploads, moved.downloads) == (0, 0) and got.dtype == np.dtype(dtype)
     host = b.to_numpy(got)
     assert 0 <= host.min() and host.max() < 1 and abs(host.mean() - 0.5) < 0.05
     again = np.random.default_rng(3)
-    np.testing.assert_array_equal(b.to_numpy(b.uniform(again, (400, 5), b.dtype(dtype))), host)
+    np.testing.assert_array_equal(b.to_numpy(b.uniform(again, (4000, 5), b.dtype(dtype))), host)
     expected_next = np.random.default_rng(3)
     expected_next.integers(2**63)
     assert rng.random() == expected_next.random()

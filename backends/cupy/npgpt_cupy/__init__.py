@@ -113,11 +113,14 @@ class CupyBackend(Backend):
         """U[0, 1) samples drawn on the GPU by cuRAND's Philox generator, seeded with one
         draw from the host generator `rng`: no upload, and the same `rng` state gives the
         same samples (the stream is not NumPy's: the masks differ from other backends')."""
-        seed = int(rng.integers(2**63))
-        draw = dtype if dtype in (self.xp.float32, self.xp.float64) else self.xp.float32
+        xp, seed = self.xp, int(rng.integers(2**63))
+        draw = dtype if dtype in (xp.float32, xp.float64) else xp.float32
         with self.device:
             samples = self._cupy.random.RandomState(seed, method=CURAND_PHILOX).random_sample(shape, dtype=draw)
-        return samples if draw == dtype else self.xp.astype(samples, dtype)
+        if draw == dtype:
+            return samples
+        below_one = 1.0 - float(xp.finfo(dtype).epsneg)  # float16 rounds 0.9999 up to 1: keep [0, 1)
+        return xp.minimum(xp.astype(samples, dtype), below_one)
 
     def synchronize(self) -> None:
         """Wait for the stream's work (IndexError if an out-of-range index was used)."""

@@ -59,7 +59,8 @@ class CupyNamespace(types.ModuleType):
         if bad is not None and bool(bad.get()):
             raise IndexError(
                 f"an index outside its axis reached take/take_along_axis on GPU {device}, which CuPy wraps silently: "
-                "a token id >= vocab_size, or a target neither in [0, vocab_size) nor the ignore index"
+                "a token id >= vocab_size, or a target neither in [0, vocab_size) nor the ignore index; "
+                "check that the ids come from the model's tokenizer and the ignore index is the data's"
             )
 
     def __getattr__(self, name):  # only called for names not set above
