@@ -29,20 +29,21 @@ from npgpt import layers
 from npgpt.kernels import REFERENCE
 from npgpt.namespaces import array_namespace as namespace
 
-GELU_SCALE = repr(math.sqrt(2.0 / math.pi))  # as a C literal
+# Constants typed T, so float32 kernels compute in float32 (a bare 0.5 is a double in C)
+GELU_CONSTANTS = f"const T k = {math.sqrt(2.0 / math.pi)!r}; const T c = 0.044715; const T h = 0.5;"
 
 # (in_params, out_params, operation) of each ElementwiseKernel
 ELEMENTWISE = {
-    "gelu": ("T x", "T y", f"const T k = {GELU_SCALE}; const T u = k * (x + 0.044715 * x * x * x); y = 0.5 * x * (1 + tanh(u))"),
+    "gelu": ("T x", "T y", f"{GELU_CONSTANTS} const T u = k * (x + c * x * x * x); y = h * x * (1 + tanh(u))"),
     "gelu_grad": (
         "T dout, T x",
         "T dx",
-        f"const T k = {GELU_SCALE}; const T x2 = x * x; const T t = tanh(k * x * (1 + 0.044715 * x2)); "
-        "dx = dout * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * 0.044715 * x2))",
+        f"{GELU_CONSTANTS} const T x2 = x * x; const T t = tanh(k * x * (1 + c * x2)); "
+        "dx = dout * (h * (1 + t) + h * x * (1 - t * t) * k * (1 + 3 * c * x2))",
     ),
     "layer_norm": ("T x, T mean, T rstd, T w, T b", "T xhat, T y", "xhat = (x - mean) * rstd; y = xhat * w + b"),
     "layer_norm_grad": ("T dout, T w, T xhat, T rstd, T mean_g, T mean_gx", "T dx", "dx = rstd * (dout * w - mean_g - xhat * mean_gx)"),
-    "softmax_scaled": ("T x, T max, T log_sum, T scale", "T y", "y = exp(x - max - log_sum) * scale"),
+    "softmax_scaled": ("T x, T row_max, T log_sum, T scale", "T y", "y = exp(x - row_max - log_sum) * scale"),
     "softmax_grad": ("T p, T dp, T sum_dp_p, T scale", "T dx", "dx = p * (dp - sum_dp_p) * scale"),
     "scale_add": ("T x, T scale, T bias", "T y", "y = x * scale + bias"),
     "dropout": ("T x, T u, T p, T scale", "T y, T mask", "mask = (u >= p) * scale; y = x * mask"),
@@ -55,7 +56,7 @@ REDUCTION = {
     "mean_product": ("T x, T w", "T y", "x * w", "a + b", MEAN, "0"),
     "mean_triple": ("T x, T w, T z", "T y", "x * w * z", "a + b", MEAN, "0"),
     "sum_product": ("T x, T w", "T y", "x * w", "a + b", "y = a", "0"),
-    "log_sum_exp_shifted": ("T x, T max", "T y", "exp(x - max)", "a + b", "y = log(a)", "0"),
+    "log_sum_exp_shifted": ("T x, T row_max", "T y", "exp(x - row_max)", "a + b", "y = log(a)", "0"),
 }
 
 
