@@ -26,6 +26,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from npgpt.kernels import Kernels, select_kernels
+from npgpt.kernels.numpy_fast import KERNELS as NUMPY_KERNELS
+from npgpt.namespaces import array_namespace, register_array_namespace  # noqa: F401 (re-exported for plugins)
+
 ENTRY_POINT_GROUP = "npgpt.backends"
 # Plugins of this project, found by import path when no entry point names them (a source
 # checkout with PYTHONPATH=.:backends/cupy and nothing installed).
@@ -43,41 +47,23 @@ class BackendError(RuntimeError):
     """A backend that is unknown, not installed, or cannot run on this machine."""
 
 
-# Array types that lack `__array_namespace__` (CuPy's ndarray, as of CuPy 14), mapped to
-# the namespace their backend serves; filled by plugins through register_array_namespace.
-_REGISTERED_NAMESPACES: dict[type, object] = {}
-
-
-def register_array_namespace(array_type: type, xp) -> None:
-    """Declare `xp` the namespace of arrays of `array_type`, for array types that do not
-    name their own through `__array_namespace__` (a plugin calls this in its factory)."""
-    _REGISTERED_NAMESPACES[array_type] = xp
-
-
-def array_namespace(x):
-    """The array-API namespace of array `x`: its own `__array_namespace__()`, else the one
-    a backend registered for its type. TypeError for anything else (lists, scalars)."""
-    own = getattr(x, "__array_namespace__", None)
-    if own is not None:
-        return own()
-    xp = _REGISTERED_NAMESPACES.get(type(x))
-    if xp is None:
-        raise TypeError(f"{type(x).__name__} is not an array of any known backend")
-    return xp
-
-
 class Backend:
     """An array namespace on one device, with the operations the array API lacks.
 
     This base class is portable: every method is written with `xp` alone, so a new
     backend only overrides what it can do faster (NumPy's `np.add.at`, CuPy's
     `cupyx.scatter_add`, a device RNG).
+
+    `kernels` is the set of layer kernels the model calls (see `npgpt.kernels`): the
+    plain reference unless the backend supplies its own; NPGPT_KERNELS=reference in
+    the environment makes every backend use the reference.
     """
 
-    def __init__(self, name: str, xp, device=None):
+    def __init__(self, name: str, xp, device=None, kernels: Kernels | None = None):
         self.name = name
         self.xp = xp
         self.device = device
+        self.kernels = select_kernels(kernels)
 
     def __repr__(self):
         return f"<Backend {self.name}>"
@@ -129,7 +115,8 @@ class Backend:
 
 
 class NumpyBackend(Backend):
-    """NumPy on the CPU: the reference backend.
+    """NumPy on the CPU: the reference backend, running the fast NumPy kernel set
+    (`npgpt.kernels.numpy_fast`) unless given another (`NumpyBackend(REFERENCE)`).
 
     Like a GPU framework's caching allocator, it asks glibc's malloc to keep freed memory
     for reuse: a training step allocates and frees the same large temporaries every time,
@@ -137,8 +124,8 @@ class NumpyBackend(Backend):
     cost 1.1x-2x of a small model's step time on these CPUs; see the README).
     """
 
-    def __init__(self):
-        super().__init__("numpy", np)
+    def __init__(self, kernels: Kernels | None = NUMPY_KERNELS):
+        super().__init__("numpy", np, kernels=kernels)
         keep_freed_memory()
 
     def asarray(self, host, dtype=None):

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-IGNORE = -1
+from npgpt.layers import IGNORE_INDEX
 
 
 def sliding_windows(n_tokens: int, context: int, stride: int):
@@ -45,9 +45,9 @@ def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int |
     for begin, end, first in sliding_windows(len(ids), context, stride):
         inputs = ids[begin : end - 1]
         targets = ids[begin + 1 : end].astype(np.int64)  # a copy: the ignored part is overwritten
-        targets[: first - (begin + 1)] = IGNORE
+        targets[: first - (begin + 1)] = IGNORE_INDEX
         n_new = end - first
-        loss = model.loss(inputs[None, :], targets[None, :], ignore_index=IGNORE)  # mean over the new tokens
+        loss = model.loss(inputs[None, :], targets[None, :], ignore_index=IGNORE_INDEX)  # mean over the new tokens
         nll += float(model.backend.to_numpy(loss)) * n_new
         count += n_new
         windows += 1

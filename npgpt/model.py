@@ -1,4 +1,7 @@
-"""GPT-2: the decoder stack built from `layers`, its backward pass, and the KV cache.
+"""GPT-2: the decoder stack, its backward pass, and the KV cache.
+
+Each op runs through the backend's kernel set (`backend.kernels`, see `npgpt.kernels`):
+`npgpt.layers`, the plain formulas, unless the backend supplies faster equivalents.
 
     ids (B, T) -> wte[ids] + wpe[pos] -> L x block -> ln_f -> @ wte.T -> logits (B, T, V)
     block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
@@ -9,17 +12,20 @@ Public API:
     cache = model.new_cache(B); model.forward(ids_chunk, cache)    # incremental decoding
     loss, grads = model.loss_and_grads(ids, targets)               # training, grads keyed like params
     loss = model.loss(ids, targets)                                # evaluation
+    model.loss_and_grads(ids, targets, segments=docs)              # packed documents (B, T) ids
+    model.loss_and_grads(ids, targets, grad_ready=fn)              # fn(names, grads) as grads finish
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from npgpt import layers
-from npgpt.backend import Backend, get_backend
+from npgpt.backend import Backend, array_namespace, get_backend
 from npgpt.checkpoint import load_checkpoint, save_checkpoint
 from npgpt.config import GPTConfig
 
@@ -31,15 +37,21 @@ def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     V, C, L = config.vocab_size, config.n_embd, config.n_layer
     shapes = {"wte.weight": (V, C), "wpe.weight": (config.n_ctx, C)}
     for i in range(L):
-        shapes |= {
-            f"h.{i}.ln_1.weight": (C,), f"h.{i}.ln_1.bias": (C,),
-            f"h.{i}.attn.c_attn.weight": (C, 3 * C), f"h.{i}.attn.c_attn.bias": (3 * C,),
-            f"h.{i}.attn.c_proj.weight": (C, C), f"h.{i}.attn.c_proj.bias": (C,),
-            f"h.{i}.ln_2.weight": (C,), f"h.{i}.ln_2.bias": (C,),
-            f"h.{i}.mlp.c_fc.weight": (C, 4 * C), f"h.{i}.mlp.c_fc.bias": (4 * C,),
-            f"h.{i}.mlp.c_proj.weight": (4 * C, C), f"h.{i}.mlp.c_proj.bias": (C,),
-        }  # fmt: skip
+        shapes |= block_param_shapes(i, C)
     return shapes | {"ln_f.weight": (C,), "ln_f.bias": (C,)}
+
+
+def block_param_shapes(i: int, C: int) -> dict[str, tuple[int, ...]]:
+    """Block i's 12 parameters and their shapes, in order."""
+    h = f"h.{i}."
+    return {
+        h + "ln_1.weight": (C,), h + "ln_1.bias": (C,),
+        h + "attn.c_attn.weight": (C, 3 * C), h + "attn.c_attn.bias": (3 * C,),
+        h + "attn.c_proj.weight": (C, C), h + "attn.c_proj.bias": (C,),
+        h + "ln_2.weight": (C,), h + "ln_2.bias": (C,),
+        h + "mlp.c_fc.weight": (C, 4 * C), h + "mlp.c_fc.bias": (4 * C,),
+        h + "mlp.c_proj.weight": (4 * C, C), h + "mlp.c_proj.bias": (C,),
+    }  # fmt: skip
 
 
 def init_params(config: GPTConfig, seed: int = 0, dtype: str = "float32") -> dict[str, np.ndarray]:
@@ -128,14 +140,15 @@ class GPT:
         return KVCache(self.config, batch_size, self.backend, self.dtype)
 
     # -- inference -----------------------------------------------------------------------
-    def forward(self, ids, cache: KVCache | None = None, last_only: bool = False):
+    def forward(self, ids, cache: KVCache | None = None, last_only: bool = False, segments=None):
         """Logits (B, T, V) for token ids (B, T); (B, 1, V) for the last position only
         with `last_only` (all that sampling needs: it skips most of the LM head's work).
 
         With a cache, the T ids continue the sequence it holds (positions
         cache.length .. cache.length + T - 1) and their keys/values are appended to it.
+        `segments` (B, T) packs several documents into one row: see `segment_positions`.
         """
-        logits, _ = self._forward(self.as_ids(ids), cache, last_only=last_only)
+        logits, _ = self._forward(self.as_ids(ids), cache, last_only=last_only, segments=segments)
         return logits
 
     def as_ids(self, ids):
@@ -153,15 +166,34 @@ class GPT:
             raise ValueError(f"ids must be a non-empty (B, T) integer array, got shape {ids.shape} dtype {ids.dtype}")
         return ids  # already on the device: checking values would cost a device->host sync
 
-    def _forward(self, ids, cache=None, rng: np.random.Generator | None = None, last_only=False, keep=False):
-        """ids (B, T) -> logits (B, T, V) and, with `keep`, the tape of per-layer caches the
-        backward needs (without it each block's activations are freed as soon as it is done).
+    def as_segments(self, segments, shape):
+        """Document ids (B, T) on the device, each document one contiguous run of a row
+        (checked for host arrays; device arrays are trusted, as ids are)."""
+        if isinstance(segments, (np.ndarray, list, tuple)):
+            host = np.asarray(segments)
+            if host.shape != tuple(shape) or not np.issubdtype(host.dtype, np.integer):
+                raise ValueError(f"segments must be a (B, T) = {tuple(shape)} integer array, got shape {host.shape} dtype {host.dtype}")
+            for row in host:
+                starts = np.concatenate([[True], row[1:] != row[:-1]])
+                if np.count_nonzero(starts) != len(np.unique(row)):
+                    raise ValueError("each document id in a row of segments must be one contiguous run")
+            return self.backend.asarray(host, dtype=self.backend.xp.int64)
+        if tuple(segments.shape) != tuple(shape):
+            raise ValueError(f"segments must have the ids' shape {tuple(shape)}, got {tuple(segments.shape)}")
+        return segments
+
+    def _forward(self, ids, cache=None, rng: np.random.Generator | None = None, last_only=False, keep=False,
+                 segments=None):  # fmt: skip
+        """ids (B, T) -> logits (B, T, V) and, with `keep`, the `Activations` the backward
+        needs (without it each block's activations are freed as soon as it is done).
 
         `rng` turns dropout on (training); without it dropout is off.
         """
-        p, cfg, xp = self.params, self.config, self.backend.xp
+        p, cfg, xp, kernels = self.params, self.config, self.backend.xp, self.backend.kernels
         B, T = ids.shape
         start = 0 if cache is None else cache.length
+        if cache is not None and segments is not None:
+            raise ValueError("segments cannot be combined with a KV cache: run packed documents without a cache")
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"the KV cache holds batch size {cache.batch_size}, the ids have {B}")
         if start + T > cfg.n_ctx:
@@ -170,116 +202,124 @@ class GPT:
                 f"{where}{start + T} tokens exceed the context of {cfg.n_ctx}: "
                 "crop the sequence to its last n_ctx tokens or start a new cache"
             )
+        if segments is not None:
+            segments = self.as_segments(segments, (B, T))
+            pos = segment_positions(segments)  # (B, T)
+        else:
+            pos = xp.broadcast_to(xp.arange(start, start + T, dtype=xp.int64, device=self.backend.device), (B, T))
         drop = self._dropout(rng)
-        x, emb_cache = layers.embedding_forward(p["wte.weight"], p["wpe.weight"], ids, start)  # (B, T, C)
-        x, emb_drop = drop(x)
+        x, embedding = kernels.embedding_forward(p["wte.weight"], p["wpe.weight"], ids, pos)  # (B, T, C)
+        x, embedding_drop = drop(x)
         x = xp.reshape(x, (B * T, cfg.n_embd))  # (N, C), rows are tokens
-        block_caches = []
+        blocks = []
         for i in range(cfg.n_layer):
-            x, block_cache = self._block_forward(i, x, B, cache, drop)
+            x, block = self._block_forward(i, x, B, cache, drop, segments)
             if keep:
-                block_caches.append(block_cache)
-            del block_cache  # without `keep`, this block's activations go before the next runs
+                blocks.append(block)
+            del block  # without `keep`, this block's activations go before the next runs
         if last_only:
             x, T = xp.reshape(x, (B, T, cfg.n_embd))[:, -1, :], 1  # (B, C)
-        xf, lnf_cache = layers.layer_norm_forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.layer_norm_epsilon)
+        xf, ln_f = kernels.layer_norm_forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.layer_norm_epsilon)
         logits = xf @ p["wte.weight"].mT  # (N, V), the LM head tied to the token embedding
         if cache is not None:
             cache.length = start + ids.shape[1]
-        return xp.reshape(logits, (B, T, cfg.vocab_size)), (emb_cache, emb_drop, block_caches, lnf_cache, xf)
+        acts = Activations(B, T, embedding, embedding_drop, blocks, ln_f, xf) if keep else None
+        return xp.reshape(logits, (B, T, cfg.vocab_size)), acts
 
-    def _block_forward(self, i, x, B, cache, drop):
-        """One pre-LayerNorm block on rows x (N, C) -> (N, C)."""
-        p, cfg, xp = self.params, self.config, self.backend.xp
+    def _block_forward(self, i, x, B, cache, drop, segments):
+        """One pre-LayerNorm block on rows x (N, C) -> (N, C), and its `BlockActivations`."""
+        p, cfg, xp, kernels = self.params, self.config, self.backend.xp, self.backend.kernels
         N, C = x.shape
         T, NH, hs = N // B, cfg.n_head, cfg.head_size
         h = f"h.{i}."
         # attention branch
-        a, ln1 = layers.layer_norm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], cfg.layer_norm_epsilon)
-        qkv, c_attn = layers.linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])  # (N, 3C)
+        a, ln_1 = kernels.layer_norm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], cfg.layer_norm_epsilon)
+        qkv, c_attn = kernels.linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])  # (N, 3C)
         qkv = xp.permute_dims(xp.reshape(qkv, (B, T, 3, NH, hs)), (2, 0, 3, 1, 4))  # (3, B, NH, T, hs)
         q, k, v = qkv[0, ...], qkv[1, ...], qkv[2, ...]
         if cache is not None:
             k, v = cache.append(i, k, v)  # (B, NH, S, hs)
-        y, att = layers.attention_forward(q, k, v, drop if drop.p else None)
+        y, attn = kernels.attention_forward(q, k, v, drop if drop.p else None, segments)
         y = xp.reshape(xp.permute_dims(y, (0, 2, 1, 3)), (N, C))  # (N, C), heads side by side
-        y, c_proj = layers.linear_forward(y, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
+        y, attn_c_proj = kernels.linear_forward(y, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
         y, attn_drop = drop(y)
         x = x + y
         # MLP branch
-        m, ln2 = layers.layer_norm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"], cfg.layer_norm_epsilon)
-        m, c_fc = layers.linear_forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])  # (N, 4C)
-        m, gelu = layers.gelu_forward(m)
-        m, mlp_proj = layers.linear_forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])  # (N, C)
+        m, ln_2 = kernels.layer_norm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"], cfg.layer_norm_epsilon)
+        m, c_fc = kernels.linear_forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])  # (N, 4C)
+        m, gelu = kernels.gelu_forward(m)
+        m, mlp_c_proj = kernels.linear_forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])  # (N, C)
         m, mlp_drop = drop(m)
         x = x + m
-        return x, (ln1, c_attn, att, c_proj, attn_drop, ln2, c_fc, gelu, mlp_proj, mlp_drop)
+        return x, BlockActivations(ln_1, c_attn, attn, attn_c_proj, attn_drop, ln_2, c_fc, gelu, mlp_c_proj, mlp_drop)
 
     def _dropout(self, rng):
         return Dropout(self.config.dropout if rng is not None else 0.0, rng, self.backend, self.dtype)
 
     # -- training ------------------------------------------------------------------------
-    def loss(self, ids, targets, ignore_index: int = -1):
+    def loss(self, ids, targets, ignore_index: int = layers.IGNORE_INDEX, segments=None):
         """Mean cross-entropy (a 0-d device array) of predicting targets (B, T) from ids (B, T)."""
-        logits, _ = self._forward(self.as_ids(ids))
-        loss, _ = layers.cross_entropy_forward(self._flat(logits), self._targets(targets), ignore_index)
+        logits, _ = self._forward(self.as_ids(ids), segments=segments)
+        loss, _ = self.backend.kernels.cross_entropy_forward(self._flat(logits), self._targets(targets), ignore_index)
         return loss
 
-    def loss_and_grads(self, ids, targets, ignore_index: int = -1, rng: np.random.Generator | None = None):
+    def loss_and_grads(self, ids, targets, ignore_index: int = layers.IGNORE_INDEX,
+                       rng: np.random.Generator | None = None, segments=None, grad_ready=None):  # fmt: skip
         """Forward, cross-entropy and the full backward pass.
 
         Returns the mean loss (0-d device array) and a dict of gradients with the same
         keys and shapes as `params`. Targets equal to `ignore_index` are left out of the
-        mean. Pass `rng` to train with the config's dropout.
+        mean. Pass `rng` to train with the config's dropout, `segments` (B, T) to train on
+        packed documents. `grad_ready(names, grads)` is called as soon as the listed
+        parameters' gradients are final: ln_f's after the LM head, then each block's 12
+        from the last block down, then wte's and wpe's (wte is tied to the head) at the end.
         """
-        logits, tape = self._forward(self.as_ids(ids), rng=rng, keep=True)
-        loss, ce = layers.cross_entropy_forward(self._flat(logits), self._targets(targets), ignore_index)
-        dlogits = layers.cross_entropy_backward(1.0, ce, self.backend)  # (N, V)
-        return loss, self._backward(dlogits, tape)
+        kernels = self.backend.kernels
+        logits, acts = self._forward(self.as_ids(ids), rng=rng, keep=True, segments=segments)
+        loss, ce = kernels.cross_entropy_forward(self._flat(logits), self._targets(targets), ignore_index)
+        dlogits = kernels.cross_entropy_backward(1.0, ce)  # (N, V)
+        return loss, self._backward(dlogits, acts, grad_ready or (lambda names, grads: None))
 
-    def _backward(self, dlogits, tape):
+    def _backward(self, dlogits, acts: Activations, grad_ready):
         """dlogits (N, V) -> gradients of every parameter, walking the forward in reverse."""
-        p, cfg, xp = self.params, self.config, self.backend.xp
-        emb_cache, emb_drop, block_caches, lnf_cache, xf = tape
+        p, cfg, xp, kernels = self.params, self.config, self.backend.xp, self.backend.kernels
         grads = {}
         # LM head tied to wte: logits = xf @ wte.T
-        dwte_head = dlogits.mT @ xf  # (V, C)
+        dwte_head = dlogits.mT @ acts.xf  # (V, C)
         dx = dlogits @ p["wte.weight"]  # (N, C)
-        dx, grads["ln_f.weight"], grads["ln_f.bias"] = layers.layer_norm_backward(dx, lnf_cache)
+        dx, grads["ln_f.weight"], grads["ln_f.bias"] = kernels.layer_norm_backward(dx, acts.ln_f)
+        grad_ready(["ln_f.weight", "ln_f.bias"], grads)
         for i in reversed(range(cfg.n_layer)):
-            dx = self._block_backward(i, dx, block_caches[i], grads)
-        ids = emb_cache
-        B, T = ids.shape
-        dx = layers.dropout_backward(xp.reshape(dx, (B, T, cfg.n_embd)), emb_drop)
-        grads["wte.weight"], grads["wpe.weight"] = layers.embedding_backward(
-            dx, ids, dwte_head, p["wpe.weight"].shape, self.backend
+            dx = self._block_backward(i, dx, acts.B, acts.blocks[i], grads)
+            grad_ready(list(block_param_shapes(i, cfg.n_embd)), grads)
+        dx = kernels.dropout_backward(xp.reshape(dx, (acts.B, acts.T, cfg.n_embd)), acts.embedding_drop)
+        grads["wte.weight"], grads["wpe.weight"] = kernels.embedding_backward(
+            dx, acts.embedding, dwte_head, p["wpe.weight"].shape, self.backend
         )
+        grad_ready(["wte.weight", "wpe.weight"], grads)
         return {name: grads[name] for name in p}  # in parameter order
 
-    def _block_backward(self, i, dx, block_cache, grads):
+    def _block_backward(self, i, dx, B, act: BlockActivations, grads):
         """dx (N, C) at the block's output -> dx at its input; fills grads for h.{i}.*"""
-        xp, cfg = self.backend.xp, self.config
-        ln1, c_attn, att, c_proj, attn_drop, ln2, c_fc, gelu, mlp_proj, mlp_drop = block_cache
+        xp, cfg, kernels = self.backend.xp, self.config, self.backend.kernels
         h = f"h.{i}."
         N, C = dx.shape
-        NH, hs = cfg.n_head, cfg.head_size
+        T, NH, hs = N // B, cfg.n_head, cfg.head_size
         # MLP branch: x_out = x_mid + mlp(ln_2(x_mid))
-        dm = layers.dropout_backward(dx, mlp_drop)
-        dm, grads[h + "mlp.c_proj.weight"], grads[h + "mlp.c_proj.bias"] = layers.linear_backward(dm, mlp_proj)
-        dm = layers.gelu_backward(dm, gelu)
-        dm, grads[h + "mlp.c_fc.weight"], grads[h + "mlp.c_fc.bias"] = layers.linear_backward(dm, c_fc)
-        dm, grads[h + "ln_2.weight"], grads[h + "ln_2.bias"] = layers.layer_norm_backward(dm, ln2)
+        dm = kernels.dropout_backward(dx, act.mlp_drop)
+        dm, grads[h + "mlp.c_proj.weight"], grads[h + "mlp.c_proj.bias"] = kernels.linear_backward(dm, act.mlp_c_proj)
+        dm = kernels.gelu_backward(dm, act.gelu)
+        dm, grads[h + "mlp.c_fc.weight"], grads[h + "mlp.c_fc.bias"] = kernels.linear_backward(dm, act.c_fc)
+        dm, grads[h + "ln_2.weight"], grads[h + "ln_2.bias"] = kernels.layer_norm_backward(dm, act.ln_2)
         dx = dx + dm
         # attention branch: x_mid = x_in + attn(ln_1(x_in))
-        dy = layers.dropout_backward(dx, attn_drop)
-        dy, grads[h + "attn.c_proj.weight"], grads[h + "attn.c_proj.bias"] = layers.linear_backward(dy, c_proj)
-        B = att[0].shape[0]  # att = (q, k, v, blocks), q (B, NH, T, hs)
-        T = N // B
+        dy = kernels.dropout_backward(dx, act.attn_drop)
+        dy, grads[h + "attn.c_proj.weight"], grads[h + "attn.c_proj.bias"] = kernels.linear_backward(dy, act.attn_c_proj)
         dy = xp.permute_dims(xp.reshape(dy, (B, T, NH, hs)), (0, 2, 1, 3))  # (B, NH, T, hs)
-        dq, dk, dv = layers.attention_backward(dy, att)
+        dq, dk, dv = kernels.attention_backward(dy, act.attn)
         dqkv = xp.reshape(xp.permute_dims(xp.stack([dq, dk, dv]), (1, 3, 0, 2, 4)), (N, 3 * C))  # (N, 3C)
-        da, grads[h + "attn.c_attn.weight"], grads[h + "attn.c_attn.bias"] = layers.linear_backward(dqkv, c_attn)
-        da, grads[h + "ln_1.weight"], grads[h + "ln_1.bias"] = layers.layer_norm_backward(da, ln1)
+        da, grads[h + "attn.c_attn.weight"], grads[h + "attn.c_attn.bias"] = kernels.linear_backward(dqkv, act.c_attn)
+        da, grads[h + "ln_1.weight"], grads[h + "ln_1.bias"] = kernels.layer_norm_backward(da, act.ln_1)
         return dx + da
 
     def _flat(self, logits):
@@ -293,6 +333,45 @@ class GPT:
         return xp.reshape(targets, (-1,))
 
 
+def segment_positions(segments):
+    """Position ids (B, T) restarting at 0 where each document of `segments` (B, T) starts:
+    a token's position is how many earlier tokens of its row share its document id."""
+    xp = array_namespace(segments)
+    T = segments.shape[1]
+    earlier = xp.arange(T, device=segments.device)[None, :] < xp.arange(T, device=segments.device)[:, None]  # (T, T)
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    return xp.sum(xp.astype(same & earlier, xp.int64), axis=-1)  # (B, T)
+
+
+@dataclass
+class BlockActivations:
+    """What block i's backward reads: each field is one kernel's cache (N = B*T rows)."""
+
+    ln_1: object  # LayerNorm of the block input x_in (N, C): xhat (N, C), rstd (N, 1)
+    c_attn: object  # linear on ln_1's output (N, C) -> qkv (N, 3C)
+    attn: object  # attention: q (B, NH, T, hs), k, v (B, NH, S, hs), probabilities (B, NH, T, S)
+    attn_c_proj: object  # linear on the heads side by side (N, C) -> (N, C)
+    attn_drop: object  # dropout mask of the attention branch (N, C), or None
+    ln_2: object  # LayerNorm of x_mid = x_in + attention branch (N, C)
+    c_fc: object  # linear on ln_2's output (N, C) -> (N, 4C)
+    gelu: object  # GELU's input (N, 4C)
+    mlp_c_proj: object  # linear on GELU's output (N, 4C) -> (N, C)
+    mlp_drop: object  # dropout mask of the MLP branch (N, C), or None
+
+
+@dataclass
+class Activations:
+    """What the model's backward reads, as llm.c's ActivationTensors."""
+
+    B: int  # batch
+    T: int  # positions per row (1 with last_only)
+    embedding: object  # embedding cache: ids (B, T), positions (B, T)
+    embedding_drop: object  # dropout mask of the embeddings (B, T, C), or None
+    blocks: list[BlockActivations]  # one per layer, in order
+    ln_f: object  # final LayerNorm of the last block's output (N, C)
+    xf: object  # ln_f's output (N, C), the tied LM head's input
+
+
 class Dropout:
     """GPT-2's dropout sites (embeddings, attention probabilities, residual branches),
     drawing masks from a seeded host generator; p == 0 makes every call the identity."""
@@ -300,8 +379,10 @@ class Dropout:
     def __init__(self, p, rng, backend, dtype):
         self.p, self.rng, self.backend, self.dtype = p, rng, backend, dtype
 
-    def __call__(self, x):
-        return layers.dropout_forward(x, self.p, self._uniform(x.shape))
+    def __call__(self, x, t0=0):
+        """x -> (dropped, mask); `t0` (where attention's probability rows start) is unused:
+        every call draws fresh."""
+        return self.backend.kernels.dropout_forward(x, self.p, self._uniform(x.shape))
 
     def _uniform(self, shape):
         return None if self.p == 0.0 else self.backend.uniform(self.rng, shape, self.dtype)

@@ -13,7 +13,8 @@ It imitates CuPy 14 where npgpt could go wrong on a real GPU:
   another device is current raises CuPy's ValueError (no peer access here).
 - `cupyx.scatter_add` sums repeated indices (it is `numpy.add.at`, as CuPy documents);
   `cupy.unique` counts a synchronisation, as CuPy's waits for its data-dependent size;
-  `take` and `take_along_axis` wrap an index outside the axis around, as CuPy's do.
+  `take`, `take_along_axis` and integer-array indexing wrap an index outside the axis
+  around, as CuPy's do.
 - `cupy.cuda`: `Device` (context manager, `.use()`, `.synchronize()`), `runtime.
   getDeviceCount()` (raising CUDARuntimeError when `STATE.device_count == 0`),
   `get_current_stream().synchronize()` (counted), and a memory pool whose
@@ -174,10 +175,10 @@ class ndarray:  # noqa: N801 - CuPy's spelling
 
     # -- indexing
     def __getitem__(self, key):
-        return _wrap(_host(self)[_unwrap(key)])
+        return _wrap(_host(self)[_wrapped_indices(_unwrap(key), self.shape)])
 
     def __setitem__(self, key, value):
-        _host(self)[_unwrap(key)] = _unwrap(value)
+        _host(self)[_wrapped_indices(_unwrap(key), self.shape)] = _unwrap(value)
 
     # -- methods CuPy arrays have
     def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
@@ -233,6 +234,16 @@ def _host(x: ndarray) -> np.ndarray:
             "Peer access is unavailable between these devices."
         )
     return x._a
+
+
+def _wrapped_indices(key, shape):
+    """Integer-array indices taken modulo their axis, as CuPy's indexing wraps them."""
+    keys = key if isinstance(key, tuple) else (key,)
+    if any(k is None or k is Ellipsis for k in keys):
+        return key
+    wrapped = tuple(k % n if isinstance(k, np.ndarray) and k.dtype.kind in "iu" else k for k, n in zip(keys, shape))
+    wrapped += keys[len(wrapped) :]
+    return wrapped if isinstance(key, tuple) else wrapped[0]
 
 
 def _wrap(result):

@@ -19,7 +19,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from npgpt.backend import NumpyBackend
 from npgpt.config import GPTConfig
+from npgpt.kernels import REFERENCE
+from npgpt.layers import IGNORE_INDEX
 from npgpt.model import GPT, param_shapes
 
 REL_TOL = 1e-6
@@ -65,14 +68,14 @@ def symmetric_zero_slices(name: str, cfg: GPTConfig, T: int) -> list[slice]:
     return []
 
 
-def grad_errors(model: GPT, ids, targets, ignore_index=-1, dropout_seed=None) -> dict[str, str]:
+def grad_errors(model: GPT, ids, targets, ignore_index=IGNORE_INDEX, dropout_seed=None, segments=None) -> dict[str, str]:
     """Check every parameter; return {name: what is wrong} for those that fail."""
     rng = lambda: None if dropout_seed is None else np.random.default_rng(dropout_seed)  # noqa: E731
     if dropout_seed is None:
-        loss_fn = lambda: float(model.loss(ids, targets, ignore_index))  # noqa: E731
+        loss_fn = lambda: float(model.loss(ids, targets, ignore_index, segments=segments))  # noqa: E731
     else:  # the same mask seed for every evaluation: a deterministic function of the params
-        loss_fn = lambda: float(model.loss_and_grads(ids, targets, ignore_index, rng=rng())[0])  # noqa: E731
-    _, grads = model.loss_and_grads(ids, targets, ignore_index, rng=rng())
+        loss_fn = lambda: float(model.loss_and_grads(ids, targets, ignore_index, rng=rng(), segments=segments)[0])  # noqa: E731
+    _, grads = model.loss_and_grads(ids, targets, ignore_index, rng=rng(), segments=segments)
     failures = {}
     T = np.asarray(ids).shape[1]
     for name, param in model.params.items():
@@ -125,16 +128,16 @@ def test_ignore_index_rows_carry_no_gradient():
     cfg = GPTConfig(vocab_size=5, n_ctx=4, n_embd=4, n_head=2, n_layer=1)
     model = random_model(cfg, 3)
     ids = np.array([[1, 2, 3, 1], [4, 0, 0, 2]])
-    targets = np.array([[2, -100, 1, -100], [0, 3, -100, 4]])
-    assert grad_errors(model, ids, targets, ignore_index=-100) == {}
+    targets = np.array([[2, IGNORE_INDEX, 1, IGNORE_INDEX], [0, 3, IGNORE_INDEX, 4]])
+    assert grad_errors(model, ids, targets, ignore_index=IGNORE_INDEX) == {}
     # the loss is the mean over the kept rows only
     logits = np.asarray(model.forward(ids)).reshape(-1, 5)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
-    kept = targets.reshape(-1) != -100
+    kept = targets.reshape(-1) != IGNORE_INDEX
     expected = -logp[kept, targets.reshape(-1)[kept]].mean()
-    np.testing.assert_allclose(float(model.loss(ids, targets, ignore_index=-100)), expected, rtol=1e-12)
+    np.testing.assert_allclose(float(model.loss(ids, targets, ignore_index=IGNORE_INDEX)), expected, rtol=1e-12)
     # all ignored: zero loss and zero gradients, no division by zero
-    loss, grads = model.loss_and_grads(ids, np.full_like(targets, -100), ignore_index=-100)
+    loss, grads = model.loss_and_grads(ids, np.full_like(targets, IGNORE_INDEX), ignore_index=IGNORE_INDEX)
     assert float(loss) == 0.0 and all(not np.any(g) for g in grads.values())
 
 
@@ -152,10 +155,13 @@ def test_dropout_masks_are_reused_exactly_in_backward():
     assert float(model.loss_and_grads(ids, targets)[0]) == float(model.loss(ids, targets))
 
 
-def test_wrong_embedding_backward_fails_the_check(monkeypatch):
-    """Negative control: `dW[ids] += dY` (NumPy keeps one write per repeated id)."""
+@pytest.mark.parametrize("kernels", ["fast", "reference"])
+def test_wrong_embedding_backward_fails_the_check(monkeypatch, kernels):
+    """Negative control: `dW[ids] += dY` (NumPy keeps one write per repeated id or position)."""
     cfg = GPTConfig(vocab_size=4, n_ctx=4, n_embd=4, n_head=2, n_layer=1)
     model = random_model(cfg, 7)
+    if kernels == "reference":
+        model = GPT.from_numpy(cfg, model.to_numpy(), NumpyBackend(REFERENCE))
     ids = np.array([[1, 1, 2, 1], [3, 1, 0, 2]])  # id 1 repeats
     targets = np.array([[1, 2, 1, 3], [1, 0, 2, 2]])
     assert grad_errors(model, ids, targets) == {}  # the real backward passes
@@ -166,4 +172,35 @@ def test_wrong_embedding_backward_fails_the_check(monkeypatch):
 
     monkeypatch.setattr(model.backend, "index_add", assigning_index_add)
     failures = grad_errors(model, ids, targets)
-    assert set(failures) == {"wte.weight"}, failures
+    # wpe's scatter-add too in the reference (each position repeats once per row); NumPy's
+    # fast set sums wpe's gradient over the batch instead
+    reference = model.backend.kernels is REFERENCE  # (NPGPT_KERNELS=reference makes "fast" the reference too)
+    assert set(failures) == ({"wte.weight", "wpe.weight"} if reference else {"wte.weight"}), failures
+
+
+@settings(max_examples=5, deadline=None)
+@given(first=st.integers(2, 4), rest=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_packed_documents_gradients_match_finite_differences(first, rest, seed):
+    """With segments (two documents per row) the backward is still the loss's gradient."""
+    T = first + rest
+    cfg = GPTConfig(vocab_size=5, n_ctx=T, n_embd=4, n_head=2, n_layer=1)
+    model = random_model(cfg, seed)
+    rng = np.random.default_rng(seed + 1)
+    ids, targets = rng.integers(0, 5, (2, T)), rng.integers(0, 5, (2, T))
+    segments = np.array([[0] * first + [1] * rest, [3] * rest + [4] * first])
+    assert grad_errors(model, ids, targets, segments=segments) == {}
+
+
+def test_grad_ready_reports_each_parameter_once_in_order_with_its_final_value():
+    cfg = GPTConfig(vocab_size=7, n_ctx=6, n_embd=4, n_head=2, n_layer=3)
+    model = random_model(cfg, 3)
+    ids = np.array([[1, 2, 3, 1, 5], [0, 6, 6, 2, 1]])
+    calls = []
+    _, grads = model.loss_and_grads(ids, ids, grad_ready=lambda names, g: calls.append({n: g[n].copy() for n in names}))
+    block = lambda i: [n for n in param_shapes(cfg) if n.startswith(f"h.{i}.")]  # noqa: E731
+    expected = [["ln_f.weight", "ln_f.bias"], *(block(i) for i in (2, 1, 0)), ["wte.weight", "wpe.weight"]]
+    assert [list(call) for call in calls] == expected
+    assert sorted(n for call in calls for n in call) == sorted(grads)
+    for call in calls:
+        for name, value in call.items():
+            np.testing.assert_array_equal(value, grads[name], err_msg=name)

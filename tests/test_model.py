@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import npgpt.layers as layers
+import npgpt.kernels.numpy_fast as fast
 from npgpt.backend import get_backend
 from npgpt.config import GPTConfig
 from npgpt.model import GPT, init_params, param_shapes
@@ -86,10 +86,10 @@ def test_query_blocks_do_not_change_attention(model64, monkeypatch, block):
     """Splitting the queries into blocks (to skip masked keys) is exact reorganisation."""
     ids = np.arange(2 * 17).reshape(2, 17) % TINY.vocab_size
     expected = model64.forward(ids)
-    monkeypatch.setattr(layers, "QUERY_BLOCK", block)
+    monkeypatch.setattr(fast, "QUERY_BLOCK", block)
     np.testing.assert_allclose(model64.forward(ids), expected, rtol=0, atol=1e-12)
     loss, grads = model64.loss_and_grads(ids, ids)
-    monkeypatch.setattr(layers, "QUERY_BLOCK", 128)
+    monkeypatch.setattr(fast, "QUERY_BLOCK", 128)
     loss_ref, grads_ref = model64.loss_and_grads(ids, ids)
     assert abs(float(loss) - float(loss_ref)) < 1e-12
     for name in grads:
@@ -111,8 +111,8 @@ def test_array_api_strict_matches_numpy(device, monkeypatch):
     """The engine uses only portable array operations: array-api-strict (which refuses
     hidden host conversion, float64 on no_float64, and slices past an array's end) gives
     NumPy's results. Small blocks make the query and row loops end on partial blocks."""
-    monkeypatch.setattr(layers, "QUERY_BLOCK", 4)
-    monkeypatch.setattr(layers, "ROW_BLOCK", 5)
+    monkeypatch.setattr(fast, "QUERY_BLOCK", 4)
+    monkeypatch.setattr(fast, "ROW_BLOCK", 5)
     ids = np.arange(2 * 13).reshape(2, 13) % TINY.vocab_size
     reference = tiny_model("numpy")
     strict = tiny_model(f"array-api-strict:{device}")

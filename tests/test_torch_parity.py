@@ -24,12 +24,12 @@ transformers = pytest.importorskip("transformers")
 
 from npgpt.backend import get_backend  # noqa: E402
 from npgpt.config import GPTConfig  # noqa: E402
+from npgpt.layers import IGNORE_INDEX  # noqa: E402
 from npgpt.model import GPT, init_params  # noqa: E402
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr, default_decay  # noqa: E402
 
 CFG = GPTConfig(vocab_size=37, n_ctx=16, n_embd=16, n_head=4, n_layer=2)
 B, T = 3, 12
-IGNORE = -1
 STEPS, MAX_LR, MIN_LR, WARMUP, MAX_NORM, WD = 10, 1e-3, 1e-4, 3, 0.5, 0.1
 
 
@@ -48,7 +48,7 @@ def batches(n: int):
     for _ in range(n):
         ids = rng.integers(0, CFG.vocab_size, size=(B, T))
         targets = rng.integers(0, CFG.vocab_size, size=(B, T))
-        targets[0, :3] = IGNORE  # some ignored positions
+        targets[0, :3] = IGNORE_INDEX  # some ignored positions
         yield ids, targets
 
 
@@ -73,7 +73,7 @@ def torch_params(hf) -> dict:
 
 def torch_loss(hf, ids, targets):
     logits = hf(torch.from_numpy(ids)).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, CFG.vocab_size), torch.from_numpy(targets).reshape(-1), ignore_index=IGNORE)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, CFG.vocab_size), torch.from_numpy(targets).reshape(-1), ignore_index=IGNORE_INDEX)
     return logits, loss
 
 
@@ -86,7 +86,7 @@ def test_logits_loss_and_every_gradient_match_pytorch():
     logits, loss = torch_loss(hf, ids, targets)
     loss.backward()
     np.testing.assert_allclose(np.asarray(ours.forward(ids)), logits.detach().numpy(), rtol=0, atol=2e-5)
-    our_loss, grads = ours.loss_and_grads(ids, targets, ignore_index=IGNORE)
+    our_loss, grads = ours.loss_and_grads(ids, targets, ignore_index=IGNORE_INDEX)
     np.testing.assert_allclose(float(our_loss), loss.item(), rtol=1e-6)
     reference = torch_params(hf)
     assert set(grads) == set(reference)
@@ -119,7 +119,7 @@ def test_ten_adamw_steps_with_clipping_and_schedule_match_pytorch():
         topt.step()
         sched.step()
 
-        _, grads = ours.loss_and_grads(ids, targets, ignore_index=IGNORE)
+        _, grads = ours.loss_and_grads(ids, targets, ignore_index=IGNORE_INDEX)
         norm = clip_grad_norm(grads, MAX_NORM, ours.backend)
         opt.step(grads, cosine_lr(step, MAX_LR, MIN_LR, WARMUP, STEPS))
         np.testing.assert_allclose(float(norm), tnorm.item(), rtol=1e-5)
@@ -137,7 +137,7 @@ def train_steps(backend, steps=3):
     model = GPT.from_numpy(CFG, host_params(), backend)
     opt = AdamW(model.params, model.backend)
     for step, (ids, targets) in enumerate(batches(steps)):
-        _, grads = model.loss_and_grads(ids, targets, ignore_index=IGNORE)
+        _, grads = model.loss_and_grads(ids, targets, ignore_index=IGNORE_INDEX)
         clip_grad_norm(grads, MAX_NORM, model.backend)
         opt.step(grads, cosine_lr(step, MAX_LR, MIN_LR, 1, steps))
     return model.to_numpy()

@@ -52,12 +52,13 @@ fi
 
 if [ "$QUICK" = 1 ]; then  # TOTAL and each step's limit, in seconds: info parity tests index-add bench
     TOTAL=175 LIMITS=(15 35 45 15 35)
-    TEST_ARGS="${TEST_ARGS:-tests/test_cupy_gpu.py tests/test_model.py tests/test_generate.py}"
+    TEST_ARGS="${TEST_ARGS:-tests/test_cupy_gpu.py tests/test_cupy_kernels.py tests/test_model.py tests/test_generate.py}"
     BENCH_ARGS="${BENCH_ARGS:---new-tokens 32 --batch 4 --seq 256 --repeats 2}"
 else
     TOTAL=470 LIMITS=(30 90 170 30 120)
-    TEST_ARGS="${TEST_ARGS:-tests/test_cupy_gpu.py tests/test_cupy_backend.py tests/test_backend.py tests/test_model.py
-        tests/test_gradients.py tests/test_generate.py tests/test_train.py tests/test_torch_parity.py}"
+    TEST_ARGS="${TEST_ARGS:-tests/test_cupy_gpu.py tests/test_cupy_kernels.py tests/test_cupy_backend.py tests/test_backend.py
+        tests/test_model.py tests/test_gradients.py tests/test_segments.py tests/test_generate.py tests/test_train.py
+        tests/test_torch_parity.py}"
     BENCH_ARGS="${BENCH_ARGS:---repeats 3}"
 fi
 INDEX_ADD_ARGS="${INDEX_ADD_ARGS:-}"

@@ -19,6 +19,8 @@ install), `get_backend("cupy")` (or "cupy:1" for the second GPU) returns a `Cupy
 - `uniform` (dropout's draws) runs on the GPU: cuRAND's Philox seeded by one draw from
   the host generator, so nothing is uploaded and a run still follows from its seed (and
   resumes bit for bit); the masks are not NumPy's.
+- `kernels` is the fused set of `npgpt_cupy.kernels` (GELU, LayerNorm, attention's
+  softmax, cross-entropy, dropout as CuPy kernels; the rest is the reference's).
 
 Either CuPy wheel works, `cupy-cuda12x` (extra `npgpt[cupy]`) or `cupy-cuda13x`
 (`npgpt[cupy13]`): both install the module `cupy`. Selecting the backend fails with a
@@ -36,6 +38,7 @@ import sys
 
 from npgpt.backend import Backend, BackendError, register_array_namespace
 
+from npgpt_cupy.kernels import KERNELS
 from npgpt_cupy.namespace import CupyNamespace
 
 __all__ = ["CupyBackend", "available", "make_backend"]
@@ -60,7 +63,7 @@ class CupyBackend(Backend):
     """Arrays in one GPU's memory through CuPy; the device is made current for the thread."""
 
     def __init__(self, cupy, cupyx, device):
-        super().__init__(f"cupy:{device.id}", array_api_namespace(cupy), device)
+        super().__init__(f"cupy:{device.id}", array_api_namespace(cupy), device, kernels=KERNELS)
         self._cupy, self._cupyx = cupy, cupyx
         self._float16_checked = False
 
@@ -88,7 +91,7 @@ class CupyBackend(Backend):
         """target[ids[n], :] += values[n, :] in place, repeated ids summed, with the same
         bits on every run (atomic adds, as in `cupyx.scatter_add`, sum in a varying order).
 
-        Distinct ids (the cross-entropy's flat ids) are added by plain indexing. Otherwise
+        Distinct ids are added by plain indexing. Otherwise
         each distinct id's rows are summed by a matmul with a one-hot (U distinct ids,
         rows) matrix, SEGMENT_ROWS rows at a time, and added to its row once: 2 U N C
         flops for N rows of C. `cupy.unique` costs one synchronisation (its size is data).

@@ -1,0 +1,86 @@
+"""The kernel interface: the set of layer functions the model calls, supplied by a backend.
+
+`REFERENCE` is `npgpt.layers`, the plain formulas. A backend may supply a faster set
+(`Backend(..., kernels=...)`, read back as `backend.kernels`); `npgpt.kernels.numpy_fast`
+is NumPy's. A set is built from the reference by replacing whole operations:
+
+    kernels = REFERENCE.replace("cupy-fused", gelu_forward=my_gelu, gelu_backward=my_gelu_grad)
+
+Each operation is a forward/backward pair sharing a private `cache` format, so a forward
+and its backward are replaced together (or an op's reference backward is named
+explicitly, when the replacement keeps the reference's cache). Signatures, as in
+`npgpt.layers` (N rows, C channels, B batch, NH heads, T queries, S keys, V vocab):
+
+    linear_forward(x (N, Cin), w (Cin, Cout), b (Cout,)) -> out (N, Cout), cache
+    linear_backward(dout, cache) -> dx, dw, db
+    layer_norm_forward(x (N, C), w (C,), b (C,), eps) -> out (N, C), cache
+    layer_norm_backward(dout, cache) -> dx, dw, db
+    gelu_forward(x (N, 4C)) -> out, cache;   gelu_backward(dout, cache) -> dx
+    dropout_forward(x, p, uniform) -> out, mask;   dropout_backward(dout, mask) -> dx
+    attention_forward(q (B, NH, T, hs), k, v (B, NH, S, hs), dropout=None, segments=None)
+        -> y (B, NH, T, hs), cache   (dropout(probs, t0) -> dropped, mask: probs are rows
+        t0.. of the (B, NH, T, S) probability matrix; segments (B, T) document ids, S == T)
+    attention_backward(dy, cache) -> dq, dk, dv
+    embedding_forward(wte (V, C), wpe (n_ctx, C), ids (B, T), pos (B, T)) -> x (B, T, C), cache
+    embedding_backward(dx (B, T, C), cache, dwte (V, C), wpe_shape, backend) -> dwte, dwpe
+    cross_entropy_forward(logits (N, V), targets (N,), ignore_index) -> loss (0-d), cache
+        (may overwrite `logits`)
+    cross_entropy_backward(dloss, cache) -> dlogits (N, V)
+
+NPGPT_KERNELS=reference in the environment makes every backend use `REFERENCE`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+from npgpt import layers
+
+OPS = ("linear", "layer_norm", "gelu", "dropout", "attention", "embedding", "cross_entropy")
+NAMES = tuple(f"{op}_{way}" for op in OPS for way in ("forward", "backward"))
+ENV = "NPGPT_KERNELS"
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """One function per name in `NAMES` (signatures in this module's docstring)."""
+
+    name: str
+    linear_forward: Callable
+    linear_backward: Callable
+    layer_norm_forward: Callable
+    layer_norm_backward: Callable
+    gelu_forward: Callable
+    gelu_backward: Callable
+    dropout_forward: Callable
+    dropout_backward: Callable
+    attention_forward: Callable
+    attention_backward: Callable
+    embedding_forward: Callable
+    embedding_backward: Callable
+    cross_entropy_forward: Callable
+    cross_entropy_backward: Callable
+
+    def replace(self, name: str, **kernels: Callable) -> Kernels:
+        """A set named `name` with whole operations (forward and backward) replaced."""
+        unknown = sorted(set(kernels) - set(NAMES))
+        if unknown:
+            raise ValueError(f"unknown kernels {unknown}; the interface has {list(NAMES)}")
+        halves = [op for op in OPS if (f"{op}_forward" in kernels) != (f"{op}_backward" in kernels)]
+        if halves:
+            raise ValueError(f"replace both halves of {halves}: a forward's cache is read by its own backward")
+        return dataclasses.replace(self, name=name, **kernels)
+
+
+REFERENCE = Kernels("reference", **{name: getattr(layers, name) for name in NAMES})
+
+
+def select_kernels(supplied: Kernels | None) -> Kernels:
+    """The set a backend runs: `supplied` (None: the reference), unless $NPGPT_KERNELS says
+    "reference" ("" or "backend" keep the backend's own)."""
+    choice = os.environ.get(ENV, "")
+    if choice not in ("", "backend", "reference"):
+        raise ValueError(f"{ENV} must be 'reference' or 'backend', got {choice!r}")
+    return REFERENCE if supplied is None or choice == "reference" else supplied

@@ -1,0 +1,210 @@
+"""The kernel interface: every fast NumPy kernel, forward and backward, equals the plain
+reference in `npgpt.layers` (float64, Hypothesis), and the whole model gives the same
+logits and gradients with either set; how a backend's set is chosen."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import npgpt.kernels.numpy_fast as fast
+from npgpt import layers
+from npgpt.backend import NumpyBackend, get_backend
+from npgpt.config import GPTConfig
+from npgpt.kernels import NAMES, REFERENCE, select_kernels
+from npgpt.model import GPT, segment_positions
+
+from test_gradients import random_model
+
+TOL = dict(rtol=1e-12, atol=1e-12)
+
+
+@contextlib.contextmanager
+def blocks(query_block=None, row_block=None):
+    """Smaller blocks for the fast kernels, so small shapes cross block edges."""
+    saved = fast.QUERY_BLOCK, fast.ROW_BLOCK
+    fast.QUERY_BLOCK, fast.ROW_BLOCK = query_block or saved[0], row_block or saved[1]
+    try:
+        yield
+    finally:
+        fast.QUERY_BLOCK, fast.ROW_BLOCK = saved
+
+
+def assert_same(a, b):
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x, y, **TOL)
+
+
+def segments_of(rng, B, T):
+    """Document ids (B, T): each row cut into 1-3 contiguous runs."""
+    rows = []
+    for b in range(B):
+        cuts = sorted(rng.choice(np.arange(1, T), size=min(rng.integers(0, 3), T - 1), replace=False)) if T > 1 else []
+        rows.append(np.repeat(np.arange(len(cuts) + 1) + 10 * b, np.diff([0, *cuts, T])))
+    return np.array(rows)
+
+
+@settings(max_examples=25, deadline=None)
+@given(N=st.integers(1, 37), C=st.integers(1, 9), row_block=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, seed):
+    """Odd sizes, row blocks that do and do not divide N."""
+    rng = np.random.default_rng(seed)
+    x, dout = rng.standard_normal((N, C)), rng.standard_normal((N, C))
+    w, b = rng.standard_normal((C, C + 2)), rng.standard_normal(C + 2)
+    with blocks(row_block=row_block):
+        out, cache = fast.linear_forward(x, w, b)
+        ref, ref_cache = layers.linear_forward(x, w, b)
+        np.testing.assert_allclose(out, ref, **TOL)
+        dl = rng.standard_normal(out.shape)
+        assert_same(fast.KERNELS.linear_backward(dl, cache), layers.linear_backward(dl, ref_cache))
+
+        g, gb = 1.0 + 0.3 * rng.standard_normal(C), rng.standard_normal(C)
+        out, cache = fast.layer_norm_forward(x, g, gb, 1e-5)
+        ref, ref_cache = layers.layer_norm_forward(x, g, gb, 1e-5)
+        np.testing.assert_allclose(out, ref, **TOL)
+        assert_same(fast.layer_norm_backward(dout, cache), layers.layer_norm_backward(dout, ref_cache))
+
+        x3 = 3 * x  # GELU's curved part
+        out, cache = fast.gelu_forward(x3)
+        ref, ref_cache = layers.gelu_forward(x3)
+        np.testing.assert_allclose(out, ref, **TOL)
+        np.testing.assert_allclose(fast.gelu_backward(dout, cache), layers.gelu_backward(dout, ref_cache), **TOL)
+
+
+attention_shapes = st.fixed_dictionaries(
+    dict(
+        B=st.sampled_from([1, 3]),
+        NH=st.integers(1, 3),
+        hs=st.integers(1, 5),
+        T=st.integers(1, 13),
+        past=st.integers(0, 4),  # keys held by a KV cache before the queries
+        query_block=st.integers(1, 6),
+        segments=st.booleans(),
+        dropout=st.booleans(),
+        seed=st.integers(0, 2**16),
+    )
+)
+
+
+def check_attention(B, NH, T, S, hs, rng, segments=None, dropout=False):
+    q = rng.standard_normal((B, NH, T, hs))
+    k, v = rng.standard_normal((B, NH, S, hs)), rng.standard_normal((B, NH, S, hs))
+    dy = rng.standard_normal((B, NH, T, hs))
+    drop = None
+    if dropout:  # one mask over the whole (B, NH, T, S) matrix; blocks read their part
+        full = (rng.random((B, NH, T, S)) >= 0.3) / 0.7
+
+        def drop(probs, t0):
+            mask = full[:, :, t0 : t0 + probs.shape[2], : probs.shape[3]]
+            return probs * mask, mask
+
+    y, cache = fast.attention_forward(q, k, v, drop, segments)
+    ref, ref_cache = layers.attention_forward(q, k, v, drop, segments)
+    np.testing.assert_allclose(y, ref, **TOL)
+    assert_same(fast.attention_backward(dy, cache), layers.attention_backward(dy, ref_cache))
+
+
+@settings(max_examples=40, deadline=None)
+@given(attention_shapes)
+def test_attention_equals_the_reference(s):
+    """Across query-block edges, with a KV cache's earlier keys, segments and dropout."""
+    rng = np.random.default_rng(s["seed"])
+    B, T = s["B"], s["T"]
+    past = 0 if s["segments"] else s["past"]  # segments come without a cache
+    segments = segments_of(rng, B, T) if s["segments"] else None
+    with blocks(query_block=s["query_block"]):
+        check_attention(B, s["NH"], T, T + past, s["hs"], rng, segments, s["dropout"])
+
+
+@pytest.mark.parametrize("T", [127, 128, 129, 200])
+def test_attention_across_the_default_query_block(T):
+    rng = np.random.default_rng(T)
+    check_attention(3, 2, T, T, 2, rng, segments_of(rng, 3, T), dropout=True)
+    check_attention(1, 1, T, T + 3, 3, rng)
+
+
+@settings(max_examples=25, deadline=None)
+@given(N=st.integers(1, 20), V=st.integers(1, 11), seed=st.integers(0, 2**16))
+def test_cross_entropy_equals_the_reference(N, V, seed):
+    rng = np.random.default_rng(seed)
+    logits = 3 * rng.standard_normal((N, V))
+    targets = rng.integers(0, V, N)
+    targets[rng.random(N) < 0.3] = layers.IGNORE_INDEX
+    ref, ref_cache = layers.cross_entropy_forward(logits.copy(), targets)
+    loss, cache = fast.cross_entropy_forward(logits.copy(), targets)  # overwrites its logits
+    np.testing.assert_allclose(loss, ref, **TOL)
+    assert np.ndim(loss) == 0
+    np.testing.assert_allclose(fast.cross_entropy_backward(0.7, cache), layers.cross_entropy_backward(0.7, ref_cache), **TOL)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.sampled_from([1, 3]), T=st.integers(1, 9), start=st.integers(0, 3), packed=st.booleans(), seed=st.integers(0, 2**16))
+def test_embedding_equals_the_reference(B, T, start, packed, seed):
+    rng = np.random.default_rng(seed)
+    wte, wpe = rng.standard_normal((5, 3)), rng.standard_normal((12, 3))
+    ids = rng.integers(0, 5, (B, T))
+    pos = segment_positions(segments_of(rng, B, T)) if packed else np.broadcast_to(np.arange(start, start + T), (B, T))
+    x, cache = fast.KERNELS.embedding_forward(wte, wpe, ids, pos)
+    np.testing.assert_allclose(x, layers.embedding_forward(wte, wpe, ids, pos)[0], **TOL)
+    dx, backend = rng.standard_normal((B, T, 3)), get_backend("numpy")
+    ours = fast.embedding_backward(dx, cache, np.ones_like(wte), wpe.shape, backend)
+    assert_same(ours, layers.embedding_backward(dx, cache, np.ones_like(wte), wpe.shape, backend))
+
+
+# -- the whole model, both ways --------------------------------------------------------------
+model_cases = st.fixed_dictionaries(
+    dict(
+        B=st.sampled_from([1, 3]),
+        T=st.integers(1, 11),
+        segments=st.booleans(),
+        dropout=st.booleans(),
+        query_block=st.integers(1, 12),
+        seed=st.integers(0, 2**16),
+    )
+)
+
+
+@settings(max_examples=15, deadline=None)
+@given(model_cases)
+def test_the_model_gives_the_same_logits_and_gradients_with_either_set(s):
+    cfg = GPTConfig(vocab_size=13, n_ctx=12, n_embd=6, n_head=2, n_layer=2, dropout=0.2 if s["dropout"] else 0.0)
+    fast_model = random_model(cfg, s["seed"])
+    ref_model = GPT.from_numpy(cfg, fast_model.to_numpy(), NumpyBackend(REFERENCE))
+    assert fast_model.backend.kernels is fast.KERNELS and ref_model.backend.kernels is REFERENCE
+    rng = np.random.default_rng(s["seed"])
+    ids, targets = rng.integers(0, 13, (s["B"], s["T"])), rng.integers(0, 13, (s["B"], s["T"]))
+    segments = segments_of(rng, s["B"], s["T"]) if s["segments"] else None
+    # dropout draws one mask per query block: the same stream only with one block
+    query_block = 128 if s["dropout"] else s["query_block"]
+    with blocks(query_block=query_block, row_block=5):
+        np.testing.assert_allclose(fast_model.forward(ids, segments=segments), ref_model.forward(ids, segments=segments), **TOL)
+        drop = (lambda: np.random.default_rng(1)) if s["dropout"] else (lambda: None)
+        loss, grads = fast_model.loss_and_grads(ids, targets, rng=drop(), segments=segments)
+    ref_loss, ref_grads = ref_model.loss_and_grads(ids, targets, rng=drop(), segments=segments)
+    np.testing.assert_allclose(loss, ref_loss, **TOL)
+    for name in grads:
+        np.testing.assert_allclose(grads[name], ref_grads[name], **TOL, err_msg=name)
+
+
+# -- choosing a set -----------------------------------------------------------------------------
+def test_backends_supply_their_set_and_the_environment_forces_the_reference(monkeypatch):
+    assert get_backend("numpy").kernels is fast.KERNELS
+    assert get_backend("array-api-strict").kernels is REFERENCE  # no set of its own
+    monkeypatch.setenv("NPGPT_KERNELS", "reference")
+    assert get_backend("numpy").kernels is REFERENCE
+    monkeypatch.setenv("NPGPT_KERNELS", "fastest")
+    with pytest.raises(ValueError, match="NPGPT_KERNELS must be"):
+        select_kernels(fast.KERNELS)
+
+
+def test_a_set_replaces_whole_operations():
+    assert {name for name in NAMES if getattr(fast.KERNELS, name) is not getattr(REFERENCE, name)} >= {
+        "gelu_forward", "gelu_backward", "attention_forward", "attention_backward"}  # fmt: skip
+    with pytest.raises(ValueError, match="both halves of \\['gelu'\\]"):
+        REFERENCE.replace("half", gelu_forward=fast.gelu_forward)
+    with pytest.raises(ValueError, match="unknown kernels"):
+        REFERENCE.replace("typo", gelu_fwd=fast.gelu_forward)
