@@ -51,7 +51,7 @@ if [ -z "$PY" ] || ! "$PY" -c "import cupy" 2> /dev/null; then
 fi
 
 if [ "$QUICK" = 1 ]; then  # TOTAL and each step's limit, in seconds: info parity tests index-add bench
-    TOTAL=175 LIMITS=(15 35 45 15 35)
+    TOTAL=175 LIMITS=(15 35 60 10 30)
     TEST_ARGS="${TEST_ARGS:-tests/test_cupy_gpu.py tests/test_cupy_kernels.py tests/test_model.py tests/test_generate.py}"
     BENCH_ARGS="${BENCH_ARGS:---new-tokens 32 --batch 4 --seq 256 --repeats 2}"
 else
