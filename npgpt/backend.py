@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from npgpt.errors import UserError
 from npgpt.kernels import Kernels, select_kernels
 from npgpt.kernels.numpy_fast import KERNELS as NUMPY_KERNELS
 from npgpt.namespaces import array_namespace, register_array_namespace  # noqa: F401 (re-exported for plugins)
@@ -43,7 +44,7 @@ INSTALL_HINTS = {
 }
 
 
-class BackendError(RuntimeError):
+class BackendError(UserError, RuntimeError):
     """A backend that is unknown, not installed, or cannot run on this machine."""
 
 

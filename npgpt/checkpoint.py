@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from npgpt.config import GPTConfig
+from npgpt.errors import UserError
 
 CONFIG_KEY = "npgpt.config"
 DTYPES = {  # safetensors name -> NumPy dtype (little-endian)
@@ -30,7 +31,7 @@ BF16 = "BF16"  # read only: NumPy has no bfloat16, so it is widened to float32 (
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A file that is not a valid safetensors checkpoint (what is wrong is in the message)."""
 
 
@@ -133,17 +134,27 @@ def bfloat16_to_float32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
-def save_checkpoint(path, params: dict[str, np.ndarray], config: GPTConfig):
-    """An npgpt checkpoint: the parameters plus the GPTConfig in the header metadata."""
-    save_safetensors(path, params, {CONFIG_KEY: config.to_json(), "format": "npgpt"})
+def save_checkpoint(path, params: dict[str, np.ndarray], config: GPTConfig, metadata: dict[str, str] | None = None):
+    """An npgpt checkpoint: the parameters plus the GPTConfig (and `metadata`) in the header."""
+    save_safetensors(path, params, {**(metadata or {}), CONFIG_KEY: config.to_json(), "format": "npgpt"})
 
 
 def load_checkpoint(path) -> tuple[dict[str, np.ndarray], GPTConfig]:
     """Parameters (memory-mapped) and config of an npgpt checkpoint."""
+    params, config, _ = read_checkpoint(path)
+    return params, config
+
+
+def read_checkpoint(path) -> tuple[dict[str, np.ndarray], GPTConfig, dict[str, str]]:
+    """Parameters (memory-mapped), config and header metadata of an npgpt checkpoint."""
     params, metadata = load_safetensors(path)
     if CONFIG_KEY not in metadata:
         raise CheckpointError(
-            f"{path}: no {CONFIG_KEY!r} in the header metadata, so this is not an npgpt checkpoint. "
-            "Convert published GPT-2 weights with tools/convert_gpt2.py first."
+            f"{path}: no {CONFIG_KEY!r} in the header metadata, so this is not an npgpt checkpoint; "
+            "convert published GPT-2 weights with tools/convert_gpt2.py first."
         )
-    return params, GPTConfig.from_json(metadata[CONFIG_KEY])
+    try:
+        config = GPTConfig.from_json(metadata[CONFIG_KEY])
+    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: the config in the header is invalid ({e}); the file is damaged or was not written by npgpt") from None
+    return params, config, metadata

@@ -1,11 +1,16 @@
 """Perplexity of a checkpoint on a text file: `python -m npgpt.eval --weights DIR --data FILE`.
 
-Texts longer than the context are scored with a sliding window, the method Hugging Face
-documents for GPT-2 ("Perplexity of fixed-length models"): windows of up to `context`
-tokens start every `stride` tokens, and each window scores only the tokens no earlier
-window scored (the others get the ignore index), so every token after the first is
-predicted exactly once, with up to `context - stride` tokens of extra history.
-stride == context means disjoint windows (fastest, least context per token).
+Texts longer than the context are scored with sliding windows: windows of `context` input
+tokens start every `stride` tokens; each also predicts the token after its inputs, and
+scores only the targets no earlier window scored (the others get the ignore index), so
+every token after the first is predicted exactly once, with up to `context - stride`
+tokens of extra history. stride == context means disjoint windows (fastest, least context
+per token). These are the windows of Hugging Face's documented loop ("Perplexity of
+fixed-length models") with max_length = context + 1 and the same stride: an HF window of
+max_length tokens predicts max_length - 1 of them. nanoGPT has no such evaluation (it
+estimates the loss on random training-style batches).
+
+Windows of equal length are scored `batch_size` at a time.
 """
 
 from __future__ import annotations
@@ -15,17 +20,30 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
+from npgpt.backend import get_backend
 from npgpt.layers import IGNORE_INDEX
+from npgpt.errors import UserError, add_debug_flag, run_cli
+from npgpt.model import FLOAT_DTYPES
+from npgpt.weights import load_model
+
+LOGITS_BUDGET = 2**26  # default batch: at most this many logits (256 MiB in float32) at once
+READ_CHARS = 1 << 16  # --max-tokens: characters read per step
+
+
+class EvalError(UserError, ValueError):
+    """An evaluation that cannot run; the message says why and what to do."""
 
 
 def sliding_windows(n_tokens: int, context: int, stride: int):
     """(begin, end, first_scored) per window: inputs are tokens [begin, end - 1), targets
     [begin + 1, end), and only targets at positions >= first_scored count."""
     if not 1 <= stride <= context:
-        raise ValueError(f"stride must be in [1, context={context}], got {stride}")
+        raise EvalError(f"stride must be in [1, context={context}], got {stride}; give a --stride in that range")
     scored_to = 1  # token 0 has no history: it is never predicted
     for begin in range(0, max(n_tokens - 1, 0), stride):
         end = min(begin + context + 1, n_tokens)
@@ -35,27 +53,116 @@ def sliding_windows(n_tokens: int, context: int, stride: int):
             return
 
 
-def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int | None = None) -> dict:
-    """Mean negative log-likelihood (nats/token) and perplexity of `ids` under `model`."""
+def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int | None = None,
+               batch_size: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
+    """Mean negative log-likelihood (nats/token) and perplexity of `ids` under `model`.
+
+    batch_size: windows per forward pass (default: LOGITS_BUDGET logits at once).
+    progress(scored, total): called after each batch with the tokens scored so far."""
     context = context or model.config.n_ctx
-    if context > model.config.n_ctx:
-        raise ValueError(f"context {context} exceeds the model's n_ctx {model.config.n_ctx}")
+    if not 1 <= context <= model.config.n_ctx:
+        raise EvalError(f"context {context} must be in [1, the model's n_ctx {model.config.n_ctx}]; give a smaller --context")
     stride = stride or max(1, context // 2)
-    nll, count, windows = 0.0, 0, 0
-    for begin, end, first in sliding_windows(len(ids), context, stride):
-        inputs = ids[begin : end - 1]
-        targets = ids[begin + 1 : end].astype(np.int64)  # a copy: the ignored part is overwritten
-        targets[: first - (begin + 1)] = IGNORE_INDEX
-        n_new = end - first
-        loss = model.loss(inputs[None, :], targets[None, :], ignore_index=IGNORE_INDEX)  # mean over the new tokens
+    batch_size = batch_size or max(1, min(64, LOGITS_BUDGET // (context * model.config.vocab_size)))
+    ids = np.asarray(ids, dtype=np.int64)
+    windows = list(sliding_windows(len(ids), context, stride))
+    total = sum(end - first for _, end, first in windows)
+    if total == 0:
+        raise EvalError("the text has fewer than 2 tokens, so there is nothing to score; give a longer text")
+    nll, count = 0.0, 0
+    for group in _batches(windows, batch_size):  # windows of one length
+        inputs = np.stack([ids[begin : end - 1] for begin, end, _ in group])  # (B, T)
+        targets = np.stack([ids[begin + 1 : end] for begin, end, _ in group])  # (B, T), a copy
+        for row, (begin, _, first) in enumerate(group):
+            targets[row, : first - (begin + 1)] = IGNORE_INDEX
+        n_new = sum(end - first for _, end, first in group)
+        loss = model.loss(inputs, targets, ignore_index=IGNORE_INDEX)  # mean over the scored targets
         nll += float(model.backend.to_numpy(loss)) * n_new
         count += n_new
-        windows += 1
-    if count == 0:
-        raise ValueError("the text has fewer than 2 tokens: nothing to score")
+        if progress is not None:
+            progress(count, total)
     mean = nll / count
-    return {"tokens_evaluated": count, "windows": windows, "context": context, "stride": stride,
+    return {"tokens_evaluated": count, "windows": len(windows), "context": context, "stride": stride,
             "loss": mean, "perplexity": math.exp(mean)}  # fmt: skip
+
+
+def _batches(windows, batch_size):
+    """Consecutive runs of up to batch_size windows of the same length."""
+    group: list = []
+    for window in windows:
+        if group and (len(group) == batch_size or window[1] - window[0] != group[0][1] - group[0][0]):
+            yield group
+            group = []
+        group.append(window)
+    if group:
+        yield group
+
+
+def read_ids(tokenizer, path, max_tokens: int | None = None) -> np.ndarray:
+    """The ids of a UTF-8 file, or of its first max_tokens tokens, read and encoded a block
+    at a time up to where they are reached. Blocks are cut after a newline between two
+    non-space characters, where GPT-2's and GPT-4's split patterns always cut, so the ids
+    equal the first max_tokens ids of encoding the whole file."""
+    path = Path(path)
+    ids: list[int] = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            if max_tokens is None:
+                return np.asarray(_encode(tokenizer, f.read(), path), dtype=np.int64)
+            pending = ""
+            while len(ids) < max_tokens:
+                block = f.read(READ_CHARS)
+                pending += block
+                cut = len(pending) if not block else _safe_cut(pending)
+                ids += _encode(tokenizer, pending[:cut], path)
+                pending = pending[cut:]
+                if not block:
+                    break
+    except UnicodeDecodeError as e:
+        raise EvalError(f"--data {path} is not UTF-8 text ({e.reason}); convert it to UTF-8") from None
+    except IsADirectoryError:
+        raise EvalError(f"--data {path} is a folder; give a UTF-8 text file") from None
+    return np.asarray(ids[:max_tokens], dtype=np.int64)
+
+
+def _safe_cut(text: str) -> int:
+    """The end of the last newline with non-space characters on both sides (0 if none)."""
+    i = len(text) - 1
+    while True:
+        i = text.rfind("\n", 0, i)
+        if i <= 0:
+            return 0
+        if i + 1 < len(text) and not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i + 1
+
+
+def _encode(tokenizer, text: str, path) -> list[int]:
+    try:
+        return tokenizer.encode(text, allowed_special="all")
+    except ValueError as e:  # a character the vocabulary lacks
+        raise EvalError(f"--data {path} cannot be encoded with the model's tokenizer ({e}); evaluate on another text") from None
+
+
+class Progress:
+    """A progress line on stderr: tokens scored, tokens/s, ETA (redrawn in place on a terminal)."""
+
+    def __init__(self, stream=sys.stderr, every: float = 1.0):
+        self.stream, self.start, self.last = stream, time.perf_counter(), 0.0
+        self.tty = getattr(stream, "isatty", lambda: False)()
+        self.every = every if self.tty else 10 * every
+
+    def __call__(self, done: int, total: int):
+        now = time.perf_counter() - self.start
+        if done < total and now - self.last < self.every:
+            return
+        self.last = now
+        rate = done / now if now > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else 0.0
+        line = f"{done:,}/{total:,} tokens | {rate:,.0f} tokens/s | ETA {eta:.0f} s"
+        self.stream.write(f"\r{line}" if self.tty else line + "\n")
+        if self.tty and done == total:
+            self.stream.write("\n")
+        self.stream.flush()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,29 +172,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="UTF-8 text file to score")
     p.add_argument("--context", type=int, help="tokens per window (default: the model's n_ctx)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: context // 2)")
-    p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
+    p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text (reads only as much of the file as they need)")
+    p.add_argument("--batch-size", type=int, help="windows per forward pass (default: as many as keep the logits under 256 MiB, at most 64)")
     p.add_argument("--backend", default="numpy", help="array backend (default numpy)")
-    p.add_argument("--dtype", choices=["float16", "float32", "float64"], help="cast the weights (default: as stored)")
+    p.add_argument("--dtype", choices=FLOAT_DTYPES, help="cast the weights (default: as stored)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    add_debug_flag(p)
     return p
 
 
 def main(argv=None) -> int:
-    from npgpt.backend import BackendError, get_backend
-    from npgpt.generate import WeightsError, load_model
+    return run_cli(_main, argv)
 
-    args = build_parser().parse_args(argv)
-    try:
-        model, tokenizer = load_model(args.weights, get_backend(args.backend), args.dtype)
-        with open(args.data, encoding="utf-8") as f:
-            ids = np.asarray(tokenizer.encode(f.read(), allowed_special="all"), dtype=np.int64)
-        if args.max_tokens:
-            ids = ids[: args.max_tokens]
-        start = time.perf_counter()
-        result = perplexity(model, ids, args.context, args.stride)
-    except (WeightsError, BackendError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _main(argv) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("context", "stride", "max_tokens", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    model, tokenizer = load_model(args.weights, get_backend(args.backend), args.dtype, say=lambda m: print(m, file=sys.stderr))
+    ids = read_ids(tokenizer, args.data, args.max_tokens)
+    start = time.perf_counter()
+    result = perplexity(model, ids, args.context, args.stride, args.batch_size, None if args.quiet else Progress())
     result["seconds"] = time.perf_counter() - start
     if args.json:
         print(json.dumps(result))

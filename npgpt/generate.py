@@ -1,14 +1,19 @@
 """Text generation: a library API (iterators of token ids and of text) and its CLI.
 
+    from npgpt.weights import load_model
     model, tokenizer = load_model("shakespeare")            # or a folder / .safetensors file
     for piece in generate(model, tokenizer, "ROMEO:", max_new_tokens=100, seed=0):
         print(piece, end="", flush=True)
 
 Decoding uses the KV cache: the prompt is run once (prefill), then each step sends only the
 one new id to the device and brings back only the last position's logits (V,) to sample on
-the host (`npgpt.sampling`), so the same seed gives the same text on every backend. When the
-context fills up, the cache is rebuilt from the last half of the tokens (a sliding window,
-paid once per n_ctx / 2 tokens).
+the host (`npgpt.sampling`), so the same seed gives the same text on every backend.
+
+Past the context, both paths follow one rule (`window_start`): the model sees the tokens
+from the window's start on; when they would exceed n_ctx, the window restarts at the last
+n_ctx // 2 tokens. The cached path rebuilds its cache then (paid once per n_ctx / 2
+tokens); `use_cache=False` recomputes the same window every step, so both give the same
+text.
 
 CLI:  python -m npgpt.generate --prompt "ROMEO:" --max-new-tokens 200 --top-k 40
       (see --help; reads the prompt from stdin when --prompt is absent and stdin is not a
@@ -27,75 +32,18 @@ from pathlib import Path
 
 import numpy as np
 
-from npgpt.backend import BackendError, array_namespace, get_backend
-from npgpt.checkpoint import CheckpointError
-from npgpt.model import GPT
+from npgpt.backend import array_namespace, get_backend
+from npgpt.errors import UserError, add_debug_flag, run_cli
+from npgpt.model import FLOAT_DTYPES, GPT
 from npgpt.sampling import SamplingConfig, sample
+from npgpt.weights import load_model
 
-DEFAULT_WEIGHTS = "shakespeare"
-WEIGHTS_FILE = "model.safetensors"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-GPT2_HINT = (
-    "To use GPT-2's published weights, convert them first, e.g. "
-    "`python tools/convert_gpt2.py --from-hub gpt2 --name gpt2` (writes weights/gpt2/), then pass "
-    "--weights gpt2."
-)
-DEFAULT_HINT = f"To use the shipped default model, leave out --weights (weights/{DEFAULT_WEIGHTS}/ of an npgpt checkout)."
-
-
-class WeightsError(FileNotFoundError):
-    """Weights or their tokenizer cannot be found; the message says where it looked and what to do."""
-
-
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """The prompt cannot be used: longer than the context with cropping refused."""
 
 
 class PromptCropped(UserWarning):
     """The prompt was longer than the context; only its last n_ctx tokens were kept."""
-
-
-# -- finding and loading a model ----------------------------------------------------------
-def resolve_weights(spec: str | Path | None = None) -> Path:
-    """The .safetensors file that `--weights spec` means.
-
-    spec: a folder holding model.safetensors (and the tokenizer), a .safetensors file (the
-    tokenizer is read from its folder), or a NAME meaning weights/NAME/, looked for in the
-    current folder and then in the npgpt checkout. None means the shipped default.
-    """
-    spec = str(spec or DEFAULT_WEIGHTS)
-    path = Path(spec).expanduser()
-    is_name = not path.exists() and len(path.parts) == 1 and path.suffix != ".safetensors"
-    candidates = list(dict.fromkeys([Path.cwd() / "weights" / spec, REPO_ROOT / "weights" / spec])) if is_name else [path]
-    for candidate in candidates:
-        file = candidate / WEIGHTS_FILE if candidate.is_dir() else candidate
-        if file.is_file():
-            return file
-    looked = ", ".join(str(c / WEIGHTS_FILE if is_name or c.is_dir() else c) for c in candidates)
-    if spec == DEFAULT_WEIGHTS:
-        raise WeightsError(
-            f"the shipped default model is missing (looked for {looked}). It comes with a clone of "
-            f"the npgpt repository (the README says how to retrain it). {GPT2_HINT}"
-        )
-    raise WeightsError(f"no weights for {spec!r} (looked for {looked}). {GPT2_HINT} {DEFAULT_HINT}")
-
-
-def load_model(weights: str | Path | None = None, backend="numpy", dtype: str | None = None):
-    """(GPT, Tokenizer) from `weights` (see `resolve_weights`) on `backend`."""
-    from npgpt.tokenizer import Tokenizer
-
-    file = resolve_weights(weights)
-    try:
-        tokenizer = Tokenizer.load(file.parent)
-    except FileNotFoundError as e:
-        raise WeightsError(f"{file} has no tokenizer beside it ({e}). {GPT2_HINT}") from e
-    model = GPT.load(file, backend=backend, dtype=dtype)
-    if tokenizer.n_vocab > model.config.vocab_size:
-        raise WeightsError(
-            f"the tokenizer in {file.parent} has {tokenizer.n_vocab} tokens but the model only "
-            f"{model.config.vocab_size}: they do not belong together"
-        )
-    return model, tokenizer
 
 
 # -- the prompt -----------------------------------------------------------------------------
@@ -108,7 +56,10 @@ def encode_prompt(tokenizer, text: str, n_ctx: int, crop: bool = True) -> tuple[
     crop is False.
     """
     if text:
-        ids = tokenizer.encode(text, allowed_special="all")
+        try:
+            ids = tokenizer.encode(text, allowed_special="all")
+        except ValueError as e:  # a character the vocabulary lacks
+            raise PromptError(f"the prompt cannot be encoded: {e}; change the prompt or use another model") from None
     else:
         ids = [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")
     excess = len(ids) - n_ctx
@@ -155,12 +106,14 @@ def generate_ids(
     *,
     use_cache: bool = True,
     stats: GenerationStats | None = None,
+    n_vocab: int | None = None,
 ) -> Iterator[int]:
     """The ids that follow `prompt_ids` (1 to n_ctx ids), one at a time.
 
     Nothing is computed ahead: the forward pass for the next id runs only when it is asked
     for, so a consumer that stops (end of text, a stop string) wastes no work.
-    use_cache=False recomputes the whole context every step (the reference path).
+    use_cache=False recomputes the whole window every step (the reference path).
+    n_vocab: sample only ids below it (a tokenizer smaller than the model's padded vocabulary).
     """
     n_ctx = model.config.n_ctx
     if not 1 <= len(prompt_ids) <= n_ctx:
@@ -169,6 +122,7 @@ def generate_ids(
     stats = stats if stats is not None else GenerationStats()
     tokens = list(prompt_ids)  # the whole text so far, for recomputation and the window
     cache = model.new_cache(1) if use_cache else None
+    start_of_window = 0
 
     start = time.perf_counter()
     logits = last_logits(model, tokens, cache)
@@ -177,24 +131,30 @@ def generate_ids(
     for step in range(max_new_tokens):
         start = time.perf_counter()
         if step:
-            logits, cache = _next_logits(model, tokens, cache)
-        token = sample(logits, sampling, rng)
+            start_of_window = window_start(start_of_window, len(tokens), n_ctx)
+            logits, cache = _next_logits(model, tokens, start_of_window, cache)
+        token = sample(logits[:n_vocab], sampling, rng)
         tokens.append(token)
         stats.new_tokens += 1
         stats.generate_seconds += time.perf_counter() - start
         yield token
 
 
-def _next_logits(model: GPT, tokens: list[int], cache):
-    """(logits, cache) after `tokens`, whose last id is new: one cached step; without a
-    cache, a recompute of the last n_ctx tokens; with a full cache, a new one holding the
-    last n_ctx / 2 tokens (the sliding window)."""
-    n_ctx = model.config.n_ctx
+def window_start(start: int, length: int, n_ctx: int) -> int:
+    """Where the model's view of `length` tokens begins: at `start` while they fit the
+    context, else at the last n_ctx // 2 tokens (the sliding window both paths follow)."""
+    return start if length - start <= n_ctx else length - n_ctx // 2
+
+
+def _next_logits(model: GPT, tokens: list[int], start: int, cache):
+    """(logits, cache) after tokens[start:], whose last id is new: one cached step; without
+    a cache, a recompute of the window; a cache that does not hold tokens[start:-1] (the
+    window moved) is rebuilt from the window."""
     if cache is None:
-        return last_logits(model, tokens[-n_ctx:], None), None
-    if cache.length == n_ctx:
+        return last_logits(model, tokens[start:], None), None
+    if cache.length != len(tokens) - 1 - start:
         cache = model.new_cache(1)
-        return last_logits(model, tokens[-(n_ctx // 2) :], cache), cache
+        return last_logits(model, tokens[start:], cache), cache
     return last_logits(model, tokens[-1:], cache), cache
 
 
@@ -231,7 +191,8 @@ def generate(
             warnings.warn(f"the prompt was cropped to its last {len(prompt)} tokens", PromptCropped, stacklevel=2)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     decoder, held = tokenizer.stream_decoder(), StopStrings(stop)
-    for token in generate_ids(model, prompt, max_new_tokens, sampling, rng, use_cache=use_cache, stats=stats):
+    ids = generate_ids(model, prompt, max_new_tokens, sampling, rng, use_cache=use_cache, stats=stats, n_vocab=tokenizer.n_vocab)
+    for token in ids:
         if token == tokenizer.eot_id:
             break
         piece = held.push(decoder.feed(token))
@@ -259,18 +220,19 @@ class StopStrings:
         if self.stopped:
             return ""
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
+        hit = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=None)
+        undecided = len(self.pending) - self._held_tail()  # a stop may still start here
+        if hit is not None and hit <= undecided:
             self.stopped = True
-            shown, self.pending = self.pending[: min(hits)], ""
+            shown, self.pending = self.pending[:hit], ""
             return shown
-        held = self._held_tail()
-        shown, self.pending = self.pending[: len(self.pending) - held], self.pending[len(self.pending) - held :]
+        shown, self.pending = self.pending[:undecided], self.pending[undecided:]
         return shown
 
     def release(self) -> str:
-        """The held tail, at the end of the text (it never became a stop string)."""
-        shown, self.pending = self.pending, ""
+        """The held text, at the end of the text: up to a stop string found in it, if any."""
+        hit = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=len(self.pending))
+        shown, self.pending = self.pending[:hit], ""
         return shown
 
     def _held_tail(self) -> int:
@@ -303,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--backend", default="numpy", help="array backend, e.g. numpy, cupy, array-api-strict (default: numpy)")
     parser.add_argument("--weights", help="a folder with model.safetensors and the tokenizer, a .safetensors file, or a NAME for weights/NAME/")
-    parser.add_argument("--dtype", choices=["float16", "float32", "float64"], help="cast the weights (default: as stored)")
+    parser.add_argument("--dtype", choices=FLOAT_DTYPES, help="cast the weights (default: as stored)")
     parser.add_argument("--prompt", help="text to continue (default: read stdin when it is not a terminal; else start from <|endoftext|>)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate per sample (default: 256)")
     parser.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this; 0 means greedy (default: 1.0)")
@@ -312,14 +274,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
     parser.add_argument("--seed", type=int, help="random seed; the same seed gives the same text on every backend")
     parser.add_argument("--num-samples", type=int, default=1, help="independent samples to generate (default: 1)")
-    parser.add_argument("--stop", nargs="+", default=[], metavar="TEXT", help="stop before any of these strings")
+    parser.add_argument("--stop", action="append", default=[], type=unescape, metavar="TEXT",
+                        help=r"stop before this string; repeat for several; escapes \n \t \\ \uXXXX work, e.g. --stop '\n\n'")  # fmt: skip
     parser.add_argument("--stats", action="store_true", help="print prompt and generation speed and memory to stderr")
     parser.add_argument("--no-crop", action="store_true", help="refuse a prompt longer than the context instead of keeping its last tokens")
-    parser.add_argument("--no-cache", action="store_true", help="recompute the whole context every step (slow; for comparison)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole window every step (slow; for comparison)")
+    add_debug_flag(parser)
     return parser
 
 
+def unescape(text: str) -> str:
+    r"""A command-line string with Python's backslash escapes (\n, \t, \\, \uXXXX) applied."""
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise argparse.ArgumentTypeError(f"invalid escape in {text!r} ({e.reason})") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0:
@@ -330,16 +306,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.greedy)
     except ValueError as e:
         parser.error(f"invalid sampling values: {e}")
-    try:
-        model, tokenizer = load_model(args.weights, get_backend(args.backend), args.dtype)
-        prompt = args.prompt if args.prompt is not None else _stdin_prompt()
-        ids, cropped = encode_prompt(tokenizer, prompt, model.config.n_ctx, crop=not args.no_crop)
-    except (BackendError, WeightsError, CheckpointError, PromptError) as e:
-        print(f"npgpt.generate: error: {e}", file=sys.stderr)
-        return 1
+    model, tokenizer = load_model(args.weights, get_backend(args.backend), args.dtype, say=_notice)
+    prompt = args.prompt if args.prompt is not None else _stdin_prompt()
+    ids, cropped = encode_prompt(tokenizer, prompt, model.config.n_ctx, crop=not args.no_crop)
     if cropped:
-        print(f"npgpt.generate: notice: the prompt was cropped to its last {len(ids)} tokens "
-              f"(dropped {cropped}) to fit the context of {model.config.n_ctx}", file=sys.stderr)  # fmt: skip
+        _notice(f"notice: the prompt was cropped to its last {len(ids)} tokens "
+                f"(dropped {cropped}) to fit the context of {model.config.n_ctx}")  # fmt: skip
     _utf8(sys.stdout)
     rng, stats = np.random.default_rng(args.seed), GenerationStats()
     try:
@@ -352,12 +324,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
-    except KeyboardInterrupt:
-        return 130
     finally:
         if args.stats:
             print(stats.report(model), file=sys.stderr)
     return 0
+
+
+def _notice(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def _stdin_prompt() -> str:

@@ -260,7 +260,7 @@ class GPT:
     def loss(self, ids, targets, ignore_index: int = layers.IGNORE_INDEX, segments=None):
         """Mean cross-entropy (a 0-d device array) of predicting targets (B, T) from ids (B, T)."""
         logits, _ = self._forward(self.as_ids(ids), segments=segments)
-        loss, _ = self.backend.kernels.cross_entropy_forward(self._flat(logits), self._targets(targets), ignore_index)
+        loss, _ = self.backend.kernels.cross_entropy_forward(self._flat(logits), self._targets(targets, ignore_index), ignore_index)
         return loss
 
     def loss_and_grads(self, ids, targets, ignore_index: int = layers.IGNORE_INDEX,
@@ -276,7 +276,7 @@ class GPT:
         """
         kernels = self.backend.kernels
         logits, acts = self._forward(self.as_ids(ids), rng=rng, keep=True, segments=segments)
-        loss, ce = kernels.cross_entropy_forward(self._flat(logits), self._targets(targets), ignore_index)
+        loss, ce = kernels.cross_entropy_forward(self._flat(logits), self._targets(targets, ignore_index), ignore_index)
         dlogits = kernels.cross_entropy_backward(1.0, ce)  # (N, V)
         return loss, self._backward(dlogits, acts, grad_ready or (lambda names, grads: None))
 
@@ -325,11 +325,17 @@ class GPT:
     def _flat(self, logits):
         return self.backend.xp.reshape(logits, (-1, self.config.vocab_size))  # (N, V)
 
-    def _targets(self, targets):
-        """Targets (B, T) -> (N,) int64 on the device (ids in [0, V) or the ignore index)."""
+    def _targets(self, targets, ignore_index: int):
+        """Targets (B, T) -> (N,) int64 on the device. Host targets are checked to be ids
+        in [0, V) or `ignore_index`; device ones are trusted (a check would cost a sync)."""
         xp = self.backend.xp
-        if not self.backend.holds(targets):
-            targets = self.backend.asarray(np.asarray(targets), dtype=xp.int64)
+        if isinstance(targets, (np.ndarray, list, tuple)):
+            host = np.asarray(targets)
+            wrong = (host != ignore_index) & ((host < 0) | (host >= self.config.vocab_size))
+            if np.any(wrong):
+                raise ValueError(f"targets must be ids in [0, {self.config.vocab_size}) or the ignore index "
+                                 f"{ignore_index}, got {host[wrong].flat[0]} (pass ignore_index= to match your labels)")  # fmt: skip
+            targets = self.backend.asarray(host, dtype=xp.int64)
         return xp.reshape(targets, (-1,))
 
 

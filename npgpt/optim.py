@@ -26,7 +26,9 @@ EMBEDDINGS = ("wte.weight", "wpe.weight")
 
 
 def default_decay(name: str, shape: tuple[int, ...], decay_embeddings: bool = False) -> bool:
-    """Whether weight decay applies to a parameter: 2-D matrices only (nanoGPT, minGPT)."""
+    """Whether weight decay applies to a parameter: the blocks' 2-D weight matrices only,
+    as minGPT does. nanoGPT also decays wte and wpe (it decays every tensor of 2 or more
+    dimensions); decay_embeddings=True gives nanoGPT's groups."""
     if name in EMBEDDINGS:
         return decay_embeddings
     return len(shape) == 2

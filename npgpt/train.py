@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -33,21 +34,25 @@ from pathlib import Path
 
 import numpy as np
 
-from npgpt.backend import BackendError, get_backend
-from npgpt.checkpoint import CONFIG_KEY, load_safetensors, save_safetensors
+from npgpt.backend import get_backend
+from npgpt.errors import UserError, add_debug_flag, run_cli
+from npgpt.checkpoint import load_safetensors, save_checkpoint, save_safetensors
 from npgpt.config import GPTConfig
 from npgpt.data import BatchSampler, split_tokens
 from npgpt.model import GPT, FLOAT_DTYPES
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr, global_norm
+from npgpt.tokenizer.formats import save as save_tokenizer
+from npgpt.weights import WEIGHTS_FILE, check_vocabularies, load_host_params, load_tokenizer_beside, resolve_weights
 
-MODEL_FILE, STATE_FILE, LOG_FILE = "model.safetensors", "trainer_state.safetensors", "log.jsonl"
+STATE_FILE, LOG_FILE = "trainer_state.safetensors", "log.jsonl"
 STEP_KEY, TRAINER_KEY = "npgpt.step", "npgpt.trainer"
 # Settings a resumed run may change; any other flag must match the checkpoint's.
-RESUME_OVERRIDES = {"max_iters", "log_interval", "eval_interval", "eval_iters", "checkpoint_interval", "backend"}
+RESUME_OVERRIDES = {"max_iters", "log_interval", "eval_interval", "eval_iters", "checkpoint_interval", "backend", "debug"}
+NOT_SAVED = {"resume", "overwrite", "debug"}  # flags of this invocation, not settings of the run
 DROPOUT_STREAM = 2  # seeds dropout generators apart from the data sampler's (0 train, 1 val)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
 
 
@@ -57,12 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m npgpt.train",
         description="Train a GPT-2 (from scratch or from a checkpoint) on a UTF-8 text file.",
         epilog="Example (the CPU character-level Shakespeare recipe): python -m npgpt.train "
-        "--data ../shared/data/corpora/tinyshakespeare.txt --out-dir weights/shakespeare --tokenizer char",
+        "--data ../shared/data/corpora/tinyshakespeare.txt --out-dir runs/shakespeare-char --tokenizer char. "
+        "A new run never writes into a folder holding files it did not make (such as the shipped "
+        "weights/shakespeare/) unless --overwrite is given.",
     )
     g = p.add_argument_group("data and output")
     g.add_argument("--data", help="UTF-8 text file to train on (required unless --resume)")
     g.add_argument("--out-dir", required=True, help="checkpoint folder (created; with --resume, read first)")
     g.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir exactly where it stopped")
+    g.add_argument("--overwrite", action="store_true", help="start a new run in --out-dir even if it holds another model or run (replaces its files)")
     g.add_argument("--tokenizer", default="char",
                    help="char | bytes | bpe:N (train an N-token byte-level BPE on the text) | a tokenizer folder, "
                         "e.g. ../shared/data/gpt2 for GPT-2's BPE (default: char; ignored with --init-from)")  # fmt: skip
@@ -85,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--min-lr", type=float, default=1e-4)
     o.add_argument("--warmup-iters", type=int, default=100)
     o.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of the 2-D weight matrices")
-    o.add_argument("--decay-embeddings", action="store_true", help="also decay wte and wpe")
+    o.add_argument("--decay-embeddings", action="store_true", help="also decay wte and wpe (nanoGPT's groups; the default is minGPT's)")
     o.add_argument("--beta1", type=float, default=0.9)
     o.add_argument("--beta2", type=float, default=0.99)
     o.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm limit (0: off)")
@@ -96,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-interval", type=int, default=250, help="steps between validation estimates (0: only at the end)")
     r.add_argument("--eval-iters", type=int, default=20, help="validation batches per estimate")
     r.add_argument("--checkpoint-interval", type=int, default=250, help="steps between checkpoints (and at the end, and on Ctrl-C)")
+    add_debug_flag(p)
     return p
 
 
@@ -109,33 +118,44 @@ def explicit_flags(argv) -> set[str]:
 
 # -- setup: tokenizer, tokens, model ----------------------------------------------------
 def make_tokenizer(spec: str, text: str):
-    from npgpt.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, train_bpe
+    from npgpt.tokenizer import BPETokenizer, CharTokenizer, load, train_bpe
 
     if spec == "char":
         return CharTokenizer.train(text)
     if spec == "bytes":
         return BPETokenizer({bytes([b]): b for b in range(256)})
     if spec.startswith("bpe:"):
-        return train_bpe(text, int(spec[4:]))
+        size = spec[4:]
+        if not size.isdigit() or int(size) < 256:
+            raise TrainingError(f"--tokenizer {spec!r}: N must be a whole number of tokens, at least 256 (the bytes); e.g. bpe:1024")
+        return train_bpe(text, int(size))
     if Path(spec).exists():
-        return Tokenizer.load(spec)
-    raise TrainingError(f"--tokenizer {spec!r}: expected char, bytes, bpe:N or an existing tokenizer folder")
+        return load(spec)
+    raise TrainingError(f"--tokenizer {spec!r} is unknown; use char, bytes, bpe:N or an existing tokenizer folder")
 
 
 def encode_file(tokenizer, path) -> np.ndarray:
     text = read_text(path)
-    ids = tokenizer.encode(text, allowed_special="all")
+    try:
+        ids = tokenizer.encode(text, allowed_special="all")
+    except ValueError as e:  # a character the vocabulary lacks
+        raise TrainingError(f"--data {path} cannot be encoded with the run's tokenizer ({e}); train with another tokenizer") from None
     dtype = np.uint16 if tokenizer.n_vocab <= 2**16 else np.int32
     return np.asarray(ids, dtype=dtype)
 
 
 def read_text(path) -> str:
     try:
-        return Path(path).read_text("utf-8")
+        text = Path(path).read_text("utf-8")
     except FileNotFoundError:
-        raise TrainingError(f"--data {path}: no such file") from None
+        raise TrainingError(f"--data {path}: no such file; give a UTF-8 text file") from None
+    except IsADirectoryError:
+        raise TrainingError(f"--data {path} is a folder; give a UTF-8 text file") from None
     except UnicodeDecodeError as e:
-        raise TrainingError(f"--data {path} is not UTF-8 text ({e})") from None
+        raise TrainingError(f"--data {path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+    if not text:
+        raise TrainingError(f"--data {path} is empty; give a text to train on")
+    return text
 
 
 def scratch_config(args, vocab_size: int) -> GPTConfig:
@@ -144,14 +164,6 @@ def scratch_config(args, vocab_size: int) -> GPTConfig:
         return GPTConfig.preset(args.preset, vocab_size=vocab_size, n_ctx=T, dropout=args.dropout)
     return GPTConfig(vocab_size=vocab_size, n_ctx=T, n_embd=args.n_embd, n_head=args.n_head,
                      n_layer=args.n_layer, dropout=args.dropout)  # fmt: skip
-
-
-def load_host_params(file) -> tuple[dict[str, np.ndarray], GPTConfig, dict[str, str]]:
-    """Parameters copied off the memory map (the optimizer updates them in place)."""
-    tensors, metadata = load_safetensors(file)
-    if CONFIG_KEY not in metadata:
-        raise TrainingError(f"{file} is not an npgpt checkpoint (no {CONFIG_KEY} metadata)")
-    return {k: np.array(v) for k, v in tensors.items()}, GPTConfig.from_json(metadata[CONFIG_KEY]), metadata
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -164,14 +176,18 @@ class Trainer:
         self.backend = model.backend
         self.opt = AdamW(model.params, model.backend, betas=(args.beta1, args.beta2),
                          weight_decay=args.weight_decay, decay_embeddings=args.decay_embeddings)  # fmt: skip
-        train, val = split_tokens(tokens, args.val_fraction)
         T = args.block_size
-        self.train_data = BatchSampler(train, args.batch_size, T, args.seed, "train")
-        self.val_data = BatchSampler(val, args.batch_size, T, args.seed, "val") if args.val_fraction > 0 else None
+        try:
+            train, val = split_tokens(tokens, args.val_fraction)
+            self.train_data = BatchSampler(train, args.batch_size, T, args.seed, "train")
+            self.val_data = BatchSampler(val, args.batch_size, T, args.seed, "val") if args.val_fraction > 0 else None
+        except ValueError as e:  # too few tokens, or a bad fraction
+            raise TrainingError(str(e)) from None
         self.step = start_step
         self.tokens_per_step = args.batch_size * T * args.grad_accum
         self.stop_requested = False
         self.last_good_step = start_step
+        self.saved_once = start_step > 0  # a resumed run has a checkpoint on disk
 
     # -- one optimizer step ---------------------------------------------------------------
     def train_step(self):
@@ -281,15 +297,28 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self):
-        """Model, then trainer state (each atomically); the state names the step, so a
-        crash between the two files is detected on resume, never silently mixed."""
-        meta = {CONFIG_KEY: self.model.config.to_json(), "format": "npgpt", STEP_KEY: str(self.step)}
-        save_safetensors(self.out / MODEL_FILE, self.model.to_numpy(), meta)
-        moments, scalars = self.opt.state_dict()
-        state = {"step": self.step, "optimizer": scalars, "tokens_seen": self.step * self.tokens_per_step,
-                 "args": {k: v for k, v in vars(self.args).items() if k != "resume"}}  # fmt: skip
-        save_safetensors(self.out / STATE_FILE, moments, {TRAINER_KEY: json.dumps(state), STEP_KEY: str(self.step)})
-        self.last_good_step = self.step
+        """Model and trainer state, each written in full under a pending name first and
+        only then renamed into place, so a failed write (a full disk) leaves the previous
+        checkpoint whole and resumable. The state names the step, so a crash between the
+        two renames is detected on resume, never silently mixed."""
+        pending = {name: self.out / f".{name}.pending" for name in (WEIGHTS_FILE, STATE_FILE)}
+        try:
+            save_checkpoint(pending[WEIGHTS_FILE], self.model.to_numpy(), self.model.config, {STEP_KEY: str(self.step)})
+            moments, scalars = self.opt.state_dict()
+            state = {"step": self.step, "optimizer": scalars, "tokens_seen": self.step * self.tokens_per_step,
+                     "args": {k: v for k, v in vars(self.args).items() if k not in NOT_SAVED}}  # fmt: skip
+            save_safetensors(pending[STATE_FILE], moments, {TRAINER_KEY: json.dumps(state), STEP_KEY: str(self.step)})
+        except OSError as e:
+            for file in pending.values():
+                file.unlink(missing_ok=True)
+            kept = f"the checkpoint of step {self.last_good_step} is kept" if self.saved_once else "nothing was saved"
+            raise TrainingError(
+                f"could not save step {self.step} in {self.out} ({e.strerror or e}); {kept}. Free some space "
+                f"(or fix the folder) and continue with --resume --out-dir {self.out}"
+            ) from None
+        for name, file in pending.items():
+            os.replace(file, self.out / name)
+        self.last_good_step, self.saved_once = self.step, True
 
 
 def format_duration(seconds: float) -> str:
@@ -304,28 +333,43 @@ def say(message: str):
 def write_tokenizer(tokenizer, out: Path):
     """The tokenizer's files, written to a temp folder and moved in file by file."""
     with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizer.") as tmp:
-        tokenizer.save(tmp)
+        save_tokenizer(tokenizer, tmp)
         for file in Path(tmp).iterdir():
             os.replace(file, out / file.name)
 
 
-def start(args) -> Trainer:
-    """A fresh run: tokenizer and model from scratch or from --init-from."""
-    from npgpt.generate import resolve_weights
-    from npgpt.tokenizer import Tokenizer
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to start a run in a folder holding anything but nothing, unless --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out-dir {out} is a file, not a folder; choose another --out-dir")
+    if overwrite or not out.is_dir():
+        return
+    if (out / STATE_FILE).exists():
+        raise TrainingError(f"{out} already holds a training run; continue it with --resume, choose another --out-dir, "
+                            "or pass --overwrite to start over")  # fmt: skip
+    names = sorted(p.name for p in out.iterdir())
+    if names:
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise TrainingError(
+            f"--out-dir {out} holds files that no training run started ({shown}), such as a shipped or converted "
+            "model; choose another --out-dir (e.g. runs/NAME), or pass --overwrite to replace them"
+        )
 
+
+def start(args) -> Trainer:
+    """A fresh run: tokenizer and model from scratch or from --init-from. Everything is
+    checked before --out-dir is touched."""
     if not args.data:
         raise TrainingError("--data is required (a UTF-8 text file) unless --resume")
     out = Path(args.out_dir)
-    if (out / STATE_FILE).exists():
-        raise TrainingError(f"{out} already holds a training run: continue it with --resume, or choose another --out-dir")
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out, args.overwrite)
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters  # fixed now: a resume may change --max-iters
     backend = get_backend(args.backend)
     if args.init_from:
         file = resolve_weights(args.init_from)
-        tokenizer = Tokenizer.load(file.parent)
-        params, config, _ = load_host_params(file)
+        tokenizer = load_tokenizer_beside(file)
+        params, config, _ = load_host_params(file, copy=True)
+        check_vocabularies(params, config, tokenizer, file.parent, say)
         args.block_size = args.block_size or config.n_ctx
         config = dataclasses.replace(config, dropout=args.dropout)
         model = GPT.from_numpy(config, params, backend, args.dtype)
@@ -335,33 +379,38 @@ def start(args) -> Trainer:
         args.block_size = config.n_ctx
         model = GPT.init(config, backend, seed=args.seed, dtype=args.dtype)
     if args.block_size > model.config.n_ctx:
-        raise TrainingError(f"--block-size {args.block_size} exceeds the model's context of {model.config.n_ctx}")
-    (out / LOG_FILE).unlink(missing_ok=True)
+        raise TrainingError(f"--block-size {args.block_size} exceeds the model's context of {model.config.n_ctx}; "
+                            "give a smaller --block-size")  # fmt: skip
+    trainer = Trainer(args, model, tokenizer, encode_file(tokenizer, args.data))
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (STATE_FILE, LOG_FILE):  # with --overwrite: the old run is over
+        (out / stale).unlink(missing_ok=True)
     write_tokenizer(tokenizer, out)
-    return Trainer(args, model, tokenizer, encode_file(tokenizer, args.data))
+    return trainer
 
 
 def resume(args, given: set[str]) -> Trainer:
     """The run saved in --out-dir, with the saved settings (a few may be overridden)."""
-    from npgpt.tokenizer import Tokenizer
-
     out = Path(args.out_dir)
     if not (out / STATE_FILE).exists():
-        raise TrainingError(f"nothing to resume: {out / STATE_FILE} does not exist (start the run without --resume)")
+        raise TrainingError(f"nothing to resume: {out / STATE_FILE} does not exist; start the run without --resume")
     moments, meta = load_safetensors(out / STATE_FILE)
+    if TRAINER_KEY not in meta or STEP_KEY not in meta:
+        raise TrainingError(f"{out / STATE_FILE} is not an npgpt trainer state; the folder cannot be resumed")
     state = json.loads(meta[TRAINER_KEY])
-    params, config, model_meta = load_host_params(out / MODEL_FILE)
+    params, config, model_meta = load_host_params(out / WEIGHTS_FILE, copy=True)
     if model_meta.get(STEP_KEY) != meta[STEP_KEY]:
         raise TrainingError(f"{out}: model is at step {model_meta.get(STEP_KEY)} but the trainer state at "
                             f"{meta[STEP_KEY]} (a save was cut off); the folder cannot be resumed")  # fmt: skip
     saved = state["args"]
     clashes = [f"--{k.replace('_', '-')} ({getattr(args, k)!r} vs saved {saved[k]!r})"
-               for k in given - RESUME_OVERRIDES - {"resume", "out_dir"} if getattr(args, k) != saved.get(k)]  # fmt: skip
+               for k in given - RESUME_OVERRIDES - NOT_SAVED - {"out_dir"} if getattr(args, k) != saved.get(k)]  # fmt: skip
     if clashes:
         raise TrainingError(f"a resumed run keeps its settings; these differ: {', '.join(clashes)}. "
                             f"Only {', '.join('--' + k.replace('_', '-') for k in sorted(RESUME_OVERRIDES))} may change.")  # fmt: skip
     args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in given & RESUME_OVERRIDES}, "out_dir": str(out)})
-    tokenizer = Tokenizer.load(out)
+    tokenizer = load_tokenizer_beside(out / WEIGHTS_FILE)
+    check_vocabularies(params, config, tokenizer, out, say)
     model = GPT.from_numpy(config, params, get_backend(args.backend))
     trainer = Trainer(args, model, tokenizer, encode_file(tokenizer, args.data), start_step=state["step"])
     trainer.opt.load_state_dict(moments, state["optimizer"])
@@ -378,20 +427,36 @@ def truncate_log(path: Path, step: int):
 
 
 def main(argv=None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     for name in ("batch_size", "grad_accum", "max_iters", "log_interval", "checkpoint_interval", "eval_iters"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.data:
+        args.data = str(Path(args.data).resolve())  # a resumed run may start elsewhere
+    created = None if args.resume else first_missing(Path(args.out_dir))
+    trainer, status = None, 1
     try:
-        if args.data:
-            args.data = str(Path(args.data).resolve())  # a resumed run may start elsewhere
         trainer = resume(args, explicit_flags(argv)) if args.resume else start(args)
-        return trainer.run()
-    except (TrainingError, BackendError, ValueError) as e:
-        say(f"error: {e}")
-        return 2
+        status = trainer.run()
+        return status
+    finally:
+        if created is not None and status != 0 and not (trainer and trainer.saved_once):
+            shutil.rmtree(created, ignore_errors=True)  # a failed start leaves nothing behind
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what mkdir -p would create)."""
+    missing = None
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        missing, path = path, path.parent
+    return missing
 
 
 if __name__ == "__main__":

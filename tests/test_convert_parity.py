@@ -20,7 +20,7 @@ from npgpt.convert import ConversionError, convert
 from npgpt.convert.mapping import config_from_hf, expand_rows, params_from_hf
 from npgpt.convert.parity import compare, greedy
 from npgpt.model import GPT, param_shapes
-from npgpt.tokenizer import Tokenizer
+from npgpt.tokenizer.formats import load as load_tokenizer, save as save_tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -98,7 +98,7 @@ def test_tf_checkpoint_matches_expected(tmp_path, backend):
     assert abs(np.linalg.norm(last.astype(np.float64)) - expected["last_logits_l2_norm"]) < tolerance["l2_abs"]
     new = greedy(npgpt_logits_fn(model), expected["prompt_ids"], len(expected["greedy_new_ids"]))
     assert new == expected["greedy_new_ids"]
-    tokenizer = Tokenizer.load(out)  # encoder.json + vocab.bpe were copied beside the weights
+    tokenizer = load_tokenizer(out)  # encoder.json + vocab.bpe were copied beside the weights
     assert tokenizer.encode(expected["prompt_text"]) == expected["prompt_ids"]
 
 
@@ -126,7 +126,7 @@ def test_cli_check_and_gpt2_vocabulary_round_trip(tmp_path, capsys):
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "vocab.json", "merges.txt"}
     params, _ = load_checkpoint(out / "model.safetensors")
     assert all(p.dtype == np.float16 for p in params.values())
-    converted, original = Tokenizer.load(out), Tokenizer.load(gpt2)
+    converted, original = load_tokenizer(out), load_tokenizer(gpt2)
     assert converted.n_vocab == original.n_vocab == 50257 and converted.eot_id == 50256
     assert all(converted.token_bytes(i) == original.token_bytes(i) for i in range(50257))
     text = "Hello world! Ünïcödé, numbers 12345 and <|endoftext|> too."

@@ -21,6 +21,7 @@ import npgpt.backend as backend_module
 import npgpt_cupy
 from npgpt.backend import BackendError, NumpyBackend, get_backend
 from npgpt.config import GPTConfig
+from npgpt.errors import UserError
 from npgpt.generate import generate_ids
 from npgpt.kernels import REFERENCE
 from npgpt.model import GPT, init_params
@@ -173,8 +174,9 @@ def test_an_out_of_range_id_on_the_device_is_an_error_at_the_next_read_back(fake
     bad_ids = b.asarray(np.array([[1, TINY.vocab_size]]))
     logits, moved = transfers_during(lambda: model.forward(bad_ids))
     assert (moved.downloads, moved.syncs) == (0, 0)
-    with pytest.raises(IndexError, match=r"^an index outside its axis .* GPU 0, which CuPy wraps silently: a token id >= vocab_size"):
+    with pytest.raises(IndexError, match=r"^an index outside its axis .* GPU 0, which CuPy wraps silently: a token id >= vocab_size") as e:
         b.to_numpy(logits)
+    assert isinstance(e.value, UserError)  # a CLI reports it in one line
     b.to_numpy(model.forward(b.asarray(np.array([[1, 2]]))))  # the record was cleared: good ids pass
     targets = np.array([[3, -100]])  # Hugging Face's ignore label, with the ignore index left at -1
     loss, _ = model.loss_and_grads(b.asarray(np.array([[1, 2]])), b.asarray(targets), ignore_index=-1)

@@ -16,16 +16,17 @@ from npgpt.generate import (
     PromptCropped,
     PromptError,
     StopStrings,
-    WeightsError,
     encode_prompt,
     generate,
     generate_ids,
     main,
-    resolve_weights,
+    window_start,
 )
 from npgpt.model import GPT, init_params
 from npgpt.sampling import SamplingConfig
 from npgpt.tokenizer.bpe import BPETokenizer
+from npgpt.weights import WeightsError, resolve_weights
+from npgpt.tokenizer.formats import load as load_tokenizer, save as save_tokenizer
 
 ROOT = __import__("conftest").ROOT
 EOT = 256
@@ -58,7 +59,7 @@ def sharp_model(backend="numpy", config=CONFIG, emit=None) -> GPT:
 def weights_dir(tmp_path):
     """A folder as --weights expects it: model.safetensors and the tokenizer's files."""
     sharp_model().save(tmp_path / "model.safetensors")
-    byte_tokenizer().save(tmp_path)
+    save_tokenizer(byte_tokenizer(), tmp_path)
     return tmp_path
 
 
@@ -79,6 +80,22 @@ def test_same_seed_same_text_on_every_backend(backend):
 
     assert run(sharp_model(backend)) == run(sharp_model("numpy"))
     assert run(sharp_model("numpy")) != list(generate_ids(sharp_model(), [1, 2, 3], 20, sampling, np.random.default_rng(8)))
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingConfig(temperature=0.8)])
+def test_cached_and_recomputed_generation_agree_past_the_context(sampling):
+    """Both paths follow one window rule, so they give the same ids long after the cache
+    first fills (float64, so round-off cannot flip a choice)."""
+    model = GPT.from_numpy(CONFIG, sharp_params(CONFIG), "numpy", "float64")
+    runs = [list(generate_ids(model, [5, 17], 3 * CONFIG.n_ctx, sampling, np.random.default_rng(3), use_cache=cache))
+            for cache in (True, False)]  # fmt: skip
+    assert runs[0] == runs[1]
+    assert sampling.greedy or len(set(runs[0][CONFIG.n_ctx :])) > 3  # sampled: a varied text past the context
+
+
+def test_the_window_restarts_at_the_last_half_of_the_context():
+    assert window_start(0, 32, 32) == 0 and window_start(0, 33, 32) == 17 and window_start(17, 49, 32) == 17
+    assert window_start(17, 50, 32) == 34
 
 
 def test_generation_continues_past_the_context():

@@ -211,3 +211,15 @@ def test_no_float64_leak_on_float32_models():
     assert model.forward(ids).dtype == np.float32
     loss, grads = model.loss_and_grads(ids, ids)
     assert loss.dtype == np.float32 and all(g.dtype == np.float32 for g in grads.values())
+
+
+def test_targets_outside_the_vocabulary_are_refused_unless_ignored():
+    """Hugging Face-style -100 labels must match the ignore index, not wrap around to V-100."""
+    model = GPT.init(GPTConfig(vocab_size=50, n_ctx=4, n_embd=8, n_head=2, n_layer=1))
+    ids = np.array([[1, 2, 3, 4]])
+    for wrong in (-100, 50, -2):
+        with pytest.raises(ValueError, match=r"targets must be ids in \[0, 50\)"):
+            model.loss(ids, np.array([[1, 2, 3, wrong]]), ignore_index=-7)
+        with pytest.raises(ValueError, match="ignore index"):
+            model.loss_and_grads(ids, np.array([[1, 2, wrong, 3]]), ignore_index=-7)
+    assert np.isfinite(float(model.loss(ids, np.array([[1, 2, 3, -100]]), ignore_index=-100)))

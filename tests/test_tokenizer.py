@@ -11,8 +11,9 @@ from conftest import data_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npgpt.tokenizer import ENDOFTEXT, BPETokenizer, Tokenizer
+from npgpt.tokenizer import ENDOFTEXT, BPETokenizer
 from npgpt.tokenizer.formats import read_merges_form, read_tiktoken
+from npgpt.tokenizer.formats import load as load_tokenizer, save as save_tokenizer
 
 # The published form of GPT-2's split pattern (npgpt uses an equivalent possessive form).
 PUBLISHED_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -21,7 +22,7 @@ TIKTOKEN_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}
 
 @pytest.fixture(scope="module")
 def gpt2() -> BPETokenizer:
-    return Tokenizer.load(data_path("gpt2/gpt2.tiktoken"))
+    return load_tokenizer(data_path("gpt2/gpt2.tiktoken"))
 
 
 @pytest.fixture(scope="module")
@@ -137,14 +138,14 @@ def test_three_published_forms_load_to_the_same_tokenizer(gpt2, tmp_path):
     openai_dir.mkdir()
     for name in ("encoder.json", "vocab.bpe"):
         (openai_dir / name).write_bytes((gpt2_dir / name).read_bytes())
-    for tok in (Tokenizer.load(gpt2_dir), Tokenizer.load(hf_dir), Tokenizer.load(openai_dir)):
+    for tok in (load_tokenizer(gpt2_dir), load_tokenizer(hf_dir), load_tokenizer(openai_dir)):
         assert tok.ranks == gpt2.ranks and tok.special_tokens == gpt2.special_tokens
         assert tok.pattern == gpt2.pattern
 
 
 @pytest.fixture(scope="module")
 def gpt2_huggingface_dir(gpt2, tmp_path_factory):
-    return gpt2.save(tmp_path_factory.mktemp("gpt2-hf"), format="huggingface")
+    return save_tokenizer(gpt2, tmp_path_factory.mktemp("gpt2-hf"), format="huggingface")
 
 
 def test_saved_merges_reproduce_gpt2s_files(gpt2_huggingface_dir):
@@ -156,8 +157,8 @@ def test_saved_merges_reproduce_gpt2s_files(gpt2_huggingface_dir):
 
 
 def test_save_load_round_trip(gpt2, gpt2_huggingface_dir, tmp_path):
-    for directory in (gpt2.save(tmp_path, format="tiktoken"), gpt2_huggingface_dir):
-        loaded = Tokenizer.load(directory)
+    for directory in (save_tokenizer(gpt2, tmp_path, format="tiktoken"), gpt2_huggingface_dir):
+        loaded = load_tokenizer(directory)
         assert (loaded.ranks, loaded.special_tokens, loaded.pattern) == (gpt2.ranks, gpt2.special_tokens, gpt2.pattern)
 
 
@@ -174,6 +175,42 @@ def test_errors_say_what_is_wrong(gpt2, tmp_path):
     with pytest.raises(ValueError, match="not in this vocabulary"):
         gpt2.stream_decoder().feed(-1)
     with pytest.raises(FileNotFoundError, match="no tokenizer found"):
-        Tokenizer.load(tmp_path)
+        load_tokenizer(tmp_path)
     with pytest.raises(ValueError, match="every single byte"):
         BPETokenizer({b"a": 0})
+
+
+# -- the package's shape: no import circle ----------------------------------------------------
+TOKENIZER_MODULES = ["base", "bpe", "char", "formats", "train", "__main__"]
+
+
+@pytest.mark.parametrize("module", TOKENIZER_MODULES)
+def test_each_tokenizer_module_imports_alone_in_a_fresh_interpreter(module):
+    import subprocess
+    import sys
+
+    name = f"npgpt.tokenizer.{module}"
+    code = f"import importlib, sys; importlib.import_module({name!r}); print(sorted(m for m in sys.modules if m.startswith('npgpt.tokenizer.')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_tokenizer_modules_import_no_circle():
+    """Every import in the package, function-local ones included, points one way."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(__import__("npgpt.tokenizer").tokenizer.__file__).parent
+    graph = {}
+    for module in TOKENIZER_MODULES:
+        tree = ast.parse((folder / f"{module}.py").read_text("utf-8"))
+        targets = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("npgpt.tokenizer."):
+                targets.add(node.module.rsplit(".", 1)[1])
+            elif isinstance(node, ast.ImportFrom) and node.module == "npgpt.tokenizer":
+                targets.add("__init__")
+        graph[module] = targets
+    order = ["base", "bpe", "char", "train", "formats", "__main__"]  # each imports only earlier ones
+    for module, targets in graph.items():
+        assert targets <= set(order[: order.index(module)]), (module, targets)

@@ -10,10 +10,11 @@ from conftest import data_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npgpt.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, train_bpe
+from npgpt.tokenizer import BPETokenizer, CharTokenizer, train_bpe
 from npgpt.tokenizer.__main__ import main as cli
 from npgpt.tokenizer.bpe import GPT2_PATTERN, GPT4_PATTERN, SINGLE_BYTES
 from npgpt.tokenizer.train import count_chunks
+from npgpt.tokenizer.formats import load as load_tokenizer, save as save_tokenizer
 
 
 def test_hand_worked_merges():
@@ -73,7 +74,7 @@ def test_special_tokens_are_registered_and_never_merged():
 def test_trained_vocabulary_save_load_round_trip(tmp_path, format):
     text = data_path("corpora/tinyshakespeare.txt").read_text("utf-8")[:20000]
     tok = train_bpe(text, 400, "gpt4", special_tokens=["<|endoftext|>", "<|pad|>"])
-    loaded = Tokenizer.load(tok.save(tmp_path, format=format))
+    loaded = load_tokenizer(save_tokenizer(tok, tmp_path, format=format))
     assert (loaded.ranks, loaded.special_tokens, loaded.pattern) == (tok.ranks, tok.special_tokens, GPT4_PATTERN)
     assert loaded.encode(text) == tok.encode(text)
     assert loaded.decode(tok.encode(text)) == text
@@ -97,7 +98,7 @@ def test_char_tokenizer(tmp_path):
     assert ids == [tok.chars.index(c) for c in text] and tok.decode(ids) == text
     stream = tok.stream_decoder()
     assert "".join(stream.feed(i) for i in ids) + stream.flush() == text
-    loaded = Tokenizer.load(tok.save(tmp_path))
+    loaded = load_tokenizer(save_tokenizer(tok, tmp_path))
     assert isinstance(loaded, CharTokenizer) and loaded.chars == tok.chars
     with pytest.raises(ValueError, match="'z' is not in this character-level vocabulary"):
         tok.encode("z")
@@ -109,7 +110,7 @@ def test_cli_train_encode_decode(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the cat sat on the mat. the end.\n" * 20, "utf-8")
     assert cli(["train", str(corpus), str(tmp_path / "tok"), "--vocab-size", "270", "--special", "<|endoftext|>"]) == 0
-    tok = Tokenizer.load(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
     assert tok.n_vocab == 270 and tok.eot_id == 269
     capsys.readouterr()
     cli(["encode", str(tmp_path / "tok"), "--allow-special", "--text", "the mat<|endoftext|>"])
@@ -118,4 +119,4 @@ def test_cli_train_encode_decode(tmp_path, capsys):
     cli(["decode", str(tmp_path / "tok"), *ids])
     assert capsys.readouterr().out == "the mat<|endoftext|>"
     assert cli(["train", str(corpus), str(tmp_path / "chars"), "--char"]) == 0
-    assert isinstance(Tokenizer.load(tmp_path / "chars"), CharTokenizer)
+    assert isinstance(load_tokenizer(tmp_path / "chars"), CharTokenizer)

@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baseline_bpe import BaselineBPE  # noqa: E402
 from benchlib import emit, interleaved, log, summary  # noqa: E402
 
-from npgpt.tokenizer import Tokenizer, train_bpe  # noqa: E402
+from npgpt.tokenizer import train_bpe  # noqa: E402
 from npgpt.tokenizer.bpe import GPT2_PATTERN  # noqa: E402
+from npgpt.tokenizer.formats import load as load_tokenizer, save as save_tokenizer  # noqa: E402
 
 DATA = Path(os.environ.get("NPGPT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -37,7 +38,7 @@ def builders(data: Path) -> dict:
 
     tiktoken_ranks = tiktoken.load.load_tiktoken_bpe(str(data / "gpt2" / "gpt2.tiktoken"))
     return {
-        "npgpt": lambda: Tokenizer.load(data / "gpt2" / "gpt2.tiktoken"),
+        "npgpt": lambda: load_tokenizer(data / "gpt2" / "gpt2.tiktoken"),
         "tiktoken": lambda: tiktoken.Encoding(
             name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=tiktoken_ranks, special_tokens={"<|endoftext|>": 50256}
         ),

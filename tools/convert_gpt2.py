@@ -20,9 +20,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from npgpt.convert import ConversionError, convert, fetch_from_hub, read_source  # noqa: E402
+from npgpt.convert import convert, fetch_from_hub, read_source  # noqa: E402
 from npgpt.convert.converter import detect_format  # noqa: E402
 from npgpt.convert.parity import PROMPTS, compare, format_report  # noqa: E402
+from npgpt.errors import UserError, add_debug_flag, run_cli  # noqa: E402
+from npgpt.model import FLOAT_DTYPES  # noqa: E402
+from npgpt.weights import WEIGHTS_FILE  # noqa: E402
+from npgpt.tokenizer.formats import load as load_tokenizer, save as save_tokenizer  # noqa: E402
 
 
 def parse_args(argv):
@@ -34,9 +38,11 @@ def parse_args(argv):
     parser.add_argument("--cache-dir", help="download cache (default: $NPGPT_CACHE/hub or ~/.cache/npgpt/hub)")
     parser.add_argument("--name", help="output name: writes <out-root>/<name>/ (default: the source folder's or repo's name)")
     parser.add_argument("--out-root", default="weights", help="parent folder of the output (default: weights)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "float64"), help="stored dtype (default: float32)")
+    parser.add_argument("--dtype", default="float32", choices=FLOAT_DTYPES, help="stored dtype (default: float32)")
     parser.add_argument("--check", action="store_true", help="compare against transformers on fixed prompts (float32 on both sides)")
     parser.add_argument("--n-new", type=int, default=32, help="greedy tokens generated per prompt by --check (default: 32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model already in the output folder")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     if (args.source is None) == (args.from_hub is None):
         parser.error("give either a source folder or --from-hub REPO (not both)")
@@ -70,7 +76,6 @@ def hf_logits_fn(source_dir: Path, source_format: str):
 def run_check(source_dir: Path, out_dir: Path, checkpoint: Path, n_new: int) -> bool:
     """Print the parity report; True when every greedy continuation is identical."""
     from npgpt.model import GPT
-    from npgpt.tokenizer import Tokenizer
 
     try:
         reference = hf_logits_fn(source_dir, detect_format(source_dir))
@@ -78,7 +83,7 @@ def run_check(source_dir: Path, out_dir: Path, checkpoint: Path, n_new: int) -> 
         print(f"--check needs transformers and torch ({error})", file=sys.stderr)
         return False
     model = GPT.load(checkpoint, dtype="float32")
-    tokenizer = Tokenizer.load(out_dir)
+    tokenizer = load_tokenizer(out_dir)
     prompts = [tokenizer.encode(text)[-(model.config.n_ctx - n_new) :] for text in PROMPTS]  # fit n_ctx
     candidate = lambda ids: model.backend.to_numpy(model.forward(np.asarray([ids])))[0]  # noqa: E731
     reports = compare(reference, candidate, prompts, n_new)
@@ -87,19 +92,21 @@ def run_check(source_dir: Path, out_dir: Path, checkpoint: Path, n_new: int) -> 
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        if args.from_hub:
-            source_dir = fetch_from_hub(args.from_hub, args.cache_dir, args.hub_url, args.revision)
-            print(f"hub files in {source_dir}", file=sys.stderr)
-        else:
-            source_dir = Path(args.source)
-        name = args.name or (args.from_hub.split("/")[-1] if args.from_hub else source_dir.resolve().name)
-        out_dir = Path(args.out_root) / name
-        checkpoint = convert(source_dir, out_dir, args.dtype)
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return run_cli(_main, sys.argv[1:] if argv is None else argv)
+
+
+def _main(argv) -> int:
+    args = parse_args(argv)
+    if args.from_hub:
+        source_dir = fetch_from_hub(args.from_hub, args.cache_dir, args.hub_url, args.revision)
+        print(f"hub files in {source_dir}", file=sys.stderr)
+    else:
+        source_dir = Path(args.source)
+    name = args.name or (args.from_hub.split("/")[-1] if args.from_hub else source_dir.resolve().name)
+    out_dir = Path(args.out_root) / name
+    if (out_dir / WEIGHTS_FILE).exists() and not args.overwrite:
+        raise UserError(f"{out_dir} already holds a model; choose another --name or --out-root, or pass --overwrite to replace it")
+    checkpoint = convert(source_dir, out_dir, args.dtype)
     print(f"wrote {checkpoint} and the tokenizer files in {out_dir}")
     if args.check:
         return 0 if run_check(source_dir, out_dir, checkpoint, args.n_new) else 1

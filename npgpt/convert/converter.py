@@ -19,10 +19,10 @@ from npgpt.convert.common import ConversionError
 from npgpt.convert.mapping import config_from_hf, config_from_tf_hparams, params_from_hf, params_from_tf
 from npgpt.convert.tf_checkpoint import read_tf_checkpoint
 from npgpt.convert.torch_pickle import read_pytorch_bin
+from npgpt.model import FLOAT_DTYPES
+from npgpt.tokenizer.formats import MERGES_FORMS
+from npgpt.weights import WEIGHTS_FILE
 
-CHECKPOINT_NAME = "model.safetensors"
-# A tokenizer is a vocabulary + a merges list, under Hugging Face's or OpenAI's file names.
-TOKENIZER_FILES = {"huggingface": ("vocab.json", "merges.txt"), "openai": ("encoder.json", "vocab.bpe")}
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -92,10 +92,10 @@ def read_hf_weights(path: Path) -> dict[str, np.ndarray]:
 
 
 def find_tokenizer_files(directory: Path) -> list[Path]:
-    for names in TOKENIZER_FILES.values():
+    for names in MERGES_FORMS.values():
         if all((directory / name).exists() for name in names):
             return [directory / name for name in names]
-    wanted = " or ".join(" + ".join(names) for names in TOKENIZER_FILES.values())
+    wanted = " or ".join(" + ".join(names) for names in MERGES_FORMS.values())
     raise ConversionError(f"{directory}: no tokenizer files ({wanted}) next to the weights")
 
 
@@ -112,8 +112,8 @@ def check_tokenizer_files(files: list[Path], config: GPTConfig):
 def convert(source_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
     """Convert the published GPT-2 in `source_dir` into `out_dir` (model.safetensors + the
     tokenizer files under their original names). Returns the checkpoint's path."""
-    if dtype not in ("float16", "float32", "float64"):
-        raise ConversionError(f"dtype must be float16, float32 or float64, got {dtype!r}")
+    if dtype not in FLOAT_DTYPES:
+        raise ConversionError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
     out_dir = Path(out_dir)
     if out_dir.resolve() == Path(source_dir).resolve():
         raise ConversionError(f"the output folder {out_dir} is the source folder; choose another")
@@ -121,7 +121,7 @@ def convert(source_dir: str | Path, out_dir: str | Path, dtype: str = "float32")
     check_tokenizer_files(source.tokenizer_files, source.config)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {name: np.asarray(array, dtype=dtype) for name, array in source.params.items()}
-    path = out_dir / CHECKPOINT_NAME
+    path = out_dir / WEIGHTS_FILE
     save_checkpoint(path, params, source.config)
     for file in source.tokenizer_files:
         shutil.copyfile(file, out_dir / file.name)

@@ -3,8 +3,8 @@ a BPE trainer, and a character-level tokenizer with the same interface.
 
 Loading and using one::
 
-    from npgpt.tokenizer import Tokenizer
-    tok = Tokenizer.load("weights/gpt2")        # a directory in any form below, or a .tiktoken file
+    from npgpt.tokenizer import load, save
+    tok = load("weights/gpt2")                  # a directory in any form below, or a .tiktoken file
     ids = tok.encode("hello world")             # [31373, 995]
     tok.encode("hi<|endoftext|>", allowed_special="all")   # [5303, 50256]
     tok.decode(ids)                             # "hello world"; invalid UTF-8 -> U+FFFD
@@ -22,11 +22,15 @@ Every tokenizer (`Tokenizer` subclass) has:
   only complete UTF-8 characters; all its pieces joined equal `decode(ids)`.
 - `n_vocab` (largest id + 1), `eot_id` (id of <|endoftext|> or None), `special_tokens`
   (string -> id).
-- `save(directory, format=None)`: BPE: "tiktoken" (default), "huggingface" or "gpt2";
-  character-level: its own form. `npgpt_tokenizer.json` (pattern, special tokens) is
-  written beside the vocabulary.
-- `Tokenizer.load(directory)`: detects npgpt_tokenizer.json, `*.tiktoken`,
-  `encoder.json` + `vocab.bpe`, or `vocab.json` + `merges.txt` (see `formats`).
+
+Files (all in `formats`, the one module that reads and writes them):
+
+- `save(tokenizer, directory, format=None)`: BPE: "tiktoken" (default), "huggingface" or
+  "gpt2"; character-level: its own form. `npgpt_tokenizer.json` (pattern, special tokens)
+  is written beside the vocabulary.
+- `load(directory)`: detects npgpt_tokenizer.json, `*.tiktoken`, `encoder.json` +
+  `vocab.bpe`, or `vocab.json` + `merges.txt`, and validates them (errors name the file and
+  line: `TokenizerFileError`).
 
 Classes and functions:
 
@@ -46,9 +50,8 @@ tiktoken's on every code point.
 from npgpt.tokenizer.base import ENDOFTEXT, StreamDecoder, Tokenizer
 from npgpt.tokenizer.bpe import GPT2_PATTERN, GPT4_PATTERN, BPETokenizer
 from npgpt.tokenizer.char import CharTokenizer
+from npgpt.tokenizer.formats import TokenizerFileError, load, save
 from npgpt.tokenizer.train import train_bpe
-
-load = Tokenizer.load
 
 __all__ = [
     "ENDOFTEXT",
@@ -58,6 +61,8 @@ __all__ = [
     "CharTokenizer",
     "StreamDecoder",
     "Tokenizer",
+    "TokenizerFileError",
     "load",
+    "save",
     "train_bpe",
 ]

@@ -7,9 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-from npgpt.tokenizer.base import Tokenizer
+from npgpt.errors import UserError, add_debug_flag, run_cli
 from npgpt.tokenizer.char import CharTokenizer
 from npgpt.tokenizer.train import train_bpe
+from npgpt.tokenizer.formats import load as load_tokenizer, save as save_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,38 +36,60 @@ def build_parser() -> argparse.ArgumentParser:
     decode = commands.add_parser("decode", help="print the text of ids")
     decode.add_argument("tokenizer", type=Path, help="tokenizer directory (or .tiktoken file)")
     decode.add_argument("ids", nargs="*", type=int, help="ids to decode (default: whitespace-separated ids on stdin)")
+    for command in (parser, train, encode, decode):
+        add_debug_flag(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
-        text = args.input.read_text("utf-8")
+        text = _read(args.input)
         start = time.perf_counter()
         if args.char:
             tokenizer = CharTokenizer.train(text)
         else:
-            tokenizer = train_bpe(text, args.vocab_size, args.pattern, args.special)
+            try:
+                tokenizer = train_bpe(text, args.vocab_size, args.pattern, args.special)
+            except ValueError as e:  # a vocabulary size or pattern that cannot work
+                raise UserError(f"{e}; change --vocab-size, --pattern or --special") from None
         seconds = time.perf_counter() - start
-        tokenizer.save(args.output, None if args.char else args.format)
+        save_tokenizer(tokenizer, args.output, None if args.char else args.format)
         print(f"trained {tokenizer!r} in {seconds:.2f} s; saved to {args.output}", file=sys.stderr)
     elif args.command == "encode":
-        tokenizer = Tokenizer.load(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer)
         if args.text is not None:
             text = args.text
         else:
-            text = args.input.read_text("utf-8") if args.input else sys.stdin.read()
-        ids = tokenizer.encode(text, allowed_special="all" if args.allow_special else ())
+            text = _read(args.input) if args.input else sys.stdin.read()
+        try:
+            ids = tokenizer.encode(text, allowed_special="all" if args.allow_special else ())
+        except ValueError as e:
+            raise UserError(f"the text cannot be encoded: {e}") from None
         print(" ".join(map(str, ids)))
     else:
-        tokenizer = Tokenizer.load(args.tokenizer)
-        ids = args.ids or [int(word) for word in sys.stdin.read().split()]
-        sys.stdout.write(tokenizer.decode(ids))
+        tokenizer = load_tokenizer(args.tokenizer)
+        words = sys.stdin.read().split() if not args.ids else []
+        if not all(word.lstrip("-").isdigit() for word in words):
+            raise UserError("stdin must hold whitespace-separated integer ids; give ids such as 15339 995")
+        try:
+            text = tokenizer.decode(args.ids or [int(word) for word in words])
+        except ValueError as e:
+            raise UserError(f"{e}; give ids the tokenizer has") from None
+        sys.stdout.write(text)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    sys.exit(main())

@@ -1,9 +1,8 @@
-"""What every npgpt tokenizer offers: special-token rules, decoding, streaming, loading."""
+"""What every npgpt tokenizer offers: special-token rules, decoding, streaming (files: `formats`)."""
 
 from __future__ import annotations
 
 import codecs
-from pathlib import Path
 from typing import Callable, Collection, Iterable, Literal
 
 import regex
@@ -39,7 +38,7 @@ class StreamDecoder:
 
 
 class Tokenizer:
-    """Base class: subclasses provide `encode_ordinary`, `token_bytes`, `n_vocab`, `save`.
+    """Base class: subclasses provide `encode_ordinary`, `token_bytes`, `n_vocab`.
 
     `special_tokens` maps each special token's text to its id.
     """
@@ -57,10 +56,6 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one id stands for (a special token's UTF-8 text for a special id)."""
-        raise NotImplementedError
-
-    def save(self, directory: str | Path, format: str | None = None) -> Path:
-        """Write the vocabulary to `directory` (format None: this kind's usual form)."""
         raise NotImplementedError
 
     # --- shared behaviour --------------------------------------------------------------
@@ -126,13 +121,6 @@ class Tokenizer:
                 f"(its special tokens: {sorted(self.special_tokens)})"
             )
         return set(which)
-
-    @staticmethod
-    def load(path: str | Path) -> "Tokenizer":
-        """Load whichever tokenizer a directory (or a single .tiktoken file) holds."""
-        from npgpt.tokenizer.formats import load_tokenizer
-
-        return load_tokenizer(path)
 
 
 def _special_regex(tokens: set[str]) -> regex.Pattern:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import sys
 from itertools import chain
-from pathlib import Path
 
 import regex
 
@@ -156,14 +155,6 @@ class BPETokenizer(Tokenizer):
                 )
             pairs.append((parts[0], parts[1]))
         return pairs
-
-    def save(self, directory: str | Path, format: str | None = "tiktoken") -> Path:
-        """Write this vocabulary to `directory` as "tiktoken" (tokenizer.tiktoken; also for
-        None), "huggingface" (vocab.json + merges.txt) or "gpt2" (encoder.json + vocab.bpe),
-        plus npgpt_tokenizer.json (pattern and special tokens). Returns the directory."""
-        from npgpt.tokenizer.formats import save_bpe
-
-        return save_bpe(self, directory, format or "tiktoken")
 
     def __repr__(self) -> str:
         return f"BPETokenizer(n_vocab={self.n_vocab}, special_tokens={self.special_tokens})"

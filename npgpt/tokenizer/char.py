@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable
 
 from npgpt.tokenizer.base import Tokenizer
@@ -45,18 +44,6 @@ class CharTokenizer(Tokenizer):
         if not 0 <= token_id < len(self.chars):
             raise ValueError(f"id {token_id!r} is not in this vocabulary (0..{self.n_vocab - 1})")
         return self.chars[token_id]
-
-    def save(self, directory: str | Path, format: str | None = None) -> Path:
-        """Write npgpt_tokenizer.json (the character list) to `directory`; a character
-        vocabulary has that one form, so `format` must be None or "char"."""
-        from npgpt.tokenizer.formats import write_metadata
-
-        if format not in (None, "char"):
-            raise ValueError(f"a character-level tokenizer is saved in its own form only, not {format!r}")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_metadata(directory, {"kind": "char", "chars": self.chars})
-        return directory
 
     def __repr__(self) -> str:
         return f"CharTokenizer(n_vocab={self.n_vocab})"

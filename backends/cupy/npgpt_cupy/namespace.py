@@ -16,11 +16,17 @@ from __future__ import annotations
 import functools
 import types
 
+from npgpt.errors import UserError
+
 # Functions of the standard that create an array and take `device=`.
 CREATION_FUNCTIONS = (
     "arange", "asarray", "empty", "empty_like", "eye", "full", "full_like",
     "linspace", "ones", "ones_like", "zeros", "zeros_like",
 )  # fmt: skip
+
+
+class DeviceIndexError(UserError, IndexError):
+    """An index outside its axis reached a gather on the GPU (CuPy would have wrapped it)."""
 
 
 class CupyNamespace(types.ModuleType):
@@ -53,11 +59,11 @@ class CupyNamespace(types.ModuleType):
         self._bad_index[device] = bad if seen is None else seen | bad
 
     def raise_on_bad_index(self, device: int) -> None:
-        """IndexError if an index checked on GPU `device` since the last call was out of
-        range (reads one bool back: call it where the stream is synchronised anyway)."""
+        """DeviceIndexError (an IndexError) if an index checked on GPU `device` since the
+        last call was out of range (reads one bool back: call it where the stream is synchronised anyway)."""
         bad = self._bad_index.pop(device, None)
         if bad is not None and bool(bad.get()):
-            raise IndexError(
+            raise DeviceIndexError(
                 f"an index outside its axis reached take/take_along_axis on GPU {device}, which CuPy wraps silently: "
                 "a token id >= vocab_size, or a target neither in [0, vocab_size) nor the ignore index; "
                 "check that the ids come from the model's tokenizer and the ignore index is the data's"
