@@ -53,7 +53,7 @@ def quick_run(tmp_path_factory):
         "OUT": str(tmp / "out"),
         "TEST_ARGS": "tests/test_cupy_gpu.py",  # the GPU-only tests, here on the double
         "INDEX_ADD_ARGS": "--rows 512 --channels 16 --vocab 1000",
-        "BENCH_ARGS": "--n-layer 1 --only generate --prompt-tokens 4 --new-tokens 2 --repeats 1",
+        "BENCH_ARGS": "--n-layer 1 --only train --batch 1 --seq 8 --repeats 1",
     }
     installed = subprocess.run([f"{tmp}/env/bin/python", "-c", "import importlib.metadata as m; m.distribution('npgpt')"], env=env, capture_output=True)
     assert installed.returncode != 0, "npgpt must not be installed in the stand-in machine"
@@ -75,7 +75,7 @@ def test_quick_run_writes_the_json_and_the_summary_offline_without_an_install(qu
     assert all(r["ok"] for r in report["parity"]["forward"].values()) and set(report["parity"]["forward"]) == {"float16", "float32", "float64"}
     assert report["index_add"]["npgpt_index_add"]["same_bits_every_run"]
     assert report["tests"]["summary"].startswith("7 passed")  # test_cupy_gpu.py ran on the double, none skipped
-    assert "generate" in report["bench"]
+    assert "train" in report["bench"]
     summary = (out / "gpu_check.txt").read_text()
     assert summary in result.stdout and "forward float16" in summary and "tests: 7 passed" in summary
     assert (out / "gpu_check" / "pytest.txt").exists()
