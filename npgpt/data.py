@@ -3,6 +3,8 @@
 Batches are random windows of the stream (as in nanoGPT). Every batch is drawn from a
 generator seeded by (seed, split, step, micro-step) alone, so the data order is
 reproducible, and resuming at step k needs nothing but k: no sampler state to save.
+The stream may be a np.memmap of a prepared folder (`python -m npgpt.data prepare`, see
+npgpt.prepare): a batch reads only the windows it draws.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class BatchSampler:
                 f"the {split} split has {len(tokens)} tokens, fewer than block size + 1 = {block_size + 1}: "
                 "use a longer text, a smaller --block-size, or a different --val-fraction"
             )
-        self.tokens = np.asarray(tokens, dtype=np.int64)
+        self.tokens = tokens  # any integer array, a np.memmap included: only the drawn windows are read
         self.batch_size, self.block_size, self.seed, self.split = batch_size, block_size, seed, split
 
     def batch(self, step: int, micro: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -37,5 +39,13 @@ class BatchSampler:
         rng = np.random.default_rng([self.seed, SPLITS[self.split], step, micro])
         starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)  # (B,)
         window = starts[:, None] + np.arange(self.block_size + 1)  # (B, T + 1)
-        chunk = self.tokens[window]
+        chunk = self.tokens[window].astype(np.int64)  # (B, T + 1)
         return chunk[:, :-1], chunk[:, 1:]
+
+
+if __name__ == "__main__":  # python -m npgpt.data prepare ...: see npgpt.prepare
+    import sys
+
+    from npgpt.prepare import main
+
+    sys.exit(main())

@@ -28,6 +28,8 @@ import numpy as np
 from npgpt.backend import get_backend
 from npgpt.layers import IGNORE_INDEX
 from npgpt.errors import UserError, add_debug_flag, run_cli
+from npgpt.generate import unescape
+from npgpt.prepare import read_tokens
 from npgpt.model import FLOAT_DTYPES
 from npgpt.weights import load_model
 
@@ -64,15 +66,14 @@ def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int |
         raise EvalError(f"context {context} must be in [1, the model's n_ctx {model.config.n_ctx}]; give a smaller --context")
     stride = stride or max(1, context // 2)
     batch_size = batch_size or max(1, min(64, LOGITS_BUDGET // (context * model.config.vocab_size)))
-    ids = np.asarray(ids, dtype=np.int64)
     windows = list(sliding_windows(len(ids), context, stride))
     total = sum(end - first for _, end, first in windows)
     if total == 0:
         raise EvalError("the text has fewer than 2 tokens, so there is nothing to score; give a longer text")
     nll, count = 0.0, 0
     for group in _batches(windows, batch_size):  # windows of one length
-        inputs = np.stack([ids[begin : end - 1] for begin, end, _ in group])  # (B, T)
-        targets = np.stack([ids[begin + 1 : end] for begin, end, _ in group])  # (B, T), a copy
+        inputs = np.stack([ids[begin : end - 1] for begin, end, _ in group]).astype(np.int64)  # (B, T)
+        targets = np.stack([ids[begin + 1 : end] for begin, end, _ in group]).astype(np.int64)  # (B, T), a copy
         for row, (begin, _, first) in enumerate(group):
             targets[row, : first - (begin + 1)] = IGNORE_INDEX
         n_new = sum(end - first for _, end, first in group)
@@ -169,7 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m npgpt.eval", description=__doc__.split("\n\n")[0].split(": ")[0] + ".",
                                 epilog="See the module docstring (python -c 'import npgpt.eval; help(npgpt.eval)') for the method.")  # fmt: skip
     p.add_argument("--weights", required=True, help="checkpoint folder (model.safetensors + tokenizer), .safetensors file, or NAME for weights/NAME/")
-    p.add_argument("--data", required=True, help="UTF-8 text file to score")
+    p.add_argument("--data", required=True, help="UTF-8 text file to score, a folder made by python -m npgpt.data prepare, "
+                                                 "or (with --format pairs) JSON Lines pairs")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="which split of a prepared folder to score (default val)")
+    p.add_argument("--format", choices=("text", "pairs"), default="text",
+                   help="text: perplexity of the text (default); pairs: completion loss and exact-match accuracy "
+                        "of greedy generation on {\"prompt\", \"completion\"} records (see npgpt.pairs_eval)")  # fmt: skip
+    p.add_argument("--stop", action="append", default=[], type=unescape, metavar="TEXT",
+                   help=r"pairs: a string that ends generation; repeat for several; escapes \n \t \\ \uXXXX work")  # fmt: skip
+    p.add_argument("--max-new-tokens", type=int, default=256, help="pairs: generation limit per prompt (default 256)")
+    p.add_argument("--skip-bad", action="store_true", help="pairs: skip bad records (counted) instead of stopping")
     p.add_argument("--context", type=int, help="tokens per window (default: the model's n_ctx)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: context // 2)")
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text (reads only as much of the file as they need)")
@@ -193,7 +203,12 @@ def _main(argv) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     model, tokenizer = load_model(args.weights, get_backend(args.backend), args.dtype, say=lambda m: print(m, file=sys.stderr))
-    ids = read_ids(tokenizer, args.data, args.max_tokens)
+    if args.format == "pairs":
+        return score_pairs_main(args, model, tokenizer)
+    if Path(args.data).is_dir():  # a prepared folder: one split, memory-mapped
+        ids = read_tokens(args.data, tokenizer, args.split)[: args.max_tokens]
+    else:
+        ids = read_ids(tokenizer, args.data, args.max_tokens)
     start = time.perf_counter()
     result = perplexity(model, ids, args.context, args.stride, args.batch_size, None if args.quiet else Progress())
     result["seconds"] = time.perf_counter() - start
@@ -203,6 +218,16 @@ def _main(argv) -> int:
         print(f"{args.data}: {result['tokens_evaluated']:,} tokens evaluated in {result['windows']} windows "
               f"(context {result['context']}, stride {result['stride']}): loss {result['loss']:.4f} nats/token, "
               f"perplexity {result['perplexity']:.3f}")  # fmt: skip
+    return 0
+
+
+def score_pairs_main(args, model, tokenizer) -> int:
+    from npgpt import pairs_eval
+    from npgpt.pairs import read_pairs
+
+    result = pairs_eval.score_pairs(model, tokenizer, read_pairs(args.data, args.skip_bad), args.stop,
+                                    args.max_new_tokens, args.skip_bad, None if args.quiet else pairs_eval.say)  # fmt: skip
+    print(json.dumps(result) if args.json else pairs_eval.summary(result))
     return 0
 
 

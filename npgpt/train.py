@@ -1,4 +1,5 @@
-"""Train a GPT-2 on a UTF-8 text file: `python -m npgpt.train --data FILE --out-dir DIR`.
+"""Train a GPT-2 on a UTF-8 text file: `python -m npgpt.train --data FILE --out-dir DIR`,
+or on a folder of token files made by `python -m npgpt.data prepare` (`--data DIR`).
 
 From scratch (the tokenizer chosen by `--tokenizer`) or fine-tuning a checkpoint
 (`--init-from weights/NAME`). The output folder is a checkpoint that `npgpt.generate`
@@ -41,8 +42,11 @@ from npgpt.config import GPTConfig
 from npgpt.data import BatchSampler, split_tokens
 from npgpt.model import GPT, FLOAT_DTYPES
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr, global_norm
+from npgpt.prepare import read_tokens, split_tokens_of
 from npgpt.tokenizer.formats import save as save_tokenizer
 from npgpt.weights import WEIGHTS_FILE, check_vocabularies, load_host_params, load_tokenizer_beside, resolve_weights
+from npgpt.layers import IGNORE_INDEX
+from npgpt.pairs import PairsData, add_end_of_text, load_examples, read_pairs
 
 STATE_FILE, LOG_FILE = "trainer_state.safetensors", "log.jsonl"
 STEP_KEY, TRAINER_KEY = "npgpt.step", "npgpt.trainer"
@@ -67,15 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
         "weights/shakespeare/) unless --overwrite is given.",
     )
     g = p.add_argument_group("data and output")
-    g.add_argument("--data", help="UTF-8 text file to train on (required unless --resume)")
+    g.add_argument("--data", help="UTF-8 text file, a folder made by python -m npgpt.data prepare, or with --format pairs "
+                                  "a JSON Lines file (required unless --resume)")
+    g.add_argument("--format", choices=("text", "pairs"), default="text",
+                   help="text: continued pre-training, loss on every token (default); pairs: fine-tune on "
+                        "{\"prompt\", \"completion\"} records, loss on completions only, packed into windows")  # fmt: skip
+    g.add_argument("--skip-bad", action="store_true", help="with --format pairs: skip bad records (counted) instead of stopping")
     g.add_argument("--out-dir", required=True, help="checkpoint folder (created; with --resume, read first)")
     g.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir exactly where it stopped")
     g.add_argument("--overwrite", action="store_true", help="start a new run in --out-dir even if it holds another model or run (replaces its files)")
-    g.add_argument("--tokenizer", default="char",
+    g.add_argument("--tokenizer",
                    help="char | bytes | bpe:N (train an N-token byte-level BPE on the text) | a tokenizer folder, "
-                        "e.g. ../shared/data/gpt2 for GPT-2's BPE (default: char; ignored with --init-from)")  # fmt: skip
+                        "e.g. ../shared/data/gpt2 for GPT-2's BPE (default: a prepared folder's own, else char; "
+                        "ignored with --init-from)")  # fmt: skip
     g.add_argument("--init-from", help="fine-tune: a checkpoint folder, .safetensors file or weights/NAME (model + tokenizer)")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of the tokens held out for validation (default 0.1)")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of a text file's tokens held out for validation "
+                   "(default 0.1; a prepared folder has its own split)")  # fmt: skip
     m = p.add_argument_group("model (from scratch)")
     m.add_argument("--preset", help="a GPT-2 size (gpt2, gpt2-medium, ..., or 124M, ...) instead of the four flags below")
     m.add_argument("--n-layer", type=int, default=4)
@@ -134,14 +145,26 @@ def make_tokenizer(spec: str, text: str):
     raise TrainingError(f"--tokenizer {spec!r} is unknown; use char, bytes, bpe:N or an existing tokenizer folder")
 
 
-def encode_file(tokenizer, path) -> np.ndarray:
-    text = read_text(path)
+def load_splits(tokenizer, path, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) tokens of --data: a prepared folder's splits, memory-mapped, or a text
+    file's tokens cut by --val-fraction."""
+    if Path(path).is_dir():
+        return read_tokens(path, tokenizer, "train"), split_tokens_of(path, "val")
     try:
-        ids = tokenizer.encode(text, allowed_special="all")
+        ids = read_tokens(path, tokenizer)
     except ValueError as e:  # a character the vocabulary lacks
         raise TrainingError(f"--data {path} cannot be encoded with the run's tokenizer ({e}); train with another tokenizer") from None
-    dtype = np.uint16 if tokenizer.n_vocab <= 2**16 else np.int32
-    return np.asarray(ids, dtype=dtype)
+    try:
+        return split_tokens(ids, val_fraction)
+    except ValueError as e:  # a bad fraction
+        raise TrainingError(str(e)) from None
+
+
+def prepared_tokenizer(folder):
+    from npgpt.prepare import TOKENIZER_DIR
+    from npgpt.tokenizer import load
+
+    return load(Path(folder) / TOKENIZER_DIR)
 
 
 def read_text(path) -> str:
@@ -170,19 +193,27 @@ def scratch_config(args, vocab_size: int) -> GPTConfig:
 class Trainer:
     """One training run: model, optimizer, samplers, and the checkpoint folder."""
 
-    def __init__(self, args, model: GPT, tokenizer, tokens: np.ndarray, start_step: int = 0):
+    def __init__(self, args, model: GPT, tokenizer, data: tuple[np.ndarray, np.ndarray] | PairsData, start_step: int = 0):
+        """`data`: (train, val) token streams (--format text) or tokenized pairs (--format pairs)."""
         self.args, self.model, self.tokenizer = args, model, tokenizer
         self.out = Path(args.out_dir)
         self.backend = model.backend
         self.opt = AdamW(model.params, model.backend, betas=(args.beta1, args.beta2),
                          weight_decay=args.weight_decay, decay_embeddings=args.decay_embeddings)  # fmt: skip
         T = args.block_size
-        try:
-            train, val = split_tokens(tokens, args.val_fraction)
-            self.train_data = BatchSampler(train, args.batch_size, T, args.seed, "train")
-            self.val_data = BatchSampler(val, args.batch_size, T, args.seed, "val") if args.val_fraction > 0 else None
-        except ValueError as e:  # too few tokens, or a bad fraction
-            raise TrainingError(str(e)) from None
+        self.pairs = isinstance(data, PairsData)
+        if self.pairs:
+            self.train_data, self.val_data = data.samplers(T, args.batch_size, args.grad_accum, args.seed, args.val_fraction)
+            self.data_summary = data.summary()
+        else:
+            train, val = data
+            try:
+                self.train_data = BatchSampler(train, args.batch_size, T, args.seed, "train")
+                self.val_data = BatchSampler(val, args.batch_size, T, args.seed, "val") if len(val) else None
+            except ValueError as e:  # too few tokens
+                raise TrainingError(str(e)) from None
+            self.data_summary = f"{len(self.train_data.tokens):,} train tokens"
+        self.scored = 0  # targets scored (completion tokens with --format pairs) since the last report
         self.step = start_step
         self.tokens_per_step = args.batch_size * T * args.grad_accum
         self.stop_requested = False
@@ -196,9 +227,10 @@ class Trainer:
         args, model = self.args, self.model
         total_loss, grads = 0.0, None
         for micro in range(args.grad_accum):
-            ids, targets = self.train_data.batch(self.step, micro)
+            ids, targets, *segments = self.train_data.batch(self.step, micro)  # packed pairs: + segments
+            self.scored += int(np.count_nonzero(targets != IGNORE_INDEX))
             rng = np.random.default_rng([args.seed, DROPOUT_STREAM, self.step, micro]) if model.config.dropout else None
-            loss, g = model.loss_and_grads(ids, targets, rng=rng)
+            loss, g = model.loss_and_grads(ids, targets, rng=rng, segments=segments[0] if segments else None)
             total_loss = total_loss + loss
             if grads is None:
                 grads = g
@@ -219,8 +251,11 @@ class Trainer:
 
     def val_loss(self) -> float:
         """Mean loss over `eval_iters` fixed validation batches (the same ones every time)."""
-        losses = [self.model.loss(*self.val_data.batch(i)) for i in range(self.args.eval_iters)]
+        losses = [self.val_batch_loss(*self.val_data.batch(i)) for i in range(self.args.eval_iters)]
         return float(self.backend.to_numpy(sum(losses[1:], losses[0]))) / len(losses)
+
+    def val_batch_loss(self, ids, targets, segments=None):
+        return self.model.loss(ids, targets, segments=segments)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> int:
@@ -229,7 +264,7 @@ class Trainer:
         if self.step >= args.max_iters:
             say(f"already at step {self.step} of {args.max_iters}: nothing to do (raise --max-iters to continue)")
             return 0
-        say(f"training {self.model.config} on {self.backend.name}: {len(self.train_data.tokens):,} train tokens, "
+        say(f"training {self.model.config} on {self.backend.name}: {self.data_summary}, "
             f"{self.tokens_per_step:,} tokens/step, steps {self.step} -> {args.max_iters}")  # fmt: skip
         window_loss, window_norm, window_steps = 0.0, 0.0, 0
         clock = time.perf_counter()
@@ -279,11 +314,15 @@ class Trainer:
                 f"or a --grad-clip.")  # fmt: skip
             return False
         tokens_per_s = steps * self.tokens_per_step / elapsed
+        scored_per_s, self.scored = self.scored / elapsed, 0
         eta = (self.args.max_iters - self.step) * elapsed / steps
-        say(f"step {self.step:>6}/{self.args.max_iters} | loss {loss:.4f} | lr {self.lr(self.step - 1):.2e} | "
-            f"grad norm {norm:.3f} | {tokens_per_s:,.0f} tok/s | {1000 * elapsed / steps:.0f} ms/step | ETA {format_duration(eta)}")  # fmt: skip
+        what, rate = ("completion loss", f"{scored_per_s:,.0f} completion tok/s ({tokens_per_s:,.0f} tok/s)") if self.pairs \
+            else ("loss", f"{tokens_per_s:,.0f} tok/s")  # fmt: skip
+        say(f"step {self.step:>6}/{self.args.max_iters} | {what} {loss:.4f} | lr {self.lr(self.step - 1):.2e} | "
+            f"grad norm {norm:.3f} | {rate} | {1000 * elapsed / steps:.0f} ms/step | ETA {format_duration(eta)}")  # fmt: skip
+        extra = {"completion_tokens_per_s": scored_per_s} if self.pairs else {}
         self.log(step=self.step, loss=loss, lr=self.lr(self.step - 1), grad_norm=norm,
-                 tokens_per_s=tokens_per_s, seconds_per_step=elapsed / steps)  # fmt: skip
+                 tokens_per_s=tokens_per_s, seconds_per_step=elapsed / steps, **extra)  # fmt: skip
         return True
 
     def evaluate(self):
@@ -360,7 +399,7 @@ def start(args) -> Trainer:
     """A fresh run: tokenizer and model from scratch or from --init-from. Everything is
     checked before --out-dir is touched."""
     if not args.data:
-        raise TrainingError("--data is required (a UTF-8 text file) unless --resume")
+        raise TrainingError("--data is required (a UTF-8 text file, a prepared folder, or JSON Lines with --format pairs) unless --resume")
     out = Path(args.out_dir)
     check_out_dir(out, args.overwrite)
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters  # fixed now: a resume may change --max-iters
@@ -370,23 +409,48 @@ def start(args) -> Trainer:
         tokenizer = load_tokenizer_beside(file)
         params, config, _ = load_host_params(file, copy=True)
         check_vocabularies(params, config, tokenizer, file.parent, say)
+        if args.format == "pairs":
+            tokenizer, params, added = add_end_of_text(tokenizer, params)
+            config = dataclasses.replace(config, vocab_size=params["wte.weight"].shape[0])
+            if added:
+                say(f"added <|endoftext|> to the tokenizer as id {tokenizer.eot_id} (to end each completion)")
         args.block_size = args.block_size or config.n_ctx
         config = dataclasses.replace(config, dropout=args.dropout)
         model = GPT.from_numpy(config, params, backend, args.dtype)
+    elif args.format == "text" and Path(args.data).is_dir():  # a prepared folder: its tokenizer, unless --tokenizer names another
+        if args.tokenizer == "char" or (args.tokenizer or "").startswith("bpe:"):
+            raise TrainingError(f"--tokenizer {args.tokenizer} learns from text, but {args.data} is already tokenized; "
+                                "leave --tokenizer out (the folder's own is used) or prepare with it")  # fmt: skip
+        tokenizer = prepared_tokenizer(args.data) if args.tokenizer is None else make_tokenizer(args.tokenizer, "")
+        config = scratch_config(args, tokenizer.n_vocab)
+        args.block_size = config.n_ctx
+        model = GPT.init(config, backend, seed=args.seed, dtype=args.dtype)
     else:
-        tokenizer = make_tokenizer(args.tokenizer, read_text(args.data))
+        if args.format == "pairs":
+            pairs = read_pairs(args.data, args.skip_bad).pairs
+            text = "\n".join(p.prompt + p.completion for p in pairs)
+            tokenizer, _, _ = add_end_of_text(make_tokenizer(args.tokenizer or "char", text))
+        else:
+            tokenizer = make_tokenizer(args.tokenizer or "char", read_text(args.data))
         config = scratch_config(args, tokenizer.n_vocab)
         args.block_size = config.n_ctx
         model = GPT.init(config, backend, seed=args.seed, dtype=args.dtype)
     if args.block_size > model.config.n_ctx:
         raise TrainingError(f"--block-size {args.block_size} exceeds the model's context of {model.config.n_ctx}; "
                             "give a smaller --block-size")  # fmt: skip
-    trainer = Trainer(args, model, tokenizer, encode_file(tokenizer, args.data))
+    trainer = Trainer(args, model, tokenizer, load_data(args, tokenizer))
     out.mkdir(parents=True, exist_ok=True)
     for stale in (STATE_FILE, LOG_FILE):  # with --overwrite: the old run is over
         (out / stale).unlink(missing_ok=True)
     write_tokenizer(tokenizer, out)
     return trainer
+
+
+def load_data(args, tokenizer) -> tuple[np.ndarray, np.ndarray] | PairsData:
+    """The (train, val) token streams of a text file or prepared folder, or the examples of a pairs file."""
+    if getattr(args, "format", "text") == "pairs":  # runs saved before --format existed are text
+        return load_examples(args.data, tokenizer, args.block_size, args.skip_bad)
+    return load_splits(tokenizer, args.data, args.val_fraction)
 
 
 def resume(args, given: set[str]) -> Trainer:
@@ -412,7 +476,7 @@ def resume(args, given: set[str]) -> Trainer:
     tokenizer = load_tokenizer_beside(out / WEIGHTS_FILE)
     check_vocabularies(params, config, tokenizer, out, say)
     model = GPT.from_numpy(config, params, get_backend(args.backend))
-    trainer = Trainer(args, model, tokenizer, encode_file(tokenizer, args.data), start_step=state["step"])
+    trainer = Trainer(args, model, tokenizer, load_data(args, tokenizer), start_step=state["step"])
     trainer.opt.load_state_dict(moments, state["optimizer"])
     truncate_log(out / LOG_FILE, state["step"])
     say(f"resuming {out} at step {state['step']}")

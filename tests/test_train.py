@@ -262,7 +262,7 @@ def test_gradient_accumulation_equals_one_larger_batch(tmp_path, monkeypatch):
         args = train.build_parser().parse_args(["--out-dir", str(tmp_path), *TINY, "--block-size", "6",
                                                 "--batch-size", str(batch_size), "--grad-accum", str(accum)])  # fmt: skip
         model = GPT.init(GPTConfig(vocab_size=11, n_ctx=6, n_embd=8, n_head=2, n_layer=1), dtype="float64")
-        trainer = train.Trainer(args, model, None, tokens)
+        trainer = train.Trainer(args, model, None, (tokens, tokens[:0]))
         half = lambda self, step, micro=0: (ids, targets) if self.batch_size == 4 else (  # noqa: E731
             ids[2 * micro : 2 * micro + 2], targets[2 * micro : 2 * micro + 2])  # fmt: skip
         monkeypatch.setattr(BatchSampler, "batch", half)

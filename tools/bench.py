@@ -4,6 +4,7 @@
     train      training step time and the Shakespeare recipe race vs PyTorch
     generate   cached/uncached decoding vs the bandwidth ceiling (and transformers)
     tokenizer  BPE encode/decode/train throughput vs tiktoken and encoder.py
+    prepare    corpus prepare step at 1 and 2 processes vs tiktoken's encode_ordinary_batch
     gpu        GPT-2 124M decoding and a training step on CuPy vs PyTorch CUDA
 
 `python tools/bench.py <name> --help` lists each one's options.
@@ -13,7 +14,7 @@ import importlib
 import sys
 from pathlib import Path
 
-NAMES = ("forward", "train", "generate", "tokenizer", "gpu")
+NAMES = ("forward", "train", "generate", "tokenizer", "gpu", "prepare")
 
 
 def main(argv=None):

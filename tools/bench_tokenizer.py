@@ -4,9 +4,12 @@ Three GPT-2 tokenizers, timed round-robin in one process: npgpt's, tiktoken (Rus
 thread) and tools/baseline_bpe.py (pure Python the way OpenAI's encoder.py works).
 "cold" is the first call on a freshly built tokenizer (empty caches; building it is not
 timed), "warm" a later call on the same one. MB/s counts UTF-8 bytes of text. Ratios are
-npgpt's throughput over the others'. Also: the time to train a 1024-token vocabulary.
+npgpt's throughput over the others'. Also: the time to train a 1024-token vocabulary, and
+the growth with a chunk's length: seconds to encode one chunk of n random lowercase
+letters (one match of the split pattern), npgpt (cache cleared) vs tiktoken, and npgpt's
+quadratic merge alone up to --quadratic-up-to letters.
 
-    python tools/bench.py tokenizer [--repeats 5] [--train-repeats 3]
+    python tools/bench.py tokenizer [--repeats 5] [--train-repeats 3] [--chunk-lengths 1000,...]
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baseline_bpe import BaselineBPE  # noqa: E402
 from benchlib import emit, interleaved, log, summary  # noqa: E402
 
-from npgpt.tokenizer import train_bpe  # noqa: E402
+from npgpt.tokenizer import bpe, train_bpe  # noqa: E402
 from npgpt.tokenizer.bpe import GPT2_PATTERN  # noqa: E402
 from npgpt.tokenizer.formats import load as load_tokenizer, save as save_tokenizer  # noqa: E402
 
@@ -65,11 +68,57 @@ def throughput(times: dict[str, list[float]], nbytes: int) -> dict:
     return report
 
 
+def chunk_growth(npgpt_tokenizer, tiktoken_encoding, lengths, quadratic_up_to: int, repeats: int) -> dict:
+    """Per chunk length n: median seconds to encode n random lowercase letters, per contender."""
+    import random
+    import string
+
+    rng = random.Random(0)
+    table = {}
+    for n in lengths:
+        text = "".join(rng.choice(string.ascii_lowercase) for _ in range(n))
+
+        def npgpt_heap():
+            npgpt_tokenizer._cache.clear()
+            npgpt_tokenizer.encode_ordinary(text)
+
+        contenders = {"npgpt": npgpt_heap, "tiktoken": lambda: tiktoken_encoding.encode_ordinary(text)}
+        if n <= quadratic_up_to:
+            singles = [bytes([b]) for b in text.encode()]
+            contenders["npgpt_quadratic_merge"] = lambda: bpe.bpe_merge(list(singles), npgpt_tokenizer.ranks)
+        times = interleaved(contenders, repeats, warmup=0)
+        table[n] = {name: statistics.median(t) for name, t in times.items()}
+        log(f"chunk of {n:,} letters: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in table[n].items()))
+    return table
+
+
+def cold_encode_by_merge(make, text: str, repeats: int) -> dict:
+    """Cold encode seconds with long chunks merged by the heap (as shipped) and with every
+    chunk merged by the quadratic merge (the algorithm before the heap), interleaved."""
+    times = {"heap_for_long_chunks": [], "quadratic_only": []}
+    shipped = bpe.HEAP_FROM
+    try:
+        for _ in range(repeats):
+            for name, heap_from in (("heap_for_long_chunks", shipped), ("quadratic_only", 1 << 62)):
+                bpe.HEAP_FROM = heap_from
+                tokenizer = make()
+                start = time.perf_counter()
+                tokenizer.encode(text)
+                times[name].append(time.perf_counter() - start)
+    finally:
+        bpe.HEAP_FROM = shipped
+    return {name: summary(t) for name, t in times.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench.py tokenizer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per contender and measure (default 5)")
     parser.add_argument("--train-repeats", type=int, default=3, help="timed 1024-token trainings (default 3)")
     parser.add_argument("--data", type=Path, default=DATA, help=f"data folder (default {DATA})")
+    parser.add_argument("--chunk-lengths", default="1000,2000,5000,10000,20000,50000,100000",
+                        help="letters per chunk for the growth table (comma-separated)")
+    parser.add_argument("--quadratic-up-to", type=int, default=10000, help="longest chunk timed with the quadratic merge (default 10000)")
+    parser.add_argument("--chunk-repeats", type=int, default=3, help="timed runs per chunk length (default 3)")
     args = parser.parse_args(argv)
 
     text = (args.data / "corpora" / "tinyshakespeare.txt").read_text("utf-8")
@@ -97,6 +146,12 @@ def main(argv=None) -> int:
         trained = train_bpe(text, 1024)
         train_seconds.append(time.perf_counter() - start)
 
+    log("chunk-length growth")
+    growth = chunk_growth(warm["npgpt"], warm["tiktoken"], [int(n) for n in args.chunk_lengths.split(",")],
+                          args.quadratic_up_to, args.chunk_repeats)  # fmt: skip
+    log("cold encode: heap merge for long chunks vs quadratic merge only")
+    by_merge = cold_encode_by_merge(build["npgpt"], text, args.repeats)
+
     emit(
         {
             "benchmark": "tokenizer",
@@ -109,6 +164,8 @@ def main(argv=None) -> int:
             "encode_warm": throughput(encode_warm, nbytes),
             "decode_cold": throughput(decode_cold, nbytes),
             "decode_warm": throughput(decode_warm, nbytes),
+            "chunk_length_seconds": growth,
+            "cold_encode_by_merge": by_merge,
             "train_1024": {**summary(train_seconds), "n_vocab": trained.n_vocab, "tokens_of_corpus": len(trained.encode(text))},
             "goals": {"encode_warm_over_tiktoken": 0.4, "encode_cold_over_tiktoken": 0.2, "train_1024_s": 10.0},
         }

@@ -13,6 +13,7 @@ Chunks repeat a lot in real text, so each chunk's ids are cached.
 from __future__ import annotations
 
 import sys
+from heapq import heapify, heappop, heappush
 from itertools import chain
 
 import regex
@@ -37,11 +38,16 @@ PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 NO_MERGE = sys.maxsize  # rank of a pair whose joined bytes are not a token
 SINGLE_BYTES = [bytes([b]) for b in range(256)]
 CACHE_LIMIT = 1 << 20  # chunks remembered before the cache starts over
+HEAP_FROM = 48  # chunks of this many bytes or more merge with the heap (see bpe_merge)
 
 
 def bpe_merge(parts: list[bytes], ranks: dict[bytes, int], stop_rank: int = NO_MERGE) -> list[bytes]:
     """Merge `parts` in place: join the lowest-ranked adjacent pair (leftmost on ties)
-    until no pair joins into a token with rank below `stop_rank`. Returns `parts`."""
+    until no pair joins into a token with rank below `stop_rank`. Returns `parts`.
+
+    Each merge scans every pair (quadratic in the chunk's length), which is fastest for
+    the short chunks of ordinary text; `_encode_chunk` sends long chunks to
+    `bpe_merge_heap`, which gives the same parts in O(n log n)."""
     get = ranks.get
     # pair_ranks[i] is the rank of parts[i] + parts[i + 1]
     pair_ranks = [get(a + b, NO_MERGE) for a, b in zip(parts, parts[1:])]
@@ -56,6 +62,50 @@ def bpe_merge(parts: list[bytes], ranks: dict[bytes, int], stop_rank: int = NO_M
             pair_ranks[i - 1] = get(parts[i - 1] + merged, NO_MERGE)
         if i < len(pair_ranks):
             pair_ranks[i] = get(merged + parts[i + 1], NO_MERGE)
+    return parts
+
+
+def bpe_merge_heap(chunk: bytes, ranks: dict[bytes, int], stop_rank: int = NO_MERGE) -> list[bytes]:
+    """The parts `bpe_merge` gives for the single bytes of `chunk`, in O(n log n).
+
+    The parts form a linked list of byte ranges [start, end[start]) keyed by their start
+    offset; a heap holds one entry per joinable adjacent pair: (rank, left start, right
+    end), packed into one integer, (rank * N + left) * N + stop, which orders the same and
+    compares faster. The smallest entry is the lowest rank, leftmost on ties (starts grow
+    left to right). An entry goes stale when either of its parts joins something else: it
+    is skipped when the part after its left one no longer ends at its recorded end (a part
+    that was joined into its left neighbour has its end set past the chunk)."""
+    n = len(chunk)
+    N = n + 1  # > every offset, so the packed key's fields never overlap
+    get = ranks.get
+    end = list(range(1, n + 1))  # end[s]: end of the part starting at s (> n once it is joined in)
+    prev = list(range(-1, n - 1))  # prev[s]: start of the part before it, or -1
+    heap = [(r * N + s) * N + s + 2 for s in range(n - 1) if (r := get(chunk[s : s + 2], NO_MERGE)) < stop_rank]
+    heapify(heap)
+    while heap:
+        key, stop = divmod(heappop(heap), N)
+        left = key % N
+        right = end[left]
+        if right >= n or end[right] != stop:
+            continue  # stale: a part of this pair has merged since
+        # join the part starting at `right` into the one starting at `left`
+        end[right] = N
+        end[left] = stop
+        if stop < n:
+            prev[stop] = left
+            after = end[stop]
+            rank = get(chunk[left:after], NO_MERGE)
+            if rank < stop_rank:
+                heappush(heap, (rank * N + left) * N + after)
+        before = prev[left]
+        if before >= 0:
+            rank = get(chunk[before:stop], NO_MERGE)
+            if rank < stop_rank:
+                heappush(heap, (rank * N + before) * N + stop)
+    parts, start = [], 0
+    while start < n:
+        parts.append(chunk[start : end[start]])
+        start = end[start]
     return parts
 
 
@@ -124,6 +174,8 @@ class BPETokenizer(Tokenizer):
         token_id = ranks.get(chunk)
         if token_id is not None:
             return [token_id]
+        if len(chunk) >= HEAP_FROM:
+            return [ranks[part] for part in bpe_merge_heap(chunk, ranks)]
         return [ranks[part] for part in bpe_merge(list(map(SINGLE_BYTES.__getitem__, chunk)), ranks)]
 
     def token_bytes(self, token_id: int) -> bytes:
