@@ -53,7 +53,8 @@ def quick_run(tmp_path_factory):
         "OUT": str(tmp / "out"),
         "TEST_ARGS": "tests/test_cupy_gpu.py",  # the GPU-only tests, here on the double
         "INDEX_ADD_ARGS": "--rows 512 --channels 16 --vocab 1000",
-        "BENCH_ARGS": "--n-layer 1 --only train --batch 1 --seq 8 --repeats 1",
+        "GENERATE_ARGS": "--preset tiny --new-tokens 2 --repeats 1 --recompute-repeats 0 --ttft-tokens 0",
+        "TRAIN_ARGS": "--configs tiny --repeats 1 --no-memory",
     }
     installed = subprocess.run([f"{tmp}/env/bin/python", "-c", "import importlib.metadata as m; m.distribution('npgpt')"], env=env, capture_output=True)
     assert installed.returncode != 0, "npgpt must not be installed in the stand-in machine"
@@ -69,13 +70,13 @@ def test_quick_run_writes_the_json_and_the_summary_offline_without_an_install(qu
     out = tmp / "out"
     report = json.loads((out / "gpu_check.json").read_text())
     assert [(s["step"], s["status"]) for s in report["steps"]] == [
-        ("info", "ok"), ("parity", "ok"), ("tests", "ok"), ("index-add", "ok"), ("bench", "ok")]  # fmt: skip
+        ("info", "ok"), ("parity", "ok"), ("tests", "ok"), ("index-add", "ok"), ("generate", "ok"), ("train", "ok")]  # fmt: skip
     assert report["device"]["gpus"][0]["name"].startswith("fake GPU") and report["device"]["driver_cuda"] == "13.0"
     assert report["device"]["oracles"]["array_api_strict"] is not None  # (this Python has it; a GPU machine may not)
     assert all(r["ok"] for r in report["parity"]["forward"].values()) and set(report["parity"]["forward"]) == {"float16", "float32", "float64"}
     assert report["index_add"]["npgpt_index_add"]["same_bits_every_run"]
     assert report["tests"]["summary"].startswith("7 passed")  # test_cupy_gpu.py ran on the double, none skipped
-    assert "train" in report["bench"]
+    assert report["generate"]["backend"] == report["train"]["backend"] == "cupy:0"
     summary = (out / "gpu_check.txt").read_text()
     assert summary in result.stdout and "forward float16" in summary and "tests: 7 passed" in summary
     assert (out / "gpu_check" / "pytest.txt").exists()
@@ -83,8 +84,8 @@ def test_quick_run_writes_the_json_and_the_summary_offline_without_an_install(qu
 
 def test_progress_names_each_step_with_its_time_limit(quick_run):
     _, result = quick_run
-    for n, step in enumerate(("info", "parity", "tests", "index-add", "bench"), start=1):
-        assert f"[{n}/5 {step}] (limit " in result.stderr and f"[{n}/5 {step}] ok in " in result.stderr
+    for n, step in enumerate(("info", "parity", "tests", "index-add", "generate", "train"), start=1):
+        assert f"[{n}/6 {step}] (limit " in result.stderr and f"[{n}/6 {step}] ok in " in result.stderr
 
 
 def test_without_a_python_that_imports_cupy_it_says_what_to_set(tmp_path):

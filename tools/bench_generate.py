@@ -1,16 +1,23 @@
-"""Decoding benchmark: GPT-2 124M shape, random weights, float32, B=1, greedy.
+"""Decoding benchmark: GPT-2 124M shape, random weights (GPT-2's init), float32, B=1, greedy.
 
-For each thread count (1, 2) it times, interleaved in one process:
+For each thread count (default 1, 2; --backend cupy: the GPU, one run) it times,
+interleaved in one process:
   cached     npgpt.generate.generate_ids with the KV cache (prompt 32, 128 new tokens)
   recompute  the same without a cache: the whole context is recomputed every step
              (as picoGPT does); slow, so it runs --recompute-repeats times only
   torch      (--vs torch) transformers GPT2LMHeadModel.generate on the same weights
-and reports tokens/s = new tokens / whole call (prefill included, as for transformers).
+             (on the CPU beside NumPy, on the GPU beside --backend cupy)
+and reports tokens/s = new tokens / whole call (prefill included, as for transformers),
+and npgpt's decode-only rate (the steps after the first token).
 
 Decoding one token reads every weight once (the LM head reads all of wte), so the ceiling
-is memory bandwidth: it is measured in the same run at the same thread count (summing a
-512 MiB array) and `fraction_of_bandwidth_ceiling` = weight bytes read per token / time per
-token / bandwidth (the KV cache's reads, ~1% here, are not counted).
+is streaming bandwidth, measured in the same run with up to the same thread count: the best of
+a GEMV over max(4 x last-level cache, 512 MiB) through NumPy's BLAS (or the backend's
+matmul) and, under --vs torch, torch.mv (benchlib.bandwidth).
+`fraction_of_bandwidth_ceiling` = weight bytes read per token x tokens/s / bandwidth (the
+KV cache's reads, ~1% here, are not counted). Only weights of at least 4 x the last-level
+cache stream from memory; smaller ones (--preset tiny) stay in cache, where memory
+bandwidth bounds nothing, so no fraction is reported for them.
 
 Time to first token: a 1024-token prompt (the full context), prefill and the first token,
 npgpt vs transformers' generate(max_new_tokens=1).
@@ -21,103 +28,82 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from benchlib import (agreement, bandwidth, check_fractions, emit, interleaved, llc_bytes, log, model_config, npgpt_generate,
+                      peak_rss_bytes, summary, threads, torch_device, torch_for, torch_generate, torch_model)  # fmt: skip
 
-from benchlib import emit, interleaved, load_average, log, memory_bandwidth, peak_rss_bytes, summary, threads
-from npgpt.config import GPTConfig
-from npgpt.generate import GenerationStats, generate_ids
-from npgpt.model import GPT, init_params
-from npgpt.sampling import SamplingConfig
-
-GREEDY = SamplingConfig(greedy=True)
+from npgpt.backend import get_backend
+from npgpt.generate import GenerationStats
+from npgpt.model import GPT
 
 
-def weight_bytes_per_token(host: dict[str, np.ndarray], cfg: GPTConfig) -> int:
+def weight_bytes_per_token(host: dict[str, np.ndarray], n_ctx: int) -> int:
     """Bytes of weights one decode step reads: everything once (wte twice counts once: the
     LM head streams all of it, the embedding lookup one row), wpe only one row."""
     wpe = host["wpe.weight"]
-    return sum(v.nbytes for v in host.values()) - wpe.nbytes + wpe.nbytes // cfg.n_ctx
+    return sum(v.nbytes for v in host.values()) - wpe.nbytes + wpe.nbytes // n_ctx
 
 
-def torch_generate(hf, prompt: np.ndarray, new_tokens: int):
-    """transformers' greedy generate with its KV cache; never stops early at <|endoftext|>."""
-    import torch
-
-    ids = torch.from_numpy(prompt[None, :])
-
-    def run():
-        with torch.inference_mode():
-            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                               do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)  # fmt: skip
-
-    return run
-
-
-def npgpt_generate(model, prompt: np.ndarray, new_tokens: int, use_cache: bool = True, stats=None):
-    return lambda: list(generate_ids(model, prompt.tolist(), new_tokens, GREEDY, use_cache=use_cache, stats=stats))
-
-
-def tokens_report(seconds: list[float], new_tokens: int, ceiling_tokens_per_s: float) -> dict:
+def tokens_report(seconds: list[float], new_tokens: int, ceiling_tokens_per_s: float | None) -> dict:
     s = summary(seconds)
     rate = new_tokens / s["median_s"]
-    return {**s, "tokens_per_s": rate, "fraction_of_bandwidth_ceiling": rate / ceiling_tokens_per_s}
-
-
-def agreement(npgpt_ids: list[int], torch_ids: list[int]) -> int:
-    """How many leading greedy tokens npgpt and transformers agree on (a correctness check:
-    with random weights near-ties can make float32 paths part after a while)."""
-    n = 0
-    for a, b in zip(npgpt_ids, torch_ids):
-        if a != b:
-            break
-        n += 1
-    return n
+    report = {**s, "tokens_per_s": rate}
+    if ceiling_tokens_per_s:
+        report["fraction_of_bandwidth_ceiling"] = rate / ceiling_tokens_per_s
+    return report
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="bench.py generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", default="numpy", help="npgpt backend (default numpy; cupy: the GPU, vs PyTorch CUDA)")
     ap.add_argument("--vs", choices=["torch"], help="also run transformers' generate on the same weights")
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--threads", type=int, nargs="+", help="thread counts (default 1 2 on numpy, as-is elsewhere)")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of cached generation (and transformers)")
     ap.add_argument("--recompute-repeats", type=int, default=1, help="timed runs of the slow no-cache path (0: skip)")
     ap.add_argument("--ttft-tokens", type=int, default=1024, help="prompt length for time to first token (0: skip)")
-    ap.add_argument("--preset", default="gpt2")
+    ap.add_argument("--preset", default="gpt2", help="model shape: a GPT-2 preset, or tiny (smoke runs)")
     args = ap.parse_args(argv)
 
-    load_before = load_average()
-    cfg = GPTConfig.preset(args.preset)
-    host = init_params(cfg, seed=0)
-    model = GPT.from_numpy(cfg, host)
-    bytes_per_token = weight_bytes_per_token(host, cfg)
-    hf = None
-    if args.vs == "torch":
-        import torch  # noqa: F401  (imported before `threads` so it limits torch too)
-
-        from bench_forward import torch_model
-
-        hf = torch_model(cfg, host)
+    backend = get_backend(args.backend)
+    thread_counts = args.threads or ([1, 2] if backend.name == "numpy" else [None])
+    cfg = model_config(args.preset)
+    if max(args.prompt_tokens, args.ttft_tokens) > cfg.n_ctx:
+        raise ValueError(f"prompts longer than the model's context {cfg.n_ctx}; lower --prompt-tokens/--ttft-tokens")
+    model = GPT.init(cfg, backend, seed=0)
+    host = model.to_numpy()
+    bytes_per_token = weight_bytes_per_token(host, cfg.n_ctx)
+    device = torch_device(backend)
+    torch, why_not = torch_for(device, required=True) if args.vs == "torch" else (None, "not requested (--vs torch)")
+    hf = torch_model(torch, cfg, host, device) if torch is not None else None
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab_size, args.prompt_tokens)
-    long_prompt = rng.integers(0, cfg.vocab_size, args.ttft_tokens)
+    long_prompt = rng.integers(0, cfg.vocab_size, max(args.ttft_tokens, 1))
 
-    results = []
-    for n_threads in args.threads:
+    results, lines = [], []
+    for n_threads in thread_counts:
         with threads(n_threads):
             log(f"generate threads={n_threads}: bandwidth ...")
-            bandwidth = memory_bandwidth()
-            ceiling = bandwidth / bytes_per_token  # tokens/s if every weight byte streamed at `bandwidth`
-            row = {"threads": n_threads, "bandwidth_gb_s": bandwidth / 1e9, "ceiling_tokens_per_s": ceiling}
+            row = {"threads": n_threads, **bandwidth(backend, torch, device, n_threads)}
+            streams = bytes_per_token >= 4 * llc_bytes()  # else the weights stay in cache: no bandwidth bound
+            ceiling = row["bandwidth_ceiling_gb_s"] * 1e9 / bytes_per_token if streams else None
+            row["weights_stream_from_memory"] = streams
+            row["ceiling_tokens_per_s"] = ceiling  # tokens/s if every weight byte streamed at the bandwidth
 
             stats = GenerationStats()
             contenders = {"cached": npgpt_generate(model, prompt, args.new_tokens, stats=stats)}
             if hf is not None:
-                contenders["torch"] = torch_generate(hf, prompt, args.new_tokens)
+                contenders["torch"] = torch_generate(torch, hf, prompt, args.new_tokens, device)
             log(f"generate threads={n_threads}: cached{' vs torch' if hf else ''} x{args.repeats} ...")
             times = interleaved(contenders, args.repeats)
             for name, seconds in times.items():
                 row[name] = tokens_report(seconds, args.new_tokens, ceiling)
-            row["cached"]["decode_only_tokens_per_s"] = stats.new_tokens / stats.generate_seconds
+            decode = (stats.new_tokens - stats.prompt_tokens // args.prompt_tokens) / stats.generate_seconds
+            row["cached"]["decode_only_tokens_per_s"] = decode
+            line = f"generate threads {n_threads}: bandwidth {row['bandwidth_ceiling_gb_s']:.1f} GB/s; cached {row['cached']['tokens_per_s']:.1f} tok/s"
+            if ceiling:
+                row["cached"]["decode_only_fraction_of_bandwidth_ceiling"] = decode / ceiling
+                line += f" ({row['cached']['fraction_of_bandwidth_ceiling']:.1%} of ceiling, decode only {decode:.1f} tok/s = {decode / ceiling:.1%})"
             if args.recompute_repeats:
                 log(f"generate threads={n_threads}: recompute x{args.recompute_repeats} ...")
                 seconds = interleaved({"recompute": npgpt_generate(model, prompt, args.new_tokens, use_cache=False)},
@@ -126,24 +112,33 @@ def main(argv=None):
                 row["speedup_cached_over_recompute"] = row["cached"]["tokens_per_s"] / row["recompute"]["tokens_per_s"]
             if hf is not None:
                 row["speedup_cached_over_torch"] = row["cached"]["tokens_per_s"] / row["torch"]["tokens_per_s"]
-                ours = npgpt_generate(model, prompt, args.new_tokens)()
-                theirs = contenders["torch"]()[0, args.prompt_tokens :].tolist()
-                row["greedy_tokens_agreeing_with_torch"] = agreement(ours, theirs)
+                row["greedy_tokens_agreeing_with_torch"] = agreement(contenders["cached"](), contenders["torch"]())
+                line += f"; transformers {row['torch']['tokens_per_s']:.1f} tok/s, npgpt/transformers speed {row['speedup_cached_over_torch']:.2f}x"
             if args.ttft_tokens:
                 log(f"generate threads={n_threads}: time to first token, {args.ttft_tokens}-token prompt ...")
                 first = {"npgpt": npgpt_generate(model, long_prompt, 1)}
                 if hf is not None:
-                    first["torch"] = torch_generate(hf, long_prompt, 1)
+                    first["torch"] = torch_generate(torch, hf, long_prompt, 1, device)
                 ttft = {name: summary(s) for name, s in interleaved(first, args.repeats).items()}
                 if hf is not None:
                     ttft["ratio_npgpt_over_torch"] = ttft["npgpt"]["median_s"] / ttft["torch"]["median_s"]
+                    line += f"; TTFT npgpt/torch {ttft['ratio_npgpt_over_torch']:.2f}"
                 row["time_to_first_token"] = {"prompt_tokens": args.ttft_tokens, **ttft}
-            results.append(row)
             log(row)
-    emit({
-        "benchmark": "generate", "model": args.preset, "dtype": "float32", "batch": 1, "sampling": "greedy",
-        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-        "weight_bytes_read_per_token": bytes_per_token, "loadavg_before": load_before,
-        "peak_rss_bytes": peak_rss_bytes(), "results": results,
-    })  # fmt: skip
+            check_fractions(row)
+            results.append(row)
+            lines.append(line)
+    report = {
+        "benchmark": "generate", "backend": backend.name, "model": args.preset, "dtype": "float32", "batch": 1,
+        "sampling": "greedy", "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        "weight_bytes_read_per_token": bytes_per_token, "torch": torch.__version__ if torch else f"skipped: {why_not}",
+        "results": results,
+    }  # fmt: skip
+    if backend.name == "numpy":
+        report["peak_rss_bytes"] = peak_rss_bytes()
+    else:
+        report["npgpt_peak_device_bytes"] = backend.peak_memory_bytes()
+        if torch is not None:
+            report["torch_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    emit(report, lines)
     return 0

@@ -17,14 +17,12 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import emit, interleaved, log, summary  # noqa: E402
+from benchlib import emit, interleaved, log, summary  # noqa: E402  (tools/ is on sys.path: run through tools/bench.py)
 
 from npgpt.prepare import is_val, prepare  # noqa: E402
 from npgpt.tokenizer import load, save  # noqa: E402
@@ -101,10 +99,10 @@ def main(argv=None) -> int:
             "speedup_2_workers_over_1": rate["npgpt_prepare_2_workers"] / rate["npgpt_prepare_1_worker"],
             "npgpt_over_tiktoken_1": rate["npgpt_prepare_1_worker"] / rate["tiktoken_batch_1_thread"],
             "npgpt_over_tiktoken_2": rate["npgpt_prepare_2_workers"] / rate["tiktoken_batch_2_threads"],
-        }
+        },
+        [f"prepare: {rate['npgpt_prepare_1_worker']:.2f} MB/s at 1 worker, {rate['npgpt_prepare_2_workers']:.2f} at 2"
+         f" (x{rate['npgpt_prepare_2_workers'] / rate['npgpt_prepare_1_worker']:.2f});"
+         f" npgpt / tiktoken {rate['npgpt_prepare_1_worker'] / rate['tiktoken_batch_1_thread']:.2f} at 1, "
+         f"{rate['npgpt_prepare_2_workers'] / rate['tiktoken_batch_2_threads']:.2f} at 2"],
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

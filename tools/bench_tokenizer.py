@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("RAYON_NUM_THREADS", "1")  # tiktoken's thread pool (used by batch calls only)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baseline_bpe import BaselineBPE  # noqa: E402
+from baseline_bpe import BaselineBPE  # noqa: E402  (tools/ is on sys.path: run through tools/bench.py)
 from benchlib import emit, interleaved, log, summary  # noqa: E402
 
 from npgpt.tokenizer import bpe, train_bpe  # noqa: E402
@@ -119,9 +117,10 @@ def main(argv=None) -> int:
                         help="letters per chunk for the growth table (comma-separated)")
     parser.add_argument("--quadratic-up-to", type=int, default=10000, help="longest chunk timed with the quadratic merge (default 10000)")
     parser.add_argument("--chunk-repeats", type=int, default=3, help="timed runs per chunk length (default 3)")
+    parser.add_argument("--max-chars", type=int, help="use only the corpus's first N characters (smoke runs)")
     args = parser.parse_args(argv)
 
-    text = (args.data / "corpora" / "tinyshakespeare.txt").read_text("utf-8")
+    text = (args.data / "corpora" / "tinyshakespeare.txt").read_text("utf-8")[: args.max_chars]
     nbytes = len(text.encode("utf-8"))
     build = builders(args.data)
     warm = {name: make() for name, make in build.items()}
@@ -152,26 +151,26 @@ def main(argv=None) -> int:
     log("cold encode: heap merge for long chunks vs quadratic merge only")
     by_merge = cold_encode_by_merge(build["npgpt"], text, args.repeats)
 
+    encode_warm, encode_cold = throughput(encode_warm, nbytes), throughput(encode_cold, nbytes)
+    lines = [f"tokenizer: npgpt / tiktoken encode warm {encode_warm['npgpt_over_tiktoken']:.2f}, cold {encode_cold['npgpt_over_tiktoken']:.2f};"
+             f" train 1024: {statistics.median(train_seconds):.2f} s"]
     emit(
         {
             "benchmark": "tokenizer",
-            "corpus": "tinyshakespeare",
+            "corpus": "tinyshakespeare" if args.max_chars is None else f"tinyshakespeare[:{args.max_chars}]",
             "corpus_bytes": nbytes,
             "tokens": len(tokens),
             "threads": 1,
             "ids_identical_to_tiktoken_and_baseline": identical,
-            "encode_cold": throughput(encode_cold, nbytes),
-            "encode_warm": throughput(encode_warm, nbytes),
+            "encode_cold": encode_cold,
+            "encode_warm": encode_warm,
             "decode_cold": throughput(decode_cold, nbytes),
             "decode_warm": throughput(decode_warm, nbytes),
             "chunk_length_seconds": growth,
             "cold_encode_by_merge": by_merge,
             "train_1024": {**summary(train_seconds), "n_vocab": trained.n_vocab, "tokens_of_corpus": len(trained.encode(text))},
             "goals": {"encode_warm_over_tiktoken": 0.4, "encode_cold_over_tiktoken": 0.2, "train_1024_s": 10.0},
-        }
+        },
+        lines,
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

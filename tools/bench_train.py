@@ -1,16 +1,20 @@
-"""Training benchmark: `python tools/bench.py train [--vs torch] [--configs a b c] [--recipe shakespeare-char]`.
+"""Training benchmark: `python tools/bench.py train [--vs torch] [--configs a b c] [--backend cupy] [--recipe ...]`.
 
 Step time, float32, random init (GPT-2's), random token batches:
-    a  n_layer 6, n_head 6, n_embd 384, T 256, B 8, vocab 65      forward + backward + clip + AdamW
-    b  the same with vocab 50257                                   forward + backward + clip + AdamW
-    c  GPT-2 124M, B 1, T 1024                                      forward + backward
+    a     n_layer 6, n_head 6, n_embd 384, T 256, B 8, vocab 65   forward + backward + clip + AdamW
+    b     the same with vocab 50257                                forward + backward + clip + AdamW
+    c     GPT-2 124M, B 1, T 1024                                   forward + backward
+    g     GPT-2 124M, B 8, T 512 (the GPU step)                     forward + backward + clip + AdamW
+    tiny  2 layers, 64 channels, B 2, T 32 (smoke runs)             forward + backward + clip + AdamW
 each against the identical PyTorch model (transformers' GPT2LMHeadModel with npgpt's
 weights, F.cross_entropy, clip_grad_norm_, torch.optim.AdamW) on the same batch,
-interleaved in one process at the same thread count. Reported: median step time, the
-ratio npgpt / torch, tokens/s, and the fraction of this machine's matmul ceiling
-(FLOPs = 3 x the forward's, counted as in bench_forward; the ceiling is the GEMM rate
-measured in the same run on the step's own forward and backward GEMM shapes). Peak RSS
-is measured for each side alone in a fresh subprocess (one warm-up step + one step).
+interleaved in one process at the same thread count (--backend cupy: npgpt on the GPU
+vs PyTorch CUDA). Reported: median step time, the ratio npgpt / torch, tokens/s, the
+first step's loss in both, and the fraction of the GEMM ceiling (FLOPs: each forward
+GEMM of benchlib.forward_gemms and its two gradient GEMMs; the ceiling: the best of
+NumPy's (or the backend's) matmul and torch.matmul on those very shapes, measured in the
+same run). Peak RSS (NumPy) is measured for each side alone in a fresh subprocess (two
+steps); on a GPU, peak device memory of the run.
 
 --recipe shakespeare-char: the CPU character-level recipe (4 layers, 4 heads, 128
 embd, context 64, batch 12, 2000 iterations, lr 1e-3 with 100 warm-up steps and cosine
@@ -24,108 +28,42 @@ final validation loss over 200 fixed validation batches.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from benchlib import (TINY, NpgptStep, TorchStep, check_fractions, emit, gemm_ceiling, interleaved, log, optional_torch,
+                      peak_rss_bytes, summary, threads, torch_device, torch_for, total_flops, train_gemms)  # fmt: skip
 
-TOOLS = Path(__file__).resolve().parent
-sys.path[:0] = [str(TOOLS), str(TOOLS.parent)]
+from npgpt.backend import get_backend
+from npgpt.config import GPTConfig
+from npgpt.model import GPT
+from npgpt.optim import cosine_lr
 
-from benchlib import emit, interleaved, log, matmul_rate, peak_rss_bytes, summary, threads  # noqa: E402
-from bench_forward import forward_flops, gemm_shapes  # noqa: E402
-from npgpt.config import GPTConfig  # noqa: E402
-from npgpt.model import GPT, init_params  # noqa: E402
-from npgpt.optim import AdamW, clip_grad_norm, cosine_lr, default_decay  # noqa: E402
-
+BENCH = Path(__file__).resolve().parent / "bench.py"
 CONFIGS = {
     "a": dict(cfg=dict(n_layer=6, n_head=6, n_embd=384, vocab_size=65, n_ctx=256), B=8, T=256, optimizer=True),
     "b": dict(cfg=dict(n_layer=6, n_head=6, n_embd=384, vocab_size=50257, n_ctx=256), B=8, T=256, optimizer=True),
     "c": dict(cfg=dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_ctx=1024), B=1, T=1024, optimizer=False),
+    "g": dict(cfg=dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_ctx=1024), B=8, T=512, optimizer=True),
+    "tiny": dict(cfg=TINY, B=2, T=32, optimizer=True),
 }
-SHAKESPEARE = TOOLS.parent.parent / "shared" / "data" / "corpora" / "tinyshakespeare.txt"
-
-
-# -- the two contenders ------------------------------------------------------------------
-class NpgptStep:
-    """One training step of npgpt: loss_and_grads, clip, AdamW (or forward + backward only)."""
-
-    def __init__(self, cfg, host, optimizer=True, betas=(0.9, 0.95)):
-        self.model = GPT.from_numpy(cfg, {k: v.copy() for k, v in host.items()})
-        self.opt = AdamW(self.model.params, self.model.backend, betas=betas) if optimizer else None
-
-    def __call__(self, ids, targets, lr=1e-4):
-        loss, grads = self.model.loss_and_grads(ids, targets)
-        if self.opt is not None:
-            clip_grad_norm(grads, 1.0, self.model.backend)
-            self.opt.step(grads, lr)
-        return float(loss)
-
-    def val_loss(self, batches):
-        return float(np.mean([float(self.model.loss(x, y)) for x, y in batches]))
-
-
-class TorchStep:
-    """The same step in PyTorch: GPT2LMHeadModel (npgpt's weights), F.cross_entropy,
-    clip_grad_norm_, torch.optim.AdamW with the same decay groups."""
-
-    def __init__(self, cfg, host, optimizer=True, betas=(0.9, 0.95)):
-        import torch
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        self.torch = torch
-        self.model = GPT2LMHeadModel(GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.n_ctx, n_embd=cfg.n_embd,
-                                                n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                                                attn_pdrop=0.0, bos_token_id=None, eos_token_id=None))  # fmt: skip
-        self.model.load_state_dict({f"transformer.{k}": torch.from_numpy(v.copy()) for k, v in host.items()}, strict=False)
-        self.model.train()
-        self.opt = None
-        if optimizer:
-            named = {n.removeprefix("transformer."): p for n, p in self.model.named_parameters()}
-            groups = [{"params": [p for n, p in named.items() if default_decay(n, tuple(p.shape))], "weight_decay": 0.1},
-                      {"params": [p for n, p in named.items() if not default_decay(n, tuple(p.shape))], "weight_decay": 0.0}]  # fmt: skip
-            self.opt = torch.optim.AdamW(groups, lr=1e-4, betas=betas, eps=1e-8)
-
-    def __call__(self, ids, targets, lr=1e-4):
-        torch = self.torch
-        logits = self.model(torch.from_numpy(ids)).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(targets).reshape(-1))
-        self.model.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.opt is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            for group in self.opt.param_groups:
-                group["lr"] = lr
-            self.opt.step()
-        return loss.item()
-
-    def val_loss(self, batches):
-        torch = self.torch
-        with torch.no_grad():
-            losses = []
-            for x, y in batches:
-                logits = self.model(torch.from_numpy(x)).logits
-                losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(y).reshape(-1)).item())
-        return float(np.mean(losses))
-
-
-CONTENDERS = {"npgpt": NpgptStep, "torch": TorchStep}
+DATA = Path(os.environ.get("NPGPT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHAKESPEARE = DATA / "corpora" / "tinyshakespeare.txt"
 
 
 # -- step benchmark ------------------------------------------------------------------------
-def train_ceiling(cfg: GPTConfig, B: int, T: int) -> float:
-    """FLOP/s of the step's GEMMs: each forward (M, K, N) and its two backward GEMMs,
-    dX (M, N, K) and dW (K, M, N), weighted by FLOPs."""
-    flops = seconds = 0.0
-    for (m, k, n), count in gemm_shapes(cfg, B, T):
-        for shape in ((m, k, n), (m, n, k), (k, m, n)):
-            work = count * 2.0 * m * k * n
-            flops += work
-            seconds += work / matmul_rate([shape], repeats=3)
-    return flops / seconds
+def step_spec(config: str, args) -> tuple[GPTConfig, int, int, bool]:
+    """(model config, B, T, optimizer) of a named config, with --batch/--seq applied."""
+    spec = CONFIGS[config]
+    B, T = args.batch or spec["B"], args.seq or spec["T"]
+    cfg = GPTConfig(**spec["cfg"])
+    return dataclasses.replace(cfg, n_ctx=max(cfg.n_ctx, T)), B, T, spec["optimizer"]
 
 
 def batch(cfg, B, T, seed=0):
@@ -133,58 +71,76 @@ def batch(cfg, B, T, seed=0):
     return rng.integers(0, cfg.vocab_size, (B, T)), rng.integers(0, cfg.vocab_size, (B, T))
 
 
+def make_step(name, torch, cfg, host, backend, optimizer, betas=(0.9, 0.95), seed=0):
+    """A fresh contender: npgpt's step on a GPT.init(seed) model, or PyTorch's on `host`
+    (the same weights) beside the backend."""
+    if name == "npgpt":
+        return NpgptStep(GPT.init(cfg, backend, seed=seed), optimizer, betas)
+    return TorchStep(torch, cfg, host, torch_device(backend), optimizer, betas)
+
+
 def peak_rss(name: str, config: str, n_threads: int) -> int:
     """Peak RSS of one contender alone: a fresh process that builds it and runs 2 steps."""
-    out = subprocess.run([sys.executable, __file__, "--peak-rss-of", name, "--configs", config, "--threads", str(n_threads)],
-                         capture_output=True, text=True)  # fmt: skip
+    cmd = [sys.executable, str(BENCH), "train", "--peak-rss-of", name, "--configs", config, "--threads", str(n_threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"peak-RSS subprocess for {name} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout)["peak_rss_bytes"]
 
 
-def measure_peak(name: str, config: str, n_threads: int) -> int:
-    spec = CONFIGS[config]
-    cfg = GPTConfig(**spec["cfg"])
-    if name == "torch":
-        import torch  # noqa: F401  (imported before the thread limit so it is applied)
-    with threads(n_threads):
-        step = CONTENDERS[name](cfg, init_params(cfg, seed=0), spec["optimizer"])
-        ids, targets = batch(cfg, spec["B"], spec["T"])
+def measure_peak(name: str, args) -> int:
+    cfg, B, T, optimizer = step_spec(args.configs[0], args)
+    torch = optional_torch() if name == "torch" else None
+    with threads(args.threads[0]):
+        host = GPT.init(cfg, seed=0).to_numpy() if name == "torch" else None
+        step = make_step(name, torch, cfg, host, get_backend("numpy"), optimizer)
+        del host
+        ids, targets = batch(cfg, B, T)
         step(ids, targets)
         step(ids, targets)
     return peak_rss_bytes()
 
 
-def bench_steps(args) -> list[dict]:
-    names = ["npgpt", "torch"] if args.vs == "torch" else ["npgpt"]
-    if "torch" in names:
-        import torch  # noqa: F401
-    rows = []
+def bench_steps(args, backend, torch) -> tuple[list[dict], list[str]]:
+    names = ["npgpt", "torch"] if torch is not None else ["npgpt"]
+    rows, lines = [], []
+    thread_counts = args.threads or ([1, 2] if backend.name == "numpy" else [None])
     for config in args.configs:
-        spec = CONFIGS[config]
-        cfg, B, T = GPTConfig(**spec["cfg"]), spec["B"], spec["T"]
-        host = init_params(cfg, seed=0)
+        cfg, B, T, optimizer = step_spec(config, args)
+        host = GPT.init(cfg, seed=0).to_numpy() if "torch" in names else None
         ids, targets = batch(cfg, B, T)
-        flops = 3 * forward_flops(cfg, B, T)
-        for n_threads in args.threads:
+        gemms = train_gemms(cfg, B, T)
+        flops = total_flops(gemms)
+        for n_threads in thread_counts:
             with threads(n_threads):
-                steps = {name: CONTENDERS[name](cfg, host, spec["optimizer"]) for name in names}
+                steps = {name: make_step(name, torch, cfg, host, backend, optimizer) for name in names}
                 log(f"train step {config} threads={n_threads} ...")
-                times = interleaved({name: (lambda s=s: s(ids, targets)) for name, s in steps.items()}, args.repeats)
+                first_loss = {name: step(ids, targets) for name, step in steps.items()}  # also the warm-up
+                times = interleaved({name: (lambda s=s: s(ids, targets)) for name, s in steps.items()}, args.repeats, warmup=0)
                 del steps
-                rate = train_ceiling(cfg, B, T)
-            row = {"config": config, "what": "fwd+bwd+clip+AdamW" if spec["optimizer"] else "fwd+bwd",
-                   "B": B, "T": T, **spec["cfg"], "threads": n_threads, "matmul_ceiling_gflops": rate / 1e9}  # fmt: skip
+                ceiling = gemm_ceiling(gemms, backend, torch_for(torch_device(backend), required=False)[0], torch_device(backend), n_threads)
+            rate = ceiling["gemm_ceiling_gflops"] * 1e9
+            row = {"config": config, "what": "fwd+bwd+clip+AdamW" if optimizer else "fwd+bwd", "B": B, "T": T,
+                   **dataclasses.asdict(cfg), "threads": n_threads, "flops_per_step": flops, **ceiling,
+                   "first_step_loss": first_loss}  # fmt: skip
             for name, ts in times.items():
                 s = summary(ts)
-                row[name] = {**s, "tokens_per_s": B * T / s["median_s"], "fraction_of_ceiling": flops / s["median_s"] / rate}
-                if args.memory:
+                row[name] = {**s, "tokens_per_s": B * T / s["median_s"], "fraction_of_gemm_ceiling": flops / s["median_s"] / rate}
+                if args.memory and backend.name == "numpy":
                     row[name]["peak_rss_bytes"] = peak_rss(name, config, n_threads)
+            line = f"train {config} threads {n_threads}: npgpt {row['npgpt']['median_s']:.3f} s ({row['npgpt']['fraction_of_gemm_ceiling']:.1%} of GEMM ceiling)"
             if "torch" in times:
                 row["ratio_npgpt_over_torch"] = row["npgpt"]["median_s"] / row["torch"]["median_s"]
+                line += f", torch {row['torch']['median_s']:.3f} s ({row['torch']['fraction_of_gemm_ceiling']:.1%}), npgpt/torch {row['ratio_npgpt_over_torch']:.2f}"
+            if backend.name != "numpy":
+                row["npgpt_peak_device_bytes"] = backend.peak_memory_bytes()
+                if torch is not None:
+                    row["torch_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
             log(row)
+            check_fractions(row)
             rows.append(row)
-    return rows
+            lines.append(line)
+    return rows, lines
 
 
 # -- the recipe race -------------------------------------------------------------------------
@@ -192,7 +148,7 @@ RECIPE = dict(n_layer=4, n_head=4, n_embd=128, block=64, batch=12, iters=2000, l
               betas=(0.9, 0.99), val_batches=200, chunk=10)  # fmt: skip
 
 
-def recipe_race(args) -> dict:
+def recipe_race(args, backend, torch) -> dict:
     from npgpt.data import BatchSampler, split_tokens
     from npgpt.tokenizer import CharTokenizer
 
@@ -201,16 +157,15 @@ def recipe_race(args) -> dict:
     tok = CharTokenizer.train(text)
     train, val = split_tokens(np.asarray(tok.encode(text)), 0.1)
     cfg = GPTConfig(vocab_size=tok.n_vocab, n_ctx=r["block"], n_embd=r["n_embd"], n_head=r["n_head"], n_layer=r["n_layer"])
-    host = init_params(cfg, seed=1337)
+    host = GPT.init(cfg, seed=1337).to_numpy() if torch is not None else None
     train_data = BatchSampler(train, r["batch"], r["block"], seed=1337)
     val_batches = [BatchSampler(val, r["batch"], r["block"], seed=1337, split="val").batch(i) for i in range(r["val_batches"])]
-    names = ["npgpt", "torch"] if args.vs == "torch" else ["npgpt"]
-    if "torch" in names:
-        import torch  # noqa: F401
+    names = ["npgpt", "torch"] if torch is not None else ["npgpt"]
+    n_threads = args.threads[0] if args.threads else None
     result = {"recipe": "shakespeare-char", **{k: v for k, v in r.items() if k != "betas"}, "vocab": tok.n_vocab,
-              "threads": args.threads[0], "train_tokens": len(train), "val_tokens": len(val)}  # fmt: skip
-    with threads(args.threads[0]):
-        steps = {name: CONTENDERS[name](cfg, host, True, r["betas"]) for name in names}
+              "threads": n_threads, "backend": backend.name, "train_tokens": len(train), "val_tokens": len(val)}  # fmt: skip
+    with threads(n_threads):
+        steps = {name: make_step(name, torch, cfg, host, backend, True, r["betas"], seed=1337) for name in names}
         wall = dict.fromkeys(names, 0.0)
         last = {}
         for chunk_start in range(0, r["iters"], r["chunk"]):
@@ -231,24 +186,32 @@ def recipe_race(args) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="bench.py train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", default="numpy", help="npgpt backend (default numpy; cupy: the GPU, vs PyTorch CUDA)")
     ap.add_argument("--vs", choices=["torch"], help="also run the identical PyTorch model, interleaved")
-    ap.add_argument("--configs", nargs="*", default=["a", "b", "c"], choices=sorted(CONFIGS), help="step-time configs (default a b c)")
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--configs", nargs="+", default=["a", "b", "c"], choices=list(CONFIGS), help="step-time configs (default a b c)")
+    ap.add_argument("--batch", type=int, help="override the configs' batch size B")
+    ap.add_argument("--seq", type=int, help="override the configs' sequence length T")
+    ap.add_argument("--threads", type=int, nargs="+", help="thread counts (default 1 2 on numpy, as-is elsewhere)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-contender peak-RSS subprocesses")
     ap.add_argument("--recipe", choices=["shakespeare-char"], help="run the recipe race instead of the step benchmark")
     ap.add_argument("--corpus", default=str(SHAKESPEARE), help="tinyshakespeare.txt for the recipe")
-    ap.add_argument("--peak-rss-of", choices=sorted(CONTENDERS), help=argparse.SUPPRESS)
+    ap.add_argument("--peak-rss-of", choices=["npgpt", "torch"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.peak_rss_of:
-        print(json.dumps({"peak_rss_bytes": measure_peak(args.peak_rss_of, args.configs[0], args.threads[0])}))
+        print(json.dumps({"peak_rss_bytes": measure_peak(args.peak_rss_of, args)}))
         return 0
+    backend = get_backend(args.backend)
+    device = torch_device(backend)
+    torch, why_not = torch_for(device, required=True) if args.vs == "torch" else (None, "not requested (--vs torch)")
+    info = {"backend": backend.name, "torch": torch.__version__ if torch else f"skipped: {why_not}"}
     if args.recipe:
-        emit({"benchmark": "train-recipe", **recipe_race(args)})
+        result = recipe_race(args, backend, torch)
+        line = f"recipe: npgpt {result['npgpt']['train_wall_s']:.1f} s, val loss {result['npgpt']['val_loss']:.5f}"
+        if torch is not None:
+            line += f"; torch {result['torch']['train_wall_s']:.1f} s, val loss {result['torch']['val_loss']:.5f}; wall npgpt/torch {result['wall_ratio_npgpt_over_torch']:.2f}"
+        emit({"benchmark": "train-recipe", **info, **result}, [line])
     else:
-        emit({"benchmark": "train-step", "dtype": "float32", "results": bench_steps(args)})
+        rows, lines = bench_steps(args, backend, torch)
+        emit({"benchmark": "train-step", **info, "dtype": "float32", "results": rows}, lines)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

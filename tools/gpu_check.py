@@ -172,7 +172,7 @@ def write_report(dest: Path) -> int:
         name, status, seconds = line.split("\t")
         steps.append({"step": name, "status": status, "seconds": float(seconds)})
     report: dict = {"steps": steps}
-    for name in ("device", "parity", "index_add", "bench"):
+    for name in ("device", "parity", "index_add", "generate", "train"):
         path = logs / f"{name}.json"
         try:
             report[name] = json.loads(path.read_text()) if path.exists() and path.stat().st_size else None
@@ -208,6 +208,12 @@ def summary_lines(report: dict) -> list[str]:
         ours, atomic = cost["npgpt_index_add"], cost["cupyx_scatter_add"]
         lines.append(f"  embedding backward: deterministic {ours['median_s'] * 1e3:.2f} ms vs atomic {atomic['median_s'] * 1e3:.2f} ms "
                      f"(same bits every run: {ours['same_bits_every_run']} vs {atomic['same_bits_every_run']})")  # fmt: skip
+    for name in ("generate", "train"):
+        for row in (report.get(name) or {}).get("results", []):
+            timed = {k: v for k, v in (row.get("cached") or row).items() if k in ("npgpt", "torch", "tokens_per_s")}
+            rates = timed if "tokens_per_s" not in timed else {"npgpt": timed}
+            lines.append(f"  {name}: " + ", ".join(f"{who} {r['tokens_per_s']:.0f} tokens/s" for who, r in rates.items()
+                                                   if isinstance(r, dict) and "tokens_per_s" in r))  # fmt: skip
     if "tests" in report:
         lines.append(f"  tests: {report['tests']['summary']}")
     return lines

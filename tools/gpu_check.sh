@@ -6,7 +6,9 @@
 #                 (the first use of each dtype compiles CuPy's kernels: timed)
 #   3. tests      the cross-backend tests on cupy (tests needing array-api-strict skip)
 #   4. index-add  the deterministic embedding backward's cost vs cupyx.scatter_add
-#   5. bench      decoding and a training step, npgpt on CuPy vs PyTorch CUDA when present
+#   5. generate   GPT-2 124M decoding, npgpt on CuPy vs transformers on PyTorch CUDA (when
+#                 torch sees a GPU): tools/bench.py generate --backend cupy --vs torch
+#   6. train      a GPT-2 124M training step, likewise: tools/bench.py train --configs g
 #
 # It uses the Python it finds: $NPGPT_PYTHON, else the first python3 (or python) on PATH
 # that imports cupy, with PYTHONPATH=<checkout>:<checkout>/backends/cupy, so npgpt runs
@@ -19,7 +21,8 @@
 #
 # Usage: tools/gpu_check.sh [--quick]
 # Environment: NPGPT_PYTHON, OUT; to replace a step's arguments: TEST_ARGS (pytest's),
-# INDEX_ADD_ARGS (tools/gpu_check.py index-add's), BENCH_ARGS (the benchmark's).
+# INDEX_ADD_ARGS (tools/gpu_check.py index-add's), GENERATE_ARGS and TRAIN_ARGS
+# (tools/bench.py generate's and train's, after --backend cupy --vs torch).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -50,16 +53,18 @@ if [ -z "$PY" ] || ! "$PY" -c "import cupy" 2> /dev/null; then
     exit 1
 fi
 
-if [ "$QUICK" = 1 ]; then  # TOTAL and each step's limit, in seconds: info parity tests index-add bench
-    TOTAL=175 LIMITS=(15 35 60 10 30)
+if [ "$QUICK" = 1 ]; then  # TOTAL and each step's limit, in seconds: info parity tests index-add generate train
+    TOTAL=165 LIMITS=(15 30 55 10 20 20)
     TEST_ARGS="${TEST_ARGS:-tests/test_cupy_gpu.py tests/test_cupy_kernels.py tests/test_model.py tests/test_generate.py}"
-    BENCH_ARGS="${BENCH_ARGS:---new-tokens 32 --batch 4 --seq 256 --repeats 2}"
+    GENERATE_ARGS="${GENERATE_ARGS:---new-tokens 32 --repeats 2 --recompute-repeats 0 --ttft-tokens 0}"
+    TRAIN_ARGS="${TRAIN_ARGS:---configs g --batch 4 --seq 256 --repeats 2 --no-memory}"
 else
-    TOTAL=470 LIMITS=(30 90 170 30 120)
+    TOTAL=460 LIMITS=(30 80 160 30 70 70)
     TEST_ARGS="${TEST_ARGS:-tests/test_cupy_gpu.py tests/test_cupy_kernels.py tests/test_cupy_backend.py tests/test_backend.py
         tests/test_model.py tests/test_gradients.py tests/test_segments.py tests/test_generate.py tests/test_train.py
         tests/test_torch_parity.py}"
-    BENCH_ARGS="${BENCH_ARGS:---repeats 3}"
+    GENERATE_ARGS="${GENERATE_ARGS:---repeats 3 --recompute-repeats 0}"
+    TRAIN_ARGS="${TRAIN_ARGS:---configs g --repeats 3 --no-memory}"
 fi
 INDEX_ADD_ARGS="${INDEX_ADD_ARGS:-}"
 START=$SECONDS
@@ -70,9 +75,9 @@ run() {
     local name=$1 limit=$2 outfile=$3 t0=$SECONDS rc status left
     shift 3
     STEP=$((STEP + 1))
-    left=$((TOTAL - (SECONDS - START) - 5 * (6 - STEP)))  # 5 s of grace for each step to come
+    left=$((TOTAL - (SECONDS - START) - 5 * (7 - STEP)))  # 5 s of grace for each step to come
     if [ "$left" -lt "$limit" ]; then limit=$((left > 1 ? left : 1)); fi
-    echo "gpu_check: [$STEP/5 $name] (limit ${limit}s, $((SECONDS - START))s so far) $*" >&2
+    echo "gpu_check: [$STEP/6 $name] (limit ${limit}s, $((SECONDS - START))s so far) $*" >&2
     timeout -k 5 "$limit" "$@" > "$outfile"
     rc=$?
     case $rc in
@@ -81,7 +86,7 @@ run() {
         *) status="failed (exit $rc)" ;;
     esac
     printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - t0))" >> "$LOGS/steps.tsv"
-    echo "gpu_check: [$STEP/5 $name] $status in $((SECONDS - t0))s" >&2
+    echo "gpu_check: [$STEP/6 $name] $status in $((SECONDS - t0))s" >&2
 }
 
 echo "gpu_check: Python $PY; results in $DEST" >&2
@@ -94,12 +99,14 @@ if "$PY" -c "import pytest, hypothesis" 2> /dev/null; then
 else
     STEP=$((STEP + 1))
     printf 'tests\tskipped: no pytest/hypothesis\t0\n' >> "$LOGS/steps.tsv"
-    echo "gpu_check: [$STEP/5 tests] skipped: $PY lacks pytest or hypothesis" >&2
+    echo "gpu_check: [$STEP/6 tests] skipped: $PY lacks pytest or hypothesis" >&2
 fi
 # shellcheck disable=SC2086 # INDEX_ADD_ARGS is a list of arguments
 run index-add "${LIMITS[3]}" "$LOGS/index_add.json" "$PY" tools/gpu_check.py index-add $INDEX_ADD_ARGS
-# shellcheck disable=SC2086 # BENCH_ARGS is a list of arguments
-run bench "${LIMITS[4]}" "$LOGS/bench.json" "$PY" tools/bench_gpu.py --vs torch $BENCH_ARGS
+# shellcheck disable=SC2086 # GENERATE_ARGS and TRAIN_ARGS are lists of arguments
+run generate "${LIMITS[4]}" "$LOGS/generate.json" "$PY" tools/bench.py generate --backend cupy --vs torch $GENERATE_ARGS
+# shellcheck disable=SC2086
+run train "${LIMITS[5]}" "$LOGS/train.json" "$PY" tools/bench.py train --backend cupy --vs torch $TRAIN_ARGS
 
 "$PY" tools/gpu_check.py report "$DEST"
 STATUS=$?

@@ -1,0 +1,132 @@
+"""tools/bench.py on tiny shapes, one repeat: every benchmark runs, its JSON names the CPU
+model and the BLAS kernel, carries its ceilings, and no fraction of a ceiling exceeds 1.0;
+a fraction above 1.0 stops the run with a one-line error. (Speed itself is measured by
+running the benchmarks, never asserted here.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import DATA, ROOT, data_path
+
+TOOLS = ROOT / "tools"
+
+
+@pytest.fixture
+def bench(monkeypatch, capsys):
+    """Run `tools/bench.py <args>` in this process; returns (exit code, JSON or None, stderr)."""
+    monkeypatch.syspath_prepend(str(TOOLS))
+    import bench as cli
+
+    def run(*args):
+        code = cli.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, (json.loads(out) if out.strip() else None), err
+
+    return run
+
+
+def fractions(report, path=""):
+    """Every (path, value) whose key starts with fraction_of, anywhere in the report."""
+    items = report.items() if isinstance(report, dict) else enumerate(report) if isinstance(report, list) else ()
+    for key, value in items:
+        if isinstance(value, (dict, list)):
+            yield from fractions(value, f"{path}.{key}")
+        elif str(key).startswith("fraction_of"):
+            yield f"{path}.{key}", value
+
+
+def check_report(report, ceiling_key):
+    machine = report["machine"]
+    assert machine["cpu_model"] and machine["cpu_model"] != "unknown"
+    assert machine["blas_kernel"] and "/" in machine["blas_kernel"]
+    assert machine["date_utc"] and len(machine["loadavg_1_5_15_end"]) == 3
+    for row in report["results"]:
+        assert row[ceiling_key] > 0
+    found = list(fractions(report))
+    assert found, "the report has no fraction of a ceiling"
+    assert all(0 < v <= 1.0 for _, v in found), found
+
+
+def test_forward_tiny(bench):
+    code, report, err = bench("forward", "--preset", "tiny", "--shapes", "2x16", "--threads", "1", "--repeats", "1", "--no-memory")
+    assert code == 0, err
+    check_report(report, "gemm_ceiling_gflops")
+    row = report["results"][0]
+    assert row["gemm_ceiling_gflops"] >= row["gemm_gflops_numpy_or_backend"]  # the best of NumPy and torch
+    assert "BLAS kernel" in err and report["machine"]["cpu_model"] in err
+
+
+def test_train_tiny_vs_torch_at_two_thread_counts(bench):
+    code, report, err = bench("train", "--configs", "tiny", "--vs", "torch", "--threads", "1", "2", "--repeats", "1", "--no-memory")
+    assert code == 0, err
+    check_report(report, "gemm_ceiling_gflops")
+    assert [row["threads"] for row in report["results"]] == [1, 2]
+    for row in report["results"]:
+        assert row["ratio_npgpt_over_torch"] > 0 and "gemm_gflops_torch" in row
+        assert row["first_step_loss"]["npgpt"] == pytest.approx(row["first_step_loss"]["torch"], rel=1e-4)
+
+
+def test_generate_bandwidth_is_a_gemv_over_4x_the_llc(bench):
+    """The 124M shape (weights far above the last-level cache), two new tokens."""
+    code, report, err = bench("generate", "--threads", "1", "--repeats", "1", "--prompt-tokens", "2", "--new-tokens", "2",
+                              "--ttft-tokens", "0", "--recompute-repeats", "0")  # fmt: skip
+    assert code == 0, err
+    check_report(report, "bandwidth_ceiling_gb_s")
+    row = report["results"][0]
+    assert row["weights_stream_from_memory"] and row["gemv_bytes"] >= 4 * report["machine"]["llc_bytes"]
+    assert "gemv_gb_s_torch_mv" not in row  # torch.mv only under --vs torch
+
+
+def test_generate_and_train_on_another_backend(bench):
+    """--backend: the fake CuPy (NumPy underneath) stands in for a GPU; torch has no CUDA here, so it is skipped."""
+    code, report, err = bench("generate", "--backend", "fake-cupy", "--preset", "tiny", "--repeats", "1",
+                              "--prompt-tokens", "4", "--new-tokens", "3", "--ttft-tokens", "0", "--recompute-repeats", "0")  # fmt: skip
+    assert code == 0, err
+    row = report["results"][0]
+    assert row["bandwidth_ceiling_gb_s"] > 0 and not row["weights_stream_from_memory"]  # tiny weights stay in cache:
+    assert not list(fractions(report))  # memory bandwidth bounds nothing, so no fraction of it is claimed
+    assert report["backend"].startswith("fake-cupy") and "npgpt_peak_device_bytes" in report
+    code, report, err = bench("train", "--backend", "fake-cupy", "--configs", "tiny", "--repeats", "1")
+    assert code == 0, err
+    check_report(report, "gemm_ceiling_gflops")
+
+
+def test_a_fraction_above_one_stops_the_benchmark(bench, monkeypatch):
+    import bench_forward
+
+    monkeypatch.setattr(bench_forward, "gemm_ceiling", lambda *a, **k: {"gemm_ceiling_gflops": 1e-9, "gemm_gflops_numpy_or_backend": 1e-9})
+    code, report, err = bench("forward", "--preset", "tiny", "--shapes", "1x8", "--threads", "1", "--repeats", "1", "--no-memory")
+    assert code == 1 and report is None
+    assert err.strip().splitlines()[-1].startswith("error: ") and "fraction_of_gemm_ceiling" in err and "Traceback" not in err
+
+
+def test_check_fractions_walks_nested_reports(monkeypatch):
+    monkeypatch.syspath_prepend(str(TOOLS))
+    from benchlib import BenchError, check_fractions
+
+    check_fractions({"rows": [{"npgpt": {"fraction_of_gemm_ceiling": 0.99}}]})
+    with pytest.raises(BenchError, match=r"rows\.0\.npgpt\.fraction_of_gemm_ceiling = 1\.200"):
+        check_fractions({"rows": [{"npgpt": {"fraction_of_gemm_ceiling": 1.2}}]})
+
+
+def test_cli_runs_as_a_script_and_errors_in_one_line():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "backends" / "cupy")]), "NPGPT_DATA": str(DATA)}
+    out = subprocess.run([sys.executable, str(TOOLS / "bench.py"), "forward", "--preset", "no-such-model"],
+                         capture_output=True, text=True, env=env, cwd=ROOT)  # fmt: skip
+    assert out.returncode == 1 and out.stderr.startswith("error: ") and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    out = subprocess.run([sys.executable, str(TOOLS / "bench.py")], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 2 and all(name in out.stdout for name in ("forward", "train", "generate", "tokenizer"))
+
+
+@pytest.mark.filterwarnings("ignore:the corpus ran out of pairs")
+def test_tokenizer_small(bench):
+    data_path("gpt2/gpt2.tiktoken")
+    data_path("corpora/tinyshakespeare.txt")
+    code, report, err = bench("tokenizer", "--max-chars", "3000", "--repeats", "1", "--train-repeats", "1", "--data", DATA)
+    assert code == 0, err
+    assert report["ids_identical_to_tiktoken_and_baseline"] and report["machine"]["cpu_model"]
