@@ -39,6 +39,7 @@ from npgpt.optim import AdamW, clip_factor, clip_grad_norm, default_decay, globa
 DEFAULT_BUCKET_MB = 25.0  # PyTorch DDP's default bucket size
 DEFAULT_TIMEOUT = 600.0  # seconds a rank waits for the others before ending the job
 POLL_SECONDS = 1e-3  # how often the progress thread tests pending collectives
+ABORT_GRACE_SECONDS = 0.5  # MPI_Abort can end the job before the ranks' last output is forwarded
 # What a launcher tells each process it starts: world size and rank (PMI: MPICH's and Intel
 # MPI's Hydra, srun --mpi=pmi2; Open MPI's mpirun).
 WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
@@ -281,6 +282,7 @@ class MPIComm(Comm):
 
     def abort(self, message: str, status: int = 1):
         print(message, file=sys.__stderr__, flush=True)  # any rank may be the one that notices
+        time.sleep(ABORT_GRACE_SECONDS)  # let mpiexec forward the line before Abort tears the job down
         self.world.Abort(status)
 
 
