@@ -56,7 +56,8 @@ def quick_run(tmp_path_factory):
         "GENERATE_ARGS": "--preset tiny --new-tokens 2 --repeats 1 --recompute-repeats 0 --ttft-tokens 0",
         "TRAIN_ARGS": "--configs tiny --repeats 1 --no-memory",
     }
-    installed = subprocess.run([f"{tmp}/env/bin/python", "-c", "import importlib.metadata as m; m.distribution('npgpt')"], env=env, capture_output=True)
+    installed = subprocess.run([f"{tmp}/env/bin/python", "-c", "import importlib.metadata as m; m.distribution('npgpt')"],
+                               env=env, capture_output=True, cwd=tmp)  # not the checkout, where `pip install -e` left npgpt.egg-info  # fmt: skip
     assert installed.returncode != 0, "npgpt must not be installed in the stand-in machine"
     result = subprocess.run([SCRIPT, "--quick"], env=env, capture_output=True, text=True, timeout=300)
     return tmp, result
