@@ -10,11 +10,15 @@ plugins such as CuPy, which register a factory under the entry-point group
     cupy = "npgpt_cupy:make_backend"      # make_backend(device: str | None) -> Backend
 
 A backend name may carry a device after a colon: "array-api-strict:device1", "cupy:1".
+Without an install (a source checkout on PYTHONPATH, no entry points), a plugin is named
+by its import path, `module:factory[:device]` ("npgpt_cupy:make_backend:1"), and the
+plugins this project ships (KNOWN_PLUGINS) are found by name from their import path.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib
 import importlib.metadata
 import resource
 import sys
@@ -28,8 +32,14 @@ from npgpt.kernels.numpy_fast import KERNELS as NUMPY_KERNELS
 from npgpt.namespaces import array_namespace, register_array_namespace  # noqa: F401 (re-exported for plugins)
 
 ENTRY_POINT_GROUP = "npgpt.backends"
+# Plugins of this project, found by import path when no entry point names them (a source
+# checkout with PYTHONPATH=.:backends/cupy and nothing installed).
+KNOWN_PLUGINS = {"cupy": "npgpt_cupy:make_backend"}
 INSTALL_HINTS = {
-    "cupy": 'pip install "npgpt[cupy]"  (or: pip install ./backends/cupy)',
+    "cupy": (
+        'pip install "npgpt[cupy13]" where nvidia-smi shows "CUDA Version: 13.x", "npgpt[cupy]" where it shows 12.x '
+        "(a source checkout finds the plugin with PYTHONPATH=.:backends/cupy)"
+    ),
     "array-api-strict": "pip install array-api-strict",
 }
 
@@ -95,6 +105,12 @@ class Backend:
         """Uniform [0, 1) samples on the device, drawn from a seeded host generator so
         every backend sees the same stream (dropout masks, reproducible runs)."""
         return self.asarray(rng.random(shape, dtype=np.float32), dtype=dtype)
+
+    def communicator(self, comm):
+        """The communicator data-parallel training sums this backend's arrays with: by
+        default `comm` itself (MPI on host buffers, which NumPy arrays are); a GPU
+        backend returns one that keeps gradients on the device (CuPy: NCCL)."""
+        return comm
 
     def synchronize(self) -> None:
         """Wait for queued device work (for honest timing). Host backends: nothing."""
@@ -164,11 +180,25 @@ BUILTIN: dict[str, Callable[[str | None], Backend]] = {
 
 
 def _plugins() -> dict[str, importlib.metadata.EntryPoint]:
-    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    """Plugins by name: the installed entry points, else the known ones by import path."""
+    known = {name: importlib.metadata.EntryPoint(name, value, ENTRY_POINT_GROUP) for name, value in KNOWN_PLUGINS.items()}
+    return known | {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _usable(entry: importlib.metadata.EntryPoint) -> bool:
+    """Whether a plugin's module imports and, if it has an `available()`, that says yes
+    (the CuPy plugin imports without CuPy; its `available()` checks for CuPy)."""
+    try:
+        module = importlib.import_module(entry.module)
+    except ImportError:
+        return False
+    available = getattr(module, "available", None)
+    return bool(available()) if callable(available) else True
 
 
 def available_backends() -> list[str]:
-    """Names of the backends that can be selected here (built-in and installed plugins)."""
+    """Names of the backends that can be selected here: built-in ones whose library is
+    installed, and plugins whose module and library import (a GPU is not checked)."""
     names = ["numpy"]
     try:
         import array_api_strict  # noqa: F401
@@ -176,25 +206,51 @@ def available_backends() -> list[str]:
         names.append("array-api-strict")
     except ImportError:
         pass
-    return names + sorted(set(_plugins()) - set(names))
+    return names + sorted(name for name, entry in _plugins().items() if name not in names and _usable(entry))
+
+
+def _factory_by_path(spec: str) -> tuple[Callable[[str | None], Backend], str] | None:
+    """`module:factory[:device]` -> (the factory, the device or ""); None when `spec` is
+    not of that form or its module is not importable."""
+    module_name, _, rest = spec.partition(":")
+    attr, _, device = rest.partition(":")
+    if not attr.isidentifier() or not all(part.isidentifier() for part in module_name.split(".")):
+        return None
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name or module_name.startswith(f"{e.name}."):  # the module itself is missing
+            return None
+        raise
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise BackendError(f"{module_name!r} has no backend factory {attr!r}; a plugin is named as module:factory")
+    return factory, device
 
 
 def get_backend(spec: str | Backend = "numpy") -> Backend:
-    """A backend by name, e.g. "numpy", "cupy", "array-api-strict:device1"."""
+    """A backend by name, e.g. "numpy", "cupy", "array-api-strict:device1", or a plugin by
+    import path, "npgpt_cupy:make_backend" (a device may follow: "...:make_backend:1")."""
     if isinstance(spec, Backend):
         return spec
     name, _, device = spec.partition(":")
     factory = BUILTIN.get(name)
     if factory is None:
         entry = _plugins().get(name)
-        if entry is None:
-            hint = f" Install it with: {INSTALL_HINTS[name]}." if name in INSTALL_HINTS else ""
-            raise BackendError(
-                f"unknown backend {name!r}; available here: {', '.join(available_backends())}.{hint}"
-            )
-        factory = entry.load()
+        by_path = _factory_by_path(spec) if entry is None else None
+        if entry is None and by_path is None:
+            hint = f"; install it with: {INSTALL_HINTS[name]}" if name in INSTALL_HINTS else "; or name a plugin as module:factory"
+            raise BackendError(f"unknown backend {name!r}; available here: {', '.join(available_backends())}{hint}")
+        try:
+            factory, device = by_path if by_path is not None else (entry.load(), device)
+        except ImportError as e:
+            raise _not_usable(name, e) from e
     try:
         return factory(device or None)
     except ImportError as e:
-        hint = INSTALL_HINTS.get(name, f"install the package that provides {name!r}")
-        raise BackendError(f"backend {name!r} is not usable here ({e}). To fix: {hint}") from e
+        raise _not_usable(name, e) from e
+
+
+def _not_usable(name: str, error: ImportError) -> BackendError:
+    hint = INSTALL_HINTS.get(name, f"install the package that provides {name!r}")
+    return BackendError(f"backend {name!r} is not usable here ({error}); to fix: {hint}")

@@ -233,6 +233,7 @@ class StopStrings:
     def release(self) -> str:
         """The held text, at the end of the text: up to a stop string found in it, if any."""
         hit = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=len(self.pending))
+        self.stopped = self.stopped or hit < len(self.pending)
         shown, self.pending = self.pending[:hit], ""
         return shown
 

@@ -55,12 +55,15 @@ class AdamW:
         eps: float = 1e-8,
         weight_decay: float = 0.1,
         decay_embeddings: bool = False,
+        decay: dict[str, bool] | None = None,
     ):
         xp = backend.xp
         self.params, self.backend = params, backend
         self.beta1, self.beta2 = betas
         self.eps, self.weight_decay = eps, weight_decay
-        self.decay = {name: default_decay(name, tuple(p.shape), decay_embeddings) for name, p in params.items()}
+        if decay is None:  # given explicitly for pieces of parameters (ZeRO-1 shards)
+            decay = {name: default_decay(name, tuple(p.shape), decay_embeddings) for name, p in params.items()}
+        self.decay = decay
         self.m = {name: xp.zeros_like(p) for name, p in params.items()}  # first moments
         self.v = {name: xp.zeros_like(p) for name, p in params.items()}  # second moments
         self.t = 0  # steps taken
@@ -132,10 +135,15 @@ def clip_grad_norm(grads: dict, max_norm: float, backend: Backend):
     clipping as a 0-d device array (for logging).
     """
     norm = global_norm(grads, backend)
-    factor = backend.xp.minimum(max_norm / (norm + 1e-6), 1.0)
+    factor = clip_factor(norm, max_norm, backend.xp)
     for g in grads.values():
         g *= factor
     return norm
+
+
+def clip_factor(norm, max_norm: float, xp):
+    """min(1, max_norm / (norm + 1e-6)) as a 0-d device array: what clipping multiplies by."""
+    return xp.minimum(max_norm / (norm + 1e-6), 1.0)
 
 
 def cosine_lr(step: int, max_lr: float, min_lr: float, warmup: int, decay_steps: int) -> float:

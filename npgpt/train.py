@@ -17,6 +17,13 @@ step is the whole RNG state and a resumed run is bit-for-bit the run that never 
 
 On a device backend the loop reads nothing back to the host except at log intervals
 (the summed loss and gradient norm) and checkpoints.
+
+Under `mpiexec -n N` the run is data-parallel (see `npgpt.distributed`): rank r trains
+on the global micro-batches r*grad_accum ... (r+1)*grad_accum - 1 of each step, so the
+global batch is batch-size x grad-accum x N, and one process with `--grad-accum 4` trains
+on exactly the sequences (and dropout masks) of two ranks with `--grad-accum 2`. Only
+rank 0 prints and writes; a checkpoint holds the unsharded optimizer state, so a run may
+resume at another world size that divides its global batch.
 """
 
 from __future__ import annotations
@@ -37,10 +44,12 @@ import numpy as np
 
 from npgpt.backend import get_backend
 from npgpt.errors import UserError, add_debug_flag, run_cli
-from npgpt.kernels.threads import add_threads_option, configure as configure_threads
+from npgpt.kernels.threads import configure as configure_threads
 from npgpt.checkpoint import load_safetensors, save_checkpoint, save_safetensors
 from npgpt.config import GPTConfig
 from npgpt.data import BatchSampler, split_tokens
+from npgpt.distributed import (DEFAULT_BUCKET_MB, DEFAULT_TIMEOUT, Comm, DataParallel, connect, launched_rank,
+                               limit_threads, on_every_rank, rank_backend)  # fmt: skip
 from npgpt.model import GPT, FLOAT_DTYPES
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr, global_norm
 from npgpt.prepare import read_tokens, split_tokens_of
@@ -52,7 +61,8 @@ from npgpt.pairs import PairsData, add_end_of_text, load_examples, read_pairs
 STATE_FILE, LOG_FILE = "trainer_state.safetensors", "log.jsonl"
 STEP_KEY, TRAINER_KEY = "npgpt.step", "npgpt.trainer"
 # Settings a resumed run may change; any other flag must match the checkpoint's.
-RESUME_OVERRIDES = {"max_iters", "log_interval", "eval_interval", "eval_iters", "checkpoint_interval", "backend", "debug", "threads"}
+RESUME_OVERRIDES = {"max_iters", "log_interval", "eval_interval", "eval_iters", "checkpoint_interval", "backend", "debug",
+                    "threads", "zero", "bucket_mb", "comm_timeout"}
 NOT_SAVED = {"resume", "overwrite", "debug"}  # flags of this invocation, not settings of the run
 DROPOUT_STREAM = 2  # seeds dropout generators apart from the data sampler's (0 train, 1 val)
 
@@ -112,11 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=1337, help="seeds the init, the data order and dropout")
     r = p.add_argument_group("running")
     r.add_argument("--backend", default="numpy", help="array backend: numpy, cupy, array-api-strict, ... (default numpy)")
-    add_threads_option(r)
     r.add_argument("--log-interval", type=int, default=10, help="steps between progress lines (and host syncs)")
     r.add_argument("--eval-interval", type=int, default=250, help="steps between validation estimates (0: only at the end)")
     r.add_argument("--eval-iters", type=int, default=20, help="validation batches per estimate")
     r.add_argument("--checkpoint-interval", type=int, default=250, help="steps between checkpoints (and at the end, and on Ctrl-C)")
+    r.add_argument("--threads", type=int, help="BLAS threads per process (default: all cores; under mpiexec, the cores "
+                                                "divided by the ranks on the node)")  # fmt: skip
+    d = p.add_argument_group("many processes (under mpiexec -n N; see the README)")
+    d.add_argument("--zero", type=int, choices=(0, 1), default=0, help="1: shard AdamW's moments across ranks (ZeRO-1)")
+    d.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB, help="gradient all-reduce bucket size in MB (default 25)")
+    d.add_argument("--comm-timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help="seconds a rank waits for the others before ending the job (a rank died or hangs; default 600)")  # fmt: skip
     add_debug_flag(p)
     return p
 
@@ -195,17 +211,25 @@ def scratch_config(args, vocab_size: int) -> GPTConfig:
 class Trainer:
     """One training run: model, optimizer, samplers, and the checkpoint folder."""
 
-    def __init__(self, args, model: GPT, tokenizer, data: tuple[np.ndarray, np.ndarray] | PairsData, start_step: int = 0):
+    def __init__(self, args, model: GPT, tokenizer, data: tuple[np.ndarray, np.ndarray] | PairsData, start_step: int = 0,
+                 comm: Comm | None = None):  # fmt: skip
         """`data`: (train, val) token streams (--format text) or tokenized pairs (--format pairs)."""
         self.args, self.model, self.tokenizer = args, model, tokenizer
+        self.comm = comm = comm or Comm()
         self.out = Path(args.out_dir)
         self.backend = model.backend
-        self.opt = AdamW(model.params, model.backend, betas=(args.beta1, args.beta2),
-                         weight_decay=args.weight_decay, decay_embeddings=args.decay_embeddings)  # fmt: skip
+        adamw = dict(betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, decay_embeddings=args.decay_embeddings)
+        self.dp = None  # one process, unsharded: the plain loop below
+        if comm.size > 1 or args.zero:
+            self.dp = DataParallel(model, model.backend.communicator(comm), args.grad_accum, zero=args.zero,
+                                   bucket_mb=args.bucket_mb, **adamw)  # fmt: skip
+        self.opt = self.dp.opt if self.dp else AdamW(model.params, model.backend, **adamw)
         T = args.block_size
         self.pairs = isinstance(data, PairsData)
         if self.pairs:
-            self.train_data, self.val_data = data.samplers(T, args.batch_size, args.grad_accum, args.seed, args.val_fraction)
+            # every rank draws from the global count of micro-batches per step
+            self.train_data, self.val_data = data.samplers(T, args.batch_size, args.grad_accum * comm.size, args.seed,
+                                                           args.val_fraction)  # fmt: skip
             self.data_summary = data.summary()
         else:
             train, val = data
@@ -217,35 +241,56 @@ class Trainer:
             self.data_summary = f"{len(self.train_data.tokens):,} train tokens"
         self.scored = 0  # targets scored (completion tokens with --format pairs) since the last report
         self.step = start_step
-        self.tokens_per_step = args.batch_size * T * args.grad_accum
-        self.stop_requested = False
+        self.tokens_per_step = args.batch_size * T * args.grad_accum * comm.size
+        self.interrupted = False  # set by the Ctrl-C handler, at any moment
+        self.stop_requested = False  # set only between steps (agreed by all ranks under mpiexec)
         self.last_good_step = start_step
         self.saved_once = start_step > 0  # a resumed run has a checkpoint on disk
 
     # -- one optimizer step ---------------------------------------------------------------
     def train_step(self):
         """Forward, backward (accumulated over micro-batches), clip, AdamW. Returns the
-        mean loss and the gradient norm as 0-d device arrays (no host sync)."""
-        args, model = self.args, self.model
+        mean loss and the gradient norm as 0-d device arrays (no host sync).
+
+        Under mpiexec this rank's micro-batches go into `DataParallel`'s buckets; during
+        the last one's backward pass each bucket starts its sum over the ranks as soon as
+        its gradients are final (the `grad_ready` hook). The loss returned is this rank's mean."""
+        args, dp = self.args, self.dp
         total_loss, grads = 0.0, None
         for micro in range(args.grad_accum):
-            ids, targets, *segments = self.train_data.batch(self.step, micro)  # packed pairs: + segments
-            self.scored += int(np.count_nonzero(targets != IGNORE_INDEX))
-            rng = np.random.default_rng([args.seed, DROPOUT_STREAM, self.step, micro]) if model.config.dropout else None
-            loss, g = model.loss_and_grads(ids, targets, rng=rng, segments=segments[0] if segments else None)
+            final = micro == args.grad_accum - 1
+            loss, g = self.micro_batch(micro, grad_ready=dp.ready if dp and final else None)
             total_loss = total_loss + loss
-            if grads is None:
+            if dp:
+                if not final:
+                    dp.add(g)
+            elif grads is None:
                 grads = g
             else:
                 for name, value in g.items():
                     grads[name] += value
-        if args.grad_accum > 1:
-            for value in grads.values():
-                value *= 1.0 / args.grad_accum
-        norm = clip_grad_norm(grads, args.grad_clip, self.backend) if args.grad_clip > 0 else global_norm(grads, self.backend)
-        self.opt.step(grads, self.lr(self.step))
+        if dp:
+            dp.reduce()
+            norm = dp.clip_and_step(args.grad_clip, self.lr(self.step))
+        else:
+            if args.grad_accum > 1:
+                for value in grads.values():
+                    value *= 1.0 / args.grad_accum
+            norm = clip_grad_norm(grads, args.grad_clip, self.backend) if args.grad_clip > 0 else global_norm(grads, self.backend)
+            self.opt.step(grads, self.lr(self.step))
         self.step += 1
         return total_loss / args.grad_accum, norm
+
+    def micro_batch(self, micro: int, grad_ready=None):
+        """Loss and gradients of this rank's micro-batch `micro` of the step: the global
+        micro-batch rank x grad-accum + micro, whose sequences and dropout masks depend on
+        (seed, step, that index) alone."""
+        args, model = self.args, self.model
+        j = self.comm.rank * args.grad_accum + micro
+        ids, targets, *segments = self.train_data.batch(self.step, j)  # packed pairs: + segments
+        self.scored += int(np.count_nonzero(targets != IGNORE_INDEX))
+        rng = np.random.default_rng([args.seed, DROPOUT_STREAM, self.step, j]) if model.config.dropout else None
+        return model.loss_and_grads(ids, targets, rng=rng, segments=segments[0] if segments else None, grad_ready=grad_ready)
 
     def lr(self, step: int) -> float:
         a = self.args
@@ -253,8 +298,13 @@ class Trainer:
 
     def val_loss(self) -> float:
         """Mean loss over `eval_iters` fixed validation batches (the same ones every time)."""
-        losses = [self.val_batch_loss(*self.val_data.batch(i)) for i in range(self.args.eval_iters)]
-        return float(self.backend.to_numpy(sum(losses[1:], losses[0]))) / len(losses)
+        if self.comm.size == 1:
+            losses = [self.val_batch_loss(*self.val_data.batch(i)) for i in range(self.args.eval_iters)]
+            return float(self.backend.to_numpy(sum(losses[1:], losses[0]))) / len(losses)
+        # Batch i on rank i % world; the per-rank sums are added on the host.
+        mine = [float(self.backend.to_numpy(self.val_batch_loss(*self.val_data.batch(i))))
+                for i in range(self.comm.rank, self.args.eval_iters, self.comm.size)]  # fmt: skip
+        return float(self.comm.allreduce_host(np.array([sum(mine)]))[0]) / self.args.eval_iters
 
     def val_batch_loss(self, ids, targets, segments=None):
         return self.model.loss(ids, targets, segments=segments)
@@ -266,14 +316,19 @@ class Trainer:
         if self.step >= args.max_iters:
             say(f"already at step {self.step} of {args.max_iters}: nothing to do (raise --max-iters to continue)")
             return 0
-        say(f"training {self.model.config} on {self.backend.name}: {self.data_summary}, "
-            f"{self.tokens_per_step:,} tokens/step, steps {self.step} -> {args.max_iters}")  # fmt: skip
+        ranks = f" on each of {self.comm.size} ranks" if self.comm.size > 1 else ""
+        say(f"training {self.model.config} on {self.backend.name}{ranks}: {self.data_summary}, "
+            f"global batch {args.batch_size} x {args.grad_accum} x {self.comm.size} ranks = {self.tokens_per_step:,} "
+            f"tokens/step, steps {self.step} -> {args.max_iters}")  # fmt: skip
         window_loss, window_norm, window_steps = 0.0, 0.0, 0
         clock = time.perf_counter()
         previous = signal.signal(signal.SIGINT, self._on_interrupt)
         try:
             while self.step < args.max_iters and not self.stop_requested:
                 loss, norm = self.train_step()
+                self.stop_requested = self.interrupted
+                if self.comm.size > 1:  # every rank stops after the same step (Ctrl-C reaches them at different times)
+                    self.stop_requested = bool(self.comm.allreduce_host(np.array([int(self.interrupted)]))[0])
                 window_loss, window_norm, window_steps = window_loss + loss, window_norm + norm, window_steps + 1
                 done = self.step == args.max_iters
                 checkpoint_due = done or self.stop_requested or self.step % args.checkpoint_interval == 0
@@ -288,10 +343,6 @@ class Trainer:
                     if checkpoint_due:
                         self.save()
                     clock = time.perf_counter()
-            if self.stop_requested and self.last_good_step != self.step:  # Ctrl-C came after this step's save point
-                if window_steps and not self.report(window_loss, window_norm, window_steps, time.perf_counter() - clock):
-                    return 1
-                self.save()
         finally:
             signal.signal(signal.SIGINT, previous)
         if self.stop_requested:
@@ -301,12 +352,14 @@ class Trainer:
 
     def _on_interrupt(self, signum, frame):
         """First Ctrl-C: finish the step, save, stop. A second one aborts at once."""
-        self.stop_requested = True
+        self.interrupted = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
         say("\nCtrl-C: finishing this step and saving a checkpoint (press again to abort without saving)")
 
     def report(self, loss_sum, norm_sum, steps, elapsed) -> bool:
         """Read the window's loss back to the host, print and log it; False if it diverged."""
+        if self.dp:  # the mean over ranks of their mean losses
+            loss_sum = self.dp.comm_sum_scalar(loss_sum) / self.comm.size
         loss = float(self.backend.to_numpy(loss_sum)) / steps
         norm = float(self.backend.to_numpy(norm_sum)) / steps
         if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -318,11 +371,15 @@ class Trainer:
         tokens_per_s = steps * self.tokens_per_step / elapsed
         scored_per_s, self.scored = self.scored / elapsed, 0
         eta = (self.args.max_iters - self.step) * elapsed / steps
+        comm_share = self.comm.take_wait_seconds() / elapsed
+        comm = f" | comm {100 * comm_share:.0f}%" if self.comm.size > 1 else ""
         what, rate = ("completion loss", f"{scored_per_s:,.0f} completion tok/s ({tokens_per_s:,.0f} tok/s)") if self.pairs \
             else ("loss", f"{tokens_per_s:,.0f} tok/s")  # fmt: skip
         say(f"step {self.step:>6}/{self.args.max_iters} | {what} {loss:.4f} | lr {self.lr(self.step - 1):.2e} | "
-            f"grad norm {norm:.3f} | {rate} | {1000 * elapsed / steps:.0f} ms/step | ETA {format_duration(eta)}")  # fmt: skip
+            f"grad norm {norm:.3f} | {rate}{comm} | {1000 * elapsed / steps:.0f} ms/step | ETA {format_duration(eta)}")  # fmt: skip
         extra = {"completion_tokens_per_s": scored_per_s} if self.pairs else {}
+        if self.comm.size > 1:
+            extra |= {"comm_wait_share": comm_share, "ranks": self.comm.size}
         self.log(step=self.step, loss=loss, lr=self.lr(self.step - 1), grad_norm=norm,
                  tokens_per_s=tokens_per_s, seconds_per_step=elapsed / steps, **extra)  # fmt: skip
         return True
@@ -333,6 +390,8 @@ class Trainer:
         self.log(step=self.step, val_loss=loss, val_perplexity=math.exp(min(loss, 700)))
 
     def log(self, **record):
+        if self.comm.rank != 0:
+            return
         with open(self.out / LOG_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -341,12 +400,18 @@ class Trainer:
         """Model and trainer state, each written in full under a pending name first and
         only then renamed into place, so a failed write (a full disk) leaves the previous
         checkpoint whole and resumable. The state names the step, so a crash between the
-        two renames is detected on resume, never silently mixed."""
+        two renames is detected on resume, never silently mixed. Under mpiexec rank 0
+        writes (the ZeRO-1 moment shards are gathered to it first)."""
+        optimizer = self.dp.state_dict() if self.dp else self.opt.state_dict()
+        if self.comm.rank != 0:
+            self.last_good_step, self.saved_once = self.step, True
+            return
         pending = {name: self.out / f".{name}.pending" for name in (WEIGHTS_FILE, STATE_FILE)}
         try:
             save_checkpoint(pending[WEIGHTS_FILE], self.model.to_numpy(), self.model.config, {STEP_KEY: str(self.step)})
-            moments, scalars = self.opt.state_dict()
+            moments, scalars = optimizer
             state = {"step": self.step, "optimizer": scalars, "tokens_seen": self.step * self.tokens_per_step,
+                     "world_size": self.comm.size,
                      "args": {k: v for k, v in vars(self.args).items() if k not in NOT_SAVED}}  # fmt: skip
             save_safetensors(pending[STATE_FILE], moments, {TRAINER_KEY: json.dumps(state), STEP_KEY: str(self.step)})
         except OSError as e:
@@ -397,15 +462,16 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         )
 
 
-def start(args) -> Trainer:
+def start(args, comm: Comm) -> Trainer:
     """A fresh run: tokenizer and model from scratch or from --init-from. Everything is
     checked before --out-dir is touched."""
     if not args.data:
         raise TrainingError("--data is required (a UTF-8 text file, a prepared folder, or JSON Lines with --format pairs) unless --resume")
     out = Path(args.out_dir)
-    check_out_dir(out, args.overwrite)
+    if comm.rank == 0:  # the others would see the folder rank 0 is filling
+        check_out_dir(out, args.overwrite)
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters  # fixed now: a resume may change --max-iters
-    backend = get_backend(args.backend)
+    backend = get_backend(rank_backend(args.backend, comm))
     if args.init_from:
         file = resolve_weights(args.init_from)
         tokenizer = load_tokenizer_beside(file)
@@ -440,11 +506,12 @@ def start(args) -> Trainer:
     if args.block_size > model.config.n_ctx:
         raise TrainingError(f"--block-size {args.block_size} exceeds the model's context of {model.config.n_ctx}; "
                             "give a smaller --block-size")  # fmt: skip
-    trainer = Trainer(args, model, tokenizer, load_data(args, tokenizer))
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (STATE_FILE, LOG_FILE):  # with --overwrite: the old run is over
-        (out / stale).unlink(missing_ok=True)
-    write_tokenizer(tokenizer, out)
+    trainer = Trainer(args, model, tokenizer, load_data(args, tokenizer), comm=comm)
+    if comm.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in (STATE_FILE, LOG_FILE):  # with --overwrite: the old run is over
+            (out / stale).unlink(missing_ok=True)
+        write_tokenizer(tokenizer, out)
     return trainer
 
 
@@ -455,7 +522,7 @@ def load_data(args, tokenizer) -> tuple[np.ndarray, np.ndarray] | PairsData:
     return load_splits(tokenizer, args.data, args.val_fraction)
 
 
-def resume(args, given: set[str]) -> Trainer:
+def resume(args, given: set[str], comm: Comm) -> Trainer:
     """The run saved in --out-dir, with the saved settings (a few may be overridden)."""
     out = Path(args.out_dir)
     if not (out / STATE_FILE).exists():
@@ -470,19 +537,39 @@ def resume(args, given: set[str]) -> Trainer:
                             f"{meta[STEP_KEY]} (a save was cut off); the folder cannot be resumed")  # fmt: skip
     saved = state["args"]
     clashes = [f"--{k.replace('_', '-')} ({getattr(args, k)!r} vs saved {saved[k]!r})"
-               for k in given - RESUME_OVERRIDES - NOT_SAVED - {"out_dir"} if getattr(args, k) != saved.get(k)]  # fmt: skip
+               for k in given - RESUME_OVERRIDES - NOT_SAVED - {"out_dir", "grad_accum"} if getattr(args, k) != saved.get(k)]  # fmt: skip
     if clashes:
         raise TrainingError(f"a resumed run keeps its settings; these differ: {', '.join(clashes)}. "
                             f"Only {', '.join('--' + k.replace('_', '-') for k in sorted(RESUME_OVERRIDES))} may change.")  # fmt: skip
-    args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in given & RESUME_OVERRIDES}, "out_dir": str(out)})
+    grad_accum = split_global_batch(saved["grad_accum"] * state.get("world_size", 1), comm.size,
+                                    args.grad_accum if "grad_accum" in given else None)  # fmt: skip
+    overrides = {k: getattr(args, k) for k in given & RESUME_OVERRIDES}
+    args = argparse.Namespace(**{**DEFAULTS_OF_NEW_FLAGS, **saved, **overrides, "out_dir": str(out), "grad_accum": grad_accum})
     tokenizer = load_tokenizer_beside(out / WEIGHTS_FILE)
     check_vocabularies(params, config, tokenizer, out, say)
-    model = GPT.from_numpy(config, params, get_backend(args.backend))
-    trainer = Trainer(args, model, tokenizer, load_data(args, tokenizer), start_step=state["step"])
-    trainer.opt.load_state_dict(moments, state["optimizer"])
-    truncate_log(out / LOG_FILE, state["step"])
-    say(f"resuming {out} at step {state['step']}")
+    model = GPT.from_numpy(config, params, get_backend(rank_backend(args.backend, comm)))
+    trainer = Trainer(args, model, tokenizer, load_data(args, tokenizer), start_step=state["step"], comm=comm)
+    (trainer.dp or trainer.opt).load_state_dict(moments, state["optimizer"])
+    if comm.rank == 0:
+        truncate_log(out / LOG_FILE, state["step"])
+    say(f"resuming {out} at step {state['step']}" + (f" on {comm.size} ranks x --grad-accum {grad_accum}" if comm.size > 1 else ""))
     return trainer
+
+
+# Flags added after some checkpoints were written: their values for those checkpoints.
+DEFAULTS_OF_NEW_FLAGS = {"threads": None, "zero": 0, "bucket_mb": DEFAULT_BUCKET_MB, "comm_timeout": DEFAULT_TIMEOUT}
+
+
+def split_global_batch(micro_batches: int, world: int, given: int | None) -> int:
+    """--grad-accum of a resumed run on `world` ranks: the saved run's global count of
+    micro-batches per step, divided over the ranks (the same sequences, another split)."""
+    if micro_batches % world:
+        raise TrainingError(f"the run's global batch is {micro_batches} micro-batches per step, which {world} ranks "
+                            f"cannot share equally: resume on a number of ranks that divides {micro_batches}")  # fmt: skip
+    if given is not None and given * world != micro_batches:
+        raise TrainingError(f"--grad-accum {given} on {world} ranks gives {given * world} micro-batches per step, but "
+                            f"the run has {micro_batches}: leave out --grad-accum (it becomes {micro_batches // world})")  # fmt: skip
+    return micro_batches // world
 
 
 def truncate_log(path: Path, step: int):
@@ -493,6 +580,8 @@ def truncate_log(path: Path, step: int):
 
 
 def main(argv=None) -> int:
+    if launched_rank() != 0:  # under mpiexec only rank 0 prints
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     return run_cli(_main, argv)
 
 
@@ -503,18 +592,24 @@ def _main(argv) -> int:
     for name in ("batch_size", "grad_accum", "max_iters", "log_interval", "checkpoint_interval", "eval_iters"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    configure_threads(args.threads)
     if args.data:
         args.data = str(Path(args.data).resolve())  # a resumed run may start elsewhere
-    created = None if args.resume else first_missing(Path(args.out_dir))
+    comm = connect(args.comm_timeout)
+    created = None if args.resume or comm.rank else first_missing(Path(args.out_dir))
     trainer, status = None, 1
     try:
-        trainer = resume(args, explicit_flags(argv)) if args.resume else start(args)
+        trainer = on_every_rank(comm, lambda: set_up(args, argv, comm))
         status = trainer.run()
         return status
     finally:
         if created is not None and status != 0 and not (trainer and trainer.saved_once):
             shutil.rmtree(created, ignore_errors=True)  # a failed start leaves nothing behind
+
+
+def set_up(args, argv, comm: Comm) -> Trainer:
+    limit_threads(args.threads, comm)
+    configure_threads(args.threads)  # npgpt's kernel pool: the same count (default: follows BLAS)
+    return resume(args, explicit_flags(argv), comm) if args.resume else start(args, comm)
 
 
 def first_missing(path: Path) -> Path | None:

@@ -11,7 +11,10 @@ It imitates CuPy 14 where npgpt could go wrong on a real GPU:
   reductions and scalar indexing give 0-d arrays, not scalars.
 - Each array lives on the device that was current when it was made; using it while
   another device is current raises CuPy's ValueError (no peer access here).
-- `cupyx.scatter_add` sums repeated indices (it is `numpy.add.at`, as CuPy documents).
+- `cupyx.scatter_add` sums repeated indices (it is `numpy.add.at`, as CuPy documents);
+  `cupy.unique` counts a synchronisation, as CuPy's waits for its data-dependent size;
+  `take`, `take_along_axis` and integer-array indexing wrap an index outside the axis
+  around, as CuPy's do.
 - `cupy.cuda`: `Device` (context manager, `.use()`, `.synchronize()`), `runtime.
   getDeviceCount()` (raising CUDARuntimeError when `STATE.device_count == 0`),
   `get_current_stream().synchronize()` (counted), and a memory pool whose
@@ -24,10 +27,15 @@ device arrays.
 Use `install(monkeypatch)` in a test: it puts `cupy`, `cupyx`, `cupy.cuda` and
 `cupy.cuda.runtime` into sys.modules for that test and resets the state. `make_backend`
 builds the plugin's backend on the fake for the whole-suite `fake-cupy` backend.
+`write_import_shim(folder)` makes `import cupy` give the fake in another process.
+`ElementwiseKernel` and `ReductionKernel` run kernel code written in a small subset of
+CUDA C (see KERNEL_FUNCTIONS) on NumPy, so fused kernels are tested here against the
+reference; that they compile with NVRTC is checked only on a GPU (tests/test_cupy_gpu.py).
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 import weakref
@@ -167,10 +175,10 @@ class ndarray:  # noqa: N801 - CuPy's spelling
 
     # -- indexing
     def __getitem__(self, key):
-        return _wrap(_host(self)[_unwrap(key)])
+        return _wrap(_host(self)[_wrapped_indices(_unwrap(key), self.shape)])
 
     def __setitem__(self, key, value):
-        _host(self)[_unwrap(key)] = _unwrap(value)
+        _host(self)[_wrapped_indices(_unwrap(key), self.shape)] = _unwrap(value)
 
     # -- methods CuPy arrays have
     def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
@@ -226,6 +234,16 @@ def _host(x: ndarray) -> np.ndarray:
             "Peer access is unavailable between these devices."
         )
     return x._a
+
+
+def _wrapped_indices(key, shape):
+    """Integer-array indices taken modulo their axis, as CuPy's indexing wraps them."""
+    keys = key if isinstance(key, tuple) else (key,)
+    if any(k is None or k is Ellipsis for k in keys):
+        return key
+    wrapped = tuple(k % n if isinstance(k, np.ndarray) and k.dtype.kind in "iu" else k for k, n in zip(keys, shape))
+    wrapped += keys[len(wrapped) :]
+    return wrapped if isinstance(key, tuple) else wrapped[0]
 
 
 def _wrap(result):
@@ -309,6 +327,24 @@ HOST_ATTRIBUTES = (
 ).split()
 
 
+def take(a, indices, axis=None, out=None):
+    """cupy.take: an index outside the axis wraps around (CuPy checks nothing)."""
+    a, indices = _unwrap(a), _unwrap(indices)
+    return _wrap(np.take(a, indices, axis=axis, mode="wrap"))
+
+
+def take_along_axis(a, indices, axis):
+    """cupy.take_along_axis: fancy indexing, which wraps an index outside the axis."""
+    a, indices = _unwrap(a), _unwrap(indices)
+    return _wrap(np.take_along_axis(a, indices % a.shape[axis], axis=axis))
+
+
+def unique(ar, *args, **kwargs):
+    """cupy.unique: its result's size depends on the data, so CuPy synchronises (counted)."""
+    STATE.transfers.syncs += 1
+    return _wrap(np.unique(_unwrap(ar), *args, **_unwrap(kwargs)))
+
+
 def scatter_add(a, slices, value):
     """cupyx.scatter_add: a[slices] += value with repeated indices summed, in place."""
     if not isinstance(a, ndarray):
@@ -353,6 +389,11 @@ class Device:
     def __repr__(self):
         return f"<CUDA Device {self.id}>"
 
+    @property
+    def mem_info(self) -> tuple[int, int]:
+        """(free, total) bytes: total is FAKE_MEMORY_BYTES, used is what live arrays hold."""
+        return FAKE_MEMORY_BYTES - STATE.used_bytes, FAKE_MEMORY_BYTES
+
 
 class Stream:
     def synchronize(self):
@@ -367,6 +408,26 @@ def getDeviceCount() -> int:  # noqa: N802 - CUDA's spelling
     if STATE.device_count == 0:
         raise CUDARuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
     return STATE.device_count
+
+
+def getDeviceProperties(device: int) -> dict:  # noqa: N802
+    """A few of cudaDeviceProp's fields, as CuPy returns them (the name as bytes)."""
+    if not 0 <= device < STATE.device_count:
+        raise CUDARuntimeError("cudaErrorInvalidDevice: invalid device ordinal")
+    return {"name": b"fake GPU (tests/fake_cupy.py, NumPy)", "totalGlobalMem": FAKE_MEMORY_BYTES, "major": 0, "minor": 0,
+            "multiProcessorCount": 1}  # fmt: skip
+
+
+FAKE_MEMORY_BYTES = 16 * 2**30
+FAKE_CUDA_VERSION = 13000  # CUDA's integer form of 13.0
+
+
+def driverGetVersion() -> int:  # noqa: N802
+    return FAKE_CUDA_VERSION
+
+
+def runtimeGetVersion() -> int:  # noqa: N802
+    return FAKE_CUDA_VERSION
 
 
 class MemoryPool:
@@ -387,11 +448,129 @@ def get_default_memory_pool() -> MemoryPool:
     return _POOL
 
 
+class RandomState:
+    """cupy.random.RandomState: a seeded generator drawing on the device (no upload); here
+    NumPy's PCG64 stands in for cuRAND, so the numbers are not CuPy's."""
+
+    def __init__(self, seed=None, method=100):
+        self._rng = np.random.default_rng(seed)
+        self.method = method
+
+    def random_sample(self, size=None, dtype=float):
+        return _wrap(self._rng.random(size, dtype=dtype))
+
+
+# -- user kernels: CuPy's ElementwiseKernel and ReductionKernel, run on NumPy ---------------
+# Kernel code in a small subset of CUDA C runs here: statements `[const] TYPE name = expr;`,
+# `name = expr;`, `name op= expr;`, with + - * /, comparisons, parentheses, literals and
+# the math functions below, over whole arrays at once (no `i`, no `raw`, no `?:`, no
+# loops). Anything else is refused, so a kernel that uses more is caught here, not on a GPU.
+KERNEL_FUNCTIONS = {"tanh": np.tanh, "exp": np.exp, "log": np.log, "sqrt": np.sqrt, "rsqrt": lambda v: 1 / np.sqrt(v),
+                    "max": np.maximum, "min": np.minimum, "fabs": np.abs}  # fmt: skip
+_DECLARATION = re.compile(r"^(?:const\s+)?(?:[A-Z]|float|double|int|long long|long|bool)\s+(?=[A-Za-z_]\w*\s*=)")
+_UNSUPPORTED = re.compile(r"[?\[\]{}]|\bfor\b|\bwhile\b|\bif\b|//|/\*|\b_ind\b|\bi\b")
+
+
+def _kernel_python(code: str) -> str:
+    """Kernel statements -> Python statements (SyntaxError or ValueError if outside the subset)."""
+    if _UNSUPPORTED.search(code):
+        raise ValueError(f"fake_cupy runs kernels in a small subset of CUDA C (see KERNEL_FUNCTIONS); got: {code!r}")
+    statements = [_DECLARATION.sub("", s.strip()) for s in code.split(";") if s.strip()]
+    python = "\n".join(statements)
+    compile(python, "<kernel>", "exec")
+    return python
+
+
+def _kernel_params(params: str) -> list[tuple[str, str]]:
+    """'T x, float32 y' -> [("T", "x"), ("float32", "y")]."""
+    pairs = [p.split() for p in params.split(",") if p.strip()]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(f"fake_cupy kernels take 'TYPE name' parameters (no raw), got {params!r}")
+    return [(t, n) for t, n in pairs]
+
+
+def _kernel_inputs(params, args) -> tuple[dict, dict]:
+    """Bind inputs: ({name: NumPy value}, {type letter: dtype}) -- letters from array args."""
+    if len(args) < len(params):
+        raise TypeError(f"kernel needs {len(params)} inputs, got {len(args)}")
+    types, values = {}, {}
+    for (kind, name), arg in zip(params, args):
+        if isinstance(arg, ndarray):
+            if len(kind) == 1:
+                types.setdefault(kind, arg.dtype)
+            values[name] = _host(arg)
+    for (kind, name), arg in zip(params, args):
+        if not isinstance(arg, ndarray):
+            dtype = types[kind] if len(kind) == 1 else np.dtype(kind)
+            values[name] = dtype.type(arg)
+    return values, types
+
+
+class ElementwiseKernel:
+    """cupy.ElementwiseKernel on NumPy: the operation runs once over the broadcast inputs."""
+
+    def __init__(self, in_params, out_params, operation, name="kernel", **options):
+        self.in_params, self.out_params = _kernel_params(in_params), _kernel_params(out_params)
+        self.name, self.python = name, _kernel_python(operation)
+
+    def __call__(self, *args, size=None):
+        """Inputs, then optionally the outputs to write into (an output may be an input)."""
+        values, types = _kernel_inputs(self.in_params, args)
+        given = args[len(self.in_params) :]
+        shape = np.broadcast_shapes(*(np.shape(v) for v in values.values()), *(g.shape for g in given))
+        scope = dict(values)
+        with np.errstate(all="ignore"):
+            exec(self.python, dict(KERNEL_FUNCTIONS), scope)
+        outs = []
+        for n, (kind, name) in enumerate(self.out_params):
+            dtype = types[kind] if len(kind) == 1 else np.dtype(kind)
+            result = np.broadcast_to(scope[name], shape)
+            if n < len(given):
+                _host(given[n])[...] = result
+                outs.append(given[n])
+            else:
+                outs.append(_wrap(np.array(result, dtype=dtype)))
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+class ReductionKernel:
+    """cupy.ReductionKernel on NumPy: map, reduce over `axis` ("a + b", "max(a, b)" or
+    "min(a, b)"), then the post-map, where `_in_ind.size() / _out_ind.size()` is the
+    number of values reduced into each output."""
+
+    REDUCERS = {"a+b": np.sum, "max(a,b)": np.max, "min(a,b)": np.min}
+
+    def __init__(self, in_params, out_params, map_expr, reduce_expr, post_map_expr, identity, name="reduce", **options):
+        self.in_params, self.out_params = _kernel_params(in_params), _kernel_params(out_params)
+        if len(self.out_params) != 1 or reduce_expr.replace(" ", "") not in self.REDUCERS:
+            raise ValueError(f"fake_cupy reductions have one output and reduce with {list(self.REDUCERS)}")
+        self.reduce = self.REDUCERS[reduce_expr.replace(" ", "")]
+        self.map = _kernel_python(f"_mapped = {map_expr}")
+        post = post_map_expr.replace("_in_ind.size()", "_in_size").replace("_out_ind.size()", "_out_size")
+        self.post, self.name = _kernel_python(post), name
+
+    def __call__(self, *args, axis=None, keepdims=False):
+        values, types = _kernel_inputs(self.in_params, args)
+        shape = np.broadcast_shapes(*(np.shape(v) for v in values.values()))
+        scope = dict(values)
+        with np.errstate(all="ignore"):
+            exec(self.map, dict(KERNEL_FUNCTIONS), scope)
+            mapped = np.broadcast_to(scope["_mapped"], shape)
+            a = self.reduce(mapped, axis=axis, keepdims=keepdims)
+            scope.update(a=a, _in_size=mapped.size, _out_size=max(np.size(a), 1))
+            exec(self.post, dict(KERNEL_FUNCTIONS), scope)
+        kind, name = self.out_params[0]
+        dtype = types[kind] if len(kind) == 1 else np.dtype(kind)
+        return _wrap(np.asarray(scope[name], dtype=dtype))
+
+
 # -- the modules ---------------------------------------------------------------------------
 def build_modules() -> dict[str, types.ModuleType]:
     """Fresh `cupy`, `cupy.cuda`, `cupy.cuda.runtime` and `cupyx` module objects."""
     runtime = types.ModuleType("cupy.cuda.runtime")
     runtime.getDeviceCount, runtime.CUDARuntimeError = getDeviceCount, CUDARuntimeError
+    runtime.getDeviceProperties, runtime.driverGetVersion = getDeviceProperties, driverGetVersion
+    runtime.runtimeGetVersion = runtimeGetVersion
     cuda = types.ModuleType("cupy.cuda")
     cuda.Device, cuda.Stream, cuda.get_current_stream, cuda.runtime = Device, Stream, get_current_stream, runtime
     cupy = types.ModuleType("cupy", "fake cupy (tests/fake_cupy.py): NumPy standing in for a GPU")
@@ -402,9 +581,13 @@ def build_modules() -> dict[str, types.ModuleType]:
         setattr(cupy, name, _device_function(name))
     for name in HOST_ATTRIBUTES:
         setattr(cupy, name, getattr(np, name))
+    cupy.unique, cupy.take, cupy.take_along_axis = unique, take, take_along_axis
+    cupy.ElementwiseKernel, cupy.ReductionKernel = ElementwiseKernel, ReductionKernel
+    cupy.random = types.ModuleType("cupy.random")
+    cupy.random.RandomState = RandomState
     cupyx = types.ModuleType("cupyx")
     cupyx.scatter_add = scatter_add
-    return {"cupy": cupy, "cupy.cuda": cuda, "cupy.cuda.runtime": runtime, "cupyx": cupyx}
+    return {"cupy": cupy, "cupy.cuda": cuda, "cupy.cuda.runtime": runtime, "cupy.random": cupy.random, "cupyx": cupyx}
 
 
 _MODULES: dict[str, types.ModuleType] = {}
@@ -444,3 +627,21 @@ def make_backend(device: str | None = None):
                 del sys.modules[name]
             else:
                 sys.modules[name] = module
+
+
+def write_import_shim(folder) -> None:
+    """Write packages `cupy` and `cupyx` into `folder` that make `import cupy` give this
+    fake in any Python that has `folder` on its path (a subprocess, tools/gpu_check.sh)."""
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    for name in ("cupy", "cupyx"):
+        package = Path(folder) / name
+        package.mkdir(parents=True, exist_ok=True)
+        (package / "__init__.py").write_text(
+            f'"""`import {name}` gives tests/fake_cupy.py\'s module (written by fake_cupy.write_import_shim)."""\n'
+            "import sys\n"
+            f"sys.path.insert(0, {str(tests)!r})\n"
+            "import fake_cupy\n\n"
+            "sys.modules.update(fake_cupy.modules())\n"
+        )

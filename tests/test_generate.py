@@ -218,11 +218,34 @@ def test_cli_missing_weights_say_how_to_get_them(tmp_path, capsys):
     assert code == 1 and "convert_gpt2.py" in err and "default" in err
 
 
-def test_cli_unknown_or_missing_backend_says_what_to_do(weights_dir, capsys):
+def test_cli_unknown_or_missing_backend_says_what_to_do(weights_dir, capsys, monkeypatch):
     code, _, err = run_cli(capsys, "--weights", weights_dir, "--backend", "nosuchbackend")
     assert code == 1 and "available here: numpy" in err and "Traceback" not in err
-    code, _, err = run_cli(capsys, "--weights", weights_dir, "--backend", "cupy")  # absent or no GPU
-    assert code == 1 and "npgpt[cupy]" in err and "Traceback" not in err
+    monkeypatch.setitem(sys.modules, "cupy", None)  # CuPy not installed, whatever this machine has
+    code, _, err = run_cli(capsys, "--weights", weights_dir, "--backend", "cupy")
+    assert code == 1 and "npgpt[cupy13]" in err and "npgpt[cupy]" in err and "Traceback" not in err
+
+
+def test_cli_on_cupy_gives_numpys_text_where_it_runs_else_says_why(weights_dir, capsys, monkeypatch):
+    """`--backend cupy` on this machine: with CuPy and a GPU, NumPy's text; without, exit 1
+    with the reason get_backend gives. On the CuPy double (tests/fake_cupy.py) it runs."""
+    from npgpt.backend import BackendError, get_backend
+
+    args = ("--weights", weights_dir, "--prompt", "hi", "--max-new-tokens", 6, "--seed", 3)
+    code, expected, _ = run_cli(capsys, *args)
+    assert code == 0 and expected
+    try:
+        get_backend("cupy")
+        why_not = None
+    except BackendError as e:
+        why_not = str(e)
+    code, out, err = run_cli(capsys, *args, "--backend", "cupy")
+    if why_not is None:
+        assert (code, out) == (0, expected)
+    else:
+        assert code == 1 and out == "" and why_not in err and "Traceback" not in err
+    __import__("fake_cupy").install(monkeypatch)
+    assert run_cli(capsys, *args, "--backend", "cupy")[:2] == (0, expected)
 
 
 @pytest.mark.parametrize(

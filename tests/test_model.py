@@ -105,6 +105,7 @@ def test_last_only_is_the_last_row(model32):
     np.testing.assert_allclose(model32.forward(ids[:, 6:], cache, last_only=True), full[:, -1:], atol=1e-5)
 
 
+@pytest.mark.needs_array_api_strict
 @pytest.mark.parametrize("device", ["CPU_DEVICE", "device1", "no_float64"])
 def test_array_api_strict_matches_numpy(device, monkeypatch):
     """The engine uses only portable array operations: array-api-strict (which refuses

@@ -283,6 +283,7 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+@pytest.mark.timing
 def test_big_corpus_prepares_twice_as_fast_on_two_cores_and_id_for_id(big_prepared):
     """Wall time with 2 workers against 1. The speed-up is judged only when the 2-worker run
     had two cores to itself (its processes used >= 1.8 cores on average); on a machine busy

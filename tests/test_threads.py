@@ -110,6 +110,8 @@ def test_the_environment_sets_both_pools():
 @pytest.mark.parametrize("module", [train, generate, evaluate])
 def test_every_cli_takes_threads(module, capsys):
     assert module.build_parser().parse_args(["--threads", "2", *required(module)]).threads == 2
+    if module is train:  # train's --threads is npgpt.distributed's (checked when applied)
+        return
     with pytest.raises(SystemExit) as exit_info:
         module.build_parser().parse_args(["--threads", "0", *required(module)])
     assert exit_info.value.code == 2 and "--threads: must be a whole number >= 1" in capsys.readouterr().err

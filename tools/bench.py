@@ -13,6 +13,7 @@ BENCHMARKS = {
     "generate": ("bench_generate", "cached/uncached decoding vs the bandwidth ceiling and transformers (--backend cupy: GPU)"),
     "tokenizer": ("bench_tokenizer", "BPE encode/decode/train throughput vs tiktoken and encoder.py; time per chunk length"),
     "prepare": ("bench_prepare", "corpus prepare step at 1 and 2 processes vs tiktoken's encode_ordinary_batch"),
+    "scale": ("bench_scale", "data-parallel tokens/s: 1 rank x 2 threads vs 2 ranks x 1 thread (mpiexec); comm; ZeRO-1 memory"),
 }
 
 

@@ -1,58 +1,114 @@
 #!/usr/bin/env bash
-# One command for a machine with an NVIDIA GPU:
-#   1. a fresh venv with npgpt, its CuPy plugin and the test extras (PyPI's torch wheel is
-#      the CUDA build on Linux): pip install -e ".[cupy,test]"; the standalone plugin
-#      package (backends/cupy) is built as a wheel to prove that route too;
-#   2. the whole test suite on numpy and cupy: NPGPT_TEST_BACKENDS=numpy,cupy pytest;
-#   3. tools/bench.py generate/train --backend cupy --vs torch: GPT-2 124M decoding and a training step, npgpt on
-#      CuPy vs PyTorch CUDA in the same process;
-# and writes OUT/gpu_check.json (suite result + benchmark) beside the raw logs.
+# The first run on a machine with an NVIDIA GPU: offline, nothing installed, in minutes.
 #
-# Usage: tools/gpu_check.sh [OUT]   (default OUT: gpu-check/)
-# Environment: PYTHON (default python3), VENV (default .venv-gpu), BENCH_ARGS (extra
-# arguments for `tools/bench.py train`, e.g. "--batch 4 --seq 1024").
-set -euo pipefail
+#   1. info       GPU name and memory, driver and CUDA versions, CuPy and its wheel, oracles
+#   2. parity     a tiny model's forward on CuPy in float16, float32, float64 vs NumPy
+#                 (the first use of each dtype compiles CuPy's kernels: timed)
+#   3. tests      the cross-backend tests on cupy (tests needing array-api-strict skip)
+#   4. index-add  the deterministic embedding backward's cost vs cupyx.scatter_add
+#   5. generate   GPT-2 124M decoding, npgpt on CuPy vs transformers on PyTorch CUDA (when
+#                 torch sees a GPU): tools/bench.py generate --backend cupy --vs torch
+#   6. train      a GPT-2 124M training step, likewise: tools/bench.py train --configs g
+#
+# It uses the Python it finds: $NPGPT_PYTHON, else the first python3 (or python) on PATH
+# that imports cupy, with PYTHONPATH=<checkout>:<checkout>/backends/cupy, so npgpt runs
+# from this checkout whether or not it is installed. It never installs anything.
+# Each step has a time limit, cut further so that the whole run ends within 8 minutes
+# (3 with --quick); a step that fails or runs out of time is recorded and the run goes on.
+#
+# Results: $OUT when set, else tools/results/: gpu_check.json (everything), gpu_check.txt
+# (the summary it prints) and gpu_check/ (each step's JSON and log, pytest.txt).
+#
+# Usage: tools/gpu_check.sh [--quick]
+# Environment: NPGPT_PYTHON, OUT; to replace a step's arguments: TEST_ARGS (pytest's),
+# INDEX_ADD_ARGS (tools/gpu_check.py index-add's), GENERATE_ARGS and TRAIN_ARGS
+# (tools/bench.py generate's and train's, after --backend cupy --vs torch).
+set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:-gpu-check}"
-PYTHON="${PYTHON:-python3}"
-VENV="${VENV:-.venv-gpu}"
-mkdir -p "$OUT"
+ROOT=$PWD
+QUICK=0
+for arg in "$@"; do
+    case $arg in
+        --quick) QUICK=1 ;;
+        -h | --help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "error: unknown argument $arg; usage: tools/gpu_check.sh [--quick]" >&2; exit 2 ;;
+    esac
+done
 
-if ! nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1; then
-    echo "gpu_check: nvidia-smi failed (see $OUT/nvidia-smi.txt): this machine has no usable NVIDIA GPU or driver" >&2
+DEST="${OUT:-$ROOT/tools/results}"
+LOGS="$DEST/gpu_check"
+mkdir -p "$LOGS" || exit 1
+: > "$LOGS/steps.tsv"
+export PYTHONPATH="$ROOT:$ROOT/backends/cupy${PYTHONPATH:+:$PYTHONPATH}"
+export PIP_NO_INDEX=1 PYTHONUNBUFFERED=1  # nothing here installs; progress shows as it comes
+
+PY="${NPGPT_PYTHON:-}"
+if [ -z "$PY" ]; then
+    for candidate in $(type -ap python3 python); do
+        if "$candidate" -c "import cupy" 2> /dev/null; then PY=$candidate; break; fi
+    done
+fi
+if [ -z "$PY" ] || ! "$PY" -c "import cupy" 2> /dev/null; then
+    echo "error: no Python here imports cupy (tried ${PY:-every python3 and python on PATH}); set NPGPT_PYTHON to one that does" >&2
     exit 1
 fi
 
-echo "== installing npgpt[cupy,test] into $VENV" >&2
-"$PYTHON" -m venv "$VENV"
-. "$VENV/bin/activate"
-pip install -q --upgrade pip
-pip install -q -e ".[cupy,test]"
-pip wheel -q --no-deps ./backends/cupy -w "$OUT/wheels"  # the npgpt-cupy route builds too
-python -c "from npgpt.backend import get_backend; print('gpu_check: backend', get_backend('cupy').name)" >&2
+if [ "$QUICK" = 1 ]; then  # TOTAL and each step's limit, in seconds: info parity tests index-add generate train
+    TOTAL=165 LIMITS=(15 30 55 10 20 20)
+    TEST_ARGS="${TEST_ARGS:-tests/test_cupy_gpu.py tests/test_cupy_kernels.py tests/test_model.py tests/test_generate.py}"
+    GENERATE_ARGS="${GENERATE_ARGS:---new-tokens 32 --repeats 2 --recompute-repeats 0 --ttft-tokens 0}"
+    TRAIN_ARGS="${TRAIN_ARGS:---configs g --batch 4 --seq 256 --repeats 2 --no-memory}"
+else
+    TOTAL=460 LIMITS=(30 80 160 30 70 70)
+    TEST_ARGS="${TEST_ARGS:-tests/test_cupy_gpu.py tests/test_cupy_kernels.py tests/test_cupy_backend.py tests/test_backend.py
+        tests/test_model.py tests/test_gradients.py tests/test_segments.py tests/test_generate.py tests/test_train.py
+        tests/test_torch_parity.py}"
+    GENERATE_ARGS="${GENERATE_ARGS:---repeats 3 --recompute-repeats 0}"
+    TRAIN_ARGS="${TRAIN_ARGS:---configs g --repeats 3 --no-memory}"
+fi
+INDEX_ADD_ARGS="${INDEX_ADD_ARGS:-}"
+START=$SECONDS
+STEP=0
 
-echo "== test suite on numpy and cupy" >&2
-set +e
-NPGPT_TEST_BACKENDS=numpy,cupy python -m pytest -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.txt"
-SUITE=${PIPESTATUS[0]}
-set -e
-
-echo "== benchmark: npgpt on cupy vs PyTorch CUDA" >&2
-# shellcheck disable=SC2086 # BENCH_ARGS is a list of arguments
-{ echo '{"generate":'; python tools/bench.py generate --backend cupy --vs torch; echo ',"train":'; python tools/bench.py train --backend cupy --vs torch --configs g ${BENCH_ARGS:-}; echo '}'; } > "$OUT/bench_gpu.json"
-
-python - "$OUT" "$SUITE" <<'PY'
-import json, sys
-from pathlib import Path
-
-out, suite = Path(sys.argv[1]), int(sys.argv[2])
-lines = (out / "pytest.txt").read_text().strip().splitlines()
-report = {
-    "gpu": (out / "nvidia-smi.txt").read_text().splitlines()[:12],
-    "suite": {"backends": "numpy,cupy", "exit_code": suite, "summary": lines[-1] if lines else ""},
-    "bench": json.loads((out / "bench_gpu.json").read_text()),
+# run NAME LIMIT OUTFILE COMMAND...: one step, its stdout to OUTFILE, its status to steps.tsv
+run() {
+    local name=$1 limit=$2 outfile=$3 t0=$SECONDS rc status left
+    shift 3
+    STEP=$((STEP + 1))
+    left=$((TOTAL - (SECONDS - START) - 5 * (7 - STEP)))  # 5 s of grace for each step to come
+    if [ "$left" -lt "$limit" ]; then limit=$((left > 1 ? left : 1)); fi
+    echo "gpu_check: [$STEP/6 $name] (limit ${limit}s, $((SECONDS - START))s so far) $*" >&2
+    timeout -k 5 "$limit" "$@" > "$outfile"
+    rc=$?
+    case $rc in
+        0) status=ok ;;
+        124 | 137) status="timeout after ${limit}s" ;;
+        *) status="failed (exit $rc)" ;;
+    esac
+    printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - t0))" >> "$LOGS/steps.tsv"
+    echo "gpu_check: [$STEP/6 $name] $status in $((SECONDS - t0))s" >&2
 }
-(out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-print(f"gpu_check: suite {'passed' if suite == 0 else 'FAILED'} ({report['suite']['summary']}); report in {out}/gpu_check.json")
-PY
-exit "$SUITE"
+
+echo "gpu_check: Python $PY; results in $DEST" >&2
+run info "${LIMITS[0]}" "$LOGS/device.json" "$PY" tools/gpu_check.py info
+run parity "${LIMITS[1]}" "$LOGS/parity.json" "$PY" tools/gpu_check.py parity
+if "$PY" -c "import pytest, hypothesis" 2> /dev/null; then
+    # shellcheck disable=SC2086 # TEST_ARGS is a list of arguments
+    run tests "${LIMITS[2]}" "$LOGS/pytest.txt" env NPGPT_TEST_BACKENDS=cupy "$PY" -m pytest -q -p no:cacheprovider -rfE $TEST_ARGS
+    tail -n 5 "$LOGS/pytest.txt" >&2
+else
+    STEP=$((STEP + 1))
+    printf 'tests\tskipped: no pytest/hypothesis\t0\n' >> "$LOGS/steps.tsv"
+    echo "gpu_check: [$STEP/6 tests] skipped: $PY lacks pytest or hypothesis" >&2
+fi
+# shellcheck disable=SC2086 # INDEX_ADD_ARGS is a list of arguments
+run index-add "${LIMITS[3]}" "$LOGS/index_add.json" "$PY" tools/gpu_check.py index-add $INDEX_ADD_ARGS
+# shellcheck disable=SC2086 # GENERATE_ARGS and TRAIN_ARGS are lists of arguments
+run generate "${LIMITS[4]}" "$LOGS/generate.json" "$PY" tools/bench.py generate --backend cupy --vs torch $GENERATE_ARGS
+# shellcheck disable=SC2086
+run train "${LIMITS[5]}" "$LOGS/train.json" "$PY" tools/bench.py train --backend cupy --vs torch $TRAIN_ARGS
+
+"$PY" tools/gpu_check.py report "$DEST"
+STATUS=$?
+echo "gpu_check: done in $((SECONDS - START))s; $DEST/gpu_check.json, $DEST/gpu_check.txt" >&2
+exit $STATUS

@@ -1,0 +1,100 @@
+"""tools/gpu_check.sh --quick end to end on the CuPy double, as on a GPU machine that is
+offline and has never installed npgpt.
+
+The machine is built in a temporary folder: a venv whose site-packages holds this
+Python's packages except npgpt (no distribution, no entry point) and pip, plus `cupy` and
+`cupyx` packages that load tests/fake_cupy.py. On PATH: `pip`/`pip3` that record the
+attempt and fail (no network), a `python3` that cannot import cupy (to be passed over),
+then the venv. npgpt is found only through the PYTHONPATH the script sets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import fake_cupy
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "tools" / "gpu_check.sh"
+
+
+def offline_machine(tmp: Path) -> dict[str, str]:
+    """The environment of a GPU machine's shell: its PATH and nothing of npgpt installed."""
+    env_dir = tmp / "env"
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", env_dir], check=True)
+    site = Path(subprocess.check_output([env_dir / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True).strip())
+    for entry in Path(sysconfig.get_path("purelib")).iterdir():
+        # not npgpt, nor pip; nor torch, to keep this test fast (gpu_check.sh runs with or without it)
+        if "npgpt" not in entry.name and not entry.name.startswith(("pip", "_distutils_hack", "distutils-precedence", "torch")):
+            (site / entry.name).symlink_to(entry)
+    fake_cupy.write_import_shim(site)
+    stubs, plain = tmp / "stubs", tmp / "plain"
+    stubs.mkdir()
+    plain.mkdir()
+    for name in ("pip", "pip3"):
+        (stubs / name).write_text(f'#!/bin/sh\necho "$0 $*" >> {tmp}/pip-attempts\necho "ERROR: network is unreachable" >&2\nexit 1\n')
+    (plain / "python3").write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named cupy' >&2\nexit 1\n")
+    for stub in [*stubs.iterdir(), *plain.iterdir()]:
+        stub.chmod(0o755)
+    keep = {k: v for k, v in os.environ.items() if k in ("HOME", "LANG", "NPGPT_DATA", "TMPDIR")}
+    return keep | {"PATH": f"{stubs}:{plain}:{env_dir / 'bin'}:/usr/bin:/bin", "PIP_INDEX_URL": "http://127.0.0.1:9/"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gpu_machine")
+    env = offline_machine(tmp) | {
+        "OUT": str(tmp / "out"),
+        "TEST_ARGS": "tests/test_cupy_gpu.py",  # the GPU-only tests, here on the double
+        "INDEX_ADD_ARGS": "--rows 512 --channels 16 --vocab 1000",
+        "GENERATE_ARGS": "--preset tiny --new-tokens 2 --repeats 1 --recompute-repeats 0 --ttft-tokens 0",
+        "TRAIN_ARGS": "--configs tiny --repeats 1 --no-memory",
+    }
+    installed = subprocess.run([f"{tmp}/env/bin/python", "-c", "import importlib.metadata as m; m.distribution('npgpt')"],
+                               env=env, capture_output=True, cwd=tmp)  # not the checkout, where `pip install -e` left npgpt.egg-info  # fmt: skip
+    assert installed.returncode != 0, "npgpt must not be installed in the stand-in machine"
+    result = subprocess.run([SCRIPT, "--quick"], env=env, capture_output=True, text=True, timeout=300)
+    return tmp, result
+
+
+def test_quick_run_writes_the_json_and_the_summary_offline_without_an_install(quick_run):
+    tmp, result = quick_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp / "pip-attempts").exists(), "gpu_check.sh tried to install"
+    assert f"Python {tmp}/env/bin/python3" in result.stderr  # the first python3 that imports cupy
+    out = tmp / "out"
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert [(s["step"], s["status"]) for s in report["steps"]] == [
+        ("info", "ok"), ("parity", "ok"), ("tests", "ok"), ("index-add", "ok"), ("generate", "ok"), ("train", "ok")]  # fmt: skip
+    assert report["device"]["gpus"][0]["name"].startswith("fake GPU") and report["device"]["driver_cuda"] == "13.0"
+    assert report["device"]["oracles"]["array_api_strict"] is not None  # (this Python has it; a GPU machine may not)
+    assert all(r["ok"] for r in report["parity"]["forward"].values()) and set(report["parity"]["forward"]) == {"float16", "float32", "float64"}
+    assert report["index_add"]["npgpt_index_add"]["same_bits_every_run"]
+    assert report["tests"]["summary"].startswith("7 passed")  # test_cupy_gpu.py ran on the double, none skipped
+    assert report["generate"]["backend"] == report["train"]["backend"] == "cupy:0"
+    summary = (out / "gpu_check.txt").read_text()
+    assert summary in result.stdout and "forward float16" in summary and "tests: 7 passed" in summary
+    assert (out / "gpu_check" / "pytest.txt").exists()
+
+
+def test_progress_names_each_step_with_its_time_limit(quick_run):
+    _, result = quick_run
+    for n, step in enumerate(("info", "parity", "tests", "index-add", "generate", "train"), start=1):
+        assert f"[{n}/6 {step}] (limit " in result.stderr and f"[{n}/6 {step}] ok in " in result.stderr
+
+
+def test_without_a_python_that_imports_cupy_it_says_what_to_set(tmp_path):
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "python3").write_text("#!/bin/sh\nexit 1\n")
+    (stubs / "python3").chmod(0o755)
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "OUT": str(tmp_path / "out"), "NPGPT_PYTHON": str(stubs / "python3")}
+    result = subprocess.run([SCRIPT, "--quick"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.startswith("error: no Python here imports cupy") and "NPGPT_PYTHON" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
