@@ -13,8 +13,8 @@ a GPU.
 Tests marked `needs_array_api_strict` skip where array-api-strict is not installed (a GPU
 machine's own Python, tools/gpu_check.sh); under $NPGPT_REQUIRE_DATA=1 that skip fails too.
 Tests marked `gpu` need CuPy and an NVIDIA GPU; they skip elsewhere, even under
-$NPGPT_REQUIRE_DATA=1 (CI has no GPU). Tests marked `timing` judge a wall-clock speed-up
-only when the machine gave them the cores they need, and otherwise skip saying so.
+$NPGPT_REQUIRE_DATA=1 (CI has no GPU). No test judges speed: the
+benchmarks in tools/ do (`python tools/bench.py --help`).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def backend(request):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    exempt = item.get_closest_marker("gpu") or item.get_closest_marker("timing")
+    exempt = item.get_closest_marker("gpu")
     if REQUIRE_DATA and report.skipped and not hasattr(report, "wasxfail") and not exempt:
         report.outcome = "failed"
         report.longrepr = f"skipped, but NPGPT_REQUIRE_DATA=1 forbids skips: {report.longrepr}"

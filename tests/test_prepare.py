@@ -4,7 +4,6 @@ format, no-op re-runs, killed runs, bad input, and training/eval reading the fol
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -260,62 +259,47 @@ def big_corpus(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def big_prepared(big_corpus, tmp_path_factory):
-    """The big corpus prepared with 1 and with 2 workers: folders and wall seconds."""
-    import time
+    """The big corpus prepared with 1 and with 2 workers: the two output folders.
 
+    Speed is not judged here (a test's wall time says more about the machine than about
+    npgpt); `python tools/bench.py prepare` measures the 1 -> 2 worker speed-up."""
     tokenizer_dir = save(load(data_path("gpt2/gpt2.tiktoken")), tmp_path_factory.mktemp("tok"))
     root = tmp_path_factory.mktemp("prepared")
-    runs, cores = {}, {}
+    runs = {}
     for workers in (1, 2):
-        start, cpu = time.perf_counter(), children_cpu_seconds()
         result = cli(big_corpus, "--tokenizer", tokenizer_dir, "--out", root / f"w{workers}", "--workers", workers)
-        wall = time.perf_counter() - start
-        runs[workers] = (root / f"w{workers}", wall)
-        cores[workers] = (children_cpu_seconds() - cpu) / wall  # cores the run actually got
         assert result.returncode == 0, result.stderr
-    return runs, tokenizer_dir, cores
+        runs[workers] = root / f"w{workers}"
+    return runs, tokenizer_dir
 
 
-def children_cpu_seconds() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-@pytest.mark.timing
-def test_big_corpus_prepares_twice_as_fast_on_two_cores_and_id_for_id(big_prepared):
-    """Wall time with 2 workers against 1. The speed-up is judged only when the 2-worker run
-    had two cores to itself (its processes used >= 1.8 cores on average); on a machine busy
-    with other work the wall times say nothing about npgpt, and the test says so and skips."""
-    runs, _, cores = big_prepared
-    (one, t1), (two, t2) = runs[1], runs[2]
+def test_big_corpus_prepares_id_for_id_with_one_or_two_workers(big_prepared):
+    """Splitting the work over processes changes nothing in the output files."""
+    runs, _ = big_prepared
+    one, two = runs[1], runs[2]
     meta = P.open_prepared(two)
     assert meta["bytes"] >= BIG_BYTES and meta["splits"]["val"]["documents"] >= 1
     for split in P.SPLITS:
         assert (one / f"{split}.bin").read_bytes() == (two / f"{split}.bin").read_bytes()
-    if cores[2] < 1.8 and t1 / t2 < 1.7:
-        pytest.skip(f"the 2-worker run got only {cores[2]:.2f} cores (load {os.getloadavg()}): speed-up {t1 / t2:.2f} not judged")
-    assert t1 / t2 >= 1.7, f"1 worker {t1:.1f} s, 2 workers {t2:.1f} s: speedup {t1 / t2:.2f} (machine load {os.getloadavg()})"
 
 
 def test_big_corpus_one_worker_equals_encoding_each_document(big_corpus, big_prepared):
     """Spot check against the tokenizer itself: the 5 MB .txt document (cut into pieces)
     is the first document, so its ids open its split."""
-    runs, tokenizer_dir, _ = big_prepared
+    runs, tokenizer_dir = big_prepared
     tokenizer = load(tokenizer_dir)
     sources = P.find_sources([str(big_corpus)])
     assert sources[0].name == "0-big-book.txt"
     documents = [sources[0].read_text("utf-8")]
     expected = expected_splits(tokenizer, documents, 1337, 0.0005)
     split = "val" if expected["val"] else "train"
-    tokens = P.split_tokens_of(runs[1][0], split)
+    tokens = P.split_tokens_of(runs[1], split)
     assert tokens[: len(expected[split])].tolist() == expected[split]
 
 
 def test_big_corpus_rerun_is_a_no_op(big_corpus, big_prepared):
-    runs, tokenizer_dir, _ = big_prepared
-    folder = runs[2][0]
+    runs, tokenizer_dir = big_prepared
+    folder = runs[2]
     before = {f.name: f.stat().st_mtime_ns for f in folder.iterdir()}
     result = cli(big_corpus, "--tokenizer", tokenizer_dir, "--out", folder, "--workers", 2)
     assert result.returncode == 0 and "nothing to do" in result.stderr
@@ -327,9 +311,9 @@ def test_killed_prepare_leaves_nothing_that_reads_as_complete(big_corpus, big_pr
     import signal
     import time
 
-    runs, tokenizer_dir, _ = big_prepared
+    runs, tokenizer_dir = big_prepared
     out = tmp_path / "out"
-    shutil.copytree(runs[1][0], out)  # a complete folder, which the killed run starts to replace
+    shutil.copytree(runs[1], out)  # a complete folder, which the killed run starts to replace
     args = [sys.executable, "-m", "npgpt.data", "prepare", str(big_corpus), "--tokenizer", str(tokenizer_dir), "--out", str(out), "--workers", "1", "--seed", "9"]  # fmt: skip
     process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
     seen = ""
@@ -357,11 +341,11 @@ sys.exit(code)
 
 def test_training_from_the_big_corpus_keeps_rss_flat(big_prepared, small_corpus, tmp_path):
     """Peak RSS training on 100 MB of text (memory-mapped) minus that on a small folder."""
-    runs, tokenizer_dir, _ = big_prepared
+    runs, tokenizer_dir = big_prepared
     small = tmp_path / "small"
     P.prepare([small_corpus[0]], small, str(tokenizer_dir), val_fraction=0.3, workers=1)
     peaks = {}
-    for name, data in (("small", small), ("big", runs[2][0])):
+    for name, data in (("small", small), ("big", runs[2])):
         args = ["--data", str(data), "--out-dir", str(tmp_path / f"run-{name}"), *TINY, "--max-iters", "20", "--eval-interval", "10"]
         result = subprocess.run([sys.executable, "-c", RSS_PROBE, *args], capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr
