@@ -147,9 +147,16 @@ class GPT:
         With a cache, the T ids continue the sequence it holds (positions
         cache.length .. cache.length + T - 1) and their keys/values are appended to it.
         `segments` (B, T) packs several documents into one row: see `segment_positions`.
+        Without a cache the rows are independent: the kernels' `over_batch` may run them
+        in pieces.
         """
-        logits, _ = self._forward(self.as_ids(ids), cache, last_only=last_only, segments=segments)
-        return logits
+        ids = self.as_ids(ids)
+        if cache is not None:
+            return self._forward(ids, cache, last_only=last_only, segments=segments)[0]
+        pieces = self.backend.kernels.over_batch(
+            lambda b0, b1: self._forward(ids[b0:b1, ...], last_only=last_only, segments=_rows(segments, b0, b1))[0], *ids.shape
+        )
+        return pieces[0] if len(pieces) == 1 else self.backend.xp.concat(pieces, axis=0)
 
     def as_ids(self, ids):
         """Token ids as a (B, T) integer array on the device. Host ids (lists, NumPy) are
@@ -183,11 +190,13 @@ class GPT:
         return segments
 
     def _forward(self, ids, cache=None, rng: np.random.Generator | None = None, last_only=False, keep=False,
-                 segments=None):  # fmt: skip
+                 segments=None, rows=None):  # fmt: skip
         """ids (B, T) -> logits (B, T, V) and, with `keep`, the `Activations` the backward
         needs (without it each block's activations are freed as soon as it is done).
 
-        `rng` turns dropout on (training); without it dropout is off.
+        `rng` turns dropout on (training); without it dropout is off. `rows` (n,) (not
+        with `keep` or `last_only`): the flat positions b * T + t the LM head runs on;
+        the logits are then (n, V).
         """
         p, cfg, xp, kernels = self.params, self.config, self.backend.xp, self.backend.kernels
         B, T = ids.shape
@@ -219,12 +228,15 @@ class GPT:
             del block  # without `keep`, this block's activations go before the next runs
         if last_only:
             x, T = xp.reshape(x, (B, T, cfg.n_embd))[:, -1, :], 1  # (B, C)
+        elif rows is not None:
+            assert not keep, "the backward needs the LM head on every position"
+            x = xp.take(x, rows, axis=0)  # (n, C)
         xf, ln_f = kernels.layer_norm_forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.layer_norm_epsilon)
         logits = xf @ p["wte.weight"].mT  # (N, V), the LM head tied to the token embedding
         if cache is not None:
             cache.length = start + ids.shape[1]
         acts = Activations(B, T, embedding, embedding_drop, blocks, ln_f, xf) if keep else None
-        return xp.reshape(logits, (B, T, cfg.vocab_size)), acts
+        return (logits if rows is not None else xp.reshape(logits, (B, T, cfg.vocab_size))), acts
 
     def _block_forward(self, i, x, B, cache, drop, segments):
         """One pre-LayerNorm block on rows x (N, C) -> (N, C), and its `BlockActivations`."""
@@ -258,10 +270,45 @@ class GPT:
 
     # -- training ------------------------------------------------------------------------
     def loss(self, ids, targets, ignore_index: int = layers.IGNORE_INDEX, segments=None):
-        """Mean cross-entropy (a 0-d device array) of predicting targets (B, T) from ids (B, T)."""
-        logits, _ = self._forward(self.as_ids(ids), segments=segments)
-        loss, _ = self.backend.kernels.cross_entropy_forward(self._flat(logits), self._targets(targets, ignore_index), ignore_index)
-        return loss
+        """Mean cross-entropy (a 0-d device array) of predicting targets (B, T) from ids (B, T).
+
+        The rows are scored in pieces (the kernels' `over_batch`), their means weighted by
+        their scored targets. With host targets (NumPy), the LM head runs only on the
+        positions whose target is not `ignore_index`, and a piece without any is skipped.
+        """
+        xp, kernels = self.backend.xp, self.backend.kernels
+        ids = self.as_ids(ids)
+        B, T = ids.shape
+        host = isinstance(targets, (np.ndarray, list, tuple))
+        if host:
+            targets = np.asarray(targets)
+            self._targets(targets, ignore_index)  # checked before any work
+        if tuple(targets.shape) != (B, T):
+            raise ValueError(f"targets must have the ids' shape {(B, T)}, got {tuple(targets.shape)}")
+
+        def piece(b0, b1):  # -> (mean loss, number of scored targets) of rows [b0, b1), or None
+            flat, rows = (np if host else xp).reshape(targets[b0:b1, ...], (-1,)), None
+            if host:
+                scored = np.flatnonzero(flat != ignore_index)
+                if scored.size == 0:
+                    return None
+                if scored.size < flat.size:
+                    flat, rows = flat[scored], self.backend.asarray(scored, dtype=xp.int64)
+                count = scored.size
+            else:
+                count = xp.sum(xp.astype(flat != ignore_index, self.dtype))
+            logits, _ = self._forward(ids[b0:b1, ...], segments=_rows(segments, b0, b1), rows=rows)  # (n, V) with rows
+            loss, _ = kernels.cross_entropy_forward(self._flat(logits), self._targets(flat, ignore_index), ignore_index)
+            return loss, count
+
+        pieces = [p for p in kernels.over_batch(piece, B, T) if p is not None]
+        if len(pieces) == 1:
+            return pieces[0][0]
+        total = sum(count for _, count in pieces)
+        if not pieces or (host and total == 0):
+            return xp.zeros((), dtype=self.dtype, device=self.backend.device)
+        total = total if host else xp.maximum(total, 1.0)  # every target ignored: 0, as the kernel's mean
+        return sum(loss * (count / total) for loss, count in pieces)
 
     def loss_and_grads(self, ids, targets, ignore_index: int = layers.IGNORE_INDEX,
                        rng: np.random.Generator | None = None, segments=None, grad_ready=None):  # fmt: skip
@@ -337,6 +384,13 @@ class GPT:
                                  f"{ignore_index}, got {host[wrong].flat[0]} (pass ignore_index= to match your labels)")  # fmt: skip
             targets = self.backend.asarray(host, dtype=xp.int64)
         return xp.reshape(targets, (-1,))
+
+
+def _rows(segments, b0, b1):
+    """Rows [b0, b1) of `segments` (B, T) (host or device), or None."""
+    if isinstance(segments, (list, tuple)):
+        segments = np.asarray(segments)
+    return None if segments is None else segments[b0:b1, ...]
 
 
 def segment_positions(segments):

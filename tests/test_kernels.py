@@ -31,6 +31,8 @@ def blocks(n_threads=3, **sizes):
     every pass split over `n_threads` threads however small, so small shapes cross block
     and thread-range edges. The pool only: the BLAS library's threads are left alone."""
     names = {name.upper(): size for name, size in sizes.items() if size is not None}
+    if "ROW_BLOCK" in names:
+        names.setdefault("ROW_ELEMENTS", 0)  # blocks of exactly row_block rows
     saved = {name: getattr(fast, name) for name in names}, threads.MIN_ELEMENTS, threads._chosen
     for name, size in names.items():
         setattr(fast, name, size)
@@ -93,10 +95,11 @@ attention_shapes = st.fixed_dictionaries(
         T=st.integers(1, 13),
         past=st.integers(0, 4),  # keys held by a KV cache before the queries
         query_block=st.integers(1, 6),
+        small_query_block=st.integers(1, 6),
         segments=st.booleans(),
         dropout=st.booleans(),
         threads=st.integers(1, 4),  # ranges of heads: B * NH is 1..9
-        batched=st.sampled_from([0, 1 << 16]),  # all heads at once when one thread has them
+        batched=st.sampled_from([0, 40, 1 << 16]),  # all heads at once when their scores fit (40: some blocks)
         seed=st.integers(0, 2**16),
     )
 )
@@ -128,7 +131,8 @@ def test_attention_equals_the_reference(s):
     B, T = s["B"], s["T"]
     past = 0 if s["segments"] else s["past"]  # segments come without a cache
     segments = segments_of(rng, B, T) if s["segments"] else None
-    with blocks(query_block=s["query_block"], n_threads=s["threads"], batched_attention=s["batched"]):
+    with blocks(query_block=s["query_block"], small_query_block=s["small_query_block"], n_threads=s["threads"],
+                batched_attention=s["batched"]):  # fmt: skip
         check_attention(B, s["NH"], T, T + past, s["hs"], rng, segments, s["dropout"])
 
 
@@ -146,10 +150,11 @@ def test_gelu_at_extremes_equals_the_reference(dtype):
     np.testing.assert_allclose(dx, layers.gelu_backward(dout, x), **tol)
 
 
-@pytest.mark.parametrize("T", [127, 128, 129, 200])
-def test_attention_across_the_default_query_block(T):
+@pytest.mark.parametrize("batched", [0, None])  # 0: per head, in QUERY_BLOCKs; default: all heads, in small blocks
+@pytest.mark.parametrize("T", [31, 32, 33, 127, 128, 129, 200])
+def test_attention_across_the_default_query_block(T, batched):
     rng = np.random.default_rng(T)
-    with blocks():
+    with blocks(batched_attention=batched):
         check_attention(3, 2, T, T, 2, rng, segments_of(rng, 3, T), dropout=True)
         check_attention(1, 1, T, T + 3, 3, rng)
 

@@ -27,6 +27,12 @@ explicitly, when the replacement keeps the reference's cache). Signatures, as in
         (may overwrite `logits`)
     cross_entropy_backward(dloss, cache) -> dlogits (N, V)
 
+the inference schedule (reference: `whole_batch` here), not a pair:
+
+    over_batch(fn, B, T) -> [fn(b0, b1), ...] for ranges [b0, b1) covering the B rows of
+        a batch (T positions each) in order; the rows are independent (an inference
+        forward or loss), so a set may run the ranges apart, on several threads
+
 and the optimizer's two (reference: `npgpt.optim`), which are not pairs:
 
     adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps) -> None
@@ -45,8 +51,9 @@ from collections.abc import Callable
 from npgpt import layers, optim
 
 OPS = ("linear", "layer_norm", "gelu", "dropout", "attention", "embedding", "cross_entropy")
+SCHEDULE = ("over_batch",)
 OPTIMIZER = ("adamw_update", "sum_of_squares")
-NAMES = tuple(f"{op}_{way}" for op in OPS for way in ("forward", "backward")) + OPTIMIZER
+NAMES = tuple(f"{op}_{way}" for op in OPS for way in ("forward", "backward")) + SCHEDULE + OPTIMIZER
 ENV = "NPGPT_KERNELS"
 
 
@@ -69,12 +76,13 @@ class Kernels:
     embedding_backward: Callable
     cross_entropy_forward: Callable
     cross_entropy_backward: Callable
+    over_batch: Callable
     adamw_update: Callable
     sum_of_squares: Callable
 
     def replace(self, name: str, **kernels: Callable) -> Kernels:
-        """A set named `name` with whole operations (forward and backward) or optimizer
-        kernels replaced."""
+        """A set named `name` with whole operations (forward and backward), the schedule or
+        optimizer kernels replaced."""
         unknown = sorted(set(kernels) - set(NAMES))
         if unknown:
             raise ValueError(f"unknown kernels {unknown}; the interface has {list(NAMES)}")
@@ -84,7 +92,13 @@ class Kernels:
         return dataclasses.replace(self, name=name, **kernels)
 
 
-REFERENCE = Kernels("reference", **{name: getattr(optim if name in OPTIMIZER else layers, name) for name in NAMES})
+def whole_batch(fn, B: int, T: int) -> list:
+    """[fn(0, B)]: the reference runs a batch in one piece."""
+    return [fn(0, B)]
+
+
+REFERENCE = Kernels("reference", over_batch=whole_batch,
+                    **{name: getattr(optim if name in OPTIMIZER else layers, name) for name in NAMES if name not in SCHEDULE})  # fmt: skip
 
 
 def select_kernels(supplied: Kernels | None) -> Kernels:

@@ -26,25 +26,30 @@ import numpy as np
 
 from npgpt import layers, optim
 from npgpt.kernels import REFERENCE
-from npgpt.kernels.threads import parallel_rows
+from npgpt.kernels.threads import num_threads, parallel_items, parallel_rows
 
 ROW_BLOCK = 64  # rows per block of a long elementwise chain: (64, 4C) floats stay in L2
+ROW_ELEMENTS = 1 << 16  # ... or more rows, up to this many elements, where rows are short (LayerNorm's C)
 QUERY_BLOCK = 128  # queries per block: later blocks see more keys, none sees the future
 FLAT_BLOCK = 1 << 14  # elements per block of the optimizer's sweep over a flat parameter
 DOT_BLOCK = 1 << 13  # elements per dot product: OpenBLAS threads dots above 10000 elements
 BATCHED_ATTENTION = 1 << 16  # scores up to which all heads go at once (else one head at a time, in cache)
+SMALL_QUERY_BLOCK = 32  # queries per block when all heads go at once (an inference piece's short rows)
 CE_BLOCK = 1 << 16  # logits per block of cross-entropy's passes (a few rows of a large V)
+BATCH_ROWS = 512  # positions per piece of an inference batch: a piece's activations stay in cache
 GELU_SCALE = layers.GELU_SCALE
 
 
 def over_row_blocks(fn, N: int, row_size: int) -> list:
-    """fn(r0, r1) for every block of ROW_BLOCK rows of [0, N), contiguous runs of blocks
-    shared among the threads; returns each thread's list of fn's results."""
+    """fn(r0, r1) for every block of max(ROW_BLOCK, ROW_ELEMENTS // row_size) rows of
+    [0, N), contiguous runs of blocks shared among the threads; returns each thread's
+    list of fn's results."""
+    rows = max(ROW_BLOCK, ROW_ELEMENTS // max(row_size, 1))
 
     def run(a, b):
-        return [fn(r0, min(r0 + ROW_BLOCK, b)) for r0 in range(a, b, ROW_BLOCK)]
+        return [fn(r0, min(r0 + rows, b)) for r0 in range(a, b, rows)]
 
-    return parallel_rows(run, N, row_size, align=ROW_BLOCK)
+    return parallel_rows(run, N, row_size, align=rows)
 
 
 # -- linear ---------------------------------------------------------------------------------
@@ -68,19 +73,21 @@ def linear_backward(dout, cache):
 
 # -- layer norm -----------------------------------------------------------------------------
 def layer_norm_forward(x, w, b, eps):
-    """x (N, C) -> out (N, C); x - mean is normalised in place, block by block."""
+    """x (N, C) -> out (N, C), block by block: the row means by a matrix-vector product and
+    the variances by row-wise dot products (no squares held), x - mean normalised in place."""
     N, C = x.shape
     xhat, out, rstd = np.empty_like(x), np.empty_like(x), np.empty((N, 1), dtype=x.dtype)
+    average = np.full(C, 1.0 / C, dtype=x.dtype)  # (C,)
 
     def block(r0, r1):
-        xh, rs, o = xhat[r0:r1], rstd[r0:r1], out[r0:r1]
-        np.subtract(x[r0:r1], np.mean(x[r0:r1], axis=-1, keepdims=True), out=xh)  # centred
-        np.multiply(xh, xh, out=o)  # o as scratch
-        np.mean(o, axis=-1, keepdims=True, out=rs)
+        xh, rs, o = xhat[r0:r1], rstd[r0:r1, 0], out[r0:r1]
+        np.subtract(x[r0:r1], (x[r0:r1] @ average)[:, None], out=xh)  # centred
+        np.einsum("ij,ij->i", xh, xh, out=rs)
+        rs *= 1.0 / C  # variance
         rs += eps
         np.sqrt(rs, out=rs)
-        np.divide(1.0, rs, out=rs)  # (Nb, 1)
-        xh *= rs  # normalised
+        np.divide(1.0, rs, out=rs)  # (Nb,)
+        xh *= rs[:, None]  # normalised
         np.multiply(xh, w, out=o)
         o += b
 
@@ -175,17 +182,22 @@ def gelu_grad_block(dout, x):
 
 # -- attention over query blocks, heads split among the threads ----------------------------
 def attention_forward(q, k, v, dropout=None, segments=None):
-    """The reference's attention, QUERY_BLOCK queries at a time, each block against only
-    the keys s < S - T + t1 its last query can see. Each thread takes a range of the
-    B * NH heads, its matmuls and softmax (one head's block at a time, in cache), with
-    BLAS on one thread meanwhile: per-head matmuls are too small to split again."""
+    """The reference's attention over blocks of queries, each block against only the keys
+    s < S - T + t1 its last query can see. Each thread takes a range of the B * NH heads,
+    its matmuls and softmax (one head's block at a time, in cache), with BLAS on one
+    thread meanwhile: per-head matmuls are too small to split again. Blocks are of
+    QUERY_BLOCK queries, or, when all heads' scores of a SMALL_QUERY_BLOCK block fit in
+    BATCHED_ATTENTION (few heads of short rows), of SMALL_QUERY_BLOCK or fewer queries with
+    all heads at once: fewer calls, and less of the masked triangle computed."""
     B, NH, T, hs = q.shape
     S = k.shape[2]
     y = np.empty(q.shape, dtype=q.dtype)
     qs = q * (1.0 / math.sqrt(hs))  # (B, NH, T, hs), scaled once
+    fits = BATCHED_ATTENTION // max(B * NH * S, 1)  # queries per block whose scores fit, all heads at once
+    step = min(SMALL_QUERY_BLOCK, fits) if fits >= max(1, SMALL_QUERY_BLOCK // 2) else QUERY_BLOCK
     blocks = []
-    for t0 in range(0, T, QUERY_BLOCK):
-        t1 = min(t0 + QUERY_BLOCK, T)
+    for t0 in range(0, T, step):
+        t1 = min(t0 + step, T)
         Tb, s1 = t1 - t0, S - T + t1  # keys visible to the block's last query
         future = np.triu(np.ones((Tb, Tb), dtype=bool), 1) if Tb > 1 else None  # (Tb, Tb): key after query
         other = None if segments is None else segments[:, t0:t1, None] != segments[:, None, :s1]  # (B, Tb, s1)
@@ -318,6 +330,18 @@ def cross_entropy_backward(dloss, cache):
     return dlogits
 
 
+# -- inference: a batch in pieces, one per thread at a time -------------------------------------
+def over_batch(fn, B, T):
+    """fn over pieces of about BATCH_ROWS positions (whole rows), at least one per thread
+    when B allows, taken by the threads as they come free: each piece runs its kernels on
+    its own thread, BLAS included, with no hand-over between threads inside a forward."""
+    per = max(1, min(BATCH_ROWS // max(T, 1), -(-B // num_threads())))
+    pieces = [(b0, min(b0 + per, B)) for b0 in range(0, B, per)]
+    if len(pieces) == 1:
+        return [fn(0, B)]  # one piece: its kernels split their own passes
+    return parallel_items(lambda i: fn(*pieces[i]), len(pieces))
+
+
 # -- the optimizer: AdamW and the gradient norm, in cache-sized blocks over row ranges ---------
 def adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps):
     """`npgpt.optim.adamw_update`, one sweep over FLAT_BLOCK-element blocks of the flat
@@ -381,6 +405,7 @@ KERNELS = REFERENCE.replace(
     embedding_backward=embedding_backward,
     cross_entropy_forward=cross_entropy_forward,
     cross_entropy_backward=cross_entropy_backward,
+    over_batch=over_batch,
     adamw_update=adamw_update,
     sum_of_squares=sum_of_squares,
 )

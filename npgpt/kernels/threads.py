@@ -3,7 +3,10 @@
 NumPy releases the GIL inside its ufuncs and reductions, so a pass over an array split
 into row ranges runs on several cores from plain Python threads. `parallel_rows` runs
 `fn(r0, r1)` over such ranges on a persistent pool: one range in the calling thread,
-the others on the pool's workers.
+the others on the pool's workers. `parallel_items` hands independent pieces of work
+(batch rows of an inference forward) to the threads as each becomes free. Inside either,
+a nested `parallel_rows` or `parallel_items` runs on its own thread alone: the outer
+split already uses every thread.
 
 How many threads:
 - `set_num_threads(n)` (the CLIs' `--threads N`), else
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +46,7 @@ _env_threads: int | None = None
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _lock = threading.Lock()
+_inside = threading.local()  # .active: this thread runs a range of a parallel call
 
 
 def _openblas():
@@ -146,18 +151,55 @@ def parallel_rows(fn, N: int, row_size: int = 1, align: int = 1, one_blas_thread
     threads, the (OpenBLAS) BLAS pool is set to one thread, so each range's calls run in
     its own thread, and restored after. Other threads' BLAS calls meanwhile get one too.
     """
-    parts = min(num_threads(), max(1, (N * row_size) // MIN_ELEMENTS), N)
+    parts = 1 if _nested() else min(num_threads(), max(1, (N * row_size) // MIN_ELEMENTS), N)
     ranges = row_ranges(N, parts, align)
     if len(ranges) <= 1:
         return [fn(0, N)] if N else []
+    return _run([lambda r0=r0, r1=r1: fn(r0, r1) for r0, r1 in ranges], len(ranges), one_blas_thread)
+
+
+def parallel_items(fn, n: int) -> list:
+    """[fn(0), ..., fn(n - 1)], independent items taken in order by up to `num_threads()`
+    threads, each taking the next item when it finishes one (so a thread slowed by other
+    work on the machine takes fewer). BLAS runs on one thread in each, as with
+    `parallel_rows(one_blas_thread=True)`; kernels called inside run on their own thread."""
+    workers = 1 if _nested() else min(num_threads(), n)
+    if workers <= 1:
+        return [fn(i) for i in range(n)]
+    results: list = [None] * n
+    counter = itertools.count()  # shared: next() on it is atomic under the GIL
+
+    def take():
+        while (i := next(counter)) < n:
+            results[i] = fn(i)
+
+    _run([take] * workers, workers, one_blas_thread=True)
+    return results
+
+
+def _nested() -> bool:
+    return getattr(_inside, "active", False)
+
+
+def _marked(task):
+    """task() with this thread marked as inside a parallel call (nested calls run serially)."""
+    _inside.active = True
+    try:
+        return task()
+    finally:
+        _inside.active = False
+
+
+def _run(tasks, n: int, one_blas_thread: bool) -> list:
+    """[task() for task in tasks] on n threads: the first in the calling thread."""
     blas = _blas_functions() if one_blas_thread else None
     before = None if blas is None else blas[0]()
     if before is not None and before > 1:
         blas[1](1)
     try:
-        futures = [_executor(len(ranges) - 1).submit(fn, r0, r1) for r0, r1 in ranges[1:]]
+        futures = [_executor(n - 1).submit(_marked, task) for task in tasks[1:]]
         try:
-            first = fn(*ranges[0])
+            first = _marked(tasks[0])
         finally:
             rest = [f.result() for f in futures]
     finally:
