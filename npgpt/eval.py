@@ -1,14 +1,20 @@
 """Perplexity of a checkpoint on a text file: `python -m npgpt.eval --weights DIR --data FILE`.
 
-Texts longer than the context are scored with sliding windows: windows of `context` input
-tokens start every `stride` tokens; each also predicts the token after its inputs, and
-scores only the targets no earlier window scored (the others get the ignore index), so
-every token after the first is predicted exactly once, with up to `context - stride`
-tokens of extra history. stride == context means disjoint windows (fastest, least context
-per token). These are the windows of Hugging Face's documented loop ("Perplexity of
-fixed-length models") with max_length = context + 1 and the same stride: an HF window of
-max_length tokens predicts max_length - 1 of them. nanoGPT has no such evaluation (it
-estimates the loss on random training-style batches).
+Texts longer than the context are scored with windows: windows of `context` input tokens
+start every `stride` tokens; each also predicts the token after its inputs, and scores
+only the targets no earlier window scored (the others get the ignore index), so every
+token after the first is predicted exactly once, with up to `context - stride` tokens of
+extra history.
+
+The default stride is the context: disjoint windows, each token predicted from the tokens
+of its own window alone (1 to context of them). This is how llm.c reads its validation
+split (consecutive windows of T inputs, each target the token after its input), and how
+nanoGPT's estimate_loss scores a window (every position, from the window alone; nanoGPT
+draws its windows at random offsets instead of tiling the text). A smaller `--stride`
+gives every scored token at least `context - stride` tokens of history, at about
+context / stride times the work. The windows, at any stride, are those of Hugging Face's
+documented loop ("Perplexity of fixed-length models") with max_length = context + 1 and
+the same stride: an HF window of max_length tokens predicts max_length - 1 of them.
 
 Windows of equal length are scored `batch_size` at a time.
 """
@@ -65,7 +71,7 @@ def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int |
     context = context or model.config.n_ctx
     if not 1 <= context <= model.config.n_ctx:
         raise EvalError(f"context {context} must be in [1, the model's n_ctx {model.config.n_ctx}]; give a smaller --context")
-    stride = stride or max(1, context // 2)
+    stride = stride or context
     batch_size = batch_size or max(1, min(64, LOGITS_BUDGET // (context * model.config.vocab_size)))
     windows = list(sliding_windows(len(ids), context, stride))
     total = sum(end - first for _, end, first in windows)
@@ -182,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="pairs: generation limit per prompt (default 256)")
     p.add_argument("--skip-bad", action="store_true", help="pairs: skip bad records (counted) instead of stopping")
     p.add_argument("--context", type=int, help="tokens per window (default: the model's n_ctx)")
-    p.add_argument("--stride", type=int, help="tokens between window starts (default: context // 2)")
+    p.add_argument("--stride", type=int, help="tokens between window starts (default: the context, disjoint windows; "
+                                              "smaller gives each token more history at context/stride times the work)")
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text (reads only as much of the file as they need)")
     p.add_argument("--batch-size", type=int, help="windows per forward pass (default: as many as keep the logits under 256 MiB, at most 64)")
     p.add_argument("--backend", default="numpy", help="array backend (default numpy)")

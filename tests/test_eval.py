@@ -69,3 +69,50 @@ def test_max_tokens_prefix_is_exact_for_any_text(text, max_tokens):
             assert read_ids(tokenizer, path, max_tokens).tolist() == tokenizer.encode(text)[:max_tokens]
         finally:
             npgpt.eval.READ_CHARS = old
+
+
+def test_the_default_stride_is_the_context_disjoint_windows():
+    model = GPT.init(CONFIG, seed=1, dtype="float64")
+    ids = np.random.default_rng(0).integers(0, CONFIG.vocab_size, 50)
+    result = perplexity(model, ids)
+    assert result["stride"] == result["context"] == CONFIG.n_ctx
+    assert result["windows"] == -(-49 // CONFIG.n_ctx)  # 49 targets in windows of 12
+    assert result["loss"] == perplexity(model, ids, stride=CONFIG.n_ctx)["loss"]
+
+
+@pytest.mark.parametrize("stride", [None, 5])
+def test_pieces_on_threads_give_the_reference_kernels_result(stride, monkeypatch):
+    """Float64: the fast set's pieces (2 windows each, on 2 threads, LM head only on scored
+    positions) against the reference set, which runs each batch whole."""
+    import npgpt.kernels.numpy_fast as fast
+    from npgpt.backend import NumpyBackend
+    from npgpt.kernels import REFERENCE, threads
+
+    model = GPT.init(CONFIG, seed=2, dtype="float64")
+    reference = GPT.from_numpy(CONFIG, model.to_numpy(), NumpyBackend(REFERENCE))
+    ids = np.random.default_rng(3).integers(0, CONFIG.vocab_size, 300)
+    monkeypatch.setattr(fast, "BATCH_ROWS", 2 * CONFIG.n_ctx)
+    monkeypatch.setattr(threads, "_chosen", 2)
+    ours = perplexity(model, ids, stride=stride, batch_size=7)
+    expected = perplexity(reference, ids, stride=stride, batch_size=7)
+    assert ours["tokens_evaluated"] == expected["tokens_evaluated"] == 299
+    assert ours["loss"] == pytest.approx(expected["loss"], rel=1e-12)
+
+
+def test_the_shipped_model_scores_as_with_the_reference_kernels():
+    """Float32, the first 4,096 tokens of tinyshakespeare: the fast set's mean loss within
+    1e-5 (relative) of the reference set's (on one thread: the reference's many small
+    products crawl on two BLAS threads of a busy machine)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from npgpt.backend import NumpyBackend
+    from npgpt.kernels import REFERENCE
+    from npgpt.weights import load_model
+
+    model, tokenizer = load_model("shakespeare")
+    reference = GPT.from_numpy(model.config, model.to_numpy(), NumpyBackend(REFERENCE))
+    ids = read_ids(tokenizer, data_path("corpora/tinyshakespeare.txt"), 4097)
+    ours = perplexity(model, ids)
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        expected = perplexity(reference, ids)
+    assert ours["tokens_evaluated"] == expected["tokens_evaluated"] == 4096
+    assert ours["loss"] == pytest.approx(expected["loss"], rel=1e-5)

@@ -146,3 +146,44 @@ def test_ranges_that_call_blas_get_one_blas_thread_each(restore_threads):
     assert threads.parallel_rows(lambda r0, r1: threads.blas_threads(), 4, one_blas_thread=True) == [1, 1]
     assert threads.blas_threads() == 2  # restored
     assert threads.parallel_rows(lambda r0, r1: threads.blas_threads(), 4) == [2, 2]
+
+
+def test_items_run_once_each_on_several_threads_and_nested_calls_stay_on_their_thread(restore_threads):
+    threads._chosen, threads.MIN_ELEMENTS = 3, 1
+    meet = threading.Barrier(2, timeout=30)  # items 0 and 1 can only finish on two threads at once
+
+    def item(i):
+        if i < 2:
+            meet.wait()
+        inner = threads.parallel_rows(lambda r0, r1: (r0, r1, threading.get_ident()), 10)  # nested: one range
+        return i, threading.get_ident(), inner
+
+    seen = threads.parallel_items(item, 7)
+    assert [i for i, _, _ in seen] == list(range(7))
+    assert len({ident for _, ident, _ in seen}) >= 2
+    assert all(inner == [(0, 10, ident)] for _, ident, inner in seen)
+    assert threads.parallel_rows(lambda r0, r1: r0, 10) == [0, 4, 8]  # outside: split again
+
+    def fail_late(i):
+        if i == 5:
+            raise RuntimeError("item failed")
+        return i
+
+    with pytest.raises(RuntimeError, match="item failed"):
+        threads.parallel_items(fail_late, 7)
+
+
+@given(B=st.integers(1, 40), T=st.integers(1, 300), n=st.integers(1, 4))
+def test_a_batch_is_cut_into_pieces_covering_its_rows_in_order(B, T, n):
+    import npgpt.kernels.numpy_fast as fast
+
+    saved = threads._chosen
+    threads._chosen = n
+    try:
+        pieces = fast.over_batch(lambda b0, b1: (b0, b1), B, T)
+    finally:
+        threads._chosen = saved
+    assert [b for b0, b1 in pieces for b in range(b0, b1)] == list(range(B))
+    per = max(b1 - b0 for b0, b1 in pieces)
+    assert per == 1 or per * T <= fast.BATCH_ROWS  # whole rows, about BATCH_ROWS positions a piece
+    assert len(pieces) >= min(n, B) or len(pieces) == 1 and per == B  # a piece per thread where B allows

@@ -20,6 +20,7 @@ proves it, forward and backward, in float64); what changes is only how the work 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -35,6 +36,8 @@ FLAT_BLOCK = 1 << 14  # elements per block of the optimizer's sweep over a flat 
 DOT_BLOCK = 1 << 13  # elements per dot product: OpenBLAS threads dots above 10000 elements
 BATCHED_ATTENTION = 1 << 16  # scores up to which all heads go at once (else one head at a time, in cache)
 SMALL_QUERY_BLOCK = 32  # queries per block when all heads go at once (an inference piece's short rows)
+SHIFT_FREE_QUERIES = 16  # queries from which attention checks whether its softmax may skip the max shift
+EXP_SAFE = 80.0  # |score| bound under which exp(score) stays finite and non-zero (float32: 88)
 CE_BLOCK = 1 << 16  # logits per block of cross-entropy's passes (a few rows of a large V)
 BATCH_ROWS = 512  # positions per piece of an inference batch: a piece's activations stay in cache
 GELU_SCALE = layers.GELU_SCALE
@@ -193,25 +196,27 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     S = k.shape[2]
     y = np.empty(q.shape, dtype=q.dtype)
     qs = q * (1.0 / math.sqrt(hs))  # (B, NH, T, hs), scaled once
+    k, v = head_rows(k), head_rows(v)
+    shift = not scores_bounded(qs, k)
     fits = BATCHED_ATTENTION // max(B * NH * S, 1)  # queries per block whose scores fit, all heads at once
     step = min(SMALL_QUERY_BLOCK, fits) if fits >= max(1, SMALL_QUERY_BLOCK // 2) else QUERY_BLOCK
     blocks = []
     for t0 in range(0, T, step):
         t1 = min(t0 + step, T)
         Tb, s1 = t1 - t0, S - T + t1  # keys visible to the block's last query
-        future = np.triu(np.ones((Tb, Tb), dtype=bool), 1) if Tb > 1 else None  # (Tb, Tb): key after query
+        future = future_keys(Tb) if Tb > 1 else None  # (Tb, Tb): key after query
         other = None if segments is None else segments[:, t0:t1, None] != segments[:, None, :s1]  # (B, Tb, s1)
         att = np.empty((B * NH, Tb, s1), dtype=q.dtype)
 
         def probs(h0, h1):
-            if h1 - h0 == B * NH and att.size <= BATCHED_ATTENTION:  # little work (decoding): batched
+            if h1 - h0 == B * NH and att.size <= BATCHED_ATTENTION:  # little work: all heads at once
                 a4 = np.matmul(qs[:, :, t0:t1], k[:, :, :s1].mT, out=att.reshape(B, NH, Tb, s1))
-                masked_softmax(a4, future, None if other is None else other[:, None])
+                masked_softmax(a4, future, None if other is None else other[:, None], shift)
                 return
             for h in range(h0, h1):
                 b, n = divmod(h, NH)
                 a = np.matmul(qs[b, n, t0:t1], k[b, n, :s1].T, out=att[h])  # (Tb, s1), scores
-                masked_softmax(a, future, None if other is None else other[b])
+                masked_softmax(a, future, None if other is None else other[b], shift)
 
         parallel_rows(probs, B * NH, Tb * s1 * hs, one_blas_thread=True)
         att4 = att.reshape(B, NH, Tb, s1)
@@ -220,7 +225,7 @@ def attention_forward(q, k, v, dropout=None, segments=None):
 
         def values(h0, h1):
             if h1 - h0 == B * NH and att.size <= BATCHED_ATTENTION:
-                y[:, :, t0:t1] = dropped.reshape(B, NH, Tb, s1) @ v[:, :, :s1]
+                np.matmul(dropped.reshape(B, NH, Tb, s1), v[:, :, :s1], out=y[:, :, t0:t1])
                 return
             for h in range(h0, h1):
                 b, n = divmod(h, NH)
@@ -231,17 +236,58 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     return y, (q, k, v, blocks)
 
 
-def masked_softmax(a, future, other):
+@functools.lru_cache(maxsize=64)
+def future_keys(Tb: int) -> np.ndarray:
+    """(Tb, Tb) booleans, read-only: True where the key comes after the query."""
+    future = np.triu(np.ones((Tb, Tb), dtype=bool), 1)
+    future.flags.writeable = False
+    return future
+
+
+@functools.lru_cache(maxsize=64)
+def ones(n: int, dtype) -> np.ndarray:
+    """A read-only vector of n ones: x @ ones(n) sums x's rows by BLAS."""
+    vector = np.ones(n, dtype=dtype)
+    vector.flags.writeable = False
+    return vector
+
+
+def head_rows(a):
+    """a (B, NH, S, hs) with each head's rows contiguous: a copy of the strided views the
+    model cuts out of the fused q, k, v projection (a KV cache's views are kept), so the
+    products read whole cache lines."""
+    row = a.shape[-1] * a.itemsize
+    if a.strides[-1] == a.itemsize and (a.shape[-2] <= 1 or a.strides[-2] == row):
+        return a
+    return np.ascontiguousarray(a)
+
+
+def scores_bounded(qs, k) -> bool:
+    """Whether every score |q_t . k_s| (<= max |q_t| * max |k_s| per head) is at most
+    EXP_SAFE, so that exp(score) can neither overflow nor leave a row summing to zero:
+    then the softmax needs no shift by the row maximum. Checked only from
+    SHIFT_FREE_QUERIES queries on (the key norms cost about what one query's scores do)."""
+    if qs.shape[2] < SHIFT_FREE_QUERIES:
+        return False
+    q2 = np.max(np.einsum("bntd,bntd->bnt", qs, qs), axis=-1)  # (B, NH), the largest squared norms
+    k2 = np.max(np.einsum("bnsd,bnsd->bns", k, k), axis=-1)
+    return bool(np.all(q2 * k2 <= EXP_SAFE**2))
+
+
+def masked_softmax(a, future, other, shift=True):
     """Softmax over the last axis of scores a (..., Tb, s1), in place: `future` (Tb, Tb)
     masks keys after each query (the last Tb columns), `other` (broadcast to a) keys of
-    other documents."""
+    other documents. `shift`: subtract each row's maximum first (without it the caller
+    knows exp cannot overflow). Row sums by a matrix-vector product."""
     if future is not None:
         np.copyto(a[..., a.shape[-1] - future.shape[0] :], -np.inf, where=future)
     if other is not None:
         np.copyto(a, -np.inf, where=other)
-    a -= np.max(a, axis=-1, keepdims=True)
+    if shift:
+        a -= np.max(a, axis=-1, keepdims=True)
     np.exp(a, out=a)
-    a /= np.sum(a, axis=-1, keepdims=True)
+    total = a @ ones(a.shape[-1], a.dtype)  # (..., Tb)
+    a *= np.divide(1.0, total, out=total)[..., None]
 
 
 def attention_backward(dy, cache):
