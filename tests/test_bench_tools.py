@@ -130,3 +130,16 @@ def test_tokenizer_small(bench):
     code, report, err = bench("tokenizer", "--max-chars", "3000", "--repeats", "1", "--train-repeats", "1", "--data", DATA)
     assert code == 0, err
     assert report["ids_identical_to_tiktoken_and_baseline"] and report["machine"]["cpu_model"]
+
+
+def test_eval_tiny(bench, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(data_path("corpora/tinyshakespeare.txt").read_text("utf-8")[:3000], "utf-8")
+    code, report, err = bench("eval", "--data", text, "--threads", "1", "--repeats", "1")
+    assert code == 0, err
+    assert report["machine"]["cpu_model"] and "/" in report["machine"]["blas_kernel"]
+    (run,) = report["runs"]
+    assert run["stride"] == run["context"] == 128 and run["tokens"] > 500 and run["wall_s"] >= run["scoring_s"] > 0
+    assert len(run["loadavg_1_5_15_before"]) == 3
+    code, _, err = bench("eval", "--data", tmp_path / "missing.txt", "--repeats", "1")
+    assert code == 1 and err.startswith("error: no text file")

@@ -12,6 +12,7 @@ BENCHMARKS = {
     "train": ("bench_train", "training step vs the GEMM ceiling and PyTorch; the Shakespeare recipe race (--backend cupy: GPU)"),
     "generate": ("bench_generate", "cached/uncached decoding vs the bandwidth ceiling and transformers (--backend cupy: GPU)"),
     "tokenizer": ("bench_tokenizer", "BPE encode/decode/train throughput vs tiktoken and encoder.py; time per chunk length"),
+    "eval": ("bench_eval", "the whole python -m npgpt.eval run on tinyshakespeare with the shipped model: wall time, tokens/s"),
     "prepare": ("bench_prepare", "corpus prepare step at 1 and 2 processes vs tiktoken's encode_ordinary_batch"),
     "scale": ("bench_scale", "data-parallel tokens/s: 1 rank x 2 threads vs 2 ranks x 1 thread (mpiexec); comm; ZeRO-1 memory"),
 }
