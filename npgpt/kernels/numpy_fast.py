@@ -36,8 +36,6 @@ FLAT_BLOCK = 1 << 14  # elements per block of the optimizer's sweep over a flat 
 DOT_BLOCK = 1 << 13  # elements per dot product: OpenBLAS threads dots above 10000 elements
 BATCHED_ATTENTION = 1 << 16  # scores up to which all heads go at once (else one head at a time, in cache)
 SMALL_QUERY_BLOCK = 32  # queries per block when all heads go at once (an inference piece's short rows)
-SHIFT_FREE_QUERIES = 16  # queries from which attention checks whether its softmax may skip the max shift
-EXP_SAFE = 80.0  # |score| bound under which exp(score) stays finite and non-zero (float32: 88)
 CE_BLOCK = 1 << 16  # logits per block of cross-entropy's passes (a few rows of a large V)
 BATCH_ROWS = 512  # positions per piece of an inference batch: a piece's activations stay in cache
 GELU_SCALE = layers.GELU_SCALE
@@ -197,7 +195,6 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     y = np.empty(q.shape, dtype=q.dtype)
     qs = q * (1.0 / math.sqrt(hs))  # (B, NH, T, hs), scaled once
     k, v = head_rows(k), head_rows(v)
-    shift = not scores_bounded(qs, k)
     fits = BATCHED_ATTENTION // max(B * NH * S, 1)  # queries per block whose scores fit, all heads at once
     step = min(SMALL_QUERY_BLOCK, fits) if fits >= max(1, SMALL_QUERY_BLOCK // 2) else QUERY_BLOCK
     blocks = []
@@ -211,12 +208,12 @@ def attention_forward(q, k, v, dropout=None, segments=None):
         def probs(h0, h1):
             if h1 - h0 == B * NH and att.size <= BATCHED_ATTENTION:  # little work: all heads at once
                 a4 = np.matmul(qs[:, :, t0:t1], k[:, :, :s1].mT, out=att.reshape(B, NH, Tb, s1))
-                masked_softmax(a4, future, None if other is None else other[:, None], shift)
+                masked_softmax(a4, future, None if other is None else other[:, None])
                 return
             for h in range(h0, h1):
                 b, n = divmod(h, NH)
                 a = np.matmul(qs[b, n, t0:t1], k[b, n, :s1].T, out=att[h])  # (Tb, s1), scores
-                masked_softmax(a, future, None if other is None else other[b], shift)
+                masked_softmax(a, future, None if other is None else other[b])
 
         parallel_rows(probs, B * NH, Tb * s1 * hs, one_blas_thread=True)
         att4 = att.reshape(B, NH, Tb, s1)
@@ -262,29 +259,15 @@ def head_rows(a):
     return np.ascontiguousarray(a)
 
 
-def scores_bounded(qs, k) -> bool:
-    """Whether every score |q_t . k_s| (<= max |q_t| * max |k_s| per head) is at most
-    EXP_SAFE, so that exp(score) can neither overflow nor leave a row summing to zero:
-    then the softmax needs no shift by the row maximum. Checked only from
-    SHIFT_FREE_QUERIES queries on (the key norms cost about what one query's scores do)."""
-    if qs.shape[2] < SHIFT_FREE_QUERIES:
-        return False
-    q2 = np.max(np.einsum("bntd,bntd->bnt", qs, qs), axis=-1)  # (B, NH), the largest squared norms
-    k2 = np.max(np.einsum("bnsd,bnsd->bns", k, k), axis=-1)
-    return bool(np.all(q2 * k2 <= EXP_SAFE**2))
-
-
-def masked_softmax(a, future, other, shift=True):
+def masked_softmax(a, future, other):
     """Softmax over the last axis of scores a (..., Tb, s1), in place: `future` (Tb, Tb)
     masks keys after each query (the last Tb columns), `other` (broadcast to a) keys of
-    other documents. `shift`: subtract each row's maximum first (without it the caller
-    knows exp cannot overflow). Row sums by a matrix-vector product."""
+    other documents. Row sums by a matrix-vector product."""
     if future is not None:
         np.copyto(a[..., a.shape[-1] - future.shape[0] :], -np.inf, where=future)
     if other is not None:
         np.copyto(a, -np.inf, where=other)
-    if shift:
-        a -= np.max(a, axis=-1, keepdims=True)
+    a -= np.max(a, axis=-1, keepdims=True)
     np.exp(a, out=a)
     total = a @ ones(a.shape[-1], a.dtype)  # (..., Tb)
     a *= np.divide(1.0, total, out=total)[..., None]
