@@ -2,14 +2,21 @@
 
 Each kernel computes its `npgpt.layers` (or `npgpt.optim`) formula (tests/test_kernels.py
 proves it, forward and backward, in float64); what changes is only how the work is laid out:
-- elementwise and reduction passes (LayerNorm, GELU, the bias add and its gradient, the
-  attention softmax, cross-entropy, AdamW, the gradient norm) run over row ranges on
-  `npgpt.kernels.threads`' pool, one range per thread (NumPy releases the GIL inside
-  its loops); the matmuls stay whole, on the BLAS library's own threads;
-- inside a range, long chains (GELU, LayerNorm) run over blocks of ROW_BLOCK rows, so
-  their passes hit the cache instead of main memory, built in place;
+- an inference batch (independent rows: no backward follows) is cut into pieces of
+  about BATCH_ROWS positions that the threads take one at a time, each piece's whole
+  forward on its own thread, BLAS included (`over_batch`): no hand-over between threads
+  inside a forward, and a piece's activations stay in cache;
+- elsewhere, elementwise and reduction passes (LayerNorm, GELU, the bias add and its
+  gradient, the attention softmax, cross-entropy, AdamW, the gradient norm) run over row
+  ranges on `npgpt.kernels.threads`' pool, one range per thread (NumPy releases the GIL
+  inside its loops); the matmuls stay whole, on the BLAS library's own threads;
+- inside a range, long chains (GELU, LayerNorm) run over blocks of ROW_BLOCK rows (more
+  for short rows), so their passes hit the cache instead of main memory, built in place;
+  LayerNorm's row means and variances are BLAS matrix-vector and row-wise dot products;
 - attention runs over blocks of QUERY_BLOCK queries, each against only the keys it can
-  see, so the masked upper triangle of the T x S scores is (mostly) never computed;
+  see, so the masked upper triangle of the T x S scores is (mostly) never computed; few
+  heads of short rows (an inference piece) go all at once, in blocks of up to
+  SMALL_QUERY_BLOCK queries;
 - the position embedding's gradient is a sum over the batch when no row is packed;
 - LayerNorm, the linear bias and cross-entropy write into buffers they own instead of
   allocating one per step of the formula; cross-entropy turns the logits into its
