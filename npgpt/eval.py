@@ -41,6 +41,7 @@ from npgpt.model import FLOAT_DTYPES
 from npgpt.weights import load_model
 
 LOGITS_BUDGET = 2**26  # default batch: at most this many logits (256 MiB in float32) at once
+MAX_BATCH = 256  # ... and at most this many windows (many pieces per batch keep the threads busy to its end)
 READ_CHARS = 1 << 16  # --max-tokens: characters read per step
 
 
@@ -66,13 +67,13 @@ def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int |
                batch_size: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
     """Mean negative log-likelihood (nats/token) and perplexity of `ids` under `model`.
 
-    batch_size: windows per forward pass (default: LOGITS_BUDGET logits at once).
+    batch_size: windows per forward pass (default: at most MAX_BATCH, and LOGITS_BUDGET logits at once).
     progress(scored, total): called after each batch with the tokens scored so far."""
     context = context or model.config.n_ctx
     if not 1 <= context <= model.config.n_ctx:
         raise EvalError(f"context {context} must be in [1, the model's n_ctx {model.config.n_ctx}]; give a smaller --context")
     stride = stride or context
-    batch_size = batch_size or max(1, min(64, LOGITS_BUDGET // (context * model.config.vocab_size)))
+    batch_size = batch_size or max(1, min(MAX_BATCH, LOGITS_BUDGET // (context * model.config.vocab_size)))
     windows = list(sliding_windows(len(ids), context, stride))
     total = sum(end - first for _, end, first in windows)
     if total == 0:
@@ -191,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, help="tokens between window starts (default: the context, disjoint windows; "
                                               "smaller gives each token more history at context/stride times the work)")
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text (reads only as much of the file as they need)")
-    p.add_argument("--batch-size", type=int, help="windows per forward pass (default: as many as keep the logits under 256 MiB, at most 64)")
+    p.add_argument("--batch-size", type=int, help="windows per forward pass (default: as many as keep the logits under 256 MiB, at most 256)")
     p.add_argument("--backend", default="numpy", help="array backend (default numpy)")
     add_threads_option(p)
     p.add_argument("--dtype", choices=FLOAT_DTYPES, help="cast the weights (default: as stored)")
