@@ -371,7 +371,7 @@ def over_batch(fn, B, T):
     """fn over pieces of about BATCH_ROWS positions (whole rows), at least one per thread
     when B allows, taken by the threads as they come free: each piece runs its kernels on
     its own thread, BLAS included, with no hand-over between threads inside a forward."""
-    per = max(1, min(BATCH_ROWS // max(T, 1), -(-B // num_threads())))
+    per = max(1, min(BATCH_ROWS // max(T, 1), B // num_threads()))
     pieces = [(b0, min(b0 + per, B)) for b0 in range(0, B, per)]
     if len(pieces) == 1:
         return [fn(0, B)]  # one piece: its kernels split their own passes
