@@ -87,6 +87,18 @@ def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, n_threa
         np.testing.assert_allclose(fast.gelu_backward(dout, cache), layers.gelu_backward(dout, ref_cache), **TOL)
 
 
+@pytest.mark.parametrize("N, n_threads", [(1, 2), (2, 3), (3, 4), (5, 2), (7, 3)])
+def test_linear_forward_shares_rows_or_columns_among_threads(N, n_threads):
+    """Fewer rows than threads (decoding): each thread a range of columns; else of rows."""
+    rng = np.random.default_rng(N)
+    x, w, b = rng.standard_normal((N, 6)), rng.standard_normal((6, 11)), rng.standard_normal(11)
+    with blocks(n_threads=n_threads):
+        out, cache = fast.linear_forward(x, w, b)
+    ref, ref_cache = layers.linear_forward(x, w, b)
+    np.testing.assert_allclose(out, ref, **TOL)
+    assert all(a is r for a, r in zip(cache, ref_cache, strict=True))
+
+
 attention_shapes = st.fixed_dictionaries(
     dict(
         B=st.sampled_from([1, 3]),

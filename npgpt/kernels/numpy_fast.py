@@ -44,6 +44,7 @@ DOT_BLOCK = 1 << 13  # elements per dot product: OpenBLAS threads dots above 100
 BATCHED_ATTENTION = 1 << 16  # scores up to which all heads go at once (else one head at a time, in cache)
 SMALL_QUERY_BLOCK = 32  # queries per block when all heads go at once (an inference piece's short rows)
 CE_BLOCK = 1 << 16  # logits per block of cross-entropy's passes (a few rows of a large V)
+GEMM_PER_ELEMENT = 16  # multiply-adds of a matmul that take about as long as one element of a pass
 BATCH_ROWS = 512  # positions per piece of an inference batch: a piece's activations stay in cache
 GELU_SCALE = layers.GELU_SCALE
 
@@ -62,13 +63,25 @@ def over_row_blocks(fn, N: int, row_size: int) -> list:
 
 # -- linear ---------------------------------------------------------------------------------
 def linear_forward(x, w, b):
-    """x @ w + b, the bias added in place over row ranges. The cache is the reference's."""
-    out = x @ w
+    """x @ w + b. On several threads each thread computes a share of the output on one
+    BLAS thread and adds the bias to it while it is in cache: a range of rows, or, with
+    fewer rows than threads (decoding's matrix-vector products), a range of columns. The
+    threads never meet inside a product, as BLAS's own do. The cache is the reference's."""
+    N, (Cin, Cout) = x.shape[0], w.shape
+    out = np.empty((N, Cout), dtype=np.result_type(x, w, b))
 
-    def add_bias(r0, r1):
+    def rows(r0, r1):
+        np.matmul(x[r0:r1], w, out=out[r0:r1])
         out[r0:r1] += b
 
-    parallel_rows(add_bias, out.shape[0], out.shape[1])
+    def columns(c0, c1):
+        np.matmul(x, w[:, c0:c1], out=out[:, c0:c1])
+        out[:, c0:c1] += b[c0:c1]
+
+    if N >= num_threads():
+        parallel_rows(rows, N, Cin * Cout // GEMM_PER_ELEMENT, one_blas_thread=True)
+    else:
+        parallel_rows(columns, Cout, N * Cin // GEMM_PER_ELEMENT, one_blas_thread=True)
     return out, (x, w)
 
 
