@@ -232,7 +232,8 @@ class GPT:
             assert not keep, "the backward needs the LM head on every position"
             x = xp.take(x, rows, axis=0)  # (n, C)
         xf, ln_f = kernels.layer_norm_forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.layer_norm_epsilon)
-        logits = xf @ p["wte.weight"].mT  # (N, V), the LM head tied to the token embedding
+        # the LM head, tied to the token embedding: a linear layer without bias (a zero one)
+        logits, _ = kernels.linear_forward(xf, p["wte.weight"].mT, self._zero_bias())  # (N, V)
         if cache is not None:
             cache.length = start + ids.shape[1]
         acts = Activations(B, T, embedding, embedding_drop, blocks, ln_f, xf) if keep else None
@@ -264,6 +265,12 @@ class GPT:
         m, mlp_drop = drop(m)
         x = x + m
         return x, BlockActivations(ln_1, c_attn, attn, attn_c_proj, attn_drop, ln_2, c_fc, gelu, mlp_c_proj, mlp_drop)
+
+    def _zero_bias(self):
+        """(V,) zeros: the LM head's bias, so that it runs as the kernels' linear layer."""
+        if getattr(self, "_zeros", None) is None or self._zeros.dtype != self.dtype:
+            self._zeros = self.backend.xp.zeros((self.config.vocab_size,), dtype=self.dtype, device=self.backend.device)
+        return self._zeros
 
     def _dropout(self, rng):
         return Dropout(self.config.dropout if rng is not None else 0.0, rng, self.backend, self.dtype)
