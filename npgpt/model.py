@@ -107,6 +107,8 @@ class GPT:
         self.params = params
         check_params(params, config)
         self.dtype = params["wte.weight"].dtype
+        xp = self.backend.xp  # the LM head's bias, zeros: the head runs as the kernels' linear layer
+        self.head_bias = xp.zeros((config.vocab_size,), dtype=self.dtype, device=self.backend.device)
 
     # -- construction and files ----------------------------------------------------------
     @classmethod
@@ -233,7 +235,7 @@ class GPT:
             x = xp.take(x, rows, axis=0)  # (n, C)
         xf, ln_f = kernels.layer_norm_forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.layer_norm_epsilon)
         # the LM head, tied to the token embedding: a linear layer without bias (a zero one)
-        logits, _ = kernels.linear_forward(xf, p["wte.weight"].mT, self._zero_bias())  # (N, V)
+        logits, _ = kernels.linear_forward(xf, p["wte.weight"].mT, self.head_bias)  # (N, V)
         if cache is not None:
             cache.length = start + ids.shape[1]
         acts = Activations(B, T, embedding, embedding_drop, blocks, ln_f, xf) if keep else None
@@ -265,12 +267,6 @@ class GPT:
         m, mlp_drop = drop(m)
         x = x + m
         return x, BlockActivations(ln_1, c_attn, attn, attn_c_proj, attn_drop, ln_2, c_fc, gelu, mlp_c_proj, mlp_drop)
-
-    def _zero_bias(self):
-        """(V,) zeros: the LM head's bias, so that it runs as the kernels' linear layer."""
-        if getattr(self, "_zeros", None) is None or self._zeros.dtype != self.dtype:
-            self._zeros = self.backend.xp.zeros((self.config.vocab_size,), dtype=self.dtype, device=self.backend.device)
-        return self._zeros
 
     def _dropout(self, rng):
         return Dropout(self.config.dropout if rng is not None else 0.0, rng, self.backend, self.dtype)
@@ -309,12 +305,12 @@ class GPT:
             return loss, count
 
         pieces = [p for p in kernels.over_batch(piece, B, T) if p is not None]
+        if not pieces:  # every target ignored: 0, as the kernel's mean
+            return xp.zeros((), dtype=self.dtype, device=self.backend.device)
         if len(pieces) == 1:
             return pieces[0][0]
         total = sum(count for _, count in pieces)
-        if not pieces or (host and total == 0):
-            return xp.zeros((), dtype=self.dtype, device=self.backend.device)
-        total = total if host else xp.maximum(total, 1.0)  # every target ignored: 0, as the kernel's mean
+        total = total if host else xp.maximum(total, 1.0)  # device targets, all ignored: 0
         return sum(loss * (count / total) for loss, count in pieces)
 
     def loss_and_grads(self, ids, targets, ignore_index: int = layers.IGNORE_INDEX,
