@@ -140,6 +140,7 @@ def test_eval_tiny(bench, tmp_path):
     assert report["machine"]["cpu_model"] and "/" in report["machine"]["blas_kernel"]
     (run,) = report["runs"]
     assert run["stride"] == run["context"] == 128 and run["tokens"] > 500 and run["wall_s"] >= run["scoring_s"] > 0
+    assert run["cpu_s"] > 0 and run["cores_used"] > 0
     assert len(run["loadavg_1_5_15_before"]) == 3
     code, _, err = bench("eval", "--data", tmp_path / "missing.txt", "--repeats", "1")
     assert code == 1 and err.startswith("error: no text file")

@@ -1,7 +1,9 @@
 """Evaluation benchmark: the whole `python -m npgpt.eval` run, as a user starts it (a
 subprocess: start-up, reading and encoding the text, scoring), on a text file with the
 shipped model, at each thread count asked for, round-robin. Reports each run's wall time,
-the time eval reports for scoring alone, tokens/s, and /proc/loadavg before each run.
+the time eval reports for scoring alone, tokens/s, the CPU seconds the run used (user +
+system) and so the cores it had on average (a busy machine gives fewer than its threads),
+and /proc/loadavg before each run.
 
     python tools/bench.py eval [--threads 2] [--repeats 3] [--stride N] [--data FILE]
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -26,13 +29,17 @@ def run_eval(weights: str, data: Path, threads: int, stride: int | None) -> dict
     command = [sys.executable, "-m", "npgpt.eval", "--weights", weights, "--data", str(data), "--threads", str(threads),
                "--json", "--quiet"] + ([] if stride is None else ["--stride", str(stride)])  # fmt: skip
     load = load_average()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if done.returncode != 0:
         raise BenchError(f"npgpt.eval failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
     result = json.loads(done.stdout)
-    return {"threads": threads, "wall_s": wall, "scoring_s": result["seconds"], "loadavg_1_5_15_before": load,
+    return {"threads": threads, "wall_s": wall, "scoring_s": result["seconds"], "cpu_s": cpu, "cores_used": cpu / wall,
+            "loadavg_1_5_15_before": load,
             "tokens": result["tokens_evaluated"], "tokens_per_s": result["tokens_evaluated"] / result["seconds"],
             "stride": result["stride"], "context": result["context"], "loss": result["loss"]}  # fmt: skip
 
@@ -52,7 +59,8 @@ def main(argv=None) -> int:
         for n in args.threads:
             runs.append(run_eval(args.weights, args.data, n, args.stride))
             log(f"run {repeat + 1}/{args.repeats}, {n} thread(s): {runs[-1]['wall_s']:.1f} s wall, "
-                f"{runs[-1]['tokens_per_s']:,.0f} tokens/s, loadavg before {runs[-1]['loadavg_1_5_15_before']}")  # fmt: skip
+                f"{runs[-1]['tokens_per_s']:,.0f} tokens/s, {runs[-1]['cores_used']:.2f} cores used, "
+                f"loadavg before {runs[-1]['loadavg_1_5_15_before']}")  # fmt: skip
     by_threads = {}
     for n in args.threads:
         mine = [r for r in runs if r["threads"] == n]
