@@ -87,12 +87,12 @@ def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, n_threa
         np.testing.assert_allclose(fast.gelu_backward(dout, cache), layers.gelu_backward(dout, ref_cache), **TOL)
 
 
-@pytest.mark.parametrize("N, n_threads", [(1, 2), (2, 3), (3, 4), (5, 2), (7, 3)])
-def test_linear_forward_shares_rows_or_columns_among_threads(N, n_threads):
-    """Fewer rows than threads (decoding): each thread a range of columns; else of rows."""
+@pytest.mark.parametrize("N, n_threads, share_rows_from", [(1, 2, 32), (2, 3, 32), (3, 4, 1), (5, 2, 1), (7, 3, 4)])
+def test_linear_forward_shares_rows_or_columns_among_threads(N, n_threads, share_rows_from):
+    """Few rows (decoding): each thread a range of columns; else a range of rows."""
     rng = np.random.default_rng(N)
     x, w, b = rng.standard_normal((N, 6)), rng.standard_normal((6, 11)), rng.standard_normal(11)
-    with blocks(n_threads=n_threads):
+    with blocks(n_threads=n_threads, share_rows_from=share_rows_from):
         out, cache = fast.linear_forward(x, w, b)
     ref, ref_cache = layers.linear_forward(x, w, b)
     np.testing.assert_allclose(out, ref, **TOL)

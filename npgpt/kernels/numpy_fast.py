@@ -45,6 +45,7 @@ BATCHED_ATTENTION = 1 << 16  # scores up to which all heads go at once (else one
 SMALL_QUERY_BLOCK = 32  # queries per block when all heads go at once (an inference piece's short rows)
 CE_BLOCK = 1 << 16  # logits per block of cross-entropy's passes (a few rows of a large V)
 GEMM_PER_ELEMENT = 16  # multiply-adds of a matmul that take about as long as one element of a pass
+SHARE_ROWS_FROM = 32  # rows from which the threads share a linear layer's rows (below: its columns)
 BATCH_ROWS = 512  # positions per piece of an inference batch: a piece's activations stay in cache
 GELU_SCALE = layers.GELU_SCALE
 
@@ -64,9 +65,10 @@ def over_row_blocks(fn, N: int, row_size: int) -> list:
 # -- linear ---------------------------------------------------------------------------------
 def linear_forward(x, w, b):
     """x @ w + b. On several threads each thread computes a share of the output on one
-    BLAS thread and adds the bias to it while it is in cache: a range of rows, or, with
-    fewer rows than threads (decoding's matrix-vector products), a range of columns. The
-    threads never meet inside a product, as BLAS's own do. The cache is the reference's."""
+    BLAS thread and adds the bias to it while it is in cache: a range of rows, or, below
+    SHARE_ROWS_FROM rows (decoding's matrix-vector products, where reading w is the work),
+    a range of columns, so that each thread reads only its part of w. The threads never
+    meet inside a product, as BLAS's own do. The cache is the reference's."""
     N, (Cin, Cout) = x.shape[0], w.shape
     out = np.empty((N, Cout), dtype=np.result_type(x, w, b))
 
@@ -78,7 +80,7 @@ def linear_forward(x, w, b):
         np.matmul(x, w[:, c0:c1], out=out[:, c0:c1])
         out[:, c0:c1] += b[c0:c1]
 
-    if N >= num_threads():
+    if N >= max(SHARE_ROWS_FROM, num_threads()):
         parallel_rows(rows, N, Cin * Cout // GEMM_PER_ELEMENT, one_blas_thread=True)
     else:
         parallel_rows(columns, Cout, N * Cin // GEMM_PER_ELEMENT, one_blas_thread=True)
