@@ -95,6 +95,13 @@ def rank_backend(spec: str, comm: Comm) -> str:
     return spec
 
 
+def hung_message(rank: int, waited: float, what: str) -> str:
+    """The one line a rank prints before ending the job when `what` stopped answering."""
+    return (f"error: rank {rank} waited {waited:.0f} s for {what}, which stopped answering (a rank died or "
+            f"hangs); ending the job. Resume from the last checkpoint with --resume (raise --comm-timeout "
+            f"if steps are this slow)")  # fmt: skip
+
+
 def on_every_rank(comm: Comm, make):
     """`make()` on every rank, all succeeding or all failing: a rank whose `make` raised
     re-raises its error, the others raise a DistributedError naming the first such rank
@@ -252,9 +259,7 @@ class MPIComm(Comm):
         while not self._test_all(requests):
             waited = time.perf_counter() - start
             if waited > self.timeout:
-                self.abort(f"error: rank {self.rank} waited {waited:.0f} s for the other ranks, which stopped "
-                           f"answering (a rank died or hangs); ending the job. Resume from the last checkpoint "
-                           f"with --resume (raise --comm-timeout if steps are this slow)")  # fmt: skip
+                self.abort(hung_message(self.rank, waited, "the other ranks"))
             time.sleep(0 if waited < 1e-3 else 2e-4)  # spin briefly, then yield the core
         self.wait_seconds += time.perf_counter() - start
 
