@@ -3,9 +3,11 @@ offline and has never installed npgpt.
 
 The machine is built in a temporary folder: a venv whose site-packages holds this
 Python's packages except npgpt (no distribution, no entry point) and pip, plus `cupy` and
-`cupyx` packages that load tests/fake_cupy.py. On PATH: `pip`/`pip3` that record the
-attempt and fail (no network), a `python3` that cannot import cupy (to be passed over),
-then the venv. npgpt is found only through the PYTHONPATH the script sets.
+`cupyx` packages that load tests/fake_cupy.py (two GPUs, with tests/fake_nccl.py's NCCL)
+and, beside its python, this Python's mpiexec (the mpich wheel's). On PATH: `pip`/`pip3`
+that record the attempt and fail (no network), a `python3` that cannot import cupy (to be
+passed over), then the venv. npgpt is found only through the PYTHONPATH the script sets.
+So the multi-GPU steps run too: `mpiexec -n 2 ... --backend cupy` over the fake NCCL.
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ def offline_machine(tmp: Path) -> dict[str, str]:
         # not npgpt, nor pip; nor torch, to keep this test fast (gpu_check.sh runs with or without it)
         if "npgpt" not in entry.name and not entry.name.startswith(("pip", "_distutils_hack", "distutils-precedence", "torch")):
             (site / entry.name).symlink_to(entry)
-    fake_cupy.write_import_shim(site)
+    fake_cupy.write_import_shim(site, nccl=True)
+    for tool in ("mpiexec", "mpiexec.hydra", "hydra_pmi_proxy"):  # the mpich wheel's, beside the venv's python
+        if (Path(sys.executable).parent / tool).exists():
+            (env_dir / "bin" / tool).symlink_to(Path(sys.executable).parent / tool)
+    for lib in Path(sys.prefix, "lib").iterdir():  # and its libmpi and libfabric, where mpi4py looks (sys.prefix/lib)
+        if lib.name.startswith(("libmpi", "mpich")):
+            (env_dir / "lib" / lib.name).symlink_to(lib)
     stubs, plain = tmp / "stubs", tmp / "plain"
     stubs.mkdir()
     plain.mkdir()
@@ -55,6 +63,8 @@ def quick_run(tmp_path_factory):
         "INDEX_ADD_ARGS": "--rows 512 --channels 16 --vocab 1000",
         "GENERATE_ARGS": "--preset tiny --new-tokens 2 --repeats 1 --recompute-repeats 0 --ttft-tokens 0",
         "TRAIN_ARGS": "--configs tiny --repeats 1 --no-memory",
+        "MULTI_GPU_ARGS": "--steps 4 --dtypes float64",
+        "SCALE_ARGS": "--configs tiny --ways 1x2 2x1 2x1_overlap --rounds 1 --steps 1 --no-zero-memory",
     }
     installed = subprocess.run([f"{tmp}/env/bin/python", "-c", "import importlib.metadata as m; m.distribution('npgpt')"],
                                env=env, capture_output=True, cwd=tmp)  # not the checkout, where `pip install -e` left npgpt.egg-info  # fmt: skip
@@ -71,22 +81,29 @@ def test_quick_run_writes_the_json_and_the_summary_offline_without_an_install(qu
     out = tmp / "out"
     report = json.loads((out / "gpu_check.json").read_text())
     assert [(s["step"], s["status"]) for s in report["steps"]] == [
-        ("info", "ok"), ("parity", "ok"), ("tests", "ok"), ("index-add", "ok"), ("generate", "ok"), ("train", "ok")]  # fmt: skip
+        ("info", "ok"), ("parity", "ok"), ("tests", "ok"), ("index-add", "ok"), ("generate", "ok"), ("train", "ok"),
+        ("multi-gpu", "ok"), ("scale", "ok")]  # fmt: skip
     assert report["device"]["gpus"][0]["name"].startswith("fake GPU") and report["device"]["driver_cuda"] == "13.0"
     assert report["device"]["oracles"]["array_api_strict"] is not None  # (this Python has it; a GPU machine may not)
     assert all(r["ok"] for r in report["parity"]["forward"].values()) and set(report["parity"]["forward"]) == {"float16", "float32", "float64"}
     assert report["index_add"]["npgpt_index_add"]["same_bits_every_run"]
     assert report["tests"]["summary"].startswith("7 passed")  # test_cupy_gpu.py ran on the double, none skipped
     assert report["generate"]["backend"] == report["train"]["backend"] == "cupy:0"
+    split = report["multi_gpu"]["dtypes"]["float64"]  # 1 process vs mpiexec -n 2 over the fake NCCL
+    assert split["ok"] and split["max_param_rel_diff"] <= 1e-6 and len(split["losses"]) == 3  # steps 2, 4, validation
+    assert report["scale"]["backend"] == "cupy" and report["scale"]["configs"]["tiny"]["2x1"]["ranks"] == 2
+    assert report["scale"]["configs"]["tiny"]["2x1"]["backend"] == "cupy:0"
     summary = (out / "gpu_check.txt").read_text()
     assert summary in result.stdout and "forward float16" in summary and "tests: 7 passed" in summary
+    assert "multi-gpu float64: 1 process vs mpiexec -n 2 over NCCL: max relative difference" in summary
+    assert "scale tiny: 1 GPU " in summary and "2 GPUs " in summary
     assert (out / "gpu_check" / "pytest.txt").exists()
 
 
 def test_progress_names_each_step_with_its_time_limit(quick_run):
     _, result = quick_run
-    for n, step in enumerate(("info", "parity", "tests", "index-add", "generate", "train"), start=1):
-        assert f"[{n}/6 {step}] (limit " in result.stderr and f"[{n}/6 {step}] ok in " in result.stderr
+    for n, step in enumerate(("info", "parity", "tests", "index-add", "generate", "train", "multi-gpu", "scale"), start=1):
+        assert f"[{n}/8 {step}] (limit " in result.stderr and f"[{n}/8 {step}] ok in " in result.stderr
 
 
 def test_without_a_python_that_imports_cupy_it_says_what_to_set(tmp_path):
