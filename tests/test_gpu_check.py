@@ -115,3 +115,52 @@ def test_without_a_python_that_imports_cupy_it_says_what_to_set(tmp_path):
     result = subprocess.run([SCRIPT, "--quick"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and result.stderr.startswith("error: no Python here imports cupy") and "NPGPT_PYTHON" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def gpu_check(monkeypatch):
+    """tools/gpu_check.py imported, on the CuPy double (two GPUs, CuPy with NCCL)."""
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import gpu_check
+
+    modules = fake_cupy.install(monkeypatch, device_count=2)
+    monkeypatch.setattr(modules["cupy.cuda"], "nccl", type("nccl", (), {"available": True}), raising=False)
+    monkeypatch.setattr(gpu_check, "find_mpiexec", lambda: "/usr/bin/mpiexec")
+    return gpu_check
+
+
+def test_the_multi_gpu_steps_run_only_with_two_gpus_mpi4py_mpiexec_and_nccl(gpu_check, monkeypatch):
+    import importlib.util
+
+    assert gpu_check.multi_gpu_blocker() is None
+    fake_cupy.reset(device_count=1)
+    assert gpu_check.multi_gpu_blocker() == "1 GPU visible to CuPy, 2 needed"
+    fake_cupy.reset(device_count=0)
+    assert gpu_check.multi_gpu_blocker().startswith("no GPU visible (cudaErrorNoDevice")
+    fake_cupy.reset(device_count=2)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mpi4py" else find_spec(name, *a))
+    assert "cannot import mpi4py (pip install mpi4py mpich)" in gpu_check.multi_gpu_blocker()
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(gpu_check, "find_mpiexec", lambda: None)
+    assert gpu_check.multi_gpu_blocker().startswith("no mpiexec on PATH or beside ")
+    monkeypatch.setattr(gpu_check, "find_mpiexec", lambda: "/usr/bin/mpiexec")
+    monkeypatch.setattr(fake_cupy.modules()["cupy.cuda"].nccl, "available", False)
+    assert gpu_check.multi_gpu_blocker() == "CuPy finds no NCCL library (cupy.cuda.nccl.available is False)"
+    monkeypatch.delattr(fake_cupy.modules()["cupy.cuda"], "nccl")
+    assert gpu_check.multi_gpu_blocker().startswith("CuPy has no NCCL")
+
+
+def test_skipped_steps_show_their_reason_and_do_not_fail_the_run(gpu_check, tmp_path, capsys):
+    logs = tmp_path / "gpu_check"
+    logs.mkdir()
+    (logs / "steps.tsv").write_text("info\tok\t1\ntests\tskipped: no pytest/hypothesis\t0\n"
+                                    "multi-gpu\tskipped: 1 GPU visible to CuPy, 2 needed\t0\n"
+                                    "scale\tskipped: 1 GPU visible to CuPy, 2 needed\t0\n")  # fmt: skip
+    assert gpu_check.write_report(tmp_path) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["steps"][2] == {"step": "multi-gpu", "status": "skipped: 1 GPU visible to CuPy, 2 needed", "seconds": 0.0}
+    assert report["multi_gpu"] is None and report["scale"] is None
+    assert "  scale      skipped: 1 GPU visible to CuPy, 2 needed" in (tmp_path / "gpu_check.txt").read_text()
+    (logs / "steps.tsv").write_text("info\tok\t1\nmulti-gpu\tfailed (exit 1)\t3\n")
+    assert gpu_check.write_report(tmp_path) == 1
