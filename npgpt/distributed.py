@@ -280,10 +280,19 @@ class MPIComm(Comm):
         return out
 
     def allgather_object(self, obj) -> list:
+        self._arrive()
         return self.world.allgather(obj)
 
     def broadcast_object(self, obj):
+        self._arrive()
         return self.world.bcast(obj, root=0)
+
+    def _arrive(self):
+        """Wait, bounded, until every rank is here, so that the blocking (pickled) object
+        collective that follows cannot hang; set-up time, not counted in `wait_seconds`."""
+        counted = self.wait_seconds
+        self.wait([self.world.Ibarrier()])
+        self.wait_seconds = counted
 
     def abort(self, message: str, status: int = 1):
         print(message, file=sys.__stderr__, flush=True)  # any rank may be the one that notices

@@ -226,6 +226,16 @@ def test_a_hung_nccl_collective_ends_the_job(corpus, tmp_path):
     assert not Path(f"{report}.0.json").exists() and not Path(f"{report}.1.json").exists()  # neither rank finished
 
 
+def test_a_rank_stuck_in_set_up_ends_the_job(tmp_path):
+    """The set-up's object collectives (on_every_rank's, the NCCL id's broadcast) are
+    bounded too: rank 1 never arrives, rank 0 gives up after the timeout, saying why."""
+    program = ("import time, sys; from npgpt.distributed import connect, on_every_rank; comm = connect(2.0); "
+               "time.sleep(60) if comm.rank == 1 else None; on_every_rank(comm, lambda: 1); sys.exit(3)")  # fmt: skip
+    done = mpirun(2, program=["-c", program])
+    assert done.returncode not in (0, 3)
+    assert "error: rank 0 waited 2 s for the other ranks, which stopped answering (a rank died or hangs)" in done.stderr, done.stderr
+
+
 def rank_pid(mpiexec_pid: int, rank: int) -> int | None:
     """The pid of `rank` among mpiexec's descendants (MPICH's PMI_RANK in its environment)."""
     for entry in Path("/proc").iterdir():
