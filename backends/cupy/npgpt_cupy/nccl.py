@@ -44,6 +44,7 @@ class NCCLComm(Comm):
         unique_id = host.broadcast_object(unique_id)
         self.comm = nccl.NcclCommunicator(host.size, unique_id, host.rank)
         self.stream = cupy.cuda.Stream(non_blocking=True)  # collectives run here
+        self.device = cupy.cuda.Device()  # this rank's GPU (the backend made it current)
         self._pending: collections.deque = collections.deque()  # (event, launch time), oldest first
         self._lock = threading.Lock()
         self._watchdog: threading.Thread | None = None
@@ -66,6 +67,7 @@ class NCCLComm(Comm):
         """Drop finished collectives (one stream: they finish in order); end the job when
         the oldest has been pending for `timeout` seconds."""
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # Ctrl-C stays with the main thread
+        self.device.use()  # the current device is per thread: query the events on this rank's GPU
         while True:
             with self._lock:
                 while self._pending and self._pending[0][0].done:
