@@ -311,7 +311,7 @@ def summary_lines(report: dict) -> list[str]:
     for config, row in ((report.get("scale") or {}).get("configs") or {}).items():
         rates = [f"{'1 GPU' if name == '1x2' else '2 GPUs' + (' (overlap)' if 'overlap' in name else '')} {r['tokens_per_s']:,.0f} tokens/s"
                  for name, r in row.items() if isinstance(r, dict) and "tokens_per_s" in r]  # fmt: skip
-        ratio = f" ({row['ratio_2x1_over_1x2']:.2f}x)" if "ratio_2x1_over_1x2" in row else ""
+        ratio = next((f" ({row[k]:.2f}x)" for k in ("ratio_2x1_overlap_over_1x2", "ratio_2x1_over_1x2") if k in row), "")
         lines.append(f"  scale {config}: " + ", ".join(rates) + ratio)
     parity_report = report.get("parity") or {}
     for dtype, r in parity_report.get("forward", {}).items():
