@@ -129,7 +129,7 @@ def gpu_check(monkeypatch):
     return gpu_check
 
 
-def test_the_multi_gpu_steps_run_only_with_two_gpus_mpi4py_mpiexec_and_nccl(gpu_check, monkeypatch):
+def test_the_multi_gpu_steps_run_only_with_two_gpus_mpi4py_mpiexec_and_nccl(gpu_check, monkeypatch, tmp_path):
     import importlib.util
 
     assert gpu_check.multi_gpu_blocker() is None
@@ -142,6 +142,13 @@ def test_the_multi_gpu_steps_run_only_with_two_gpus_mpi4py_mpiexec_and_nccl(gpu_
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mpi4py" else find_spec(name, *a))
     assert "cannot import mpi4py (pip install mpi4py mpich)" in gpu_check.multi_gpu_blocker()
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    python = sys.executable
+    broken = tmp_path / "python"  # mpi4py is there, its libmpi is not
+    broken.write_text("#!/bin/sh\necho 'RuntimeError: cannot load MPI library' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(broken))
+    assert gpu_check.multi_gpu_blocker() == "mpi4py cannot load an MPI library (RuntimeError: cannot load MPI library)"
+    monkeypatch.setattr(sys, "executable", python)
     monkeypatch.setattr(gpu_check, "find_mpiexec", lambda: None)
     assert gpu_check.multi_gpu_blocker().startswith("no mpiexec on PATH or beside ")
     monkeypatch.setattr(gpu_check, "find_mpiexec", lambda: "/usr/bin/mpiexec")

@@ -198,6 +198,10 @@ def multi_gpu_blocker() -> str | None:
         return f"{count} GPU visible to CuPy, 2 needed"
     if importlib.util.find_spec("mpi4py") is None:
         return f"{sys.executable} cannot import mpi4py (pip install mpi4py mpich)"
+    loaded = subprocess.run([sys.executable, "-c", "from mpi4py import MPI"], capture_output=True, text=True, timeout=60)
+    if loaded.returncode:  # mpi4py without a loadable MPI library (in its own process: MPI_Init happens on import)
+        lines = loaded.stderr.strip().splitlines()
+        return f"mpi4py cannot load an MPI library ({lines[-1] if lines else f'exit {loaded.returncode}'})"
     if find_mpiexec() is None:
         return f"no mpiexec on PATH or beside {sys.executable} (pip install mpich)"
     try:

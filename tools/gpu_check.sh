@@ -124,7 +124,8 @@ run generate "${LIMITS[4]}" "$LOGS/generate.json" "$PY" tools/bench.py generate 
 # shellcheck disable=SC2086
 run train "${LIMITS[5]}" "$LOGS/train.json" "$PY" tools/bench.py train --backend cupy --vs torch $TRAIN_ARGS
 # Several GPUs: data-parallel training over NCCL, under mpiexec (one rank per GPU).
-WHY_NOT=$(timeout 60 "$PY" tools/gpu_check.py multi-gpu --why-not 2>&1 | tail -n 1) || WHY_NOT="the check for GPUs and MPI failed: $WHY_NOT"
+WHY_NOT=$(timeout 90 "$PY" tools/gpu_check.py multi-gpu --why-not 2>> "$LOGS/multi_gpu_check.log" | tail -n 1) ||
+    WHY_NOT="the check for GPUs and MPI failed (see gpu_check/multi_gpu_check.log)"
 if [ -z "$WHY_NOT" ]; then
     # shellcheck disable=SC2086 # MULTI_GPU_ARGS and SCALE_ARGS are lists of arguments
     run multi-gpu "${LIMITS[6]}" "$LOGS/multi_gpu.json" "$PY" tools/gpu_check.py multi-gpu --logs "$LOGS" $MULTI_GPU_ARGS
