@@ -132,8 +132,8 @@ def run_worker(ranks: int, threads_: int, config: str, steps: int, zero=0, overl
 
 GOAL = "python tools/bench.py scale --configs c --ways 1x2 2x1_overlap --rounds 2 --steps 2 --no-zero-memory"
 EPILOG = f"""The issue's goal, 2 ranks x 1 thread (as npgpt.train runs them: 2x1_overlap) >= 0.9x the tokens/s
-of 1 rank x 2 threads on config c (GPT-2 124M), measured alone (3-4 minutes on a quiet 2-core
-machine, 8-9 at load 3-6; it prints the ratio):
+of 1 rank x 2 threads on config c (GPT-2 124M), measured alone (8.5 minutes at load 3-6, an
+estimated 3-4 on a quiet 2-core machine; it prints the ratio):
 
     {GOAL}
 
