@@ -8,7 +8,7 @@ Three pieces, each a class:
   and every wait of it is bounded: a peer that hangs ends the job with a clear message
   after `timeout` seconds (MPI_Abort), never a silent hang. A backend whose arrays live
   on a device supplies its own (`Backend.communicator`; CuPy's is NCCL, in
-  `npgpt_cupy.nccl`).
+  `npgpt_cupy.nccl`, its waits bounded by a watchdog thread).
 - `Layout`: the parameters laid end to end in the order the backward pass finishes them
   (ln_f, block L-1 ... block 0, wte and wpe), cut into buckets of about `bucket_bytes`,
   each padded to a multiple of the world size so that it splits into equal shards.
