@@ -54,18 +54,20 @@ def offline_machine(tmp: Path) -> dict[str, str]:
     return keep | {"PATH": f"{stubs}:{plain}:{env_dir / 'bin'}:/usr/bin:/bin", "PIP_INDEX_URL": "http://127.0.0.1:9/"}
 
 
+QUICK_ARGS = {
+    "TEST_ARGS": "tests/test_cupy_gpu.py",  # the GPU-only tests, here on the double
+    "INDEX_ADD_ARGS": "--rows 512 --channels 16 --vocab 1000",
+    "GENERATE_ARGS": "--preset tiny --new-tokens 2 --repeats 1 --recompute-repeats 0 --ttft-tokens 0",
+    "TRAIN_ARGS": "--configs tiny --repeats 1 --no-memory",
+    "MULTI_GPU_ARGS": "--steps 4 --dtypes float64",
+    "SCALE_ARGS": "--configs tiny --ways 1x2 2x1 2x1_overlap --rounds 1 --steps 1 --no-zero-memory",
+}
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gpu_machine")
-    env = offline_machine(tmp) | {
-        "OUT": str(tmp / "out"),
-        "TEST_ARGS": "tests/test_cupy_gpu.py",  # the GPU-only tests, here on the double
-        "INDEX_ADD_ARGS": "--rows 512 --channels 16 --vocab 1000",
-        "GENERATE_ARGS": "--preset tiny --new-tokens 2 --repeats 1 --recompute-repeats 0 --ttft-tokens 0",
-        "TRAIN_ARGS": "--configs tiny --repeats 1 --no-memory",
-        "MULTI_GPU_ARGS": "--steps 4 --dtypes float64",
-        "SCALE_ARGS": "--configs tiny --ways 1x2 2x1 2x1_overlap --rounds 1 --steps 1 --no-zero-memory",
-    }
+    env = offline_machine(tmp) | {"OUT": str(tmp / "out"), **QUICK_ARGS}
     installed = subprocess.run([f"{tmp}/env/bin/python", "-c", "import importlib.metadata as m; m.distribution('npgpt')"],
                                env=env, capture_output=True, cwd=tmp)  # not the checkout, where `pip install -e` left npgpt.egg-info  # fmt: skip
     assert installed.returncode != 0, "npgpt must not be installed in the stand-in machine"
@@ -104,6 +106,18 @@ def test_progress_names_each_step_with_its_time_limit(quick_run):
     _, result = quick_run
     for n, step in enumerate(("info", "parity", "tests", "index-add", "generate", "train", "multi-gpu", "scale"), start=1):
         assert f"[{n}/8 {step}] (limit " in result.stderr and f"[{n}/8 {step}] ok in " in result.stderr
+
+
+def test_without_mpi4py_the_multi_gpu_steps_are_skipped_saying_why_and_the_run_passes(tmp_path):
+    env = offline_machine(tmp_path) | {"OUT": str(tmp_path / "out"), **QUICK_ARGS}
+    for entry in (tmp_path / "env" / "lib").glob("python*/site-packages/mpi4py*"):
+        entry.unlink()
+    result = subprocess.run([SCRIPT, "--quick"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    why = f"skipped: {tmp_path}/env/bin/python3 cannot import mpi4py (pip install mpi4py mpich)"
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert [(s["step"], s["status"]) for s in report["steps"]][-2:] == [("multi-gpu", why), ("scale", why)]
+    assert f"[7/8 multi-gpu] {why}" in result.stderr and f"  scale      {why}" in result.stdout
 
 
 def test_without_a_python_that_imports_cupy_it_says_what_to_set(tmp_path):
