@@ -5,7 +5,10 @@ proves it, forward and backward, in float64); what changes is only how the work 
 - elementwise and reduction passes (LayerNorm, GELU, the bias add and its gradient, the
   attention softmax, cross-entropy, AdamW, the gradient norm) run over row ranges on
   `npgpt.kernels.threads`' pool, one range per thread (NumPy releases the GIL inside
-  its loops); the matmuls stay whole, on the BLAS library's own threads;
+  its loops); the matmuls stay whole, on the BLAS library's own threads, except where
+  several small ones are independent (attention's heads; a linear layer's dx and dw,
+  which the threads share out by rows of dx and columns of dw) and each thread runs
+  its own on one BLAS thread;
 - inside a range, long chains (GELU, LayerNorm) run over blocks of ROW_BLOCK rows, so
   their passes hit the cache instead of main memory, built in place;
 - attention runs over blocks of QUERY_BLOCK queries, each against only the keys it can
@@ -34,6 +37,7 @@ FLAT_BLOCK = 1 << 14  # elements per block of the optimizer's sweep over a flat 
 DOT_BLOCK = 1 << 13  # elements per dot product: OpenBLAS threads dots above 10000 elements
 BATCHED_ATTENTION = 1 << 16  # scores up to which all heads go at once (else one head at a time, in cache)
 CE_BLOCK = 1 << 16  # logits per block of cross-entropy's passes (a few rows of a large V)
+GEMM_PER_ELEMENT = 16  # multiply-adds of a matmul that take about as long as one element of a pass
 GELU_SCALE = layers.GELU_SCALE
 
 
@@ -60,10 +64,24 @@ def linear_forward(x, w, b):
 
 
 def linear_backward(dout, cache):
-    """dout (N, Cout) -> dx, dw (BLAS), db (summed over row ranges)."""
+    """dout (N, Cout) -> dx (N, Cin), dw (Cin, Cout), db (Cout,). On several threads, thread
+    i of n computes rows r0:r1 of dx and the matching share c0:c1 = r0*Cout//N : r1*Cout//N
+    of dw's and db's columns, each product on one BLAS thread: the threads never wait for
+    each other, where BLAS's own threads meet at a barrier inside every product."""
     x, w = cache
-    db = np.sum(parallel_rows(lambda r0, r1: np.sum(dout[r0:r1], axis=0), dout.shape[0], dout.shape[1]), axis=0)
-    return dout @ w.mT, x.mT @ dout, db
+    N, Cout = dout.shape
+    dx = np.empty((N, w.shape[0]), dtype=np.result_type(dout, w))
+    dw = np.empty(w.shape, dtype=np.result_type(x, dout))
+    db = np.empty(Cout, dtype=dout.dtype)
+
+    def share(r0, r1):
+        c0, c1 = r0 * Cout // N, r1 * Cout // N
+        np.matmul(dout[r0:r1], w.mT, out=dx[r0:r1])
+        np.matmul(x.mT, dout[:, c0:c1], out=dw[:, c0:c1])
+        np.sum(dout[:, c0:c1], axis=0, out=db[c0:c1])
+
+    parallel_rows(share, N, w.shape[0] * Cout // GEMM_PER_ELEMENT, one_blas_thread=True)
+    return dx, dw, db
 
 
 # -- layer norm -----------------------------------------------------------------------------
