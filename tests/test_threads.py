@@ -146,3 +146,14 @@ def test_ranges_that_call_blas_get_one_blas_thread_each(restore_threads):
     assert threads.parallel_rows(lambda r0, r1: threads.blas_threads(), 4, one_blas_thread=True) == [1, 1]
     assert threads.blas_threads() == 2  # restored
     assert threads.parallel_rows(lambda r0, r1: threads.blas_threads(), 4) == [2, 2]
+
+
+
+def test_importing_npgpt_shortens_openblas_spinning_unless_the_user_set_it(monkeypatch):
+    """npgpt sets OPENBLAS_THREAD_TIMEOUT (read when NumPy loads OpenBLAS) only where unset."""
+    code = "import npgpt, os; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    for given, expected in (({}, "20"), ({"OPENBLAS_THREAD_TIMEOUT": "28"}, "28")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                             env={**os.environ, **given}, check=True)  # fmt: skip
+        assert out.stdout.strip() == expected
