@@ -9,7 +9,7 @@ import contextlib
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import npgpt.kernels.numpy_fast as fast
@@ -60,8 +60,11 @@ def segments_of(rng, B, T):
 @settings(max_examples=25, deadline=None)
 @given(N=st.integers(1, 37), C=st.integers(1, 9), row_block=st.integers(1, 8), n_threads=st.integers(1, 4),
        seed=st.integers(0, 2**16))  # fmt: skip
+@example(N=37, C=9, row_block=5, n_threads=3, seed=1)  # linear backward: more rows than dw's 11 columns
+@example(N=3, C=8, row_block=5, n_threads=4, seed=2)  # fewer rows than threads, more columns than rows
 def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, n_threads, seed):
-    """Odd sizes, row blocks that do and do not divide N, 1-4 thread ranges."""
+    """Odd sizes, row blocks that do and do not divide N, 1-4 thread ranges (the linear
+    backward's threads each take rows of dx and a share of dw's columns)."""
     rng = np.random.default_rng(seed)
     x, dout = rng.standard_normal((N, C)), rng.standard_normal((N, C))
     w, b = rng.standard_normal((C, C + 2)), rng.standard_normal(C + 2)
