@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -43,6 +44,12 @@ def generate_documents(corpus: Path, nbytes: int, seed: int = 0) -> list[str]:
     return documents
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its finished children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench.py prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=20.0, help="corpus size in MB (default 20)")
@@ -66,10 +73,14 @@ def main(argv=None) -> int:
             with open(tmp / "corpus" / f"part{i // per_file:03d}.jsonl", "w") as f:
                 f.writelines(json.dumps({"text": d}) + "\n" for d in documents[i : i + per_file])
 
+        cpu = {1: [], 2: []}  # CPU seconds of each prepare run: this process and its workers
+
         def run_prepare(workers: int):
             out = tmp / f"out{workers}"
             shutil.rmtree(out, ignore_errors=True)  # a fresh folder: no no-op shortcut
+            before = cpu_seconds()
             prepare([str(tmp / "corpus")], out, str(tokenizer_dir), workers=workers)
+            cpu[workers].append(cpu_seconds() - before)
 
         log(f"{nbytes / 1e6:.1f} MB in {len(documents)} documents; timing {args.repeats} rounds")
         contenders = {
@@ -87,6 +98,11 @@ def main(argv=None) -> int:
             for out in ("out1", "out2") for split in ("train", "val")
         )  # fmt: skip
     report = {name: {**summary(t), "MB_per_s": nbytes / statistics.median(t) / 1e6} for name, t in times.items()}
+    for workers, name in ((1, "npgpt_prepare_1_worker"), (2, "npgpt_prepare_2_workers")):
+        # cores the run kept busy (CPU / wall) tells a machine that gave it less than `workers`
+        # cores apart from a prepare step with serial work in it
+        report[name]["cpu_s"] = statistics.median(cpu[workers])
+        report[name]["cores_used"] = statistics.median(c / t for c, t in zip(cpu[workers], times[name]))
     rate = {name: r["MB_per_s"] for name, r in report.items()}
     emit(
         {
@@ -97,6 +113,7 @@ def main(argv=None) -> int:
             "ids_equal_to_tiktoken": bool(ids_equal),
             **report,
             "speedup_2_workers_over_1": rate["npgpt_prepare_2_workers"] / rate["npgpt_prepare_1_worker"],
+            "cpu_2_workers_over_1": report["npgpt_prepare_2_workers"]["cpu_s"] / report["npgpt_prepare_1_worker"]["cpu_s"],
             "npgpt_over_tiktoken_1": rate["npgpt_prepare_1_worker"] / rate["tiktoken_batch_1_thread"],
             "npgpt_over_tiktoken_2": rate["npgpt_prepare_2_workers"] / rate["tiktoken_batch_2_threads"],
         },
