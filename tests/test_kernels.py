@@ -88,6 +88,15 @@ def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, n_threa
         np.testing.assert_allclose(fast.gelu_backward(dout, cache), layers.gelu_backward(dout, ref_cache), **TOL)
 
 
+
+def test_linear_backward_without_a_settable_blas_pool_runs_whole_products(monkeypatch):
+    """Where the BLAS pool cannot be set to one thread (MKL, Accelerate), no sharing out."""
+    monkeypatch.setattr(fast, "blas_threads", lambda: None)
+    rng = np.random.default_rng(0)
+    x, w, dout = rng.standard_normal((17, 5)), rng.standard_normal((5, 7)), rng.standard_normal((17, 7))
+    with blocks(n_threads=3):
+        assert_same(fast.linear_backward(dout, (x, w)), layers.linear_backward(dout, (x, w)))
+
 attention_shapes = st.fixed_dictionaries(
     dict(
         B=st.sampled_from([1, 3]),
