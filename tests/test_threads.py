@@ -157,3 +157,17 @@ def test_importing_npgpt_shortens_openblas_spinning_unless_the_user_set_it(monke
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
                              env={**os.environ, **given}, check=True)  # fmt: skip
         assert out.stdout.strip() == expected
+
+
+@pytest.mark.skipif(threads.blas_threads() is None, reason="no OpenBLAS loaded")
+def test_blas_on_one_thread_sets_and_restores_the_blas_pool(restore_threads):
+    threads.set_num_threads(2)
+    with threads.blas_on_one_thread():
+        assert threads.blas_threads() == 1
+        with threads.blas_on_one_thread():  # nested: still one, and the outer restore wins
+            assert threads.blas_threads() == 1
+        assert threads.blas_threads() == 1
+    assert threads.blas_threads() == 2
+    with pytest.raises(RuntimeError), threads.blas_on_one_thread():
+        raise RuntimeError("restored even on an error")
+    assert threads.blas_threads() == 2

@@ -29,7 +29,7 @@ import numpy as np
 
 from npgpt import layers, optim
 from npgpt.kernels import REFERENCE
-from npgpt.kernels.threads import blas_threads, parallel_rows
+from npgpt.kernels.threads import blas_on_one_thread, blas_threads, parallel_rows
 
 ROW_BLOCK = 64  # rows per block of a long elementwise chain: (64, 4C) floats stay in L2
 QUERY_BLOCK = 128  # queries per block: later blocks see more keys, none sees the future
@@ -67,8 +67,9 @@ def linear_backward(dout, cache):
     """dout (N, Cout) -> dx (N, Cin), dw (Cin, Cout), db (Cout,). On several threads, thread
     i of n computes rows r0:r1 of dx and the matching share c0:c1 = r0*Cout//N : r1*Cout//N
     of dw's and db's columns, each product on one BLAS thread: the threads never wait for
-    each other, where BLAS's own threads meet at a barrier inside every product. (Where
-    the BLAS pool cannot be set, as with MKL, the products run whole on BLAS's threads.)"""
+    each other, where BLAS's own threads meet at a barrier inside every product. Work too
+    small to share runs on the calling thread, also on one BLAS thread. (Where the BLAS
+    pool cannot be set, as with MKL, the products run whole on BLAS's threads.)"""
     x, w = cache
     N, Cout = dout.shape
     dx = np.empty((N, w.shape[0]), dtype=np.result_type(dout, w))
@@ -83,8 +84,9 @@ def linear_backward(dout, cache):
 
     if blas_threads() is None:  # a BLAS whose pool cannot be set to 1 (not OpenBLAS): its own threads
         share(0, N)
-    else:
-        parallel_rows(share, N, w.shape[0] * Cout // GEMM_PER_ELEMENT, one_blas_thread=True)
+    else:  # on one BLAS thread even when too small to share out: 2 BLAS threads on tiny products stall
+        with blas_on_one_thread():
+            parallel_rows(share, N, w.shape[0] * Cout // GEMM_PER_ELEMENT)
     return dx, dw, db
 
 

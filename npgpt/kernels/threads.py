@@ -20,6 +20,7 @@ OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS before starting Python 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import threading
@@ -150,20 +151,28 @@ def parallel_rows(fn, N: int, row_size: int = 1, align: int = 1, one_blas_thread
     ranges = row_ranges(N, parts, align)
     if len(ranges) <= 1:
         return [fn(0, N)] if N else []
-    blas = _blas_functions() if one_blas_thread else None
-    before = None if blas is None else blas[0]()
-    if before is not None and before > 1:
-        blas[1](1)
-    try:
+    with blas_on_one_thread() if one_blas_thread else contextlib.nullcontext():
         futures = [_executor(len(ranges) - 1).submit(fn, r0, r1) for r0, r1 in ranges[1:]]
         try:
             first = fn(*ranges[0])
         finally:
             rest = [f.result() for f in futures]
+    return [first, *rest]
+
+
+@contextlib.contextmanager
+def blas_on_one_thread():
+    """Run the block with the (OpenBLAS) BLAS pool at one thread, restored after; a no-op
+    where the pool cannot be set. Other threads' BLAS calls meanwhile get one too."""
+    blas = _blas_functions()
+    before = None if blas is None else blas[0]()
+    if before is not None and before > 1:
+        blas[1](1)
+    try:
+        yield
     finally:
         if before is not None and before > 1:
             blas[1](before)
-    return [first, *rest]
 
 
 def configure(n: int | None) -> int:
