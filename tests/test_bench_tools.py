@@ -130,3 +130,16 @@ def test_tokenizer_small(bench):
     code, report, err = bench("tokenizer", "--max-chars", "3000", "--repeats", "1", "--train-repeats", "1", "--data", DATA)
     assert code == 0, err
     assert report["ids_identical_to_tiktoken_and_baseline"] and report["machine"]["cpu_model"]
+
+
+def test_train_profile_times_every_kernel_the_step_calls(bench):
+    code, report, err = bench("train", "--profile", "--configs", "tiny", "--threads", "1", "2", "--repeats", "1")
+    assert code == 0, err
+    assert report["machine"]["cpu_model"] and [row["threads"] for row in report["results"]] == [1, 2]
+    for row in report["results"]:
+        kernels = row["kernels"]
+        for name in ("linear_forward", "linear_backward", "attention_backward", "adamw_update", "sum_of_squares", "untimed"):
+            assert kernels[name]["cpu_s"] >= 0 and kernels[name]["wall_s"] > 0, name
+        assert kernels["linear_backward"]["calls"] == 4 * 2  # 4 linear layers x 2 blocks, one step
+        assert row["step_wall_s"] >= sum(k["wall_s"] for n, k in kernels.items() if n != "untimed") > 0
+    assert "profile tiny threads 2" in err
