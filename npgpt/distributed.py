@@ -8,7 +8,7 @@ Three pieces, each a class:
   and every wait of it is bounded: a peer that hangs ends the job with a clear message
   after `timeout` seconds (MPI_Abort), never a silent hang. A backend whose arrays live
   on a device supplies its own (`Backend.communicator`; CuPy's is NCCL, in
-  `npgpt_cupy.nccl`).
+  `npgpt_cupy.nccl`, its waits bounded by a watchdog thread).
 - `Layout`: the parameters laid end to end in the order the backward pass finishes them
   (ln_f, block L-1 ... block 0, wte and wpe), cut into buckets of about `bucket_bytes`,
   each padded to a multiple of the world size so that it splits into equal shards.
@@ -93,6 +93,13 @@ def rank_backend(spec: str, comm: Comm) -> str:
     if comm.size > 1 and ":" not in spec and spec.endswith("cupy"):
         return f"{spec}:{comm.local_rank}"
     return spec
+
+
+def hung_message(rank: int, waited: float, what: str) -> str:
+    """The one line a rank prints before ending the job when `what` stopped answering."""
+    return (f"error: rank {rank} waited {waited:.0f} s for {what}, which stopped answering (a rank died or "
+            f"hangs); ending the job. Resume from the last checkpoint with --resume (raise --comm-timeout "
+            f"if steps are this slow)")  # fmt: skip
 
 
 def on_every_rank(comm: Comm, make):
@@ -252,9 +259,7 @@ class MPIComm(Comm):
         while not self._test_all(requests):
             waited = time.perf_counter() - start
             if waited > self.timeout:
-                self.abort(f"error: rank {self.rank} waited {waited:.0f} s for the other ranks, which stopped "
-                           f"answering (a rank died or hangs); ending the job. Resume from the last checkpoint "
-                           f"with --resume (raise --comm-timeout if steps are this slow)")  # fmt: skip
+                self.abort(hung_message(self.rank, waited, "the other ranks"))
             time.sleep(0 if waited < 1e-3 else 2e-4)  # spin briefly, then yield the core
         self.wait_seconds += time.perf_counter() - start
 
@@ -275,10 +280,19 @@ class MPIComm(Comm):
         return out
 
     def allgather_object(self, obj) -> list:
+        self._arrive()
         return self.world.allgather(obj)
 
     def broadcast_object(self, obj):
+        self._arrive()
         return self.world.bcast(obj, root=0)
+
+    def _arrive(self):
+        """Wait, bounded, until every rank is here, so that the blocking (pickled) object
+        collective that follows cannot hang; set-up time, not counted in `wait_seconds`."""
+        counted = self.wait_seconds
+        self.wait([self.world.Ibarrier()])
+        self.wait_seconds = counted
 
     def abort(self, message: str, status: int = 1):
         print(message, file=sys.__stderr__, flush=True)  # any rank may be the one that notices

@@ -629,9 +629,10 @@ def make_backend(device: str | None = None):
                 sys.modules[name] = module
 
 
-def write_import_shim(folder) -> None:
+def write_import_shim(folder, nccl: bool = False) -> None:
     """Write packages `cupy` and `cupyx` into `folder` that make `import cupy` give this
-    fake in any Python that has `folder` on its path (a subprocess, tools/gpu_check.sh)."""
+    fake in any Python that has `folder` on its path (a subprocess, tools/gpu_check.sh);
+    `nccl`: with tests/fake_nccl.py's `cupy.cuda.nccl` (over MPI, for mpiexec runs)."""
     from pathlib import Path
 
     tests = Path(__file__).resolve().parent
@@ -644,4 +645,5 @@ def write_import_shim(folder) -> None:
             f"sys.path.insert(0, {str(tests)!r})\n"
             "import fake_cupy\n\n"
             "sys.modules.update(fake_cupy.modules())\n"
+            + ("import fake_nccl\n\nfake_nccl.install()\n" if nccl and name == "cupy" else "")
         )

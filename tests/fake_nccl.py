@@ -6,7 +6,14 @@ really moves between the ranks, and records each call: (name, count, NCCL type,
 stream). The communicator checks that every rank joined with the same unique id (the
 one rank 0 made: it must have been broadcast). It also gives the fake CuPy what the
 NCCL path uses of CUDA: `ndarray.data.ptr`, streams with `ptr`, `record()` and
-`wait_event()`, and events.
+`wait_event()`, and events with `done`.
+
+As on a GPU, a collective is asynchronous: the call posts a nonblocking MPI collective
+and returns; the event recorded after it is done when that completes, and a stream
+that waits for the event (the compute stream, before the optimizer) blocks until then.
+To imitate a collective that never finishes (a hung peer, a dead link), set
+FAKE_NCCL_HANG=RANK:N: that rank's N-th collective (from 1) and every later one are never
+posted, so they and the other ranks' matching ones stay pending for ever.
 
 Run as a script, it is an npgpt.train launcher on the fake GPU:
 
@@ -21,7 +28,10 @@ from __future__ import annotations
 import ctypes
 import itertools
 import json
+import os
 import sys
+import threading
+import time
 import types
 from pathlib import Path
 
@@ -52,9 +62,19 @@ class NcclCommunicator:
             raise RuntimeError(f"NCCL: ndev {ndev} rank {rank} differ from MPI's {self.world.Get_size()}, {self.world.Get_rank()}")
         if len({tuple(uid) for uid in self.world.allgather(unique_id)}) != 1:
             raise RuntimeError("NCCL: ranks joined with different unique ids (ncclInvalidUsage)")
+        hang_rank, _, hang_call = os.environ.get("FAKE_NCCL_HANG", "-1:0").partition(":")
+        self.hang_at = int(hang_call) if int(hang_rank) == rank else None
+        self.aborted = False
 
     def _type_name(self, datatype: int) -> str:
         return next(name for name in NCCL_TYPES if getattr(nccl, name) == datatype)
+
+    def _post(self, stream: int, start, *keep) -> None:
+        """Post the MPI collective `start()` on `stream` (never, from FAKE_NCCL_HANG's call on)."""
+        if self.aborted:
+            raise RuntimeError("NCCL: communicator aborted (ncclInvalidUsage)")
+        hung = self.hang_at is not None and len(CALLS) >= self.hang_at
+        STREAMS[stream].pending.append(HUNG if hung else (start(), keep))
 
     def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):  # noqa: N802 - CuPy's spelling
         t = self._type_name(datatype)
@@ -62,21 +82,26 @@ class NcclCommunicator:
         CALLS.append(("allReduce", count, t, stream))
         recv = _host_view(recvbuf, count, t)
         send = self.MPI.IN_PLACE if sendbuf == recvbuf else _host_view(sendbuf, count, t)
-        self.world.Allreduce(send, recv)
+        self._post(stream, lambda: self.world.Iallreduce(send, recv), recv)
 
     def reduceScatter(self, sendbuf, recvbuf, recvcount, datatype, op, stream):  # noqa: N802
         t = self._type_name(datatype)
         assert op == nccl.NCCL_SUM
         CALLS.append(("reduceScatter", recvcount, t, stream))
-        send = _host_view(sendbuf, recvcount * self.world.Get_size(), t).copy()
-        self.world.Reduce_scatter_block(send, _host_view(recvbuf, recvcount, t))
+        send, recv = _host_view(sendbuf, recvcount * self.world.Get_size(), t).copy(), _host_view(recvbuf, recvcount, t)
+        self._post(stream, lambda: self.world.Ireduce_scatter_block(send, recv), send, recv)
 
     def allGather(self, sendbuf, recvbuf, count, datatype, stream):  # noqa: N802
         t = self._type_name(datatype)
         CALLS.append(("allGather", count, t, stream))
         recv = _host_view(recvbuf, count * self.world.Get_size(), t)
         in_place = sendbuf == recvbuf + self.world.Get_rank() * count * recv.itemsize
-        self.world.Allgather(self.MPI.IN_PLACE if in_place else _host_view(sendbuf, count, t).copy(), recv)
+        send = self.MPI.IN_PLACE if in_place else _host_view(sendbuf, count, t).copy()
+        self._post(stream, lambda: self.world.Iallgather(send, recv), send, recv)
+
+    def abort(self) -> None:
+        """ncclCommAbort: later calls fail (the pending MPI requests are left to MPI_Abort)."""
+        self.aborted = True
 
 
 def get_unique_id():
@@ -91,22 +116,45 @@ for _value, _name in enumerate(NCCL_TYPES, start=6):
 
 
 # -- the CUDA pieces the NCCL path uses ------------------------------------------------------
+HUNG = object()  # a pending collective that never completes
+STREAMS: dict[int, Stream] = {}
+_MPI_LOCK = threading.Lock()  # the watchdog thread and the main thread both test requests
+
+
 class Event:
-    def __init__(self, stream: int):
-        self.stream = stream
+    """Marks the work queued on a stream before `record()`: done when its collectives are."""
+
+    def __init__(self, stream: int, pending: list):
+        self.stream, self.pending = stream, pending
+
+    @property
+    def done(self) -> bool:
+        if any(p is HUNG for p in self.pending):
+            return False
+        from mpi4py import MPI
+
+        with _MPI_LOCK:
+            return MPI.Request.Testall([request for request, _ in self.pending])
 
 
 class Stream(fake_cupy.Stream):
-    """A stream with an id for a pointer; work on fake streams completes at once."""
+    """A stream with an id for a pointer; its work is the MPI collectives posted on it
+    (the fake's kernels run at once, on the host)."""
 
     def __init__(self, non_blocking: bool = False):
         self.ptr = next(_STREAM_IDS)
+        self.pending: list = []  # (MPI request, buffers it uses) or HUNG
+        STREAMS[self.ptr] = self
 
     def record(self, event=None) -> Event:
-        return Event(self.ptr)
+        self.pending = [p for p in self.pending if p is HUNG or p[0]]  # a completed request is falsy (MPI_REQUEST_NULL)
+        return Event(self.ptr, list(self.pending))
 
     def wait_event(self, event: Event) -> None:
+        """Later work on this stream runs after the event: the host blocks until it is done."""
         assert isinstance(event, Event)
+        while not event.done:
+            time.sleep(1e-4)
 
 
 _COMPUTE = Stream()

@@ -132,6 +132,25 @@ def test_tokenizer_small(bench):
     assert report["ids_identical_to_tiktoken_and_baseline"] and report["machine"]["cpu_model"]
 
 
+def test_scale_reports_the_ratio_and_the_overlap_from_the_slowest_ranks_wait(bench):
+    """tools/bench.py scale on the tiny config, each way once: the report's structure and
+    its arithmetic (no timing is asserted)."""
+    pytest.importorskip("mpi4py")
+    code, report, err = bench("scale", "--configs", "tiny", "--rounds", "1", "--steps", "2", "--no-zero-memory")
+    assert code == 0, err
+    row = report["configs"]["tiny"]
+    assert (row["1x2"]["ranks"], row["2x1"]["ranks"], row["2x1_overlap"]["ranks"]) == (1, 2, 2)
+    assert row["2x1_overlap"]["overlap"] and not row["2x1"]["overlap"]
+    assert row["ratio_2x1_over_1x2"] == row["2x1"]["tokens_per_s"] / row["1x2"]["tokens_per_s"]
+    for name in ("2x1", "2x1_overlap"):  # the exposed wait: per step, the least of the ranks' waits
+        assert len(row[name]["exposed_comm_steps_s"]) == 2 and row[name]["exposed_comm_s"] <= row[name]["comm_wait_s"] + 1e-12
+    o = row["overlap"]
+    assert o["exposed_after_backward_s"] == row["2x1"]["exposed_comm_s"] and o["exposed_overlapped_s"] == row["2x1_overlap"]["exposed_comm_s"]
+    assert o["hidden_s"] == pytest.approx(o["exposed_after_backward_s"] - o["exposed_overlapped_s"])
+    assert o["allreduce_alone_s"] > 0
+    assert "2x1_overlap / 1x2 tokens/s = " in err and "(goal on config c: >= 0.9)" in err and "hidden" in err
+
+
 def test_train_profile_times_every_kernel_the_step_calls(bench):
     code, report, err = bench("train", "--profile", "--configs", "tiny", "--threads", "1", "2", "--repeats", "1")
     assert code == 0, err

@@ -52,9 +52,10 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
 
 
-def launch(n: int, *flags, program=("-m", "npgpt.train"), **popen):
+def launch(n: int, *flags, program=("-m", "npgpt.train"), extra_env=None, **popen):
     cmd = [mpiexec(), "-n", str(n), sys.executable, *program, *flags]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env() | (extra_env or {}), stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, **popen)  # fmt: skip
 
 
 def mpirun(n: int, *flags, **launch_args) -> subprocess.CompletedProcess:
@@ -207,6 +208,34 @@ def test_the_nccl_path_runs_end_to_end_on_the_fake_gpu(corpus, fake_gpu_referenc
     moments = 8 * (layout.total if zero else 2 * n_params)
     assert ranks[0]["download_bytes"] <= 8 * n_params + moments + 4096
     assert ranks[1]["download_bytes"] <= (moments if zero else 0) + 4096
+
+
+def test_a_hung_nccl_collective_ends_the_job(corpus, tmp_path):
+    """Rank 1's 7th NCCL collective never runs (FAKE_NCCL_HANG: a hung GPU or link), so
+    both ranks' device-side waits would block for ever: the NCCL watchdog aborts NCCL and
+    ends the job after --comm-timeout with the one-line message, before the run ends."""
+    out, report = tmp_path / "run", tmp_path / "report"
+    done = mpirun(2, str(report), "--data", corpus, "--out-dir", str(out), *TINY, *BUCKETS, "--grad-accum", "2",
+                  "--backend", "fake-cupy", "--comm-timeout", "2", program=[str(ROOT / "tests" / "fake_nccl.py")],
+                  extra_env={"FAKE_NCCL_HANG": "1:7"})  # fmt: skip
+    assert done.returncode != 0
+    line = next((line for line in done.stderr.splitlines() if line.startswith("error: rank")), "")
+    assert "waited" in line and "for the other ranks' NCCL collective, which stopped answering (a rank died or hangs)" in line, done.stderr
+    assert "--resume" in line and "Traceback" not in done.stderr
+    assert int(line.split(" waited ")[1].split()[0]) >= 2  # it waited out --comm-timeout
+    assert not Path(f"{report}.0.json").exists() and not Path(f"{report}.1.json").exists()  # neither rank finished
+
+
+def test_a_rank_stuck_in_set_up_ends_the_job(tmp_path):
+    """The set-up's object collectives (on_every_rank's, the NCCL id's broadcast) are
+    bounded too: rank 1 never arrives, rank 0 gives up after the timeout, saying why."""
+    program = ("import time, sys; from npgpt.distributed import connect, on_every_rank; comm = connect(2.0); "
+               "time.sleep(60) if comm.rank == 1 else None; on_every_rank(comm, lambda: 1); sys.exit(3)")  # fmt: skip
+    done = mpirun(2, program=["-c", program])
+    assert done.returncode not in (0, 3)
+    line = next((line for line in done.stderr.splitlines() if line.startswith("error: rank 0 waited ")), "")
+    assert " s for the other ranks, which stopped answering (a rank died or hangs)" in line and "--resume" in line, done.stderr
+    assert int(line.split(" waited ")[1].split()[0]) >= 2  # it waited out the timeout
 
 
 def rank_pid(mpiexec_pid: int, rank: int) -> int | None:
