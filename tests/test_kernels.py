@@ -59,16 +59,18 @@ def segments_of(rng, B, T):
 
 @settings(max_examples=25, deadline=None)
 @given(N=st.integers(1, 37), C=st.integers(1, 9), row_block=st.integers(1, 8), n_threads=st.integers(1, 4),
-       seed=st.integers(0, 2**16))  # fmt: skip
-@example(N=37, C=9, row_block=5, n_threads=3, seed=1)  # linear backward: more rows than dw's 11 columns
-@example(N=3, C=8, row_block=5, n_threads=4, seed=2)  # fewer rows than threads, more columns than rows
-def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, n_threads, seed):
-    """Odd sizes, row blocks that do and do not divide N, 1-4 thread ranges (the linear
-    backward's threads each take rows of dx and a share of dw's columns)."""
+       small_gemm=st.sampled_from([0, 1 << 27]), seed=st.integers(0, 2**16))  # fmt: skip
+@example(N=37, C=9, row_block=5, n_threads=3, small_gemm=1 << 27, seed=1)  # more rows than dw's 11 columns
+@example(N=3, C=8, row_block=1, n_threads=4, small_gemm=1 << 27, seed=2)  # fewer rows than threads
+@example(N=37, C=9, row_block=5, n_threads=3, small_gemm=0, seed=3)  # the forward's product whole
+def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, n_threads, small_gemm, seed):
+    """Odd sizes, row blocks that do and do not divide N, 1-4 thread ranges (a small
+    forward product split by rows, a larger one whole; the linear backward's threads each
+    take rows of dx and a share of dw's columns)."""
     rng = np.random.default_rng(seed)
     x, dout = rng.standard_normal((N, C)), rng.standard_normal((N, C))
     w, b = rng.standard_normal((C, C + 2)), rng.standard_normal(C + 2)
-    with blocks(row_block=row_block, n_threads=n_threads):
+    with blocks(row_block=row_block, n_threads=n_threads, small_gemm=small_gemm):
         out, cache = fast.linear_forward(x, w, b)
         ref, ref_cache = layers.linear_forward(x, w, b)
         np.testing.assert_allclose(out, ref, **TOL)

@@ -38,6 +38,7 @@ DOT_BLOCK = 1 << 13  # elements per dot product: OpenBLAS threads dots above 100
 BATCHED_ATTENTION = 1 << 16  # scores up to which all heads go at once (else one head at a time, in cache)
 CE_BLOCK = 1 << 16  # logits per block of cross-entropy's passes (a few rows of a large V)
 GEMM_PER_ELEMENT = 16  # multiply-adds of a matmul that take about as long as one element of a pass
+SMALL_GEMM = 1 << 27  # multiply-adds up to which a linear layer's forward product is split by rows
 GELU_SCALE = layers.GELU_SCALE
 
 
@@ -53,13 +54,27 @@ def over_row_blocks(fn, N: int, row_size: int) -> list:
 
 # -- linear ---------------------------------------------------------------------------------
 def linear_forward(x, w, b):
-    """x @ w + b, the bias added in place over row ranges. The cache is the reference's."""
-    out = x @ w
+    """x @ w + b, the bias added in place over row ranges. The cache is the reference's.
+    A small product (up to SMALL_GEMM multiply-adds, at least ROW_BLOCK rows a thread) is
+    split by rows among the threads, each part on one BLAS thread: BLAS's own threads
+    stall on products this small when the machine is busy. Larger ones run whole on BLAS's
+    threads, which share their packed operands."""
+    N, Cout = x.shape[0], w.shape[1]
+    if N * x.shape[1] * Cout > SMALL_GEMM or blas_threads() is None:
+        out = x @ w
 
-    def add_bias(r0, r1):
+        def add_bias(r0, r1):
+            out[r0:r1] += b
+
+        parallel_rows(add_bias, N, Cout)
+        return out, (x, w)
+    out = np.empty((N, Cout), dtype=np.result_type(x, w))
+
+    def rows(r0, r1):
+        np.matmul(x[r0:r1], w, out=out[r0:r1])
         out[r0:r1] += b
 
-    parallel_rows(add_bias, out.shape[0], out.shape[1])
+    parallel_rows(rows, N, x.shape[1] * Cout // GEMM_PER_ELEMENT, align=ROW_BLOCK, one_blas_thread=True)
     return out, (x, w)
 
 
