@@ -5,10 +5,10 @@ proves it, forward and backward, in float64); what changes is only how the work 
 - elementwise and reduction passes (LayerNorm, GELU, the bias add and its gradient, the
   attention softmax, cross-entropy, AdamW, the gradient norm) run over row ranges on
   `npgpt.kernels.threads`' pool, one range per thread (NumPy releases the GIL inside
-  its loops); the matmuls stay whole, on the BLAS library's own threads, except where
-  several small ones are independent (attention's heads; a linear layer's dx and dw,
-  which the threads share out by rows of dx and columns of dw) and each thread runs
-  its own on one BLAS thread;
+  its loops); large matmuls stay whole, on the BLAS library's own threads; independent
+  or small ones are shared out instead, each thread running its own on one BLAS thread
+  (attention's heads; a linear layer's dx and dw, by rows of dx and columns of dw; a
+  small forward product, by rows);
 - inside a range, long chains (GELU, LayerNorm) run over blocks of ROW_BLOCK rows, so
   their passes hit the cache instead of main memory, built in place;
 - attention runs over blocks of QUERY_BLOCK queries, each against only the keys it can
