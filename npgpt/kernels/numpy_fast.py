@@ -33,7 +33,7 @@ from npgpt.kernels.threads import blas_on_one_thread, blas_threads, parallel_row
 
 ROW_BLOCK = 64  # rows per block of a long elementwise chain: (64, 4C) floats stay in L2
 QUERY_BLOCK = 128  # queries per block: later blocks see more keys, none sees the future
-FLAT_BLOCK = 1 << 14  # elements per block of the optimizer's sweep over a flat parameter
+FLAT_BLOCK = 1 << 16  # elements per block of the optimizer's sweep over a flat parameter
 DOT_BLOCK = 1 << 13  # elements per dot product: OpenBLAS threads dots above 10000 elements
 BATCHED_ATTENTION = 1 << 16  # scores up to which all heads go at once (else one head at a time, in cache)
 CE_BLOCK = 1 << 16  # logits per block of cross-entropy's passes (a few rows of a large V)
