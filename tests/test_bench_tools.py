@@ -163,3 +163,16 @@ def test_eval_tiny(bench, tmp_path):
     assert len(run["loadavg_1_5_15_before"]) == 3
     code, _, err = bench("eval", "--data", tmp_path / "missing.txt", "--repeats", "1")
     assert code == 1 and err.startswith("error: no text file")
+
+
+def test_train_profile_times_every_kernel_the_step_calls(bench):
+    code, report, err = bench("train", "--profile", "--configs", "tiny", "--threads", "1", "2", "--repeats", "1")
+    assert code == 0, err
+    assert report["machine"]["cpu_model"] and [row["threads"] for row in report["results"]] == [1, 2]
+    for row in report["results"]:
+        kernels = row["kernels"]
+        for name in ("linear_forward", "linear_backward", "attention_backward", "adamw_update", "sum_of_squares", "untimed"):
+            assert kernels[name]["cpu_s"] >= 0 and kernels[name]["wall_s"] > 0, name
+        assert kernels["linear_backward"]["calls"] == 4 * 2  # 4 linear layers x 2 blocks, one step
+        assert row["step_wall_s"] >= sum(k["wall_s"] for n, k in kernels.items() if n != "untimed") > 0
+    assert "profile tiny threads 2" in err

@@ -9,7 +9,7 @@ import contextlib
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import npgpt.kernels.numpy_fast as fast
@@ -61,13 +61,18 @@ def segments_of(rng, B, T):
 
 @settings(max_examples=25, deadline=None)
 @given(N=st.integers(1, 37), C=st.integers(1, 9), row_block=st.integers(1, 8), n_threads=st.integers(1, 4),
-       seed=st.integers(0, 2**16))  # fmt: skip
-def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, n_threads, seed):
-    """Odd sizes, row blocks that do and do not divide N, 1-4 thread ranges."""
+       small_gemm=st.sampled_from([0, 1 << 27]), seed=st.integers(0, 2**16))  # fmt: skip
+@example(N=37, C=9, row_block=5, n_threads=3, small_gemm=1 << 27, seed=1)  # more rows than dw's 11 columns
+@example(N=3, C=8, row_block=1, n_threads=4, small_gemm=1 << 27, seed=2)  # fewer rows than threads
+@example(N=37, C=9, row_block=5, n_threads=3, small_gemm=0, seed=3)  # the forward's product whole
+def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, n_threads, small_gemm, seed):
+    """Odd sizes, row blocks that do and do not divide N, 1-4 thread ranges (a small
+    forward product split by rows, a larger one whole; the linear backward's threads each
+    take rows of dx and a share of dw's columns)."""
     rng = np.random.default_rng(seed)
     x, dout = rng.standard_normal((N, C)), rng.standard_normal((N, C))
     w, b = rng.standard_normal((C, C + 2)), rng.standard_normal(C + 2)
-    with blocks(row_block=row_block, n_threads=n_threads):
+    with blocks(row_block=row_block, n_threads=n_threads, small_gemm=small_gemm):
         out, cache = fast.linear_forward(x, w, b)
         ref, ref_cache = layers.linear_forward(x, w, b)
         np.testing.assert_allclose(out, ref, **TOL)
@@ -98,6 +103,14 @@ def test_linear_forward_shares_rows_or_columns_among_threads(N, n_threads, share
     np.testing.assert_allclose(out, ref, **TOL)
     assert all(a is r for a, r in zip(cache, ref_cache, strict=True))
 
+
+def test_linear_backward_without_a_settable_blas_pool_runs_whole_products(monkeypatch):
+    """Where the BLAS pool cannot be set to one thread (MKL, Accelerate), no sharing out."""
+    monkeypatch.setattr(fast, "blas_threads", lambda: None)
+    rng = np.random.default_rng(0)
+    x, w, dout = rng.standard_normal((17, 5)), rng.standard_normal((5, 7)), rng.standard_normal((17, 7))
+    with blocks(n_threads=3):
+        assert_same(fast.linear_backward(dout, (x, w)), layers.linear_backward(dout, (x, w)))
 
 attention_shapes = st.fixed_dictionaries(
     dict(

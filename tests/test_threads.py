@@ -187,3 +187,27 @@ def test_a_batch_is_cut_into_pieces_covering_its_rows_in_order(B, T, n):
     per = max(b1 - b0 for b0, b1 in pieces)
     assert per == 1 or per * T <= fast.BATCH_ROWS  # whole rows, about BATCH_ROWS positions a piece
     assert len(pieces) >= min(n, B) or len(pieces) == 1 and per == B  # a piece per thread where B allows
+
+
+def test_importing_npgpt_shortens_openblas_spinning_unless_the_user_set_it(monkeypatch):
+    """npgpt sets OPENBLAS_THREAD_TIMEOUT (read when NumPy loads OpenBLAS) only where unset."""
+    code = "import npgpt, os; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    for given, expected in (({}, "20"), ({"OPENBLAS_THREAD_TIMEOUT": "28"}, "28")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                             env={**os.environ, **given}, check=True)  # fmt: skip
+        assert out.stdout.strip() == expected
+
+
+@pytest.mark.skipif(threads.blas_threads() is None, reason="no OpenBLAS loaded")
+def test_blas_on_one_thread_sets_and_restores_the_blas_pool(restore_threads):
+    threads.set_num_threads(2)
+    with threads.blas_on_one_thread():
+        assert threads.blas_threads() == 1
+        with threads.blas_on_one_thread():  # nested: still one, and the outer restore wins
+            assert threads.blas_threads() == 1
+        assert threads.blas_threads() == 1
+    assert threads.blas_threads() == 2
+    with pytest.raises(RuntimeError), threads.blas_on_one_thread():
+        raise RuntimeError("restored even on an error")
+    assert threads.blas_threads() == 2

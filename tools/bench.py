@@ -6,6 +6,8 @@ import importlib
 import os
 import sys
 
+import npgpt  # noqa: F401  (before NumPy: it sets OpenBLAS's spin timeout, as the CLIs do)
+
 # name -> (module in tools/ with a main(argv), one line of help). One line adds a benchmark.
 BENCHMARKS = {
     "forward": ("bench_forward", "GPT-2 124M forward pass vs the GEMM ceiling (and PyTorch, --vs torch)"),

@@ -23,17 +23,25 @@ split of tinyshakespeare, through npgpt and through an equivalent PyTorch loop f
 same initial weights and the same batches. The two loops alternate in chunks of 10
 steps so machine load hits both alike; reported: training wall time of each and the
 final validation loss over 200 fixed validation batches.
+
+--profile: npgpt's step alone, each kernel of its set timed (wall, process CPU, and the
+calling thread's CPU): on a busy machine CPU seconds still show where the work goes and
+what runs on one core (main_thread_share near 1.0 at several threads: serial), and
+"untimed" is what runs between the kernels (the LM head's products, residual adds,
+reshapes, clipping).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +50,7 @@ from benchlib import (TINY, NpgptStep, TorchStep, check_fractions, emit, gemm_ce
 
 from npgpt.backend import get_backend
 from npgpt.config import GPTConfig
+from npgpt.kernels import NAMES as KERNEL_NAMES
 from npgpt.model import GPT
 from npgpt.optim import cosine_lr
 
@@ -143,6 +152,56 @@ def bench_steps(args, backend, torch) -> tuple[list[dict], list[str]]:
     return rows, lines
 
 
+# -- where a step's time goes --------------------------------------------------------------
+def timed_kernels(kernels, totals: dict):
+    """`kernels` with each function timed into totals[name] = [wall, cpu, calling-thread cpu, calls]."""
+
+    def timed(name, fn):
+        def run(*args, **kwargs):
+            t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
+            out = fn(*args, **kwargs)
+            for i, d in enumerate((time.perf_counter() - t0, time.process_time() - c0, time.thread_time() - m0, 1)):
+                totals[name][i] += d
+            return out
+
+        return run
+
+    return dataclasses.replace(kernels, **{name: timed(name, getattr(kernels, name)) for name in KERNEL_NAMES})
+
+
+def profile_steps(args, backend) -> tuple[list[dict], list[str]]:
+    rows, lines = [], []
+    for config in args.configs:
+        cfg, B, T, optimizer = step_spec(config, args)
+        ids, targets = batch(cfg, B, T)
+        for n_threads in args.threads or [1, 2]:
+            with threads(n_threads):
+                totals = defaultdict(lambda: [0.0, 0.0, 0.0, 0])
+                timed = copy.copy(backend)
+                timed.kernels = timed_kernels(backend.kernels, totals)
+                step = make_step("npgpt", None, cfg, None, timed, optimizer)
+                step(ids, targets)  # warm-up
+                totals.clear()
+                t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
+                for _ in range(args.repeats):
+                    step(ids, targets)
+                wall, cpu, main = ((time.perf_counter() - t0), (time.process_time() - c0), (time.thread_time() - m0))
+            n = args.repeats
+            kernels = {name: {"wall_s": w / n, "cpu_s": c / n, "main_thread_share": m / c if c else None, "calls": k // n}
+                       for name, (w, c, m, k) in sorted(totals.items(), key=lambda item: -item[1][1])}  # fmt: skip
+            untimed = [wall - sum(v[0] for v in totals.values()), cpu - sum(v[1] for v in totals.values()),
+                       main - sum(v[2] for v in totals.values())]  # fmt: skip
+            kernels["untimed"] = {"wall_s": untimed[0] / n, "cpu_s": untimed[1] / n,
+                                  "main_thread_share": untimed[2] / untimed[1] if untimed[1] > 0 else None}  # fmt: skip
+            rows.append({"config": config, "B": B, "T": T, **dataclasses.asdict(cfg), "threads": n_threads, "steps": n,
+                         "step_wall_s": wall / n, "step_cpu_s": cpu / n, "main_thread_share": main / cpu if cpu else None,
+                         "kernels": kernels})  # fmt: skip
+            top = ", ".join(f"{k} {v['cpu_s']:.2f}" for k, v in list(kernels.items())[:4])
+            lines.append(f"profile {config} threads {n_threads}: step {wall / n:.3f} s wall, {cpu / n:.3f} s CPU "
+                         f"({main / max(cpu, 1e-9):.0%} on the calling thread); CPU s: {top}")  # fmt: skip
+    return rows, lines
+
+
 # -- the recipe race -------------------------------------------------------------------------
 RECIPE = dict(n_layer=4, n_head=4, n_embd=128, block=64, batch=12, iters=2000, lr=1e-3, min_lr=1e-4, warmup=100,
               betas=(0.9, 0.99), val_batches=200, chunk=10)  # fmt: skip
@@ -196,6 +255,7 @@ def main(argv=None):
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-contender peak-RSS subprocesses")
     ap.add_argument("--recipe", choices=["shakespeare-char"], help="run the recipe race instead of the step benchmark")
     ap.add_argument("--corpus", default=str(SHAKESPEARE), help="tinyshakespeare.txt for the recipe")
+    ap.add_argument("--profile", action="store_true", help="npgpt alone: wall and CPU seconds per kernel (see above)")
     ap.add_argument("--peak-rss-of", choices=["npgpt", "torch"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.peak_rss_of:
@@ -205,7 +265,10 @@ def main(argv=None):
     device = torch_device(backend)
     torch, why_not = torch_for(device, required=True) if args.vs == "torch" else (None, "not requested (--vs torch)")
     info = {"backend": backend.name, "torch": torch.__version__ if torch else f"skipped: {why_not}"}
-    if args.recipe:
+    if args.profile:
+        rows, lines = profile_steps(args, backend)
+        emit({"benchmark": "train-profile", **info, "dtype": "float32", "results": rows}, lines)
+    elif args.recipe:
         result = recipe_race(args, backend, torch)
         line = f"recipe: npgpt {result['npgpt']['train_wall_s']:.1f} s, val loss {result['npgpt']['val_loss']:.5f}"
         if torch is not None:

@@ -9,7 +9,10 @@ proves it, forward and backward, in float64); what changes is only how the work 
 - elsewhere, elementwise and reduction passes (LayerNorm, GELU, the bias add and its
   gradient, the attention softmax, cross-entropy, AdamW, the gradient norm) run over row
   ranges on `npgpt.kernels.threads`' pool, one range per thread (NumPy releases the GIL
-  inside its loops); the matmuls stay whole, on the BLAS library's own threads;
+  inside its loops); large matmuls stay whole, on the BLAS library's own threads;
+  independent or small ones are shared out instead, each thread running its own on one
+  BLAS thread (attention's heads; a linear layer's dx and dw, by rows of dx and columns
+  of dw; a small forward product, by rows, or by columns for decoding's few rows);
 - inside a range, long chains (GELU, LayerNorm) run over blocks of ROW_BLOCK rows (more
   for short rows), so their passes hit the cache instead of main memory, built in place;
   LayerNorm's row means and variances are BLAS matrix-vector and row-wise dot products;
@@ -34,12 +37,12 @@ import numpy as np
 
 from npgpt import layers, optim
 from npgpt.kernels import REFERENCE
-from npgpt.kernels.threads import num_threads, parallel_items, parallel_rows
+from npgpt.kernels.threads import blas_on_one_thread, blas_threads, num_threads, parallel_items, parallel_rows
 
 ROW_BLOCK = 64  # rows per block of a long elementwise chain: (64, 4C) floats stay in L2
 ROW_ELEMENTS = 1 << 16  # ... or more rows, up to this many elements, where rows are short (LayerNorm's C)
 QUERY_BLOCK = 128  # queries per block: later blocks see more keys, none sees the future
-FLAT_BLOCK = 1 << 14  # elements per block of the optimizer's sweep over a flat parameter
+FLAT_BLOCK = 1 << 16  # elements per block of the optimizer's sweep over a flat parameter
 DOT_BLOCK = 1 << 13  # elements per dot product: OpenBLAS threads dots above 10000 elements
 BATCHED_ATTENTION = 1 << 16  # scores up to which all heads go at once (else one head at a time, in cache)
 SMALL_QUERY_BLOCK = 32  # queries per block when all heads go at once (an inference piece's short rows)
@@ -47,6 +50,7 @@ CE_BLOCK = 1 << 16  # logits per block of cross-entropy's passes (a few rows of 
 GEMM_PER_ELEMENT = 16  # multiply-adds of a matmul that take about as long as one element of a pass
 SHARE_ROWS_FROM = 32  # rows from which the threads share a linear layer's rows (below: its columns)
 BATCH_ROWS = 512  # positions per piece of an inference batch: a piece's activations stay in cache
+SMALL_GEMM = 1 << 27  # multiply-adds up to which a linear layer's forward product is shared among the threads
 GELU_SCALE = layers.GELU_SCALE
 
 
@@ -64,12 +68,22 @@ def over_row_blocks(fn, N: int, row_size: int) -> list:
 
 # -- linear ---------------------------------------------------------------------------------
 def linear_forward(x, w, b):
-    """x @ w + b. On several threads each thread computes a share of the output on one
-    BLAS thread and adds the bias to it while it is in cache: a range of rows, or, below
-    SHARE_ROWS_FROM rows (decoding's matrix-vector products, where reading w is the work),
-    a range of columns, so that each thread reads only its part of w. The threads never
-    meet inside a product, as BLAS's own do. The cache is the reference's."""
+    """x @ w + b, the bias added in place. The cache is the reference's. A small product
+    (up to SMALL_GEMM multiply-adds) is shared among the threads, each part on one BLAS
+    thread with its bias added while it is in cache: by rows (at least ROW_BLOCK a
+    thread), or, below SHARE_ROWS_FROM rows (decoding's matrix-vector products, where
+    reading w is the work), by columns, so that each thread reads only its part of w.
+    BLAS's own threads stall on products this small when the machine is busy. Larger
+    ones run whole on BLAS's threads, which share their packed operands."""
     N, (Cin, Cout) = x.shape[0], w.shape
+    if N * Cin * Cout > SMALL_GEMM or blas_threads() is None:
+        out = x @ w
+
+        def add_bias(r0, r1):
+            out[r0:r1] += b
+
+        parallel_rows(add_bias, N, Cout)
+        return out, (x, w)
     out = np.empty((N, Cout), dtype=np.result_type(x, w, b))
 
     def rows(r0, r1):
@@ -80,18 +94,38 @@ def linear_forward(x, w, b):
         np.matmul(x, w[:, c0:c1], out=out[:, c0:c1])
         out[:, c0:c1] += b[c0:c1]
 
-    if N >= max(SHARE_ROWS_FROM, num_threads()):
-        parallel_rows(rows, N, Cin * Cout // GEMM_PER_ELEMENT, one_blas_thread=True)
+    if N >= SHARE_ROWS_FROM:
+        parallel_rows(rows, N, Cin * Cout // GEMM_PER_ELEMENT, align=ROW_BLOCK, one_blas_thread=True)
     else:
         parallel_rows(columns, Cout, N * Cin // GEMM_PER_ELEMENT, one_blas_thread=True)
     return out, (x, w)
 
 
 def linear_backward(dout, cache):
-    """dout (N, Cout) -> dx, dw (BLAS), db (summed over row ranges)."""
+    """dout (N, Cout) -> dx (N, Cin), dw (Cin, Cout), db (Cout,). On several threads, thread
+    i of n computes rows r0:r1 of dx and the matching share c0:c1 = r0*Cout//N : r1*Cout//N
+    of dw's and db's columns, each product on one BLAS thread: the threads never wait for
+    each other, where BLAS's own threads meet at a barrier inside every product. Work too
+    small to share runs on the calling thread, also on one BLAS thread. (Where the BLAS
+    pool cannot be set, as with MKL, the products run whole on BLAS's threads.)"""
     x, w = cache
-    db = np.sum(parallel_rows(lambda r0, r1: np.sum(dout[r0:r1], axis=0), dout.shape[0], dout.shape[1]), axis=0)
-    return dout @ w.mT, x.mT @ dout, db
+    N, Cout = dout.shape
+    dx = np.empty((N, w.shape[0]), dtype=np.result_type(dout, w))
+    dw = np.empty(w.shape, dtype=np.result_type(x, dout))
+    db = np.empty(Cout, dtype=dout.dtype)
+
+    def share(r0, r1):
+        c0, c1 = r0 * Cout // N, r1 * Cout // N
+        np.matmul(dout[r0:r1], w.mT, out=dx[r0:r1])
+        np.matmul(x.mT, dout[:, c0:c1], out=dw[:, c0:c1])
+        np.sum(dout[:, c0:c1], axis=0, out=db[c0:c1])
+
+    if blas_threads() is None:  # a BLAS whose pool cannot be set to 1 (not OpenBLAS): its own threads
+        share(0, N)
+    else:  # on one BLAS thread even when too small to share out: 2 BLAS threads on tiny products stall
+        with blas_on_one_thread():
+            parallel_rows(share, N, w.shape[0] * Cout // GEMM_PER_ELEMENT)
+    return dx, dw, db
 
 
 # -- layer norm -----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS before starting Python 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import itertools
 import os
@@ -192,20 +193,28 @@ def _marked(task):
 
 def _run(tasks, n: int, one_blas_thread: bool) -> list:
     """[task() for task in tasks] on n threads: the first in the calling thread."""
-    blas = _blas_functions() if one_blas_thread else None
-    before = None if blas is None else blas[0]()
-    if before is not None and before > 1:
-        blas[1](1)
-    try:
+    with blas_on_one_thread() if one_blas_thread else contextlib.nullcontext():
         futures = [_executor(n - 1).submit(_marked, task) for task in tasks[1:]]
         try:
             first = _marked(tasks[0])
         finally:
             rest = [f.result() for f in futures]
+    return [first, *rest]
+
+
+@contextlib.contextmanager
+def blas_on_one_thread():
+    """Run the block with the (OpenBLAS) BLAS pool at one thread, restored after; a no-op
+    where the pool cannot be set. Other threads' BLAS calls meanwhile get one too."""
+    blas = _blas_functions()
+    before = None if blas is None else blas[0]()
+    if before is not None and before > 1:
+        blas[1](1)
+    try:
+        yield
     finally:
         if before is not None and before > 1:
             blas[1](before)
-    return [first, *rest]
 
 
 def configure(n: int | None) -> int:
