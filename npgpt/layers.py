@@ -23,8 +23,9 @@ IGNORE_INDEX = -100  # a target never scored (PyTorch's and transformers' conven
 
 # -- linear: x @ w + b ---------------------------------------------------------------
 def linear_forward(x, w, b):
-    """x (N, Cin), w (Cin, Cout), b (Cout,) -> out (N, Cout)."""
-    return x @ w + b, (x, w)
+    """x (N, Cin), w (Cin, Cout), b (Cout,) or None (no bias) -> out (N, Cout)."""
+    out = x @ w
+    return (out if b is None else out + b), (x, w)
 
 
 def linear_backward(dout, cache):

@@ -107,8 +107,6 @@ class GPT:
         self.params = params
         check_params(params, config)
         self.dtype = params["wte.weight"].dtype
-        xp = self.backend.xp  # the LM head's bias, zeros: the head runs as the kernels' linear layer
-        self.head_bias = xp.zeros((config.vocab_size,), dtype=self.dtype, device=self.backend.device)
 
     # -- construction and files ----------------------------------------------------------
     @classmethod
@@ -234,8 +232,8 @@ class GPT:
             assert not keep, "the backward needs the LM head on every position"
             x = xp.take(x, rows, axis=0)  # (n, C)
         xf, ln_f = kernels.layer_norm_forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.layer_norm_epsilon)
-        # the LM head, tied to the token embedding: a linear layer without bias (a zero one)
-        logits, _ = kernels.linear_forward(xf, p["wte.weight"].mT, self.head_bias)  # (N, V)
+        # the LM head, tied to the token embedding: a linear layer without bias
+        logits, _ = kernels.linear_forward(xf, p["wte.weight"].mT, None)  # (N, V)
         if cache is not None:
             cache.length = start + ids.shape[1]
         acts = Activations(B, T, embedding, embedding_drop, blocks, ln_f, xf) if keep else None

@@ -11,7 +11,7 @@ and its backward are replaced together (or an op's reference backward is named
 explicitly, when the replacement keeps the reference's cache). Signatures, as in
 `npgpt.layers` (N rows, C channels, B batch, NH heads, T queries, S keys, V vocab):
 
-    linear_forward(x (N, Cin), w (Cin, Cout), b (Cout,)) -> out (N, Cout), cache
+    linear_forward(x (N, Cin), w (Cin, Cout), b (Cout,) or None) -> out (N, Cout), cache
     linear_backward(dout, cache) -> dx, dw, db
     layer_norm_forward(x (N, C), w (C,), b (C,), eps) -> out (N, C), cache
     layer_norm_backward(dout, cache) -> dx, dw, db

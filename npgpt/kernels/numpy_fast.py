@@ -68,7 +68,7 @@ def over_row_blocks(fn, N: int, row_size: int) -> list:
 
 # -- linear ---------------------------------------------------------------------------------
 def linear_forward(x, w, b):
-    """x @ w + b, the bias added in place. The cache is the reference's. A small product
+    """x @ w + b, the bias (None: no bias) added in place. The cache is the reference's. A small product
     (up to SMALL_GEMM multiply-adds) is shared among the threads, each part on one BLAS
     thread with its bias added while it is in cache: by rows (at least ROW_BLOCK a
     thread), or, below SHARE_ROWS_FROM rows (decoding's matrix-vector products, where
@@ -82,17 +82,20 @@ def linear_forward(x, w, b):
         def add_bias(r0, r1):
             out[r0:r1] += b
 
-        parallel_rows(add_bias, N, Cout)
+        if b is not None:
+            parallel_rows(add_bias, N, Cout)
         return out, (x, w)
-    out = np.empty((N, Cout), dtype=np.result_type(x, w, b))
+    out = np.empty((N, Cout), dtype=np.result_type(x, w) if b is None else np.result_type(x, w, b))
 
     def rows(r0, r1):
         np.matmul(x[r0:r1], w, out=out[r0:r1])
-        out[r0:r1] += b
+        if b is not None:
+            out[r0:r1] += b
 
     def columns(c0, c1):
         np.matmul(x, w[:, c0:c1], out=out[:, c0:c1])
-        out[:, c0:c1] += b[c0:c1]
+        if b is not None:
+            out[:, c0:c1] += b[c0:c1]
 
     if N >= SHARE_ROWS_FROM:
         parallel_rows(rows, N, Cin * Cout // GEMM_PER_ELEMENT, align=ROW_BLOCK, one_blas_thread=True)
