@@ -94,14 +94,35 @@ def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, n_threa
 
 @pytest.mark.parametrize("N, n_threads, share_rows_from", [(1, 2, 32), (2, 3, 32), (3, 4, 1), (5, 2, 1), (7, 3, 4)])
 def test_linear_forward_shares_rows_or_columns_among_threads(N, n_threads, share_rows_from):
-    """Few rows (decoding): each thread a range of columns; else a range of rows."""
+    """Few rows (decoding): each thread ranges of columns; else a range of rows."""
     rng = np.random.default_rng(N)
     x, w, b = rng.standard_normal((N, 6)), rng.standard_normal((6, 11)), rng.standard_normal(11)
-    with blocks(n_threads=n_threads, share_rows_from=share_rows_from):
+    with blocks(n_threads=n_threads, share_rows_from=share_rows_from, gemm_per_element=1):
         out, cache = fast.linear_forward(x, w, b)
     ref, ref_cache = layers.linear_forward(x, w, b)
     np.testing.assert_allclose(out, ref, **TOL)
     assert all(a is r for a, r in zip(cache, ref_cache, strict=True))
+
+
+@settings(max_examples=25, deadline=None)
+@given(N=st.integers(1, 5), Cin=st.integers(1, 9), Cout=st.integers(1, 70), n_threads=st.integers(1, 4),
+       column_pieces=st.integers(1, 3), gemm_per_element=st.sampled_from([1, 1 << 20]), bias=st.booleans(),
+       transposed=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+@example(N=1, Cin=7, Cout=67, n_threads=2, column_pieces=3, gemm_per_element=1, bias=False, transposed=True, seed=0)
+@example(N=2, Cin=5, Cout=33, n_threads=3, column_pieces=2, gemm_per_element=1, bias=True, transposed=False, seed=1)
+def test_few_rows_product_equals_the_reference(N, Cin, Cout, n_threads, column_pieces, gemm_per_element, bias,
+                                               transposed, seed):  # fmt: skip
+    """Decoding's products (few rows): pieces of w's columns over 1-4 threads, or one call
+    when too small; with and without bias; w as a transposed view (the tied LM head's wte.T)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, Cin))
+    w = rng.standard_normal((Cout, Cin)).T if transposed else rng.standard_normal((Cin, Cout))
+    b = rng.standard_normal(Cout) if bias else None
+    with blocks(n_threads=n_threads, column_pieces=column_pieces, gemm_per_element=gemm_per_element):
+        out, cache = fast.linear_forward(x, w, b)
+    ref, _ = layers.linear_forward(x, w, b)
+    np.testing.assert_allclose(out, ref, **TOL)
+    assert cache[0] is x and cache[1] is w
 
 
 def test_linear_backward_without_a_settable_blas_pool_runs_whole_products(monkeypatch):
@@ -151,6 +172,10 @@ def check_attention(B, NH, T, S, hs, rng, segments=None, dropout=False, scale=1.
 
 @settings(max_examples=40, deadline=None)
 @given(attention_shapes)
+@example(dict(B=1, NH=3, hs=4, T=1, past=4, query_block=2, small_query_block=2, segments=False, dropout=False,
+              threads=2, batched=1 << 16, scale=1.0, seed=5))  # decoding: one query against a cache's keys
+@example(dict(B=3, NH=2, hs=3, T=1, past=0, query_block=2, small_query_block=2, segments=False, dropout=False,
+              threads=1, batched=0, scale=100.0, seed=6))  # one query, its own key only
 def test_attention_equals_the_reference(s):
     """Across query-block edges, with a KV cache's earlier keys, segments and dropout."""
     rng = np.random.default_rng(s["seed"])

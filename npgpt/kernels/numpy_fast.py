@@ -36,7 +36,7 @@ import math
 import numpy as np
 
 from npgpt import layers, optim
-from npgpt.kernels import REFERENCE
+from npgpt.kernels import REFERENCE, threads
 from npgpt.kernels.threads import blas_on_one_thread, blas_threads, num_threads, parallel_items, parallel_rows
 
 ROW_BLOCK = 64  # rows per block of a long elementwise chain: (64, 4C) floats stay in L2
@@ -50,6 +50,7 @@ CE_BLOCK = 1 << 16  # logits per block of cross-entropy's passes (a few rows of 
 GEMM_PER_ELEMENT = 16  # multiply-adds of a matmul that take about as long as one element of a pass
 SHARE_ROWS_FROM = 32  # rows from which the threads share a linear layer's rows (below: its columns)
 BATCH_ROWS = 512  # positions per piece of an inference batch: a piece's activations stay in cache
+COLUMN_PIECES = 4  # pieces of w's columns per thread in decoding's products, taken as threads come free
 SMALL_GEMM = 1 << 27  # multiply-adds up to which a linear layer's forward product is shared among the threads
 GELU_SCALE = layers.GELU_SCALE
 
@@ -72,10 +73,13 @@ def linear_forward(x, w, b):
     (up to SMALL_GEMM multiply-adds) is shared among the threads, each part on one BLAS
     thread with its bias added while it is in cache: by rows (at least ROW_BLOCK a
     thread), or, below SHARE_ROWS_FROM rows (decoding's matrix-vector products, where
-    reading w is the work), by columns, so that each thread reads only its part of w.
-    BLAS's own threads stall on products this small when the machine is busy. Larger
-    ones run whole on BLAS's threads, which share their packed operands."""
+    reading w is the work), by columns, so that each thread streams only its part of w
+    (one BLAS thread also when w is too small to share: BLAS's own threads stall on
+    products this small when the machine is busy). Larger products run whole on BLAS's
+    threads, which share their packed operands."""
     N, (Cin, Cout) = x.shape[0], w.shape
+    if N < SHARE_ROWS_FROM and blas_threads() is not None:
+        return few_rows_product(x, w, b), (x, w)
     if N * Cin * Cout > SMALL_GEMM or blas_threads() is None:
         out = x @ w
 
@@ -92,16 +96,33 @@ def linear_forward(x, w, b):
         if b is not None:
             out[r0:r1] += b
 
-    def columns(c0, c1):
-        np.matmul(x, w[:, c0:c1], out=out[:, c0:c1])
-        if b is not None:
-            out[:, c0:c1] += b[c0:c1]
-
-    if N >= SHARE_ROWS_FROM:
-        parallel_rows(rows, N, Cin * Cout // GEMM_PER_ELEMENT, align=ROW_BLOCK, one_blas_thread=True)
-    else:
-        parallel_rows(columns, Cout, N * Cin // GEMM_PER_ELEMENT, one_blas_thread=True)
+    parallel_rows(rows, N, Cin * Cout // GEMM_PER_ELEMENT, align=ROW_BLOCK, one_blas_thread=True)
     return out, (x, w)
+
+
+def few_rows_product(x, w, b):
+    """x (N, Cin) @ w (Cin, Cout) + b for N < SHARE_ROWS_FROM: by COLUMN_PIECES ranges of w's
+    columns a thread, taken by the threads as they come free (a thread the machine holds
+    back takes fewer), each on one BLAS thread; a product too small to share in one call."""
+    N, (Cin, Cout) = x.shape[0], w.shape
+    with blas_on_one_thread():
+        if Cout * (N * Cin // GEMM_PER_ELEMENT) < 2 * threads.MIN_ELEMENTS or num_threads() == 1:
+            out = x @ w
+            if b is not None:
+                out += b
+            return out
+        out = np.empty((N, Cout), dtype=np.result_type(x, w) if b is None else np.result_type(x, w, b))
+
+        pieces = threads.row_ranges(Cout, COLUMN_PIECES * num_threads(), align=16)
+
+        def columns(i):
+            c0, c1 = pieces[i]
+            np.matmul(x, w[:, c0:c1], out=out[:, c0:c1])
+            if b is not None:
+                out[:, c0:c1] += b[c0:c1]
+
+        parallel_items(columns, len(pieces))
+    return out
 
 
 def linear_backward(dout, cache):
@@ -251,6 +272,11 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     all heads at once: fewer calls, and less of the masked triangle computed."""
     B, NH, T, hs = q.shape
     S = k.shape[2]
+    if T == 1 and dropout is None and segments is None:  # decoding: one query sees every key
+        att = np.matmul(q, k.mT)  # (B, NH, 1, S)
+        att *= 1.0 / math.sqrt(hs)
+        masked_softmax(att, None, None)
+        return att @ v, (q, k, v, [(0, 1, S, att.reshape(B * NH, 1, S), None)])
     y = np.empty(q.shape, dtype=q.dtype)
     qs = q * (1.0 / math.sqrt(hs))  # (B, NH, T, hs), scaled once
     k, v = head_rows(k), head_rows(v)

@@ -152,6 +152,8 @@ def parallel_rows(fn, N: int, row_size: int = 1, align: int = 1, one_blas_thread
     threads, the (OpenBLAS) BLAS pool is set to one thread, so each range's calls run in
     its own thread, and restored after. Other threads' BLAS calls meanwhile get one too.
     """
+    if N * row_size < 2 * MIN_ELEMENTS:  # too small to share (checked first: each call costs)
+        return [fn(0, N)] if N else []
     parts = 1 if _nested() else min(num_threads(), max(1, (N * row_size) // MIN_ELEMENTS), N)
     ranges = row_ranges(N, parts, align)
     if len(ranges) <= 1:
