@@ -64,15 +64,15 @@ def segments_of(rng, B, T):
        small_gemm=st.sampled_from([0, 1 << 27]), seed=st.integers(0, 2**16))  # fmt: skip
 @example(N=37, C=9, row_block=5, n_threads=3, small_gemm=1 << 27, seed=1)  # more rows than dw's 11 columns
 @example(N=3, C=8, row_block=1, n_threads=4, small_gemm=1 << 27, seed=2)  # fewer rows than threads
-@example(N=37, C=9, row_block=5, n_threads=3, small_gemm=0, seed=3)  # the forward's product whole
+@example(N=37, C=9, row_block=5, n_threads=3, small_gemm=0, seed=3)  # the forward's product by column ranges
 def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, n_threads, small_gemm, seed):
     """Odd sizes, row blocks that do and do not divide N, 1-4 thread ranges (a small
-    forward product split by rows, a larger one whole; the linear backward's threads each
+    forward product split by rows, a larger one by columns, whole on 1 thread; the linear backward's threads each
     take rows of dx and a share of dw's columns)."""
     rng = np.random.default_rng(seed)
     x, dout = rng.standard_normal((N, C)), rng.standard_normal((N, C))
     w, b = rng.standard_normal((C, C + 2)), rng.standard_normal(C + 2)
-    with blocks(row_block=row_block, n_threads=n_threads, small_gemm=small_gemm):
+    with blocks(row_block=row_block, n_threads=n_threads, small_gemm=small_gemm, large_column_align=1):
         out, cache = fast.linear_forward(x, w, b)
         ref, ref_cache = layers.linear_forward(x, w, b)
         np.testing.assert_allclose(out, ref, **TOL)
@@ -97,7 +97,7 @@ def test_linear_forward_shares_rows_or_columns_among_threads(N, n_threads, share
     """Few rows (decoding): each thread ranges of columns; else a range of rows."""
     rng = np.random.default_rng(N)
     x, w, b = rng.standard_normal((N, 6)), rng.standard_normal((6, 11)), rng.standard_normal(11)
-    with blocks(n_threads=n_threads, share_rows_from=share_rows_from, gemm_per_element=1):
+    with blocks(n_threads=n_threads, share_rows_from=share_rows_from, share_gemv_from=0):
         out, cache = fast.linear_forward(x, w, b)
     ref, ref_cache = layers.linear_forward(x, w, b)
     np.testing.assert_allclose(out, ref, **TOL)
@@ -106,11 +106,11 @@ def test_linear_forward_shares_rows_or_columns_among_threads(N, n_threads, share
 
 @settings(max_examples=25, deadline=None)
 @given(N=st.integers(1, 5), Cin=st.integers(1, 9), Cout=st.integers(1, 70), n_threads=st.integers(1, 4),
-       column_pieces=st.integers(1, 3), gemm_per_element=st.sampled_from([1, 1 << 20]), bias=st.booleans(),
+       column_pieces=st.integers(1, 3), share_gemv_from=st.sampled_from([0, 1 << 40]), bias=st.booleans(),
        transposed=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
-@example(N=1, Cin=7, Cout=67, n_threads=2, column_pieces=3, gemm_per_element=1, bias=False, transposed=True, seed=0)
-@example(N=2, Cin=5, Cout=33, n_threads=3, column_pieces=2, gemm_per_element=1, bias=True, transposed=False, seed=1)
-def test_few_rows_product_equals_the_reference(N, Cin, Cout, n_threads, column_pieces, gemm_per_element, bias,
+@example(N=1, Cin=7, Cout=67, n_threads=2, column_pieces=3, share_gemv_from=0, bias=False, transposed=True, seed=0)
+@example(N=2, Cin=5, Cout=33, n_threads=3, column_pieces=2, share_gemv_from=0, bias=True, transposed=False, seed=1)
+def test_few_rows_product_equals_the_reference(N, Cin, Cout, n_threads, column_pieces, share_gemv_from, bias,
                                                transposed, seed):  # fmt: skip
     """Decoding's products (few rows): pieces of w's columns over 1-4 threads, or one call
     when too small; with and without bias; w as a transposed view (the tied LM head's wte.T)."""
@@ -118,7 +118,7 @@ def test_few_rows_product_equals_the_reference(N, Cin, Cout, n_threads, column_p
     x = rng.standard_normal((N, Cin))
     w = rng.standard_normal((Cout, Cin)).T if transposed else rng.standard_normal((Cin, Cout))
     b = rng.standard_normal(Cout) if bias else None
-    with blocks(n_threads=n_threads, column_pieces=column_pieces, gemm_per_element=gemm_per_element):
+    with blocks(n_threads=n_threads, column_pieces=column_pieces, share_gemv_from=share_gemv_from):
         out, cache = fast.linear_forward(x, w, b)
     ref, _ = layers.linear_forward(x, w, b)
     np.testing.assert_allclose(out, ref, **TOL)

@@ -37,7 +37,7 @@ import numpy as np
 
 from npgpt import layers, optim
 from npgpt.kernels import REFERENCE, threads
-from npgpt.kernels.threads import blas_on_one_thread, blas_threads, num_threads, parallel_items, parallel_rows
+from npgpt.kernels.threads import blas_on_one_thread, blas_threads, free_threads, num_threads, parallel_items, parallel_rows
 
 ROW_BLOCK = 64  # rows per block of a long elementwise chain: (64, 4C) floats stay in L2
 ROW_ELEMENTS = 1 << 16  # ... or more rows, up to this many elements, where rows are short (LayerNorm's C)
@@ -50,7 +50,9 @@ CE_BLOCK = 1 << 16  # logits per block of cross-entropy's passes (a few rows of 
 GEMM_PER_ELEMENT = 16  # multiply-adds of a matmul that take about as long as one element of a pass
 SHARE_ROWS_FROM = 32  # rows from which the threads share a linear layer's rows (below: its columns)
 BATCH_ROWS = 512  # positions per piece of an inference batch: a piece's activations stay in cache
-COLUMN_PIECES = 4  # pieces of w's columns per thread in decoding's products, taken as threads come free
+COLUMN_PIECES = 4  # pieces of w's columns a thread in decoding's products, taken as threads come free
+SHARE_GEMV_FROM = 1 << 21  # elements of w from which decoding's product is shared among the threads
+LARGE_COLUMN_ALIGN = 64  # column pieces of a large product: multiples of this many columns
 SMALL_GEMM = 1 << 27  # multiply-adds up to which a linear layer's forward product is shared among the threads
 GELU_SCALE = layers.GELU_SCALE
 
@@ -69,26 +71,33 @@ def over_row_blocks(fn, N: int, row_size: int) -> list:
 
 # -- linear ---------------------------------------------------------------------------------
 def linear_forward(x, w, b):
-    """x @ w + b, the bias (None: no bias) added in place. The cache is the reference's. A small product
-    (up to SMALL_GEMM multiply-adds) is shared among the threads, each part on one BLAS
-    thread with its bias added while it is in cache: by rows (at least ROW_BLOCK a
-    thread), or, below SHARE_ROWS_FROM rows (decoding's matrix-vector products, where
-    reading w is the work), by columns, so that each thread streams only its part of w
-    (one BLAS thread also when w is too small to share: BLAS's own threads stall on
-    products this small when the machine is busy). Larger products run whole on BLAS's
-    threads, which share their packed operands."""
+    """x @ w + b, the bias (None: no bias) added in place. The cache is the reference's.
+    Shared among the threads, each part on one BLAS thread with its bias added while it
+    is in cache:
+    - below SHARE_ROWS_FROM rows (decoding's matrix-vector products, where reading w is
+      the work), by COLUMN_PIECES ranges of w's columns a thread, so that each thread
+      streams only its parts of w; a w under SHARE_GEMV_FROM elements in one call, still
+      on one BLAS thread (BLAS's own threads stall on products this small when the
+      machine is busy);
+    - a small product (up to SMALL_GEMM multiply-adds) by rows (at least ROW_BLOCK a
+      thread);
+    - a larger one by one range of w's columns a thread (more pieces would pack x more
+      often): no barrier between the threads inside the product, as BLAS's own threads
+      have. It runs whole on BLAS's threads where the kernels have one thread.
+    Where the BLAS pool cannot be set (not OpenBLAS), every product runs whole on BLAS's
+    own threads."""
     N, (Cin, Cout) = x.shape[0], w.shape
-    if N < SHARE_ROWS_FROM and blas_threads() is not None:
-        return few_rows_product(x, w, b), (x, w)
-    if N * Cin * Cout > SMALL_GEMM or blas_threads() is None:
-        out = x @ w
-
-        def add_bias(r0, r1):
-            out[r0:r1] += b
-
-        if b is not None:
-            parallel_rows(add_bias, N, Cout)
-        return out, (x, w)
+    if blas_threads() is None:
+        return whole_product(x, w, b), (x, w)
+    if N < SHARE_ROWS_FROM:
+        with blas_on_one_thread():
+            if N * Cin * Cout < SHARE_GEMV_FROM or num_threads() == 1:
+                return whole_product(x, w, b), (x, w)
+            return by_columns(x, w, b, COLUMN_PIECES * num_threads(), align=16), (x, w)
+    if N * Cin * Cout > SMALL_GEMM:
+        if free_threads() == 1:
+            return whole_product(x, w, b), (x, w)
+        return by_columns(x, w, b, num_threads(), align=LARGE_COLUMN_ALIGN), (x, w)
     out = np.empty((N, Cout), dtype=np.result_type(x, w) if b is None else np.result_type(x, w, b))
 
     def rows(r0, r1):
@@ -100,28 +109,31 @@ def linear_forward(x, w, b):
     return out, (x, w)
 
 
-def few_rows_product(x, w, b):
-    """x (N, Cin) @ w (Cin, Cout) + b for N < SHARE_ROWS_FROM: by COLUMN_PIECES ranges of w's
-    columns a thread, taken by the threads as they come free (a thread the machine holds
-    back takes fewer), each on one BLAS thread; a product too small to share in one call."""
-    N, (Cin, Cout) = x.shape[0], w.shape
-    with blas_on_one_thread():
-        if Cout * (N * Cin // GEMM_PER_ELEMENT) < 2 * threads.MIN_ELEMENTS or num_threads() == 1:
-            out = x @ w
-            if b is not None:
-                out += b
-            return out
-        out = np.empty((N, Cout), dtype=np.result_type(x, w) if b is None else np.result_type(x, w, b))
+def whole_product(x, w, b):
+    """x @ w + b in one BLAS call, the bias added in place (over row ranges)."""
+    out = x @ w
 
-        pieces = threads.row_ranges(Cout, COLUMN_PIECES * num_threads(), align=16)
+    def add_bias(r0, r1):
+        out[r0:r1] += b
 
-        def columns(i):
-            c0, c1 = pieces[i]
-            np.matmul(x, w[:, c0:c1], out=out[:, c0:c1])
-            if b is not None:
-                out[:, c0:c1] += b[c0:c1]
+    if b is not None:
+        parallel_rows(add_bias, x.shape[0], w.shape[1])
+    return out
 
-        parallel_items(columns, len(pieces))
+
+def by_columns(x, w, b, parts: int, align: int):
+    """x @ w + b by up to `parts` ranges of w's columns (inner edges multiples of `align`),
+    taken by the threads as they come free, each on one BLAS thread."""
+    out = np.empty((x.shape[0], w.shape[1]), dtype=np.result_type(x, w) if b is None else np.result_type(x, w, b))
+    pieces = threads.row_ranges(w.shape[1], parts, align)
+
+    def columns(i):
+        c0, c1 = pieces[i]
+        np.matmul(x, w[:, c0:c1], out=out[:, c0:c1])
+        if b is not None:
+            out[:, c0:c1] += b[c0:c1]
+
+    parallel_items(columns, len(pieces))
     return out
 
 

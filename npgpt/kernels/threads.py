@@ -180,6 +180,12 @@ def parallel_items(fn, n: int) -> list:
     return results
 
 
+def free_threads() -> int:
+    """The threads a kernel called here may share its work among: 1 inside a parallel
+    call (the outer split already uses every thread), else `num_threads()`."""
+    return 1 if _nested() else num_threads()
+
+
 def _nested() -> bool:
     return getattr(_inside, "active", False)
 
