@@ -173,6 +173,28 @@ def test_items_run_once_each_on_several_threads_and_nested_calls_stay_on_their_t
         threads.parallel_items(fail_late, 7)
 
 
+def test_items_do_not_wait_for_a_worker_that_never_started(restore_threads):
+    """Every worker of the pool held back (a busy machine): the calling thread takes all
+    the items and returns without waiting for a worker to start."""
+    threads._chosen = 2
+    pool = threads._executor(1)
+    release = threading.Event()
+    held = [pool.submit(release.wait, 60) for _ in range(threads._pool_size)]
+    done = []
+    caller = threading.Thread(target=lambda: done.append(threads.parallel_items(lambda i: (i, threading.get_ident()), 5)))
+    try:
+        caller.start()
+        caller.join(timeout=30)
+        assert done, "parallel_items waited for a worker that could not start"
+        assert [i for i, _ in done[0]] == list(range(5))
+        assert {ident for _, ident in done[0]} == {caller.ident}
+    finally:
+        release.set()
+        for f in held:
+            f.result()
+        caller.join()
+
+
 @given(B=st.integers(1, 40), T=st.integers(1, 300), n=st.integers(1, 4))
 def test_a_batch_is_cut_into_pieces_covering_its_rows_in_order(B, T, n):
     import npgpt.kernels.numpy_fast as fast

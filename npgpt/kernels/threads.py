@@ -164,7 +164,8 @@ def parallel_rows(fn, N: int, row_size: int = 1, align: int = 1, one_blas_thread
 def parallel_items(fn, n: int) -> list:
     """[fn(0), ..., fn(n - 1)], independent items taken in order by up to `num_threads()`
     threads, each taking the next item when it finishes one (so a thread slowed by other
-    work on the machine takes fewer). BLAS runs on one thread in each, as with
+    work on the machine takes fewer, and one not yet started when the items run out is
+    not waited for). BLAS runs on one thread in each, as with
     `parallel_rows(one_blas_thread=True)`; kernels called inside run on their own thread."""
     workers = 1 if _nested() else min(num_threads(), n)
     if workers <= 1:
@@ -176,7 +177,7 @@ def parallel_items(fn, n: int) -> list:
         while (i := next(counter)) < n:
             results[i] = fn(i)
 
-    _run([take] * workers, workers, one_blas_thread=True)
+    _run([take] * workers, workers, one_blas_thread=True, interchangeable=True)
     return results
 
 
@@ -199,14 +200,17 @@ def _marked(task):
         _inside.active = False
 
 
-def _run(tasks, n: int, one_blas_thread: bool) -> list:
-    """[task() for task in tasks] on n threads: the first in the calling thread."""
+def _run(tasks, n: int, one_blas_thread: bool, interchangeable: bool = False) -> list:
+    """[task() for task in tasks] on n threads: the first in the calling thread.
+    `interchangeable`: the tasks take shared work until none is left, so once the calling
+    thread's task returns, a task no worker has started yet is cancelled (None) instead
+    of waited for: a busy machine that holds a worker back costs no wait."""
     with blas_on_one_thread() if one_blas_thread else contextlib.nullcontext():
         futures = [_executor(n - 1).submit(_marked, task) for task in tasks[1:]]
         try:
             first = _marked(tasks[0])
         finally:
-            rest = [f.result() for f in futures]
+            rest = [None if interchangeable and f.cancel() else f.result() for f in futures]
     return [first, *rest]
 
 
