@@ -71,7 +71,7 @@ def sample(logits, config: SamplingConfig, rng: np.random.Generator) -> int:
     """One token id drawn from `logits` (V,) under `config`; one `rng.random()` per call
     unless greedy (which draws nothing)."""
     if config.is_greedy:
-        return _argmax(_host_float64(logits))
+        return _argmax(_checked(logits))  # float64 would pick the same id: no copy
     ids, probs = next_token_distribution(logits, config)
     return int(ids[_draw(probs, rng)])
 
@@ -81,10 +81,16 @@ def _is_real(x) -> bool:
 
 
 def _host_float64(logits) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
+    return np.asarray(_checked(logits), dtype=np.float64)
+
+
+def _checked(logits) -> np.ndarray:
+    """The logits as a host array, checked: one position (V,), no NaN or +inf, not all -inf
+    (a NaN anywhere makes the max NaN)."""
+    z = np.asarray(logits)
     if z.ndim != 1 or z.shape[0] == 0:
         raise ValueError(f"expected the logits of one position, shape (V,), got shape {z.shape}")
-    if np.isnan(z).any() or not np.isfinite(z.max()):
+    if not np.isfinite(z.max()):
         raise ValueError("logits contain NaN or +inf (or are all -inf): the model output is broken")
     return z
 

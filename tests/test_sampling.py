@@ -114,9 +114,17 @@ def test_invalid_sampling_values_are_rejected(kwargs, message):
         SamplingConfig(**kwargs)
 
 
-def test_broken_logits_are_reported():
+@pytest.mark.parametrize("greedy", [False, True])
+@pytest.mark.parametrize("logits", [[0.0, np.nan, 1.0], [np.nan, 0.0], [0.0, np.inf], [-np.inf, -np.inf]])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_broken_logits_are_reported(logits, greedy, dtype):
     with pytest.raises(ValueError, match="NaN"):
-        sample(np.array([0.0, np.nan]), SamplingConfig(), np.random.default_rng(0))
+        sample(np.array(logits, dtype=dtype), SamplingConfig(greedy=greedy), np.random.default_rng(0))
+
+
+def test_greedy_on_float32_logits_picks_the_first_maximum():
+    logits = np.array([0.5, 2.0, -1.0, 2.0], dtype=np.float32)
+    assert sample(logits, SamplingConfig(greedy=True), np.random.default_rng(0)) == 1
 
 
 # -- the distribution itself: a chi-square goodness-of-fit test ------------------------
