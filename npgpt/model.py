@@ -148,15 +148,20 @@ class GPT:
         cache.length .. cache.length + T - 1) and their keys/values are appended to it.
         `segments` (B, T) packs several documents into one row: see `segment_positions`.
         Without a cache the rows are independent: the kernels' `over_batch` may run them
-        in pieces.
+        in pieces up to the final LayerNorm; the LM head then runs once over every row
+        (no copy of the pieces' logits into one array).
         """
         ids = self.as_ids(ids)
         if cache is not None:
             return self._forward(ids, cache, last_only=last_only, segments=segments)[0]
+        xp = self.backend.xp
         pieces = self.backend.kernels.over_batch(
-            lambda b0, b1: self._forward(ids[b0:b1, ...], last_only=last_only, segments=_rows(segments, b0, b1))[0], *ids.shape
-        )
-        return pieces[0] if len(pieces) == 1 else self.backend.xp.concat(pieces, axis=0)
+            lambda b0, b1: self._forward(ids[b0:b1, ...], last_only=last_only, segments=_rows(segments, b0, b1), head=False)[0],
+            *ids.shape,
+        )  # fmt: skip
+        xf = pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=0)  # (B, T, C), T = 1 with last_only
+        B, T, C = xf.shape
+        return xp.reshape(self._lm_head(xp.reshape(xf, (B * T, C))), (B, T, self.config.vocab_size))
 
     def as_ids(self, ids):
         """Token ids as a (B, T) integer array on the device. Host ids (lists, NumPy) are
@@ -190,9 +195,11 @@ class GPT:
         return segments
 
     def _forward(self, ids, cache=None, rng: np.random.Generator | None = None, last_only=False, keep=False,
-                 segments=None, rows=None):  # fmt: skip
+                 segments=None, rows=None, head=True):  # fmt: skip
         """ids (B, T) -> logits (B, T, V) and, with `keep`, the `Activations` the backward
         needs (without it each block's activations are freed as soon as it is done).
+        `head=False` (not with `keep` or `rows`): the final LayerNorm's output (B, T, C)
+        instead of logits, for the caller's LM head.
 
         `rng` turns dropout on (training); without it dropout is off. `rows` (n,) (not
         with `keep` or `last_only`): the flat positions b * T + t the LM head runs on;
@@ -232,12 +239,17 @@ class GPT:
             assert not keep, "the backward needs the LM head on every position"
             x = xp.take(x, rows, axis=0)  # (n, C)
         xf, ln_f = kernels.layer_norm_forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.layer_norm_epsilon)
-        # the LM head, tied to the token embedding: a linear layer without bias
-        logits, _ = kernels.linear_forward(xf, p["wte.weight"].mT, None)  # (N, V)
         if cache is not None:
             cache.length = start + ids.shape[1]
+        if not head:
+            return xp.reshape(xf, (B, T, cfg.n_embd)), None
+        logits = self._lm_head(xf)  # (N, V)
         acts = Activations(B, T, embedding, embedding_drop, blocks, ln_f, xf) if keep else None
         return (logits if rows is not None else xp.reshape(logits, (B, T, cfg.vocab_size))), acts
+
+    def _lm_head(self, xf):
+        """The LM head, tied to the token embedding: a linear layer without bias, xf (N, C) -> logits (N, V)."""
+        return self.backend.kernels.linear_forward(xf, self.params["wte.weight"].mT, None)[0]
 
     def _block_forward(self, i, x, B, cache, drop, segments):
         """One pre-LayerNorm block on rows x (N, C) -> (N, C), and its `BlockActivations`."""

@@ -26,6 +26,7 @@ import numpy as np
 
 from npgpt.config import GPTConfig
 from npgpt.generate import GenerationStats, generate_ids
+from npgpt.kernels.numpy_fast import by_columns
 from npgpt.model import GPT
 from npgpt.optim import AdamW, clip_grad_norm, default_decay
 from npgpt.sampling import SamplingConfig
@@ -242,7 +243,9 @@ def gemm_ceiling(gemms, backend, torch=None, device: str = "cpu", n_threads: int
     each shape the best of the backend's matmul (BLAS on NumPy) and, given `torch`,
     torch.matmul on `device`, at n_threads and at 1 thread (a library may run a small
     product on one thread, and on a busy machine a second thread can cost more than it
-    gives), combined as total FLOPs over total time. Returns GFLOP/s: the ceiling and
+    gives), and on NumPy at n_threads > 1 one range of columns a thread, each on one BLAS
+    thread (`numpy_fast.by_columns`, as npgpt's linear layers run), combined as total
+    FLOPs over total time. Returns GFLOP/s: the ceiling and
     each library's own rate on the same shapes at n_threads."""
     rng = np.random.default_rng(0)
     xp, seconds = backend.xp, {"npgpt_backend": 0.0, "torch": 0.0, "best": 0.0}
@@ -259,6 +262,8 @@ def gemm_ceiling(gemms, backend, torch=None, device: str = "cpu", n_threads: int
         seconds["npgpt_backend"] += flops / rates[0]
         if torch is not None:
             seconds["torch"] += flops / rates[1]
+        if backend.name == "numpy" and b == 1 and n_threads is not None and n_threads > 1:  # as linear_forward shares one
+            rates.append(once / best_seconds(lambda: by_columns(a, bb, None, n_threads, align=64), repeats))
         if n_threads is not None and n_threads > 1:
             with threads(1):
                 rates += [once / best_seconds(call, repeats) for call in calls]
