@@ -30,6 +30,7 @@ proves it, forward and backward, in float64); what changes is only how the work 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -54,14 +55,16 @@ SMALL_GEMM = 1 << 27  # multiply-adds up to which a linear layer's forward produ
 GELU_SCALE = layers.GELU_SCALE
 
 
-def over_row_blocks(fn, N: int, row_size: int) -> list:
+def over_row_blocks(fn, N: int, row_size: int, overflow: str | None = None) -> list:
     """fn(r0, r1) for every block of max(ROW_BLOCK, ROW_ELEMENTS // row_size) rows of
     [0, N), contiguous runs of blocks shared among the threads; returns each thread's
-    list of fn's results."""
+    list of fn's results. `overflow` ("ignore"): NumPy's overflow handling in fn, set once
+    per thread (an errstate costs more than a pass over a small block)."""
     rows = max(ROW_BLOCK, ROW_ELEMENTS // max(row_size, 1))
 
     def run(a, b):
-        return [fn(r0, min(r0 + rows, b)) for r0 in range(a, b, rows)]
+        with np.errstate(over=overflow) if overflow else contextlib.nullcontext():
+            return [fn(r0, min(r0 + rows, b)) for r0 in range(a, b, rows)]
 
     return parallel_rows(run, N, row_size, align=rows)
 
@@ -183,24 +186,19 @@ def layer_norm_backward(dout, cache):
 def gelu_forward(x):
     """x (N, 4C) -> out (N, 4C). Keeps only x: backward recomputes the tanh."""
     out = np.empty_like(x)
-
-    def block(r0, r1):
-        out[r0:r1] = gelu_block(x[r0:r1])
-
-    over_row_blocks(block, x.shape[0], x.shape[1])
+    over_row_blocks(lambda r0, r1: gelu_block(x[r0:r1], out[r0:r1]), x.shape[0], x.shape[1], overflow="ignore")
     return out, x
 
 
-def gelu_block(x):
-    """0.5 x (1 + tanh u) written as x / (1 + exp(-2u)): one exp instead of a tanh (NumPy's
-    float32 tanh is ~1.6x its exp on AVX2). exp overflows to inf for very negative x,
-    giving x / inf = -0, as the reference's 0.5 x (1 - 1)."""
-    e = x * x  # built in place: e = -2u = -2 sqrt(2/pi) (x + 0.044715 x^3)
+def gelu_block(x, out):
+    """0.5 x (1 + tanh u) written as x / (1 + exp(-2u)), built in `out`: one exp instead of
+    a tanh (NumPy's float32 tanh is ~1.6x its exp on AVX2). exp overflows to inf for very
+    negative x (the caller ignores it), giving x / inf = -0, as the reference's 0.5 x (1 - 1)."""
+    e = np.multiply(x, x, out=out)  # e = -2u = -2 sqrt(2/pi) (x + 0.044715 x^3)
     e *= -2 * GELU_SCALE * 0.044715
     e -= 2 * GELU_SCALE
     e *= x
-    with np.errstate(over="ignore"):
-        np.exp(e, out=e)
+    np.exp(e, out=e)
     e += 1.0
     return np.divide(x, e, out=e)
 
@@ -208,29 +206,26 @@ def gelu_block(x):
 def gelu_backward(dout, x):
     """dout (N, 4C) -> dx (N, 4C)."""
     dx = np.empty_like(dout)
-
-    def block(r0, r1):
-        dx[r0:r1] = gelu_grad_block(dout[r0:r1], x[r0:r1])
-
-    over_row_blocks(block, x.shape[0], x.shape[1])
+    over_row_blocks(lambda r0, r1: gelu_grad_block(dout[r0:r1], x[r0:r1], dx[r0:r1]), x.shape[0], x.shape[1],
+                    overflow="ignore")  # fmt: skip
     return dx
 
 
-def gelu_grad_block(dout, x):
+def gelu_grad_block(dout, x, dx):
     """With s = sigmoid(2u) = (1 + tanh u) / 2 (one exp, as in the forward), the reference's
-    0.5 (1 + t) + 0.5 x (1 - t^2) du/dx is s + 2 x s (1 - s) du/dx."""
+    0.5 (1 + t) + 0.5 x (1 - t^2) du/dx is s + 2 x s (1 - s) du/dx, built in `dx` (exp
+    overflows for very negative x: the caller ignores it)."""
     x2 = x * x  # the rest is built in place: each temporary costs a pass
     e = (-2 * GELU_SCALE * 0.044715) * x2
     e -= 2 * GELU_SCALE
     e *= x  # -2u
-    with np.errstate(over="ignore"):
-        np.exp(e, out=e)
+    np.exp(e, out=e)
     e += 1.0
     s = np.divide(1.0, e, out=e)  # sigmoid(2u); 0 where exp overflowed
     du = x2  # x2 is not needed again
     du *= 3 * 0.044715 * GELU_SCALE
     du += GELU_SCALE  # du/dx
-    dx = 1.0 - s
+    np.subtract(1.0, s, out=dx)
     dx *= s
     dx *= du
     dx *= x
@@ -381,12 +376,16 @@ def embedding_backward(dx, cache, dwte, wpe_shape, backend):
 
 # -- cross-entropy, in the logits' own buffer, over row ranges ---------------------------------
 def cross_entropy_forward(logits, targets, ignore_index=layers.IGNORE_INDEX):
-    """The reference's loss; the logits are overwritten with the probabilities."""
+    """The reference's loss by log-sum-exp; the logits are overwritten with their
+    unnormalised probabilities exp(z - max z), which the backward divides by their row
+    totals (kept in the cache): a loss alone makes no normalising pass."""
     N, V = logits.shape
     valid = targets != ignore_index  # (N,)
     safe = np.where(valid, targets, 0)  # (N,), ignored rows read class 0
     row_loss = np.empty(N, dtype=logits.dtype)  # log(sum exp) - target logit, per row
+    total = np.empty(N, dtype=logits.dtype)  # sum exp(z - max z), per row
     block = max(1, CE_BLOCK // max(V, 1))  # rows whose passes stay in cache
+    every = ones(V, logits.dtype)
 
     def rows(a, b):
         for r0 in range(a, b, block):
@@ -395,26 +394,26 @@ def cross_entropy_forward(logits, targets, ignore_index=layers.IGNORE_INDEX):
             z -= np.max(z, axis=-1, keepdims=True)
             target_logit = np.take_along_axis(z, safe[r0:r1, None], axis=-1)[:, 0]
             np.exp(z, out=z)  # unnormalised probabilities
-            total = np.sum(z, axis=-1, keepdims=True)
-            z /= total
-            np.subtract(np.log(total[:, 0]), target_logit, out=row_loss[r0:r1])
+            np.matmul(z, every, out=total[r0:r1])
+            np.subtract(np.log(total[r0:r1]), target_logit, out=row_loss[r0:r1])
 
-    parallel_rows(rows, N, V, align=block)
+    parallel_rows(rows, N, V, align=block, one_blas_thread=True)  # the row sums: matrix-vector products
     weight = valid.astype(logits.dtype) / max(int(np.count_nonzero(valid)), 1)
-    return np.asarray(np.sum(weight * row_loss)), (logits, safe, weight)
+    return np.asarray(np.sum(weight * row_loss)), (logits, total, safe, weight)
 
 
 def cross_entropy_backward(dloss, cache):
-    """dlogits = dloss * weight * (probs - one_hot), written into the probabilities."""
-    probs, safe, weight = cache
+    """dlogits = dloss * weight * (probs - one_hot), probs = exps / total, written into the
+    exps."""
+    exps, total, safe, weight = cache
     scale = weight * dloss  # (N,)
-    dlogits = probs  # the probabilities are not needed again: scaled in place
+    dlogits = exps  # the exps are not needed again: scaled in place
 
     def rows(r0, r1):
-        dlogits[r0:r1] *= scale[r0:r1, None]
+        dlogits[r0:r1] *= (scale[r0:r1] / total[r0:r1])[:, None]
         dlogits[np.arange(r0, r1), safe[r0:r1]] -= scale[r0:r1]  # one target per row
 
-    parallel_rows(rows, probs.shape[0], probs.shape[1])
+    parallel_rows(rows, exps.shape[0], exps.shape[1])
     return dlogits
 
 
