@@ -15,7 +15,7 @@ proves it, forward and backward, in float64); what changes is only how the work 
   of dw; a small forward product, by rows, or by columns for decoding's few rows);
 - inside a range, long chains (GELU, LayerNorm) run over blocks of ROW_BLOCK rows (more
   for short rows), so their passes hit the cache instead of main memory, built in place;
-  LayerNorm's row means and variances are BLAS matrix-vector and row-wise dot products;
+  LayerNorm's row means and variances are BLAS matrix-vector products;
 - attention runs over blocks of QUERY_BLOCK queries, each against only the keys it can
   see, so the masked upper triangle of the T x S scores is (mostly) never computed; few
   heads of short rows (an inference piece) go all at once, in blocks of up to
@@ -136,17 +136,16 @@ def linear_backward(dout, cache):
 
 # -- layer norm -----------------------------------------------------------------------------
 def layer_norm_forward(x, w, b, eps):
-    """x (N, C) -> out (N, C), block by block: the row means by a matrix-vector product and
-    the variances by row-wise dot products (no squares held), x - mean normalised in place."""
+    """x (N, C) -> out (N, C), block by block: the row means and variances by BLAS
+    matrix-vector products (the squares held in `out` meanwhile), x - mean normalised in place."""
     N, C = x.shape
     xhat, out, rstd = np.empty_like(x), np.empty_like(x), np.empty((N, 1), dtype=x.dtype)
-    average = np.full(C, 1.0 / C, dtype=x.dtype)  # (C,)
+    average = averaging(C, x.dtype)  # (C,) of 1/C
 
     def block(r0, r1):
         xh, rs, o = xhat[r0:r1], rstd[r0:r1, 0], out[r0:r1]
         np.subtract(x[r0:r1], (x[r0:r1] @ average)[:, None], out=xh)  # centred
-        np.einsum("ij,ij->i", xh, xh, out=rs)
-        rs *= 1.0 / C  # variance
+        np.matmul(np.multiply(xh, xh, out=o), average, out=rs)  # variance
         rs += eps
         np.sqrt(rs, out=rs)
         np.divide(1.0, rs, out=rs)  # (Nb,)
@@ -243,12 +242,15 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     thread meanwhile: per-head matmuls are too small to split again. Blocks are of
     QUERY_BLOCK queries, or, when all heads' scores of a SMALL_QUERY_BLOCK block fit in
     BATCHED_ATTENTION (few heads of short rows), of SMALL_QUERY_BLOCK or fewer queries with
-    all heads at once: fewer calls, and less of the masked triangle computed."""
+    all heads at once: fewer calls, and less of the masked triangle computed.
+    y is a view of a (B, T, NH, hs) array: the heads side by side, as the model reads them.
+    Where no score can overflow exp (`exp_is_safe`), the softmax skips the row maxima."""
     B, NH, T, hs = q.shape
     S = k.shape[2]
-    y = np.empty(q.shape, dtype=q.dtype)
+    y = np.empty((B, T, NH, hs), dtype=q.dtype).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
     qs = q * (1.0 / math.sqrt(hs))  # (B, NH, T, hs), scaled once
     k, v = head_rows(k), head_rows(v)
+    shift = T * S <= (T + S) * hs or not exp_is_safe(qs, k)  # the norms cost less than the maxima they save
     fits = BATCHED_ATTENTION // max(B * NH * S, 1)  # queries per block whose scores fit, all heads at once
     step = min(SMALL_QUERY_BLOCK, fits) if fits >= max(1, SMALL_QUERY_BLOCK // 2) else QUERY_BLOCK
     blocks = []
@@ -262,12 +264,12 @@ def attention_forward(q, k, v, dropout=None, segments=None):
         def probs(h0, h1):
             if h1 - h0 == B * NH and att.size <= BATCHED_ATTENTION:  # little work: all heads at once
                 a4 = np.matmul(qs[:, :, t0:t1], k[:, :, :s1].mT, out=att.reshape(B, NH, Tb, s1))
-                masked_softmax(a4, future, None if other is None else other[:, None])
+                masked_softmax(a4, future, None if other is None else other[:, None], shift)
                 return
             for h in range(h0, h1):
                 b, n = divmod(h, NH)
                 a = np.matmul(qs[b, n, t0:t1], k[b, n, :s1].T, out=att[h])  # (Tb, s1), scores
-                masked_softmax(a, future, None if other is None else other[b])
+                masked_softmax(a, future, None if other is None else other[b], shift)
 
         parallel_rows(probs, B * NH, Tb * s1 * hs, one_blas_thread=True)
         att4 = att.reshape(B, NH, Tb, s1)
@@ -303,6 +305,14 @@ def ones(n: int, dtype) -> np.ndarray:
     return vector
 
 
+@functools.lru_cache(maxsize=64)
+def averaging(n: int, dtype) -> np.ndarray:
+    """A read-only vector of n values 1/n: x @ averaging(n) averages x's rows by BLAS."""
+    vector = np.full(n, 1.0 / n, dtype=dtype)
+    vector.flags.writeable = False
+    return vector
+
+
 def head_rows(a):
     """a (B, NH, S, hs) with each head's rows contiguous: a copy of the strided views the
     model cuts out of the fused q, k, v projection (a KV cache's views are kept), so the
@@ -313,15 +323,28 @@ def head_rows(a):
     return np.ascontiguousarray(a)
 
 
-def masked_softmax(a, future, other):
+def exp_is_safe(qs, k) -> bool:
+    """Whether exp of every score qs . k, unshifted, and the sum of a row of them stay
+    finite and normal: |qs . k| <= max |qs| max |k| (row norms, Cauchy-Schwarz) is at most
+    -log(tiny) - log(S) - 1 (81 for float32 with 128 keys). Softmax is the same with or
+    without its shift by the row maximum."""
+    limit = -math.log(np.finfo(qs.dtype).tiny) - math.log(k.shape[-2]) - 1.0
+    q2 = np.max(np.einsum("...i,...i->...", qs, qs), initial=0.0)
+    k2 = np.max(np.einsum("...i,...i->...", k, k), initial=0.0)
+    return bool(float(q2) * float(k2) <= limit * limit)
+
+
+def masked_softmax(a, future, other, shift=True):
     """Softmax over the last axis of scores a (..., Tb, s1), in place: `future` (Tb, Tb)
     masks keys after each query (the last Tb columns), `other` (broadcast to a) keys of
-    other documents. Row sums by a matrix-vector product."""
+    other documents. `shift`: subtract each row's maximum first (False: the caller knows
+    exp cannot overflow). Row sums by a matrix-vector product."""
     if future is not None:
         np.copyto(a[..., a.shape[-1] - future.shape[0] :], -np.inf, where=future)
     if other is not None:
         np.copyto(a, -np.inf, where=other)
-    a -= np.max(a, axis=-1, keepdims=True)
+    if shift:
+        a -= np.max(a, axis=-1, keepdims=True)
     np.exp(a, out=a)
     total = a @ ones(a.shape[-1], a.dtype)  # (..., Tb)
     a *= np.divide(1.0, total, out=total)[..., None]
