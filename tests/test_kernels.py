@@ -185,6 +185,28 @@ def test_attention_across_the_default_query_block(T, batched):
         check_attention(1, 1, T, T + 3, 3, rng)
 
 
+@pytest.mark.parametrize("bound", [60.0, 80.0, 82.0, 200.0])
+def test_attention_skips_the_row_maximum_only_where_exp_cannot_overflow(bound):
+    """float32 scores whose Cauchy-Schwarz bound is `bound`: up to -log(tiny) - log(S) - 1
+    (81.5 here) the softmax runs unshifted, above it subtracts the row maxima; either way
+    the probabilities and outputs equal the float64 reference to float32 round-off."""
+    rng = np.random.default_rng(int(bound))
+    B, NH, T, hs = 1, 2, 128, 8
+    q, k, v = (rng.standard_normal((B, NH, T, hs)) for _ in range(3))
+    q *= (bound * np.sqrt(hs)) / np.linalg.norm(q, axis=-1, keepdims=True).max(axis=-2, keepdims=True)
+    q[..., 0, :] *= (bound * np.sqrt(hs)) / np.linalg.norm(q[..., 0, :], axis=-1, keepdims=True)  # the longest
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)  # unit keys, the first along the first query:
+    k[..., 0, :] = q[..., 0, :] / (bound * np.sqrt(hs))  # its score, q . k / sqrt(hs), is the bound
+    q32, k32, v32 = (a.astype(np.float32) for a in (q, k, v))
+    assert fast.exp_is_safe(q32 / np.float32(np.sqrt(hs)), k32) == (bound < 81.0)
+    y, (_, _, _, parts) = fast.attention_forward(q32, k32, v32)
+    ref, (_, _, _, probs, _) = layers.attention_forward(q, k, v)
+    assert np.all(np.isfinite(y))
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+    for t0, t1, s1, att, _ in parts:
+        np.testing.assert_allclose(att.reshape(B, NH, t1 - t0, s1), probs[:, :, t0:t1, :s1], rtol=1e-4, atol=1e-6)
+
+
 @settings(max_examples=25, deadline=None)
 @given(N=st.integers(1, 20), V=st.integers(1, 11), ce_block=st.integers(1, 40), n_threads=st.integers(1, 4),
        seed=st.integers(0, 2**16))  # fmt: skip

@@ -19,11 +19,13 @@ proves it, forward and backward, in float64); what changes is only how the work 
 - attention runs over blocks of QUERY_BLOCK queries, each against only the keys it can
   see, so the masked upper triangle of the T x S scores is (mostly) never computed; few
   heads of short rows (an inference piece) go all at once, in blocks of up to
-  SMALL_QUERY_BLOCK queries;
+  SMALL_QUERY_BLOCK queries; where the row norms of q and k bound every score below exp's
+  overflow, the softmax skips its row maxima (softmax is unchanged by that shift);
 - the position embedding's gradient is a sum over the batch when no row is packed;
 - LayerNorm, the linear bias and cross-entropy write into buffers they own instead of
-  allocating one per step of the formula; cross-entropy turns the logits into its
-  probabilities and then into the gradient, so one (N, V) buffer serves all three;
+  allocating one per step of the formula; cross-entropy turns the logits into
+  unnormalised probabilities (its loss needs only their row sums) and the backward turns
+  them into the gradient, so one (N, V) buffer serves all three;
 - AdamW updates each parameter in one sweep of cache-sized blocks instead of ~10 passes
   over the whole tensor.
 """
