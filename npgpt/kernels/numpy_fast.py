@@ -19,7 +19,7 @@ proves it, forward and backward, in float64); what changes is only how the work 
 - attention runs over blocks of QUERY_BLOCK queries, each against only the keys it can
   see, so the masked upper triangle of the T x S scores is (mostly) never computed; few
   heads of short rows (an inference piece) go all at once, in blocks of up to
-  SMALL_QUERY_BLOCK queries; where the row norms of q and k bound every score below exp's
+  SMALL_QUERY_BLOCK queries; where every score of a block is too small for exp to
   overflow, the softmax skips its row maxima (softmax is unchanged by that shift);
 - the position embedding's gradient is a sum over the batch when no row is packed;
 - LayerNorm, the linear bias and cross-entropy write into buffers they own instead of
@@ -252,7 +252,6 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     y = np.empty((B, T, NH, hs), dtype=q.dtype).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
     qs = q * (1.0 / math.sqrt(hs))  # (B, NH, T, hs), scaled once
     k, v = head_rows(k), head_rows(v)
-    shift = T * S <= (T + S) * hs or not exp_is_safe(qs, k)  # the norms cost less than the maxima they save
     fits = BATCHED_ATTENTION // max(B * NH * S, 1)  # queries per block whose scores fit, all heads at once
     step = min(SMALL_QUERY_BLOCK, fits) if fits >= max(1, SMALL_QUERY_BLOCK // 2) else QUERY_BLOCK
     blocks = []
@@ -266,12 +265,12 @@ def attention_forward(q, k, v, dropout=None, segments=None):
         def probs(h0, h1):
             if h1 - h0 == B * NH and att.size <= BATCHED_ATTENTION:  # little work: all heads at once
                 a4 = np.matmul(qs[:, :, t0:t1], k[:, :, :s1].mT, out=att.reshape(B, NH, Tb, s1))
-                masked_softmax(a4, future, None if other is None else other[:, None], shift)
+                masked_softmax(a4, future, None if other is None else other[:, None])
                 return
             for h in range(h0, h1):
                 b, n = divmod(h, NH)
                 a = np.matmul(qs[b, n, t0:t1], k[b, n, :s1].T, out=att[h])  # (Tb, s1), scores
-                masked_softmax(a, future, None if other is None else other[b], shift)
+                masked_softmax(a, future, None if other is None else other[b])
 
         parallel_rows(probs, B * NH, Tb * s1 * hs, one_blas_thread=True)
         att4 = att.reshape(B, NH, Tb, s1)
@@ -325,22 +324,22 @@ def head_rows(a):
     return np.ascontiguousarray(a)
 
 
-def exp_is_safe(qs, k) -> bool:
-    """Whether exp of every score qs . k, unshifted, and the sum of a row of them stay
-    finite and normal: |qs . k| <= max |qs| max |k| (row norms, Cauchy-Schwarz) is at most
-    -log(tiny) - log(S) - 1 (81 for float32 with 128 keys). Softmax is the same with or
-    without its shift by the row maximum."""
-    limit = -math.log(np.finfo(qs.dtype).tiny) - math.log(k.shape[-2]) - 1.0
-    q2 = np.max(np.einsum("...i,...i->...", qs, qs), initial=0.0)
-    k2 = np.max(np.einsum("...i,...i->...", k, k), initial=0.0)
-    return bool(float(q2) * float(k2) <= limit * limit)
+def exp_is_safe(scores) -> bool:
+    """Whether exp of every score, unshifted, and the sum of a row of them stay finite and
+    normal: all scores within +-(-log(tiny) - log(row length) - 1), 81 for float32 rows
+    of 128. Two whole-array reductions: much cheaper than a maximum per row."""
+    if scores.size == 0:
+        return True
+    limit = -math.log(np.finfo(scores.dtype).tiny) - math.log(scores.shape[-1]) - 1.0
+    return bool(-limit <= np.min(scores) and np.max(scores) <= limit)  # NaN: False
 
 
-def masked_softmax(a, future, other, shift=True):
+def masked_softmax(a, future, other):
     """Softmax over the last axis of scores a (..., Tb, s1), in place: `future` (Tb, Tb)
     masks keys after each query (the last Tb columns), `other` (broadcast to a) keys of
-    other documents. `shift`: subtract each row's maximum first (False: the caller knows
-    exp cannot overflow). Row sums by a matrix-vector product."""
+    other documents. Each row's maximum is subtracted first unless `exp_is_safe` (softmax
+    is unchanged by the shift). Row sums by a matrix-vector product."""
+    shift = not exp_is_safe(a)
     if future is not None:
         np.copyto(a[..., a.shape[-1] - future.shape[0] :], -np.inf, where=future)
     if other is not None:
