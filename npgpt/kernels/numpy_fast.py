@@ -333,33 +333,42 @@ def masked_softmax(a, future, other):
 
 
 def attention_backward(dy, cache):
-    """dy (B, NH, T, hs) -> dq (B, NH, T, hs), dk, dv (B, NH, S, hs), block by block,
-    each thread taking a range of heads (as in the forward)."""
+    """dy (B, NH, T, hs) -> dq (B, NH, T, hs), dk, dv (B, NH, S, hs), block by block (the
+    forward's), each thread taking a range of heads (as in the forward): a block whose
+    scores fit in BATCHED_ATTENTION as stacked products over the whole range (a few
+    calls for all heads), a larger one head by head (each head's block in cache)."""
     q, k, v, blocks = cache
     B, NH, T, hs = q.shape
+    H, S = B * NH, k.shape[2]
     scale = 1.0 / math.sqrt(hs)
-    dq = np.empty(q.shape, dtype=q.dtype)
-    dk, dv = np.zeros(k.shape, dtype=k.dtype), np.zeros(v.shape, dtype=v.dtype)
+    dq = np.empty((H, T, hs), dtype=q.dtype)
+    dk, dv = np.zeros((H, S, hs), dtype=k.dtype), np.zeros((H, S, hs), dtype=v.dtype)
+    # heads as one axis (H, ., hs): copies where q and dy are the model's strided views
+    q, dy = head_rows(q).reshape(H, T, hs), head_rows(dy).reshape(H, T, hs)
+    k, v = k.reshape(H, S, hs), v.reshape(H, S, hs)
     for t0, t1, s1, att, mask in blocks:
         Tb = t1 - t0
-        drop = None if mask is None else np.broadcast_to(mask, (B, NH, Tb, s1)).reshape(B * NH, Tb, s1)
+        drop = None if mask is None else np.broadcast_to(mask, (B, NH, Tb, s1)).reshape(H, Tb, s1)
 
-        def heads(h0, h1):
+        def heads(h0, h1):  # heads [h0, h1) of the block, stacked: p (h, Tb, s1), dyb (h, Tb, hs)
+            p, dyb = att[h0:h1], dy[h0:h1, t0:t1]
+            dv[h0:h1, :s1] += (p if drop is None else p * drop[h0:h1]).mT @ dyb  # (h, s1, hs)
+            d = dyb @ v[h0:h1, :s1].mT  # (h, Tb, s1), d(dropped probabilities)
+            if drop is not None:
+                d *= drop[h0:h1]
+            d -= ((d * p) @ ones(s1, d.dtype))[..., None]
+            d *= p
+            d *= scale  # d(scores)
+            np.matmul(d, k[h0:h1, :s1], out=dq[h0:h1, t0:t1])
+            dk[h0:h1, :s1] += d.mT @ q[h0:h1, t0:t1]
+
+        def one_by_one(h0, h1):
             for h in range(h0, h1):
-                b, n = divmod(h, NH)
-                p, dyb = att[h], dy[b, n, t0:t1]  # (Tb, s1), (Tb, hs)
-                dv[b, n, :s1] += (p if drop is None else p * drop[h]).T @ dyb  # (s1, hs)
-                d = dyb @ v[b, n, :s1].T  # (Tb, s1), d(dropped probabilities)
-                if drop is not None:
-                    d *= drop[h]
-                d -= np.sum(d * p, axis=-1, keepdims=True)
-                d *= p
-                d *= scale  # d(scores)
-                np.matmul(d, k[b, n, :s1], out=dq[b, n, t0:t1])
-                dk[b, n, :s1] += d.T @ q[b, n, t0:t1]
+                heads(h, h + 1)
 
-        parallel_rows(heads, B * NH, Tb * s1 * hs, one_blas_thread=True)
-    return dq, dk, dv
+        batched = att.size <= BATCHED_ATTENTION
+        parallel_rows(heads if batched else one_by_one, H, Tb * s1 * hs, one_blas_thread=True)
+    return dq.reshape(B, NH, T, hs), dk.reshape(B, NH, S, hs), dv.reshape(B, NH, S, hs)
 
 
 # -- embeddings ---------------------------------------------------------------------------------
