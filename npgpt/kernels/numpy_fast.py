@@ -6,6 +6,9 @@ proves it, forward and backward, in float64); what changes is only how the work 
   about BATCH_ROWS positions that the threads take one at a time, each piece's whole
   forward on its own thread, BLAS included (`over_batch`): no hand-over between threads
   inside a forward, and a piece's activations stay in cache;
+- a training batch is cut into one piece of whole rows per thread (`over_train_batch`),
+  each piece's forward and backward on its own thread, BLAS included; the model sums
+  the pieces' gradients;
 - elsewhere, elementwise and reduction passes (LayerNorm, GELU, the bias add and its
   gradient, the attention softmax, cross-entropy, AdamW, the gradient norm) run over row
   ranges on `npgpt.kernels.threads`' pool, one range per thread (NumPy releases the GIL
@@ -37,7 +40,7 @@ import numpy as np
 
 from npgpt import layers, optim
 from npgpt.kernels import REFERENCE
-from npgpt.kernels.threads import blas_on_one_thread, blas_threads, num_threads, parallel_items, parallel_rows
+from npgpt.kernels.threads import MIN_ELEMENTS, blas_on_one_thread, blas_threads, num_threads, parallel_items, parallel_rows
 
 ROW_BLOCK = 64  # rows per block of a long elementwise chain: (64, 4C) floats stay in L2
 ROW_ELEMENTS = 1 << 16  # ... or more rows, up to this many elements, where rows are short (LayerNorm's C)
@@ -50,6 +53,7 @@ CE_BLOCK = 1 << 16  # logits per block of cross-entropy's passes (a few rows of 
 GEMM_PER_ELEMENT = 16  # multiply-adds of a matmul that take about as long as one element of a pass
 SHARE_ROWS_FROM = 32  # rows from which the threads share a linear layer's rows (below: its columns)
 BATCH_ROWS = 512  # positions per piece of an inference batch: a piece's activations stay in cache
+TRAIN_PIECE = 128  # positions per piece of a training batch, at least: below, one piece
 SMALL_GEMM = 1 << 27  # multiply-adds up to which a linear layer's forward product is shared among the threads
 GELU_SCALE = layers.GELU_SCALE
 
@@ -439,6 +443,15 @@ def over_batch(fn, B, T):
     return parallel_items(lambda i: fn(*pieces[i]), len(pieces))
 
 
+# -- training: a batch in one piece per thread -------------------------------------------------
+def over_train_batch(fn, B, T):
+    """fn over one piece of whole rows per thread (at least TRAIN_PIECE positions each, B
+    permitting), run at once: each piece's forward and backward runs its kernels on its
+    own thread, BLAS included, so a step hands work between threads once, not in every
+    kernel. Its price: a set of gradients per extra piece, summed by the caller."""
+    return parallel_rows(fn, B, T * (MIN_ELEMENTS // TRAIN_PIECE), one_blas_thread=True)
+
+
 # -- the optimizer: AdamW and the gradient norm, in cache-sized blocks over row ranges ---------
 def adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps):
     """`npgpt.optim.adamw_update`, one sweep over FLAT_BLOCK-element blocks of the flat
@@ -503,6 +516,7 @@ KERNELS = REFERENCE.replace(
     cross_entropy_forward=cross_entropy_forward,
     cross_entropy_backward=cross_entropy_backward,
     over_batch=over_batch,
+    over_train_batch=over_train_batch,
     adamw_update=adamw_update,
     sum_of_squares=sum_of_squares,
 )
