@@ -146,7 +146,7 @@ attention_shapes = st.fixed_dictionaries(
         dropout=st.booleans(),
         threads=st.integers(1, 4),  # ranges of heads: B * NH is 1..9
         batched=st.sampled_from([0, 40, 1 << 16]),  # all heads at once when their scores fit (40: some blocks)
-        scale=st.sampled_from([1.0, 100.0]),  # 100: large scores, nearly one-hot probabilities
+        scale=st.sampled_from([1.0, 100.0, 1e4]),  # 100: large scores, nearly one-hot probabilities; 1e4: past exp's range, shifted
         seed=st.integers(0, 2**16),
     )
 )
@@ -208,6 +208,30 @@ def test_attention_across_the_default_query_block(T, batched):
     with blocks(batched_attention=batched):
         check_attention(3, 2, T, T, 2, rng, segments_of(rng, 3, T), dropout=True)
         check_attention(1, 1, T, T + 3, 3, rng)
+
+
+@pytest.mark.parametrize("bound", [60.0, 80.0, 82.0, 200.0])
+def test_attention_skips_the_row_maximum_only_where_exp_cannot_overflow(bound):
+    """float32 scores up to `bound`: up to -log(tiny) - log(S) - 1 (81.5 here) the softmax
+    runs unshifted, above it subtracts the row maxima; either way the probabilities and
+    outputs equal the float64 reference to float32 round-off."""
+    rng = np.random.default_rng(int(bound))
+    B, NH, T, hs = 1, 2, 128, 8
+    q, k, v = (rng.standard_normal((B, NH, T, hs)) for _ in range(3))
+    q *= (bound * np.sqrt(hs)) / np.linalg.norm(q, axis=-1, keepdims=True).max(axis=-2, keepdims=True)
+    q[..., 0, :] *= (bound * np.sqrt(hs)) / np.linalg.norm(q[..., 0, :], axis=-1, keepdims=True)  # the longest
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)  # unit keys, the first along the first query:
+    k[..., 0, :] = q[..., 0, :] / (bound * np.sqrt(hs))  # its score, q . k / sqrt(hs), is the bound
+    q32, k32, v32 = (a.astype(np.float32) for a in (q, k, v))
+    scores = q32 @ k32.mT / np.float32(np.sqrt(hs))
+    assert np.isclose(np.max(np.abs(scores)), bound, rtol=1e-4)
+    assert fast.exp_is_safe(scores) == (bound < 81.0)
+    y, (_, _, _, parts) = fast.attention_forward(q32, k32, v32)
+    ref, (_, _, _, probs, _) = layers.attention_forward(q, k, v)
+    assert np.all(np.isfinite(y))
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+    for t0, t1, s1, att, _ in parts:
+        np.testing.assert_allclose(att.reshape(B, NH, t1 - t0, s1), probs[:, :, t0:t1, :s1], rtol=1e-4, atol=1e-6)
 
 
 @settings(max_examples=25, deadline=None)
@@ -304,6 +328,41 @@ def test_the_model_gives_the_same_logits_and_gradients_with_either_set(s):
     np.testing.assert_allclose(loss, ref_loss, **TOL)
     for name in grads:
         np.testing.assert_allclose(grads[name], ref_grads[name], **TOL, err_msg=name)
+
+
+@settings(max_examples=20, deadline=None)
+@given(B=st.sampled_from([1, 3, 4]), T=st.integers(1, 7), n_threads=st.integers(1, 3), ignored=st.sampled_from(["none", "some", "row", "all"]),
+       segments=st.booleans(), dropout=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+@example(B=4, T=5, n_threads=2, ignored="row", segments=True, dropout=True, seed=0)  # a piece with no scored target
+def test_a_training_batch_in_pieces_equals_it_whole(B, T, n_threads, ignored, segments, dropout, seed):
+    """`over_train_batch` runs one piece of rows per thread (forced here however small);
+    the pieces' losses and gradients sum to the whole batch's, with ignored targets
+    (a whole row's: a piece may score none; or all), packed rows and dropout (each row
+    draws its own masks), and `grad_ready` sees every parameter once, in the same order."""
+    cfg = GPTConfig(vocab_size=11, n_ctx=8, n_embd=6, n_head=2, n_layer=2, dropout=0.3 if dropout else 0.0)
+    model = random_model(cfg, seed)
+    rng = np.random.default_rng(seed)
+    ids, targets = rng.integers(0, 11, (B, T)), rng.integers(0, 11, (B, T))
+    if ignored == "some":
+        targets[rng.random((B, T)) < 0.4] = layers.IGNORE_INDEX
+    elif ignored != "none":
+        targets[: B if ignored == "all" else B // 2 + 1] = layers.IGNORE_INDEX
+    docs = segments_of(rng, B, T) if segments else None
+
+    def step(n):
+        calls = []
+        with blocks(n_threads=n, query_block=128):  # one query block: the attention masks draw alike
+            assert fast.over_train_batch(lambda b0, b1: (b0, b1), B, T) == threads.row_ranges(B, n)
+            loss, grads = model.loss_and_grads(ids, targets, rng=np.random.default_rng(3), segments=docs,
+                                               grad_ready=lambda names, g: calls.append(list(names)))  # fmt: skip
+        return loss, grads, calls
+
+    whole, pieces = step(1), step(n_threads)
+    np.testing.assert_allclose(pieces[0], whole[0], **TOL)
+    assert np.ndim(pieces[0]) == 0 and (ignored != "all" or float(pieces[0]) == 0.0)
+    for name in whole[1]:
+        np.testing.assert_allclose(pieces[1][name], whole[1][name], **TOL, err_msg=name)
+    assert pieces[2] == whole[2] and sorted(sum(whole[2], [])) == sorted(model.params)
 
 
 # -- choosing a set -----------------------------------------------------------------------------
