@@ -12,10 +12,11 @@ proves it, forward and backward, in float64); what changes is only how the work 
 - elsewhere, elementwise and reduction passes (LayerNorm, GELU, the bias add and its
   gradient, the attention softmax, cross-entropy, AdamW, the gradient norm) run over row
   ranges on `npgpt.kernels.threads`' pool, one range per thread (NumPy releases the GIL
-  inside its loops); large matmuls stay whole, on the BLAS library's own threads;
-  independent or small ones are shared out instead, each thread running its own on one
-  BLAS thread (attention's heads; a linear layer's dx and dw, by rows of dx and columns
-  of dw; a small forward product, by rows, or by columns for decoding's few rows);
+  inside its loops); matmuls are shared out, each thread running its own on one BLAS
+  thread (attention's heads; a linear layer's dx and dw, by rows of dx and columns of
+  dw; a forward product by rows when small, by one range of w's columns a thread when
+  large, by pieces of columns the threads take as they come free for decoding's few
+  rows); only where the kernels have one thread do large ones run whole on BLAS's own;
 - inside a range, long chains (GELU, LayerNorm) run over blocks of ROW_BLOCK rows (more
   for short rows), so their passes hit the cache instead of main memory, built in place;
   LayerNorm's row means and variances are BLAS matrix-vector products;
