@@ -15,8 +15,9 @@ proves it, forward and backward, in float64); what changes is only how the work 
   inside its loops); matmuls are shared out, each thread running its own on one BLAS
   thread (attention's heads; a linear layer's dx and dw, by rows of dx and columns of
   dw; a forward product by rows when small, by one range of w's columns a thread when
-  large, by pieces of columns the threads take as they come free for decoding's few
-  rows); only where the kernels have one thread do large ones run whole on BLAS's own;
+  large; decoding's few rows whole, on one BLAS thread when small); only where the
+  kernels have one thread, or for decoding's large products, do they run whole on
+  BLAS's own threads;
 - inside a range, long chains (GELU, LayerNorm) run over blocks of ROW_BLOCK rows (more
   for short rows), so their passes hit the cache instead of main memory, built in place;
   LayerNorm's row means and variances are BLAS matrix-vector products;
@@ -58,8 +59,7 @@ CE_BLOCK = 1 << 16  # logits per block of cross-entropy's passes (a few rows of 
 GEMM_PER_ELEMENT = 16  # multiply-adds of a matmul that take about as long as one element of a pass
 SHARE_ROWS_FROM = 32  # rows from which the threads share a linear layer's rows (below: its columns)
 BATCH_ROWS = 512  # positions per piece of an inference batch: a piece's activations stay in cache
-COLUMN_PIECES = 4  # pieces of w's columns a thread in decoding's products, taken as threads come free
-SHARE_GEMV_FROM = 1 << 21  # elements of w from which decoding's product is shared among the threads
+SHARE_GEMV_FROM = 1 << 21  # multiply-adds from which decoding's products run on BLAS's own threads
 LARGE_COLUMN_ALIGN = 64  # column pieces of a large product: multiples of this many columns
 TRAIN_PIECE = 128  # positions per piece of a training batch, at least: below, one piece
 SMALL_GEMM = 1 << 27  # multiply-adds up to which a linear layer's forward product is shared among the threads
@@ -84,12 +84,12 @@ def over_row_blocks(fn, N: int, row_size: int, overflow: str | None = None) -> l
 def linear_forward(x, w, b):
     """x @ w + b, the bias (None: no bias) added in place. The cache is the reference's.
     Shared among the threads, each part on one BLAS thread with its bias added while it
-    is in cache:
+    is in cache, except decoding's large products:
     - below SHARE_ROWS_FROM rows (decoding's matrix-vector products, where reading w is
-      the work), by COLUMN_PIECES ranges of w's columns a thread, so that each thread
-      streams only its parts of w; a w under SHARE_GEMV_FROM elements in one call, still
-      on one BLAS thread (BLAS's own threads stall on products this small when the
-      machine is busy);
+      the work), whole: from SHARE_GEMV_FROM multiply-adds on BLAS's own threads, which
+      stream w faster than the pool's hand-over allows (a 2-thread decode step 27 ms
+      against 40 ms by pieces of columns on the pool, load ~1.2); below, on one BLAS
+      thread (BLAS's own threads stall on products this small when the machine is busy);
     - a small product (up to SMALL_GEMM multiply-adds) by rows (at least ROW_BLOCK a
       thread);
     - a larger one by one range of w's columns a thread (more pieces would pack x more
@@ -101,10 +101,10 @@ def linear_forward(x, w, b):
     if blas_threads() is None:
         return whole_product(x, w, b), (x, w)
     if N < SHARE_ROWS_FROM:
+        if N * Cin * Cout >= SHARE_GEMV_FROM:
+            return whole_product(x, w, b), (x, w)
         with blas_on_one_thread():
-            if N * Cin * Cout < SHARE_GEMV_FROM or num_threads() == 1:
-                return whole_product(x, w, b), (x, w)
-            return by_columns(x, w, b, COLUMN_PIECES * num_threads(), align=16), (x, w)
+            return whole_product(x, w, b), (x, w)
     if N * Cin * Cout > SMALL_GEMM:
         if free_threads() == 1:
             return whole_product(x, w, b), (x, w)
