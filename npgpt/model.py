@@ -189,12 +189,13 @@ class GPT:
             raise ValueError(f"segments must have the ids' shape {tuple(shape)}, got {tuple(segments.shape)}")
         return segments
 
-    def _forward(self, ids, cache=None, rng: np.random.Generator | None = None, last_only=False, keep=False,
+    def _forward(self, ids, cache=None, rngs: list[np.random.Generator] | None = None, last_only=False, keep=False,
                  segments=None, rows=None):  # fmt: skip
         """ids (B, T) -> logits (B, T, V) and, with `keep`, the `Activations` the backward
         needs (without it each block's activations are freed as soon as it is done).
 
-        `rng` turns dropout on (training); without it dropout is off. `rows` (n,) (not
+        `rngs` (one generator per row of ids) turn dropout on (training); without them
+        dropout is off. `rows` (n,) (not
         with `keep` or `last_only`): the flat positions b * T + t the LM head runs on;
         the logits are then (n, V).
         """
@@ -216,7 +217,7 @@ class GPT:
             pos = segment_positions(segments)  # (B, T)
         else:
             pos = xp.broadcast_to(xp.arange(start, start + T, dtype=xp.int64, device=self.backend.device), (B, T))
-        drop = self._dropout(rng)
+        drop = self._dropout(rngs)
         x, embedding = kernels.embedding_forward(p["wte.weight"], p["wpe.weight"], ids, pos)  # (B, T, C)
         x, embedding_drop = drop(x)
         x = xp.reshape(x, (B * T, cfg.n_embd))  # (N, C), rows are tokens
@@ -266,8 +267,8 @@ class GPT:
         x = x + m
         return x, BlockActivations(ln_1, c_attn, attn, attn_c_proj, attn_drop, ln_2, c_fc, gelu, mlp_c_proj, mlp_drop)
 
-    def _dropout(self, rng):
-        return Dropout(self.config.dropout if rng is not None else 0.0, rng, self.backend, self.dtype)
+    def _dropout(self, rngs):
+        return Dropout(self.config.dropout if rngs is not None else 0.0, rngs, self.backend, self.dtype)
 
     # -- training ------------------------------------------------------------------------
     def loss(self, ids, targets, ignore_index: int = layers.IGNORE_INDEX, segments=None):
@@ -317,16 +318,58 @@ class GPT:
 
         Returns the mean loss (0-d device array) and a dict of gradients with the same
         keys and shapes as `params`. Targets equal to `ignore_index` are left out of the
-        mean. Pass `rng` to train with the config's dropout, `segments` (B, T) to train on
-        packed documents. `grad_ready(names, grads)` is called as soon as the listed
-        parameters' gradients are final: ln_f's after the LM head, then each block's 12
-        from the last block down, then wte's and wpe's (wte is tied to the head) at the end.
+        mean. Pass `rng` to train with the config's dropout (each row of the batch draws
+        its masks from its own generator, spawned from `rng` in row order), `segments`
+        (B, T) to train on packed documents. `grad_ready(names, grads)` is called as soon
+        as the listed parameters' gradients are final: ln_f's after the LM head, then each
+        block's 12 from the last block down, then wte's and wpe's (wte is tied to the head)
+        at the end.
+
+        The rows may run in pieces (the kernels' `over_train_batch`), each piece's
+        backward seeded with its share of the loss (its scored targets over the batch's),
+        so the pieces' losses and gradients sum, piece by piece in order, to the whole
+        batch's mean and its gradient; `grad_ready` then sees the same calls, in the same
+        order, after that sum.
         """
-        kernels = self.backend.kernels
-        logits, acts = self._forward(self.as_ids(ids), rng=rng, keep=True, segments=segments)
-        loss, ce = kernels.cross_entropy_forward(self._flat(logits), self._targets(targets, ignore_index), ignore_index)
-        dlogits = kernels.cross_entropy_backward(1.0, ce)  # (N, V)
-        return loss, self._backward(dlogits, acts, grad_ready or (lambda names, grads: None))
+        xp, kernels = self.backend.xp, self.backend.kernels
+        ids = self.as_ids(ids)
+        B, T = ids.shape
+        shape = tuple(np.shape(targets) if isinstance(targets, (list, tuple)) else targets.shape)
+        if shape != (B, T):
+            raise ValueError(f"targets must have the ids' shape {(B, T)}, got {shape}")
+        targets = xp.reshape(self._targets(targets, ignore_index), (B, T))
+        rngs = rng.spawn(B) if rng is not None and self.config.dropout else None  # per row: any split draws alike
+
+        def piece(b0, b1):  # -> (loss, gradients) of rows [b0, b1), as shares of the whole batch's
+            flat = xp.reshape(targets[b0:b1, ...], (-1,))
+            logits, acts = self._forward(ids[b0:b1, ...], rngs=None if rngs is None else rngs[b0:b1], keep=True,
+                                         segments=_rows(segments, b0, b1))  # fmt: skip
+            loss, ce = kernels.cross_entropy_forward(self._flat(logits), flat, ignore_index)
+            if b1 - b0 == B:  # the whole batch
+                return loss, self._backward(kernels.cross_entropy_backward(1.0, ce), acts, grad_ready or _no_hook)
+            share = self._scored(flat, ignore_index) / xp.maximum(self._scored(targets, ignore_index), 1.0)
+            return loss * share, self._backward(kernels.cross_entropy_backward(share, ce), acts, _no_hook)
+
+        pieces = kernels.over_train_batch(piece, B, T)
+        loss, grads = pieces[0]
+        if len(pieces) == 1:
+            return loss, grads
+        for piece_loss, piece_grads in pieces[1:]:
+            loss = loss + piece_loss
+            for name, g in piece_grads.items():
+                grads[name] += g
+        if grad_ready is not None:
+            C = self.config.n_embd
+            grad_ready(["ln_f.weight", "ln_f.bias"], grads)
+            for i in reversed(range(self.config.n_layer)):
+                grad_ready(list(block_param_shapes(i, C)), grads)
+            grad_ready(["wte.weight", "wpe.weight"], grads)
+        return loss, grads
+
+    def _scored(self, targets, ignore_index: int):
+        """How many of `targets` are not `ignore_index`, as a 0-d device array of the model's dtype."""
+        xp = self.backend.xp
+        return xp.sum(xp.astype(targets != ignore_index, self.dtype))
 
     def _backward(self, dlogits, acts: Activations, grad_ready):
         """dlogits (N, V) -> gradients of every parameter, walking the forward in reverse."""
@@ -387,6 +430,10 @@ class GPT:
         return xp.reshape(targets, (-1,))
 
 
+def _no_hook(names, grads):
+    """The default `grad_ready`: nothing to do."""
+
+
 def _rows(segments, b0, b1):
     """Rows [b0, b1) of `segments` (B, T) (host or device), or None."""
     if isinstance(segments, (list, tuple)):
@@ -435,10 +482,12 @@ class Activations:
 
 class Dropout:
     """GPT-2's dropout sites (embeddings, attention probabilities, residual branches),
-    drawing masks from a seeded host generator; p == 0 makes every call the identity."""
+    drawing masks from seeded host generators, one per row of the batch (row b's part of
+    every mask from rngs[b], so a row's masks do not depend on which rows run with it);
+    p == 0 makes every call the identity."""
 
-    def __init__(self, p, rng, backend, dtype):
-        self.p, self.rng, self.backend, self.dtype = p, rng, backend, dtype
+    def __init__(self, p, rngs, backend, dtype):
+        self.p, self.rngs, self.backend, self.dtype = p, rngs, backend, dtype
 
     def __call__(self, x, t0=0):
         """x -> (dropped, mask); `t0` (where attention's probability rows start) is unused:
@@ -446,7 +495,12 @@ class Dropout:
         return self.backend.kernels.dropout_forward(x, self.p, self._uniform(x.shape))
 
     def _uniform(self, shape):
-        return None if self.p == 0.0 else self.backend.uniform(self.rng, shape, self.dtype)
+        """U[0, 1) of `shape`, whose leading rows (B, ...) or (B * T, ...) split evenly by row of the batch."""
+        if self.p == 0.0:
+            return None
+        xp, per_row = self.backend.xp, (math.prod(shape) // len(self.rngs),)
+        draws = [self.backend.uniform(rng, per_row, self.dtype) for rng in self.rngs]
+        return xp.reshape(draws[0] if len(draws) == 1 else xp.stack(draws), shape)
 
 
 def dtype_name(dtype) -> str:

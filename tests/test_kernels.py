@@ -305,6 +305,41 @@ def test_the_model_gives_the_same_logits_and_gradients_with_either_set(s):
         np.testing.assert_allclose(grads[name], ref_grads[name], **TOL, err_msg=name)
 
 
+@settings(max_examples=20, deadline=None)
+@given(B=st.sampled_from([1, 3, 4]), T=st.integers(1, 7), n_threads=st.integers(1, 3), ignored=st.sampled_from(["none", "some", "row", "all"]),
+       segments=st.booleans(), dropout=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+@example(B=4, T=5, n_threads=2, ignored="row", segments=True, dropout=True, seed=0)  # a piece with no scored target
+def test_a_training_batch_in_pieces_equals_it_whole(B, T, n_threads, ignored, segments, dropout, seed):
+    """`over_train_batch` runs one piece of rows per thread (forced here however small);
+    the pieces' losses and gradients sum to the whole batch's, with ignored targets
+    (a whole row's: a piece may score none; or all), packed rows and dropout (each row
+    draws its own masks), and `grad_ready` sees every parameter once, in the same order."""
+    cfg = GPTConfig(vocab_size=11, n_ctx=8, n_embd=6, n_head=2, n_layer=2, dropout=0.3 if dropout else 0.0)
+    model = random_model(cfg, seed)
+    rng = np.random.default_rng(seed)
+    ids, targets = rng.integers(0, 11, (B, T)), rng.integers(0, 11, (B, T))
+    if ignored == "some":
+        targets[rng.random((B, T)) < 0.4] = layers.IGNORE_INDEX
+    elif ignored != "none":
+        targets[: B if ignored == "all" else B // 2 + 1] = layers.IGNORE_INDEX
+    docs = segments_of(rng, B, T) if segments else None
+
+    def step(n):
+        calls = []
+        with blocks(n_threads=n, query_block=128):  # one query block: the attention masks draw alike
+            assert fast.over_train_batch(lambda b0, b1: (b0, b1), B, T) == threads.row_ranges(B, n)
+            loss, grads = model.loss_and_grads(ids, targets, rng=np.random.default_rng(3), segments=docs,
+                                               grad_ready=lambda names, g: calls.append(list(names)))  # fmt: skip
+        return loss, grads, calls
+
+    whole, pieces = step(1), step(n_threads)
+    np.testing.assert_allclose(pieces[0], whole[0], **TOL)
+    assert np.ndim(pieces[0]) == 0 and (ignored != "all" or float(pieces[0]) == 0.0)
+    for name in whole[1]:
+        np.testing.assert_allclose(pieces[1][name], whole[1][name], **TOL, err_msg=name)
+    assert pieces[2] == whole[2] and sorted(sum(whole[2], [])) == sorted(model.params)
+
+
 # -- choosing a set -----------------------------------------------------------------------------
 def test_backends_supply_their_set_and_the_environment_forces_the_reference(monkeypatch):
     assert get_backend("numpy").kernels is fast.KERNELS

@@ -27,11 +27,13 @@ explicitly, when the replacement keeps the reference's cache). Signatures, as in
         (may overwrite `logits`)
     cross_entropy_backward(dloss, cache) -> dlogits (N, V)
 
-the inference schedule (reference: `whole_batch` here), not a pair:
+the two schedules (reference for both: `whole_batch` here), not pairs:
 
     over_batch(fn, B, T) -> [fn(b0, b1), ...] for ranges [b0, b1) covering the B rows of
         a batch (T positions each) in order; the rows are independent (an inference
         forward or loss), so a set may run the ranges apart, on several threads
+    over_train_batch(fn, B, T) -> the same, for a training step's batch: fn(b0, b1) is
+        a piece's forward and backward, whose gradients the caller sums in range order
 
 and the optimizer's two (reference: `npgpt.optim`), which are not pairs:
 
@@ -51,7 +53,7 @@ from collections.abc import Callable
 from npgpt import layers, optim
 
 OPS = ("linear", "layer_norm", "gelu", "dropout", "attention", "embedding", "cross_entropy")
-SCHEDULE = ("over_batch",)
+SCHEDULE = ("over_batch", "over_train_batch")
 OPTIMIZER = ("adamw_update", "sum_of_squares")
 NAMES = tuple(f"{op}_{way}" for op in OPS for way in ("forward", "backward")) + SCHEDULE + OPTIMIZER
 ENV = "NPGPT_KERNELS"
@@ -77,6 +79,7 @@ class Kernels:
     cross_entropy_forward: Callable
     cross_entropy_backward: Callable
     over_batch: Callable
+    over_train_batch: Callable
     adamw_update: Callable
     sum_of_squares: Callable
 
@@ -97,7 +100,7 @@ def whole_batch(fn, B: int, T: int) -> list:
     return [fn(0, B)]
 
 
-REFERENCE = Kernels("reference", over_batch=whole_batch,
+REFERENCE = Kernels("reference", over_batch=whole_batch, over_train_batch=whole_batch,
                     **{name: getattr(optim if name in OPTIMIZER else layers, name) for name in NAMES if name not in SCHEDULE})  # fmt: skip
 
 

@@ -6,6 +6,9 @@ proves it, forward and backward, in float64); what changes is only how the work 
   about BATCH_ROWS positions that the threads take one at a time, each piece's whole
   forward on its own thread, BLAS included (`over_batch`): no hand-over between threads
   inside a forward, and a piece's activations stay in cache;
+- a training batch is cut into one piece of whole rows per thread (`over_train_batch`),
+  each piece's forward and backward on its own thread, BLAS included; the model sums
+  the pieces' gradients;
 - elsewhere, elementwise and reduction passes (LayerNorm, GELU, the bias add and its
   gradient, the attention softmax, cross-entropy, AdamW, the gradient norm) run over row
   ranges on `npgpt.kernels.threads`' pool, one range per thread (NumPy releases the GIL
@@ -40,7 +43,7 @@ import numpy as np
 
 from npgpt import layers, optim
 from npgpt.kernels import REFERENCE
-from npgpt.kernels.threads import blas_on_one_thread, blas_threads, num_threads, parallel_items, parallel_rows
+from npgpt.kernels.threads import MIN_ELEMENTS, blas_on_one_thread, blas_threads, num_threads, parallel_items, parallel_rows
 
 ROW_BLOCK = 64  # rows per block of a long elementwise chain: (64, 4C) floats stay in L2
 ROW_ELEMENTS = 1 << 16  # ... or more rows, up to this many elements, where rows are short (LayerNorm's C)
@@ -53,6 +56,7 @@ CE_BLOCK = 1 << 16  # logits per block of cross-entropy's passes (a few rows of 
 GEMM_PER_ELEMENT = 16  # multiply-adds of a matmul that take about as long as one element of a pass
 SHARE_ROWS_FROM = 32  # rows from which the threads share a linear layer's rows (below: its columns)
 BATCH_ROWS = 512  # positions per piece of an inference batch: a piece's activations stay in cache
+TRAIN_PIECE = 128  # positions per piece of a training batch, at least: below, one piece
 SMALL_GEMM = 1 << 27  # multiply-adds up to which a linear layer's forward product is shared among the threads
 GELU_SCALE = layers.GELU_SCALE
 
@@ -160,20 +164,25 @@ def layer_norm_forward(x, w, b, eps):
 
 
 def layer_norm_backward(dout, cache):
-    """dout (N, C) -> dx, dw, db; dx built in place, block by block."""
+    """dout (N, C) -> dx, dw, db; dx built in place, block by block: the column sums (dw,
+    db) and row means by BLAS matrix-vector products, the row means of g * xhat by
+    row-wise dot products (no product held)."""
     xhat, rstd, w = cache
     N, C = dout.shape
     dx = np.empty_like(dout)
+    average = np.full(C, 1.0 / C, dtype=dout.dtype)  # (C,)
 
     def block(r0, r1):
         d, xh, g = dout[r0:r1], xhat[r0:r1], dx[r0:r1]
+        column_sum = ones(r1 - r0, d.dtype)  # (Nb,)
         np.multiply(d, xh, out=g)  # g as scratch
-        dw = np.sum(g, axis=0)
-        db = np.sum(d, axis=0)
+        dw = column_sum @ g
+        db = column_sum @ d
         np.multiply(d, w, out=g)  # g = dout * w
-        mean_gx = np.mean(g * xh, axis=-1, keepdims=True)
-        g -= np.mean(g, axis=-1, keepdims=True)
-        g -= xh * mean_gx
+        mean_gx = np.einsum("ij,ij->i", g, xh)  # (Nb,)
+        mean_gx *= 1.0 / C
+        g -= (g @ average)[:, None]
+        g -= xh * mean_gx[:, None]
         g *= rstd[r0:r1]
         return dw, db
 
@@ -352,33 +361,42 @@ def masked_softmax(a, future, other):
 
 
 def attention_backward(dy, cache):
-    """dy (B, NH, T, hs) -> dq (B, NH, T, hs), dk, dv (B, NH, S, hs), block by block,
-    each thread taking a range of heads (as in the forward)."""
+    """dy (B, NH, T, hs) -> dq (B, NH, T, hs), dk, dv (B, NH, S, hs), block by block (the
+    forward's), each thread taking a range of heads (as in the forward): a block whose
+    scores fit in BATCHED_ATTENTION as stacked products over the whole range (a few
+    calls for all heads), a larger one head by head (each head's block in cache)."""
     q, k, v, blocks = cache
     B, NH, T, hs = q.shape
+    H, S = B * NH, k.shape[2]
     scale = 1.0 / math.sqrt(hs)
-    dq = np.empty(q.shape, dtype=q.dtype)
-    dk, dv = np.zeros(k.shape, dtype=k.dtype), np.zeros(v.shape, dtype=v.dtype)
+    dq = np.empty((H, T, hs), dtype=q.dtype)
+    dk, dv = np.zeros((H, S, hs), dtype=k.dtype), np.zeros((H, S, hs), dtype=v.dtype)
+    # heads as one axis (H, ., hs): copies where q and dy are the model's strided views
+    q, dy = head_rows(q).reshape(H, T, hs), head_rows(dy).reshape(H, T, hs)
+    k, v = k.reshape(H, S, hs), v.reshape(H, S, hs)
     for t0, t1, s1, att, mask in blocks:
         Tb = t1 - t0
-        drop = None if mask is None else np.broadcast_to(mask, (B, NH, Tb, s1)).reshape(B * NH, Tb, s1)
+        drop = None if mask is None else np.broadcast_to(mask, (B, NH, Tb, s1)).reshape(H, Tb, s1)
 
-        def heads(h0, h1):
+        def heads(h0, h1):  # heads [h0, h1) of the block, stacked: p (h, Tb, s1), dyb (h, Tb, hs)
+            p, dyb = att[h0:h1], dy[h0:h1, t0:t1]
+            dv[h0:h1, :s1] += (p if drop is None else p * drop[h0:h1]).mT @ dyb  # (h, s1, hs)
+            d = dyb @ v[h0:h1, :s1].mT  # (h, Tb, s1), d(dropped probabilities)
+            if drop is not None:
+                d *= drop[h0:h1]
+            d -= ((d * p) @ ones(s1, d.dtype))[..., None]
+            d *= p
+            d *= scale  # d(scores)
+            np.matmul(d, k[h0:h1, :s1], out=dq[h0:h1, t0:t1])
+            dk[h0:h1, :s1] += d.mT @ q[h0:h1, t0:t1]
+
+        def one_by_one(h0, h1):
             for h in range(h0, h1):
-                b, n = divmod(h, NH)
-                p, dyb = att[h], dy[b, n, t0:t1]  # (Tb, s1), (Tb, hs)
-                dv[b, n, :s1] += (p if drop is None else p * drop[h]).T @ dyb  # (s1, hs)
-                d = dyb @ v[b, n, :s1].T  # (Tb, s1), d(dropped probabilities)
-                if drop is not None:
-                    d *= drop[h]
-                d -= np.sum(d * p, axis=-1, keepdims=True)
-                d *= p
-                d *= scale  # d(scores)
-                np.matmul(d, k[b, n, :s1], out=dq[b, n, t0:t1])
-                dk[b, n, :s1] += d.T @ q[b, n, t0:t1]
+                heads(h, h + 1)
 
-        parallel_rows(heads, B * NH, Tb * s1 * hs, one_blas_thread=True)
-    return dq, dk, dv
+        batched = att.size <= BATCHED_ATTENTION
+        parallel_rows(heads if batched else one_by_one, H, Tb * s1 * hs, one_blas_thread=True)
+    return dq.reshape(B, NH, T, hs), dk.reshape(B, NH, S, hs), dv.reshape(B, NH, S, hs)
 
 
 # -- embeddings ---------------------------------------------------------------------------------
@@ -453,6 +471,15 @@ def over_batch(fn, B, T):
     return parallel_items(lambda i: fn(*pieces[i]), len(pieces))
 
 
+# -- training: a batch in one piece per thread -------------------------------------------------
+def over_train_batch(fn, B, T):
+    """fn over one piece of whole rows per thread (at least TRAIN_PIECE positions each, B
+    permitting), run at once: each piece's forward and backward runs its kernels on its
+    own thread, BLAS included, so a step hands work between threads once, not in every
+    kernel. Its price: a set of gradients per extra piece, summed by the caller."""
+    return parallel_rows(fn, B, T * (MIN_ELEMENTS // TRAIN_PIECE), one_blas_thread=True)
+
+
 # -- the optimizer: AdamW and the gradient norm, in cache-sized blocks over row ranges ---------
 def adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps):
     """`npgpt.optim.adamw_update`, one sweep over FLAT_BLOCK-element blocks of the flat
@@ -517,6 +544,7 @@ KERNELS = REFERENCE.replace(
     cross_entropy_forward=cross_entropy_forward,
     cross_entropy_backward=cross_entropy_backward,
     over_batch=over_batch,
+    over_train_batch=over_train_batch,
     adamw_update=adamw_update,
     sum_of_squares=sum_of_squares,
 )
