@@ -450,10 +450,14 @@ def over_batch(fn, B, T):
 
 # -- training: a batch in one piece per thread -------------------------------------------------
 def over_train_batch(fn, B, T):
-    """fn over one piece of whole rows per thread (at least TRAIN_PIECE positions each, B
-    permitting), run at once: each piece's forward and backward runs its kernels on its
-    own thread, BLAS included, so a step hands work between threads once, not in every
-    kernel. Its price: a set of gradients per extra piece, summed by the caller."""
+    """fn over one piece of whole rows per thread (at least TRAIN_PIECE positions each),
+    run at once: each piece's forward and backward runs its kernels on its own thread,
+    BLAS included, so a step hands work between threads once, not in every kernel. Its
+    price: a set of gradients per extra piece, summed by the caller. With fewer rows than
+    threads the batch runs whole, its kernels sharing out their own passes (pieces of a
+    row or so would leave threads idle)."""
+    if B < num_threads():
+        return [fn(0, B)]
     return parallel_rows(fn, B, T * (MIN_ELEMENTS // TRAIN_PIECE), one_blas_thread=True)
 
 
