@@ -125,7 +125,7 @@ attention_shapes = st.fixed_dictionaries(
         dropout=st.booleans(),
         threads=st.integers(1, 4),  # ranges of heads: B * NH is 1..9
         batched=st.sampled_from([0, 40, 1 << 16]),  # all heads at once when their scores fit (40: some blocks)
-        scale=st.sampled_from([1.0, 100.0]),  # 100: large scores, nearly one-hot probabilities
+        scale=st.sampled_from([1.0, 100.0, 1e4]),  # 100: large scores, nearly one-hot probabilities; 1e4: past exp's range, shifted
         seed=st.integers(0, 2**16),
     )
 )
@@ -183,6 +183,30 @@ def test_attention_across_the_default_query_block(T, batched):
     with blocks(batched_attention=batched):
         check_attention(3, 2, T, T, 2, rng, segments_of(rng, 3, T), dropout=True)
         check_attention(1, 1, T, T + 3, 3, rng)
+
+
+@pytest.mark.parametrize("bound", [60.0, 80.0, 82.0, 200.0])
+def test_attention_skips_the_row_maximum_only_where_exp_cannot_overflow(bound):
+    """float32 scores up to `bound`: up to -log(tiny) - log(S) - 1 (81.5 here) the softmax
+    runs unshifted, above it subtracts the row maxima; either way the probabilities and
+    outputs equal the float64 reference to float32 round-off."""
+    rng = np.random.default_rng(int(bound))
+    B, NH, T, hs = 1, 2, 128, 8
+    q, k, v = (rng.standard_normal((B, NH, T, hs)) for _ in range(3))
+    q *= (bound * np.sqrt(hs)) / np.linalg.norm(q, axis=-1, keepdims=True).max(axis=-2, keepdims=True)
+    q[..., 0, :] *= (bound * np.sqrt(hs)) / np.linalg.norm(q[..., 0, :], axis=-1, keepdims=True)  # the longest
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)  # unit keys, the first along the first query:
+    k[..., 0, :] = q[..., 0, :] / (bound * np.sqrt(hs))  # its score, q . k / sqrt(hs), is the bound
+    q32, k32, v32 = (a.astype(np.float32) for a in (q, k, v))
+    scores = q32 @ k32.mT / np.float32(np.sqrt(hs))
+    assert np.isclose(np.max(np.abs(scores)), bound, rtol=1e-4)
+    assert fast.exp_is_safe(scores) == (bound < 81.0)
+    y, (_, _, _, parts) = fast.attention_forward(q32, k32, v32)
+    ref, (_, _, _, probs, _) = layers.attention_forward(q, k, v)
+    assert np.all(np.isfinite(y))
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+    for t0, t1, s1, att, _ in parts:
+        np.testing.assert_allclose(att.reshape(B, NH, t1 - t0, s1), probs[:, :, t0:t1, :s1], rtol=1e-4, atol=1e-6)
 
 
 @settings(max_examples=25, deadline=None)

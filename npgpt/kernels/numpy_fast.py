@@ -18,21 +18,24 @@ proves it, forward and backward, in float64); what changes is only how the work 
   of dw; a small forward product, by rows, or by columns for decoding's few rows);
 - inside a range, long chains (GELU, LayerNorm) run over blocks of ROW_BLOCK rows (more
   for short rows), so their passes hit the cache instead of main memory, built in place;
-  LayerNorm's row means and variances are BLAS matrix-vector and row-wise dot products;
+  LayerNorm's row means and variances are BLAS matrix-vector products;
 - attention runs over blocks of QUERY_BLOCK queries, each against only the keys it can
   see, so the masked upper triangle of the T x S scores is (mostly) never computed; few
   heads of short rows (an inference piece) go all at once, in blocks of up to
-  SMALL_QUERY_BLOCK queries;
+  SMALL_QUERY_BLOCK queries; where every score of a block is too small for exp to
+  overflow, the softmax skips its row maxima (softmax is unchanged by that shift);
 - the position embedding's gradient is a sum over the batch when no row is packed;
 - LayerNorm, the linear bias and cross-entropy write into buffers they own instead of
-  allocating one per step of the formula; cross-entropy turns the logits into its
-  probabilities and then into the gradient, so one (N, V) buffer serves all three;
+  allocating one per step of the formula; cross-entropy turns the logits into
+  unnormalised probabilities (its loss needs only their row sums) and the backward turns
+  them into the gradient, so one (N, V) buffer serves all three;
 - AdamW updates each parameter in one sweep of cache-sized blocks instead of ~10 passes
   over the whole tensor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -58,14 +61,16 @@ SMALL_GEMM = 1 << 27  # multiply-adds up to which a linear layer's forward produ
 GELU_SCALE = layers.GELU_SCALE
 
 
-def over_row_blocks(fn, N: int, row_size: int) -> list:
+def over_row_blocks(fn, N: int, row_size: int, overflow: str | None = None) -> list:
     """fn(r0, r1) for every block of max(ROW_BLOCK, ROW_ELEMENTS // row_size) rows of
     [0, N), contiguous runs of blocks shared among the threads; returns each thread's
-    list of fn's results."""
+    list of fn's results. `overflow` ("ignore"): NumPy's overflow handling in fn, set once
+    per thread (an errstate costs more than a pass over a small block)."""
     rows = max(ROW_BLOCK, ROW_ELEMENTS // max(row_size, 1))
 
     def run(a, b):
-        return [fn(r0, min(r0 + rows, b)) for r0 in range(a, b, rows)]
+        with np.errstate(over=overflow) if overflow else contextlib.nullcontext():
+            return [fn(r0, min(r0 + rows, b)) for r0 in range(a, b, rows)]
 
     return parallel_rows(run, N, row_size, align=rows)
 
@@ -137,17 +142,16 @@ def linear_backward(dout, cache):
 
 # -- layer norm -----------------------------------------------------------------------------
 def layer_norm_forward(x, w, b, eps):
-    """x (N, C) -> out (N, C), block by block: the row means by a matrix-vector product and
-    the variances by row-wise dot products (no squares held), x - mean normalised in place."""
+    """x (N, C) -> out (N, C), block by block: the row means and variances by BLAS
+    matrix-vector products (the squares held in `out` meanwhile), x - mean normalised in place."""
     N, C = x.shape
     xhat, out, rstd = np.empty_like(x), np.empty_like(x), np.empty((N, 1), dtype=x.dtype)
-    average = np.full(C, 1.0 / C, dtype=x.dtype)  # (C,)
+    average = averaging(C, x.dtype)  # (C,) of 1/C
 
     def block(r0, r1):
         xh, rs, o = xhat[r0:r1], rstd[r0:r1, 0], out[r0:r1]
         np.subtract(x[r0:r1], (x[r0:r1] @ average)[:, None], out=xh)  # centred
-        np.einsum("ij,ij->i", xh, xh, out=rs)
-        rs *= 1.0 / C  # variance
+        np.matmul(np.multiply(xh, xh, out=o), average, out=rs)  # variance
         rs += eps
         np.sqrt(rs, out=rs)
         np.divide(1.0, rs, out=rs)  # (Nb,)
@@ -192,24 +196,19 @@ def layer_norm_backward(dout, cache):
 def gelu_forward(x):
     """x (N, 4C) -> out (N, 4C). Keeps only x: backward recomputes the tanh."""
     out = np.empty_like(x)
-
-    def block(r0, r1):
-        out[r0:r1] = gelu_block(x[r0:r1])
-
-    over_row_blocks(block, x.shape[0], x.shape[1])
+    over_row_blocks(lambda r0, r1: gelu_block(x[r0:r1], out[r0:r1]), x.shape[0], x.shape[1], overflow="ignore")
     return out, x
 
 
-def gelu_block(x):
-    """0.5 x (1 + tanh u) written as x / (1 + exp(-2u)): one exp instead of a tanh (NumPy's
-    float32 tanh is ~1.6x its exp on AVX2). exp overflows to inf for very negative x,
-    giving x / inf = -0, as the reference's 0.5 x (1 - 1)."""
-    e = x * x  # built in place: e = -2u = -2 sqrt(2/pi) (x + 0.044715 x^3)
+def gelu_block(x, out):
+    """0.5 x (1 + tanh u) written as x / (1 + exp(-2u)), built in `out`: one exp instead of
+    a tanh (NumPy's float32 tanh is ~1.6x its exp on AVX2). exp overflows to inf for very
+    negative x (the caller ignores it), giving x / inf = -0, as the reference's 0.5 x (1 - 1)."""
+    e = np.multiply(x, x, out=out)  # e = -2u = -2 sqrt(2/pi) (x + 0.044715 x^3)
     e *= -2 * GELU_SCALE * 0.044715
     e -= 2 * GELU_SCALE
     e *= x
-    with np.errstate(over="ignore"):
-        np.exp(e, out=e)
+    np.exp(e, out=e)
     e += 1.0
     return np.divide(x, e, out=e)
 
@@ -217,29 +216,26 @@ def gelu_block(x):
 def gelu_backward(dout, x):
     """dout (N, 4C) -> dx (N, 4C)."""
     dx = np.empty_like(dout)
-
-    def block(r0, r1):
-        dx[r0:r1] = gelu_grad_block(dout[r0:r1], x[r0:r1])
-
-    over_row_blocks(block, x.shape[0], x.shape[1])
+    over_row_blocks(lambda r0, r1: gelu_grad_block(dout[r0:r1], x[r0:r1], dx[r0:r1]), x.shape[0], x.shape[1],
+                    overflow="ignore")  # fmt: skip
     return dx
 
 
-def gelu_grad_block(dout, x):
+def gelu_grad_block(dout, x, dx):
     """With s = sigmoid(2u) = (1 + tanh u) / 2 (one exp, as in the forward), the reference's
-    0.5 (1 + t) + 0.5 x (1 - t^2) du/dx is s + 2 x s (1 - s) du/dx."""
+    0.5 (1 + t) + 0.5 x (1 - t^2) du/dx is s + 2 x s (1 - s) du/dx, built in `dx` (exp
+    overflows for very negative x: the caller ignores it)."""
     x2 = x * x  # the rest is built in place: each temporary costs a pass
     e = (-2 * GELU_SCALE * 0.044715) * x2
     e -= 2 * GELU_SCALE
     e *= x  # -2u
-    with np.errstate(over="ignore"):
-        np.exp(e, out=e)
+    np.exp(e, out=e)
     e += 1.0
     s = np.divide(1.0, e, out=e)  # sigmoid(2u); 0 where exp overflowed
     du = x2  # x2 is not needed again
     du *= 3 * 0.044715 * GELU_SCALE
     du += GELU_SCALE  # du/dx
-    dx = 1.0 - s
+    np.subtract(1.0, s, out=dx)
     dx *= s
     dx *= du
     dx *= x
@@ -257,10 +253,12 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     thread meanwhile: per-head matmuls are too small to split again. Blocks are of
     QUERY_BLOCK queries, or, when all heads' scores of a SMALL_QUERY_BLOCK block fit in
     BATCHED_ATTENTION (few heads of short rows), of SMALL_QUERY_BLOCK or fewer queries with
-    all heads at once: fewer calls, and less of the masked triangle computed."""
+    all heads at once: fewer calls, and less of the masked triangle computed.
+    y is a view of a (B, T, NH, hs) array: the heads side by side, as the model reads them.
+    Where no score can overflow exp (`exp_is_safe`), the softmax skips the row maxima."""
     B, NH, T, hs = q.shape
     S = k.shape[2]
-    y = np.empty(q.shape, dtype=q.dtype)
+    y = np.empty((B, T, NH, hs), dtype=q.dtype).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
     qs = q * (1.0 / math.sqrt(hs))  # (B, NH, T, hs), scaled once
     k, v = head_rows(k), head_rows(v)
     fits = BATCHED_ATTENTION // max(B * NH * S, 1)  # queries per block whose scores fit, all heads at once
@@ -317,6 +315,14 @@ def ones(n: int, dtype) -> np.ndarray:
     return vector
 
 
+@functools.lru_cache(maxsize=64)
+def averaging(n: int, dtype) -> np.ndarray:
+    """A read-only vector of n values 1/n: x @ averaging(n) averages x's rows by BLAS."""
+    vector = np.full(n, 1.0 / n, dtype=dtype)
+    vector.flags.writeable = False
+    return vector
+
+
 def head_rows(a):
     """a (B, NH, S, hs) with each head's rows contiguous: a copy of the strided views the
     model cuts out of the fused q, k, v projection (a KV cache's views are kept), so the
@@ -327,15 +333,28 @@ def head_rows(a):
     return np.ascontiguousarray(a)
 
 
+def exp_is_safe(scores) -> bool:
+    """Whether exp of every score, unshifted, and the sum of a row of them stay finite and
+    normal: all scores within +-(-log(tiny) - log(row length) - 1), 81 for float32 rows
+    of 128. Two whole-array reductions: much cheaper than a maximum per row."""
+    if scores.size == 0:
+        return True
+    limit = -math.log(np.finfo(scores.dtype).tiny) - math.log(scores.shape[-1]) - 1.0
+    return bool(-limit <= np.min(scores) and np.max(scores) <= limit)  # NaN: False
+
+
 def masked_softmax(a, future, other):
     """Softmax over the last axis of scores a (..., Tb, s1), in place: `future` (Tb, Tb)
     masks keys after each query (the last Tb columns), `other` (broadcast to a) keys of
-    other documents. Row sums by a matrix-vector product."""
+    other documents. Each row's maximum is subtracted first unless `exp_is_safe` (softmax
+    is unchanged by the shift). Row sums by a matrix-vector product."""
+    shift = not exp_is_safe(a)
     if future is not None:
         np.copyto(a[..., a.shape[-1] - future.shape[0] :], -np.inf, where=future)
     if other is not None:
         np.copyto(a, -np.inf, where=other)
-    a -= np.max(a, axis=-1, keepdims=True)
+    if shift:
+        a -= np.max(a, axis=-1, keepdims=True)
     np.exp(a, out=a)
     total = a @ ones(a.shape[-1], a.dtype)  # (..., Tb)
     a *= np.divide(1.0, total, out=total)[..., None]
@@ -399,12 +418,16 @@ def embedding_backward(dx, cache, dwte, wpe_shape, backend):
 
 # -- cross-entropy, in the logits' own buffer, over row ranges ---------------------------------
 def cross_entropy_forward(logits, targets, ignore_index=layers.IGNORE_INDEX):
-    """The reference's loss; the logits are overwritten with the probabilities."""
+    """The reference's loss by log-sum-exp; the logits are overwritten with their
+    unnormalised probabilities exp(z - max z), which the backward divides by their row
+    totals (kept in the cache): a loss alone makes no normalising pass."""
     N, V = logits.shape
     valid = targets != ignore_index  # (N,)
     safe = np.where(valid, targets, 0)  # (N,), ignored rows read class 0
     row_loss = np.empty(N, dtype=logits.dtype)  # log(sum exp) - target logit, per row
+    total = np.empty(N, dtype=logits.dtype)  # sum exp(z - max z), per row
     block = max(1, CE_BLOCK // max(V, 1))  # rows whose passes stay in cache
+    every = ones(V, logits.dtype)
 
     def rows(a, b):
         for r0 in range(a, b, block):
@@ -413,26 +436,26 @@ def cross_entropy_forward(logits, targets, ignore_index=layers.IGNORE_INDEX):
             z -= np.max(z, axis=-1, keepdims=True)
             target_logit = np.take_along_axis(z, safe[r0:r1, None], axis=-1)[:, 0]
             np.exp(z, out=z)  # unnormalised probabilities
-            total = np.sum(z, axis=-1, keepdims=True)
-            z /= total
-            np.subtract(np.log(total[:, 0]), target_logit, out=row_loss[r0:r1])
+            np.matmul(z, every, out=total[r0:r1])
+            np.subtract(np.log(total[r0:r1]), target_logit, out=row_loss[r0:r1])
 
-    parallel_rows(rows, N, V, align=block)
+    parallel_rows(rows, N, V, align=block, one_blas_thread=True)  # the row sums: matrix-vector products
     weight = valid.astype(logits.dtype) / max(int(np.count_nonzero(valid)), 1)
-    return np.asarray(np.sum(weight * row_loss)), (logits, safe, weight)
+    return np.asarray(np.sum(weight * row_loss)), (logits, total, safe, weight)
 
 
 def cross_entropy_backward(dloss, cache):
-    """dlogits = dloss * weight * (probs - one_hot), written into the probabilities."""
-    probs, safe, weight = cache
+    """dlogits = dloss * weight * (probs - one_hot), probs = exps / total, written into the
+    exps."""
+    exps, total, safe, weight = cache
     scale = weight * dloss  # (N,)
-    dlogits = probs  # the probabilities are not needed again: scaled in place
+    dlogits = exps  # the exps are not needed again: scaled in place
 
     def rows(r0, r1):
-        dlogits[r0:r1] *= scale[r0:r1, None]
+        dlogits[r0:r1] *= (scale[r0:r1] / total[r0:r1])[:, None]
         dlogits[np.arange(r0, r1), safe[r0:r1]] -= scale[r0:r1]  # one target per row
 
-    parallel_rows(rows, probs.shape[0], probs.shape[1])
+    parallel_rows(rows, exps.shape[0], exps.shape[1])
     return dlogits
 
 
