@@ -170,7 +170,7 @@ def layer_norm_backward(dout, cache):
     xhat, rstd, w = cache
     N, C = dout.shape
     dx = np.empty_like(dout)
-    average = np.full(C, 1.0 / C, dtype=dout.dtype)  # (C,)
+    average = averaging(C, dout.dtype)  # (C,) of 1/C
 
     def block(r0, r1):
         d, xh, g = dout[r0:r1], xhat[r0:r1], dx[r0:r1]
