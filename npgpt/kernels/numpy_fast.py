@@ -205,7 +205,7 @@ def layer_norm_backward(dout, cache):
     xhat, rstd, w = cache
     N, C = dout.shape
     dx = np.empty_like(dout)
-    average = np.full(C, 1.0 / C, dtype=dout.dtype)  # (C,)
+    average = averaging(C, dout.dtype)  # (C,) of 1/C
 
     def block(r0, r1):
         d, xh, g = dout[r0:r1], xhat[r0:r1], dx[r0:r1]
@@ -514,10 +514,14 @@ def over_batch(fn, B, T):
 
 # -- training: a batch in one piece per thread -------------------------------------------------
 def over_train_batch(fn, B, T):
-    """fn over one piece of whole rows per thread (at least TRAIN_PIECE positions each, B
-    permitting), run at once: each piece's forward and backward runs its kernels on its
-    own thread, BLAS included, so a step hands work between threads once, not in every
-    kernel. Its price: a set of gradients per extra piece, summed by the caller."""
+    """fn over one piece of whole rows per thread (at least TRAIN_PIECE positions each),
+    run at once: each piece's forward and backward runs its kernels on its own thread,
+    BLAS included, so a step hands work between threads once, not in every kernel. Its
+    price: a set of gradients per extra piece, summed by the caller. With fewer rows than
+    threads the batch runs whole, its kernels sharing out their own passes (pieces of a
+    row or so would leave threads idle)."""
+    if B < num_threads():
+        return [fn(0, B)]
     return parallel_rows(fn, B, T * (MIN_ELEMENTS // TRAIN_PIECE), one_blas_thread=True)
 
 
