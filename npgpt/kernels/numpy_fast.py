@@ -283,9 +283,11 @@ def gelu_grad_block(dout, x, dx):
 # -- attention over query blocks, heads split among the threads ----------------------------
 def attention_forward(q, k, v, dropout=None, segments=None):
     """The reference's attention over blocks of queries, each block against only the keys
-    s < S - T + t1 its last query can see. Each thread takes a range of the B * NH heads,
-    its matmuls and softmax (one head's block at a time, in cache), with BLAS on one
-    thread meanwhile: per-head matmuls are too small to split again. Blocks are of
+    s < S - T + t1 its last query can see. Each thread takes a range of the B * NH heads
+    through every block (one hand-off per call; with dropout, block by block, as each
+    block's mask is drawn between its two halves), its matmuls and softmax (one head's
+    block at a time, in cache), with BLAS on one thread meanwhile: per-head matmuls are
+    too small to split again. Blocks are of
     QUERY_BLOCK queries, or, when all heads' scores of a SMALL_QUERY_BLOCK block fit in
     BATCHED_ATTENTION (few heads of short rows), of SMALL_QUERY_BLOCK or fewer queries with
     all heads at once: fewer calls, and less of the masked triangle computed.
@@ -304,40 +306,52 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     k, v = head_rows(k), head_rows(v)
     fits = BATCHED_ATTENTION // max(B * NH * S, 1)  # queries per block whose scores fit, all heads at once
     step = min(SMALL_QUERY_BLOCK, fits) if fits >= max(1, SMALL_QUERY_BLOCK // 2) else QUERY_BLOCK
-    blocks = []
+    blocks = []  # (t0, t1, s1, att (B * NH, Tb, s1), future, other) per block of queries
     for t0 in range(0, T, step):
         t1 = min(t0 + step, T)
         Tb, s1 = t1 - t0, S - T + t1  # keys visible to the block's last query
         future = future_keys(Tb) if Tb > 1 else None  # (Tb, Tb): key after query
         other = None if segments is None else segments[:, t0:t1, None] != segments[:, None, :s1]  # (B, Tb, s1)
-        att = np.empty((B * NH, Tb, s1), dtype=q.dtype)
+        blocks.append((t0, t1, s1, np.empty((B * NH, Tb, s1), dtype=q.dtype), future, other))
 
-        def probs(h0, h1):
-            if h1 - h0 == B * NH and att.size <= BATCHED_ATTENTION:  # little work: all heads at once
-                a4 = np.matmul(qs[:, :, t0:t1], k[:, :, :s1].mT, out=att.reshape(B, NH, Tb, s1))
-                masked_softmax(a4, future, None if other is None else other[:, None])
-                return
-            for h in range(h0, h1):
-                b, n = divmod(h, NH)
-                a = np.matmul(qs[b, n, t0:t1], k[b, n, :s1].T, out=att[h])  # (Tb, s1), scores
-                masked_softmax(a, future, None if other is None else other[b])
+    def probs(block, h0, h1):  # heads [h0, h1) of a block: scores, then probabilities in att
+        t0, t1, s1, att, future, other = block
+        if h1 - h0 == B * NH and att.size <= BATCHED_ATTENTION:  # little work: all heads at once
+            a4 = np.matmul(qs[:, :, t0:t1], k[:, :, :s1].mT, out=att.reshape(B, NH, t1 - t0, s1))
+            masked_softmax(a4, future, None if other is None else other[:, None])
+            return
+        for h in range(h0, h1):
+            b, n = divmod(h, NH)
+            a = np.matmul(qs[b, n, t0:t1], k[b, n, :s1].T, out=att[h])  # (Tb, s1), scores
+            masked_softmax(a, future, None if other is None else other[b])
 
-        parallel_rows(probs, B * NH, Tb * s1 * hs, one_blas_thread=True)
-        att4 = att.reshape(B, NH, Tb, s1)
-        dropped, mask = dropout(att4, t0) if dropout is not None else (att4, None)
-        dropped = dropped.reshape(B * NH, Tb, s1)
+    def values(block, dropped, h0, h1):  # heads [h0, h1) of a block: y = dropped probabilities @ v
+        t0, t1, s1, att = block[:4]
+        if h1 - h0 == B * NH and att.size <= BATCHED_ATTENTION:
+            np.matmul(dropped.reshape(B, NH, t1 - t0, s1), v[:, :, :s1], out=y[:, :, t0:t1])
+            return
+        for h in range(h0, h1):
+            b, n = divmod(h, NH)
+            np.matmul(dropped[h], v[b, n, :s1], out=y[b, n, t0:t1])
 
-        def values(h0, h1):
-            if h1 - h0 == B * NH and att.size <= BATCHED_ATTENTION:
-                np.matmul(dropped.reshape(B, NH, Tb, s1), v[:, :, :s1], out=y[:, :, t0:t1])
-                return
-            for h in range(h0, h1):
-                b, n = divmod(h, NH)
-                np.matmul(dropped[h], v[b, n, :s1], out=y[b, n, t0:t1])
+    work = sum(block[3].size for block in blocks) // (B * NH) * hs  # multiply-adds per head
+    if dropout is None:  # each thread takes its heads through every block: one hand-off per call
+        def heads(h0, h1):
+            for block in blocks:
+                probs(block, h0, h1)
+                values(block, block[3], h0, h1)
 
-        parallel_rows(values, B * NH, Tb * s1 * hs, one_blas_thread=True)
-        blocks.append((t0, t1, s1, att, mask))
-    return y, (q, k, v, blocks)
+        parallel_rows(heads, B * NH, work, one_blas_thread=True)
+        return y, (q, k, v, [(t0, t1, s1, att, None) for t0, t1, s1, att, _, _ in blocks])
+    cache_blocks = []
+    for block in blocks:  # dropout draws each block's mask in order, between the two halves
+        t0, t1, s1, att = block[:4]
+        parallel_rows(functools.partial(probs, block), B * NH, att.size // (B * NH) * hs, one_blas_thread=True)
+        dropped, mask = dropout(att.reshape(B, NH, t1 - t0, s1), t0)
+        parallel_rows(functools.partial(values, block, dropped.reshape(B * NH, t1 - t0, s1)), B * NH,
+                      att.size // (B * NH) * hs, one_blas_thread=True)  # fmt: skip
+        cache_blocks.append((t0, t1, s1, att, mask))
+    return y, (q, k, v, cache_blocks)
 
 
 @functools.lru_cache(maxsize=64)
@@ -403,9 +417,10 @@ def masked_softmax(a, future, other):
 
 def attention_backward(dy, cache):
     """dy (B, NH, T, hs) -> dq (B, NH, T, hs), dk, dv (B, NH, S, hs), block by block (the
-    forward's), each thread taking a range of heads (as in the forward): a block whose
-    scores fit in BATCHED_ATTENTION as stacked products over the whole range (a few
-    calls for all heads), a larger one head by head (each head's block in cache)."""
+    forward's), each thread taking a range of heads through every block (one hand-off per
+    call): a block whose scores fit in BATCHED_ATTENTION as stacked products over the
+    thread's heads (a few calls for all), a larger one head by head (each head's block in
+    cache)."""
     q, k, v, blocks = cache
     B, NH, T, hs = q.shape
     H, S = B * NH, k.shape[2]
@@ -415,28 +430,30 @@ def attention_backward(dy, cache):
     # heads as one axis (H, ., hs): copies where q and dy are the model's strided views
     q, dy = head_rows(q).reshape(H, T, hs), head_rows(dy).reshape(H, T, hs)
     k, v = k.reshape(H, S, hs), v.reshape(H, S, hs)
-    for t0, t1, s1, att, mask in blocks:
-        Tb = t1 - t0
-        drop = None if mask is None else np.broadcast_to(mask, (B, NH, Tb, s1)).reshape(H, Tb, s1)
 
-        def heads(h0, h1):  # heads [h0, h1) of the block, stacked: p (h, Tb, s1), dyb (h, Tb, hs)
-            p, dyb = att[h0:h1], dy[h0:h1, t0:t1]
-            dv[h0:h1, :s1] += (p if drop is None else p * drop[h0:h1]).mT @ dyb  # (h, s1, hs)
-            d = dyb @ v[h0:h1, :s1].mT  # (h, Tb, s1), d(dropped probabilities)
-            if drop is not None:
-                d *= drop[h0:h1]
-            d -= ((d * p) @ ones(s1, d.dtype))[..., None]
-            d *= p
-            d *= scale  # d(scores)
-            np.matmul(d, k[h0:h1, :s1], out=dq[h0:h1, t0:t1])
-            dk[h0:h1, :s1] += d.mT @ q[h0:h1, t0:t1]
+    def block_heads(block, h0, h1):  # heads [h0, h1) of a block, stacked: p (h, Tb, s1), dyb (h, Tb, hs)
+        t0, t1, s1, att, mask = block
+        p, dyb = att[h0:h1], dy[h0:h1, t0:t1]
+        drop = None if mask is None else np.broadcast_to(mask, (B, NH, t1 - t0, s1)).reshape(H, t1 - t0, s1)[h0:h1]
+        dv[h0:h1, :s1] += (p if drop is None else p * drop).mT @ dyb  # (h, s1, hs)
+        d = dyb @ v[h0:h1, :s1].mT  # (h, Tb, s1), d(dropped probabilities)
+        if drop is not None:
+            d *= drop
+        d -= ((d * p) @ ones(s1, d.dtype))[..., None]
+        d *= p
+        d *= scale  # d(scores)
+        np.matmul(d, k[h0:h1, :s1], out=dq[h0:h1, t0:t1])
+        dk[h0:h1, :s1] += d.mT @ q[h0:h1, t0:t1]
 
-        def one_by_one(h0, h1):
-            for h in range(h0, h1):
-                heads(h, h + 1)
+    def heads(h0, h1):  # a thread's heads through every block: its rows of dk, dv are its own
+        for block in blocks:
+            if block[3].size <= BATCHED_ATTENTION:
+                block_heads(block, h0, h1)
+            else:
+                for h in range(h0, h1):
+                    block_heads(block, h, h + 1)
 
-        batched = att.size <= BATCHED_ATTENTION
-        parallel_rows(heads if batched else one_by_one, H, Tb * s1 * hs, one_blas_thread=True)
+    parallel_rows(heads, H, sum(block[3].size for block in blocks) // H * hs, one_blas_thread=True)
     return dq.reshape(B, NH, T, hs), dk.reshape(B, NH, S, hs), dv.reshape(B, NH, S, hs)
 
 
