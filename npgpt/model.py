@@ -351,6 +351,7 @@ class GPT:
             raise ValueError(f"targets must have the ids' shape {(B, T)}, got {shape}")
         targets = xp.reshape(self._targets(targets, ignore_index), (B, T))
         rngs = rng.spawn(B) if rng is not None and self.config.dropout else None  # per row: any split draws alike
+        batch_scored = None  # the whole batch's scored targets, counted once if the batch is split
 
         def piece(b0, b1):  # -> (loss, gradients) of rows [b0, b1), as shares of the whole batch's
             flat = xp.reshape(targets[b0:b1, ...], (-1,))
@@ -359,9 +360,11 @@ class GPT:
             loss, ce = kernels.cross_entropy_forward(self._flat(logits), flat, ignore_index)
             if b1 - b0 == B:  # the whole batch
                 return loss, self._backward(kernels.cross_entropy_backward(1.0, ce), acts, grad_ready or _no_hook)
-            share = self._scored(flat, ignore_index) / xp.maximum(self._scored(targets, ignore_index), 1.0)
+            share = self._scored(flat, ignore_index) / batch_scored
             return loss * share, self._backward(kernels.cross_entropy_backward(share, ce), acts, _no_hook)
 
+        if B > 1:
+            batch_scored = xp.maximum(self._scored(targets, ignore_index), 1.0)
         pieces = kernels.over_train_batch(piece, B, T)
         loss, grads = pieces[0]
         if len(pieces) == 1:

@@ -109,7 +109,7 @@ def linear_forward(x, w, b):
         if free_threads() == 1:
             return whole_product(x, w, b), (x, w)
         return by_columns(x, w, b, num_threads(), align=LARGE_COLUMN_ALIGN), (x, w)
-    out = np.empty((N, Cout), dtype=np.result_type(x, w) if b is None else np.result_type(x, w, b))
+    out = product_output(x, w, b)
 
     def rows(r0, r1):
         np.matmul(x[r0:r1], w, out=out[r0:r1])
@@ -132,10 +132,16 @@ def whole_product(x, w, b):
     return out
 
 
+def product_output(x, w, b):
+    """An empty (N, Cout) array for x @ w + b (b None: no bias), of the result's dtype."""
+    dtype = np.result_type(x, w) if b is None else np.result_type(x, w, b)
+    return np.empty((x.shape[0], w.shape[1]), dtype=dtype)
+
+
 def by_columns(x, w, b, parts: int, align: int):
     """x @ w + b by up to `parts` ranges of w's columns (inner edges multiples of `align`),
     taken by the threads as they come free, each on one BLAS thread."""
-    out = np.empty((x.shape[0], w.shape[1]), dtype=np.result_type(x, w) if b is None else np.result_type(x, w, b))
+    out = product_output(x, w, b)
     pieces = threads.row_ranges(w.shape[1], parts, align)
 
     def columns(i):
@@ -287,10 +293,10 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     through every block (one hand-off per call; with dropout, block by block, as each
     block's mask is drawn between its two halves), its matmuls and softmax (one head's
     block at a time, in cache), with BLAS on one thread meanwhile: per-head matmuls are
-    too small to split again. Blocks are of
-    QUERY_BLOCK queries, or, when all heads' scores of a SMALL_QUERY_BLOCK block fit in
-    BATCHED_ATTENTION (few heads of short rows), of SMALL_QUERY_BLOCK or fewer queries with
-    all heads at once: fewer calls, and less of the masked triangle computed.
+    too small to split again. Blocks are of QUERY_BLOCK queries, or, when all heads'
+    scores of a SMALL_QUERY_BLOCK block fit in BATCHED_ATTENTION (few heads of short
+    rows), of SMALL_QUERY_BLOCK or fewer queries with all heads at once: fewer calls, and
+    less of the masked triangle computed.
     y is a view of a (B, T, NH, hs) array: the heads side by side, as the model reads them.
     Where no score can overflow exp (`exp_is_safe`), the softmax skips the row maxima."""
     B, NH, T, hs = q.shape
@@ -346,10 +352,11 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     cache_blocks = []
     for block in blocks:  # dropout draws each block's mask in order, between the two halves
         t0, t1, s1, att = block[:4]
-        parallel_rows(functools.partial(probs, block), B * NH, att.size // (B * NH) * hs, one_blas_thread=True)
+        head_work = att.size // (B * NH) * hs  # multiply-adds per head
+        parallel_rows(functools.partial(probs, block), B * NH, head_work, one_blas_thread=True)
         dropped, mask = dropout(att.reshape(B, NH, t1 - t0, s1), t0)
-        parallel_rows(functools.partial(values, block, dropped.reshape(B * NH, t1 - t0, s1)), B * NH,
-                      att.size // (B * NH) * hs, one_blas_thread=True)  # fmt: skip
+        parallel_rows(functools.partial(values, block, dropped.reshape(B * NH, t1 - t0, s1)), B * NH, head_work,
+                      one_blas_thread=True)  # fmt: skip
         cache_blocks.append((t0, t1, s1, att, mask))
     return y, (q, k, v, cache_blocks)
 

@@ -154,7 +154,7 @@ def parallel_rows(fn, N: int, row_size: int = 1, align: int = 1, one_blas_thread
     """
     if N * row_size < 2 * MIN_ELEMENTS:  # too small to share (checked first: each call costs)
         return [fn(0, N)] if N else []
-    parts = 1 if _nested() else min(num_threads(), max(1, (N * row_size) // MIN_ELEMENTS), N)
+    parts = min(free_threads(), max(1, (N * row_size) // MIN_ELEMENTS), N)
     ranges = row_ranges(N, parts, align)
     if len(ranges) <= 1:
         return [fn(0, N)] if N else []
@@ -167,7 +167,7 @@ def parallel_items(fn, n: int) -> list:
     work on the machine takes fewer, and one not yet started when the items run out is
     not waited for). BLAS runs on one thread in each, as with
     `parallel_rows(one_blas_thread=True)`; kernels called inside run on their own thread."""
-    workers = 1 if _nested() else min(num_threads(), n)
+    workers = min(free_threads(), n)
     if workers <= 1:
         return [fn(i) for i in range(n)]
     results: list = [None] * n
