@@ -61,18 +61,21 @@ def segments_of(rng, B, T):
 
 @settings(max_examples=25, deadline=None)
 @given(N=st.integers(1, 37), C=st.integers(1, 9), row_block=st.integers(1, 8), n_threads=st.integers(1, 4),
-       small_gemm=st.sampled_from([0, 1 << 27]), seed=st.integers(0, 2**16))  # fmt: skip
-@example(N=37, C=9, row_block=5, n_threads=3, small_gemm=1 << 27, seed=1)  # more rows than dw's 11 columns
-@example(N=3, C=8, row_block=1, n_threads=4, small_gemm=1 << 27, seed=2)  # fewer rows than threads
-@example(N=37, C=9, row_block=5, n_threads=3, small_gemm=0, seed=3)  # the forward's product by column ranges
-def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, n_threads, small_gemm, seed):
+       small_gemm=st.sampled_from([0, 1 << 27]), few_rows=st.sampled_from([0, 32]), seed=st.integers(0, 2**16))  # fmt: skip
+@example(N=37, C=9, row_block=5, n_threads=3, small_gemm=1 << 27, few_rows=0, seed=1)  # more rows than dw's 11 columns
+@example(N=3, C=8, row_block=1, n_threads=4, small_gemm=1 << 27, few_rows=0, seed=2)  # fewer rows than threads
+@example(N=37, C=9, row_block=5, n_threads=3, small_gemm=0, few_rows=0, seed=3)  # the forward's product by column ranges
+@example(N=1, C=9, row_block=5, n_threads=2, small_gemm=0, few_rows=32, seed=4)  # decoding's one row: one pass per step
+@example(N=31, C=9, row_block=5, n_threads=3, small_gemm=0, few_rows=32, seed=5)
+def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, n_threads, small_gemm, few_rows, seed):
     """Odd sizes, row blocks that do and do not divide N, 1-4 thread ranges (a small
     forward product split by rows, a larger one by columns, whole on 1 thread; the linear backward's threads each
-    take rows of dx and a share of dw's columns)."""
+    take rows of dx and a share of dw's columns); below FEW_ROWS rows (few_rows=32; 0: never),
+    LayerNorm and GELU in one pass per step over all rows."""
     rng = np.random.default_rng(seed)
     x, dout = rng.standard_normal((N, C)), rng.standard_normal((N, C))
     w, b = rng.standard_normal((C, C + 2)), rng.standard_normal(C + 2)
-    with blocks(row_block=row_block, n_threads=n_threads, small_gemm=small_gemm, large_column_align=1):
+    with blocks(row_block=row_block, n_threads=n_threads, small_gemm=small_gemm, large_column_align=1, few_rows=few_rows):
         out, cache = fast.linear_forward(x, w, b)
         ref, ref_cache = layers.linear_forward(x, w, b)
         np.testing.assert_allclose(out, ref, **TOL)

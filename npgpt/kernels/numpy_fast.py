@@ -16,8 +16,11 @@ proves it, forward and backward, in float64); what changes is only how the work 
   thread (attention's heads; a linear layer's dx and dw, by rows of dx and columns of
   dw; a forward product by rows when small, by one range of w's columns a thread when
   large; decoding's few rows whole, on one BLAS thread when small); only where the
-  kernels have one thread, or for decoding's large products, do they run whole on
-  BLAS's own threads;
+  kernels have one thread, or for decoding's products, do they run whole on BLAS's
+  own threads;
+- decoding's few rows (under FEW_ROWS) make one pass per step of LayerNorm and GELU
+  over all rows, and one-query attention one softmax over its S scores: no blocks, no
+  thread ranges, few calls;
 - inside a range, long chains (GELU, LayerNorm) run over blocks of ROW_BLOCK rows (more
   for short rows), so their passes hit the cache instead of main memory, built in place;
   LayerNorm's row means and variances are BLAS matrix-vector products;
@@ -59,7 +62,8 @@ CE_BLOCK = 1 << 16  # logits per block of cross-entropy's passes (a few rows of 
 GEMM_PER_ELEMENT = 16  # multiply-adds of a matmul that take about as long as one element of a pass
 SHARE_ROWS_FROM = 32  # rows from which the threads share a linear layer's rows (below: its columns)
 BATCH_ROWS = 512  # positions per piece of an inference batch: a piece's activations stay in cache
-SHARE_GEMV_FROM = 1 << 21  # multiply-adds from which decoding's products run on BLAS's own threads
+SHARE_GEMV_FROM = 1 << 18  # multiply-adds from which decoding's products run on BLAS's own threads
+FEW_ROWS = 32  # rows below which LayerNorm, GELU and the bias add make one pass per step over all rows (decoding)
 LARGE_COLUMN_ALIGN = 64  # column pieces of a large product: multiples of this many columns
 TRAIN_PIECE = 128  # positions per piece of a training batch, at least: below, one piece
 SMALL_GEMM = 1 << 27  # multiply-adds up to which a linear layer's forward product is shared among the threads
@@ -86,10 +90,7 @@ def linear_forward(x, w, b):
     Shared among the threads, each part on one BLAS thread with its bias added while it
     is in cache, except decoding's large products:
     - below SHARE_ROWS_FROM rows (decoding's matrix-vector products, where reading w is
-      the work), whole: from SHARE_GEMV_FROM multiply-adds on BLAS's own threads, which
-      stream w faster than the pool's hand-over allows (a 2-thread decode step 27 ms
-      against 40 ms by pieces of columns on the pool, load ~1.2); below, on one BLAS
-      thread (BLAS's own threads stall on products this small when the machine is busy);
+      the work), whole (`few_rows_product`);
     - a small product (up to SMALL_GEMM multiply-adds) by rows (at least ROW_BLOCK a
       thread);
     - a larger one by one range of w's columns a thread (more pieces would pack x more
@@ -101,10 +102,7 @@ def linear_forward(x, w, b):
     if blas_threads() is None:
         return whole_product(x, w, b), (x, w)
     if N < SHARE_ROWS_FROM:
-        if N * Cin * Cout >= SHARE_GEMV_FROM:
-            return whole_product(x, w, b), (x, w)
-        with blas_on_one_thread():
-            return whole_product(x, w, b), (x, w)
+        return few_rows_product(x, w, b), (x, w)
     if N * Cin * Cout > SMALL_GEMM:
         if free_threads() == 1:
             return whole_product(x, w, b), (x, w)
@@ -129,6 +127,22 @@ def whole_product(x, w, b):
 
     if b is not None:
         parallel_rows(add_bias, x.shape[0], w.shape[1])
+    return out
+
+
+def few_rows_product(x, w, b):
+    """x @ w + b for a few rows (decoding's products, where reading w is the work), the
+    bias added in place: from SHARE_GEMV_FROM multiply-adds (every product of GPT-2 124M)
+    on BLAS's own threads, whose spinning workers take a product within microseconds
+    (pieces on Python threads woken per product lost ~100 us a hand-off to wake-ups:
+    slower than one thread on the 0.2-0.5 ms products of a 124M block); below, on one
+    BLAS thread. On a busy machine BLAS's threads stall waiting for a core (a 2-thread
+    step then runs several times slower than on one thread: give --threads 1 there)."""
+    N, (Cin, Cout) = x.shape[0], w.shape
+    with contextlib.nullcontext() if N * Cin * Cout >= SHARE_GEMV_FROM else blas_on_one_thread():
+        out = x @ w
+    if b is not None:
+        out += b
     return out
 
 
@@ -186,8 +200,10 @@ def layer_norm_forward(x, w, b, eps):
     """x (N, C) -> out (N, C), block by block: the row means and variances by BLAS
     matrix-vector products (the squares held in `out` meanwhile), x - mean normalised in place."""
     N, C = x.shape
-    xhat, out, rstd = np.empty_like(x), np.empty_like(x), np.empty((N, 1), dtype=x.dtype)
     average = averaging(C, x.dtype)  # (C,) of 1/C
+    if N < FEW_ROWS:
+        return layer_norm_rows(x, w, b, eps, average)
+    xhat, out, rstd = np.empty_like(x), np.empty_like(x), np.empty((N, 1), dtype=x.dtype)
 
     def block(r0, r1):
         xh, rs, o = xhat[r0:r1], rstd[r0:r1, 0], out[r0:r1]
@@ -201,6 +217,20 @@ def layer_norm_forward(x, w, b, eps):
         o += b
 
     over_row_blocks(block, N, C)
+    return out, (xhat, rstd, w)
+
+
+def layer_norm_rows(x, w, b, eps, average):
+    """layer_norm_forward for a few rows (decoding): all rows at once, one pass per step
+    (no blocks, no threads), the means and variances by products with `average`."""
+    xhat = x - (x @ average)[:, None]  # centred
+    rstd = ((xhat * xhat) @ average)[:, None]  # (N, 1), variance
+    rstd += eps
+    np.sqrt(rstd, out=rstd)
+    np.divide(1.0, rstd, out=rstd)
+    xhat *= rstd  # normalised
+    out = xhat * w
+    out += b
     return out, (xhat, rstd, w)
 
 
@@ -237,6 +267,10 @@ def layer_norm_backward(dout, cache):
 def gelu_forward(x):
     """x (N, 4C) -> out (N, 4C). Keeps only x: backward recomputes the tanh."""
     out = np.empty_like(x)
+    if x.shape[0] < FEW_ROWS:  # decoding: one pass per step over all rows
+        with np.errstate(over="ignore"):
+            gelu_block(x, out)
+        return out, x
     over_row_blocks(lambda r0, r1: gelu_block(x[r0:r1], out[r0:r1]), x.shape[0], x.shape[1], overflow="ignore")
     return out, x
 
@@ -303,11 +337,7 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     S = k.shape[2]
     y = np.empty((B, T, NH, hs), dtype=q.dtype).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
     if T == 1 and dropout is None and segments is None:  # decoding: one query sees every key
-        att = np.matmul(q, k.mT)  # (B, NH, 1, S)
-        att *= 1.0 / math.sqrt(hs)
-        masked_softmax(att, None, None)
-        np.matmul(att, v, out=y)
-        return y, (q, k, v, [(0, 1, S, att.reshape(B * NH, 1, S), None)])
+        return one_query_attention(q, k, v, y)
     qs = q * (1.0 / math.sqrt(hs))  # (B, NH, T, hs), scaled once
     k, v = head_rows(k), head_rows(v)
     fits = BATCHED_ATTENTION // max(B * NH * S, 1)  # queries per block whose scores fit, all heads at once
@@ -359,6 +389,19 @@ def attention_forward(q, k, v, dropout=None, segments=None):
                       one_blas_thread=True)  # fmt: skip
         cache_blocks.append((t0, t1, s1, att, mask))
     return y, (q, k, v, cache_blocks)
+
+
+def one_query_attention(q, k, v, y):
+    """Decoding's attention, q (B, NH, 1, hs) against every key, into y: two stacked
+    products and a softmax whose row maxima are one reduction (the whole-array checks
+    of `exp_is_safe` would be two)."""
+    att = np.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.mT)  # (B, NH, 1, S)
+    att -= np.max(att, axis=-1, keepdims=True)
+    np.exp(att, out=att)
+    att *= 1.0 / np.sum(att, axis=-1, keepdims=True)
+    np.matmul(att, v, out=y)
+    B, NH, _, S = att.shape
+    return y, (q, k, v, [(0, 1, S, att.reshape(B * NH, 1, S), None)])
 
 
 @functools.lru_cache(maxsize=64)
