@@ -178,6 +178,8 @@ def check_attention(B, NH, T, S, hs, rng, segments=None, dropout=False, scale=1.
               threads=2, batched=1 << 16, scale=1.0, seed=5))  # decoding: one query against a cache's keys
 @example(dict(B=3, NH=2, hs=3, T=1, past=0, query_block=2, small_query_block=2, segments=False, dropout=False,
               threads=1, batched=0, scale=100.0, seed=6))  # one query, its own key only
+@example(dict(B=3, NH=2, hs=5, T=1, past=4, query_block=2, small_query_block=2, segments=False, dropout=False,
+              threads=2, batched=0, scale=1e4, seed=7))  # one query, scores past exp's range: the row maxima shift them
 def test_attention_equals_the_reference(s):
     """Across query-block edges, with a KV cache's earlier keys, segments and dropout."""
     rng = np.random.default_rng(s["seed"])
