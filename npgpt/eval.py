@@ -16,15 +16,18 @@ context / stride times the work. The windows, at any stride, are those of Huggin
 documented loop ("Perplexity of fixed-length models") with max_length = context + 1 and
 the same stride: an HF window of max_length tokens predicts max_length - 1 of them.
 
-Windows of equal length are scored `batch_size` at a time.
+Windows of equal length are scored `batch_size` at a time at most, in pieces that NumPy's
+fast kernels run on their threads (see `perplexity`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +44,7 @@ from npgpt.model import FLOAT_DTYPES
 from npgpt.weights import load_model
 
 LOGITS_BUDGET = 2**26  # default batch: at most this many logits (256 MiB in float32) at once
-MAX_BATCH = 256  # ... and at most this many windows (many pieces per batch keep the threads busy to its end)
+MAX_BATCH = 256  # ... and at most this many windows
 READ_CHARS = 1 << 16  # --max-tokens: characters read per step
 
 
@@ -67,8 +70,13 @@ def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int |
                batch_size: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
     """Mean negative log-likelihood (nats/token) and perplexity of `ids` under `model`.
 
-    batch_size: windows per forward pass (default: at most MAX_BATCH, and LOGITS_BUDGET logits at once).
-    progress(scored, total): called after each batch with the tokens scored so far."""
+    Runs of windows of one length go to the kernels' `over_batch` whole, as one batch of
+    independent rows: NumPy's fast set hands their pieces to its threads as each comes
+    free, with no wait at the end of each batch. A piece is scored `batch_size` windows
+    at a time at most (default: MAX_BATCH, and LOGITS_BUDGET logits at once), which is
+    what bounds memory where a set runs a batch whole (the reference). The pieces' sums
+    are added in window order, so the result does not depend on which thread ran what.
+    progress(scored, total): called after each piece with the tokens scored so far."""
     context = context or model.config.n_ctx
     if not 1 <= context <= model.config.n_ctx:
         raise EvalError(f"context {context} must be in [1, the model's n_ctx {model.config.n_ctx}]; give a smaller --context")
@@ -78,33 +86,57 @@ def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int |
     total = sum(end - first for _, end, first in windows)
     if total == 0:
         raise EvalError("the text has fewer than 2 tokens, so there is nothing to score; give a longer text")
-    nll, count = 0.0, 0
-    for group in _batches(windows, batch_size):  # windows of one length
-        inputs = np.stack([ids[begin : end - 1] for begin, end, _ in group]).astype(np.int64)  # (B, T)
-        targets = np.stack([ids[begin + 1 : end] for begin, end, _ in group]).astype(np.int64)  # (B, T), a copy
-        for row, (begin, _, first) in enumerate(group):
-            targets[row, : first - (begin + 1)] = IGNORE_INDEX
-        n_new = sum(end - first for _, end, first in group)
-        loss = model.loss(inputs, targets, ignore_index=IGNORE_INDEX)  # mean over the scored targets
-        nll += float(model.backend.to_numpy(loss)) * n_new
-        count += n_new
-        if progress is not None:
-            progress(count, total)
-    mean = nll / count
-    return {"tokens_evaluated": count, "windows": len(windows), "context": context, "stride": stride,
+    sums: dict[int, tuple[float, int]] = {}  # first window of a chunk -> (its summed NLL, its scored targets)
+    scored, lock, stop = 0, threading.Lock(), threading.Event()
+
+    def score(run: list, offset: int, b0: int, b1: int) -> None:  # windows [b0, b1) of a run
+        nonlocal scored
+        for c0 in range(b0, b1, batch_size):
+            if stop.is_set():  # another piece failed (or Ctrl-C): take no more work
+                return
+            try:
+                nll, n_new = _score_windows(model, ids, run[c0 : min(c0 + batch_size, b1)])
+            except BaseException:
+                stop.set()
+                raise
+            with lock:
+                sums[offset + c0] = nll, n_new
+                scored += n_new
+                if progress is not None:
+                    progress(scored, total)
+
+    offset = 0
+    for run in _same_length_runs(windows):
+        model.backend.kernels.over_batch(functools.partial(score, run, offset), len(run), run[0][1] - run[0][0] - 1)
+        offset += len(run)
+    nll = math.fsum(sums[key][0] for key in sorted(sums))
+    mean = nll / total
+    return {"tokens_evaluated": total, "windows": len(windows), "context": context, "stride": stride,
             "loss": mean, "perplexity": math.exp(mean)}  # fmt: skip
 
 
-def _batches(windows, batch_size):
-    """Consecutive runs of up to batch_size windows of the same length."""
-    group: list = []
+def _score_windows(model, ids: np.ndarray, windows: list) -> tuple[float, int]:
+    """(summed negative log-likelihood, scored targets) of windows of one length, as one batch."""
+    inputs = np.stack([ids[begin : end - 1] for begin, end, _ in windows]).astype(np.int64)  # (B, T)
+    targets = np.stack([ids[begin + 1 : end] for begin, end, _ in windows]).astype(np.int64)  # (B, T), a copy
+    for row, (begin, _, first) in enumerate(windows):
+        targets[row, : first - (begin + 1)] = IGNORE_INDEX
+    n_new = sum(end - first for _, end, first in windows)
+    loss = model.loss(inputs, targets, ignore_index=IGNORE_INDEX)  # mean over the scored targets
+    return float(model.backend.to_numpy(loss)) * n_new, n_new
+
+
+def _same_length_runs(windows):
+    """Consecutive runs of windows of the same length (all but the last window have the
+    context's length, except with a stride near the end of the text)."""
+    run: list = []
     for window in windows:
-        if group and (len(group) == batch_size or window[1] - window[0] != group[0][1] - group[0][0]):
-            yield group
-            group = []
-        group.append(window)
-    if group:
-        yield group
+        if run and window[1] - window[0] != run[0][1] - run[0][0]:
+            yield run
+            run = []
+        run.append(window)
+    if run:
+        yield run
 
 
 def read_ids(tokenizer, path, max_tokens: int | None = None) -> np.ndarray:
