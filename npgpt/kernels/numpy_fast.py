@@ -34,9 +34,8 @@ proves it, forward and backward, in float64); what changes is only how the work 
 - AdamW updates each parameter in one sweep of cache-sized blocks instead of ~10 passes
   over the whole tensor;
 - inside a piece of `over_batch` no backward follows (`inference`): LayerNorm keeps no
-  normalised copy, GELU overwrites its input (block by block, through a small scratch),
-  and attention builds each query block's probabilities in one scratch per thread;
-  their caches are then None.
+  normalised copy, attention builds each query block's probabilities in one scratch per
+  thread, and their caches are None.
 """
 
 from __future__ import annotations
@@ -73,8 +72,8 @@ _piece = threading.local()  # .inference: this thread runs a piece of over_batch
 
 
 def inference() -> bool:
-    """Whether this thread runs a piece of `over_batch`: no backward follows, so the
-    kernels keep no cache (None) and GELU may overwrite its input."""
+    """Whether this thread runs a piece of `over_batch`: no backward follows, so a kernel
+    may keep no cache (None)."""
     return getattr(_piece, "inference", False)
 
 
@@ -282,30 +281,23 @@ def layer_norm_backward(dout, cache):
 
 # -- GELU -----------------------------------------------------------------------------------
 def gelu_forward(x):
-    """x (N, 4C) -> out (N, 4C). Keeps only x: backward recomputes the tanh. In a piece of
-    `over_batch` (`inference`) x itself becomes the output (each block built in a scratch
-    block first) and the cache is None."""
-    if inference() and x.flags.writeable:
-        over_row_blocks(lambda r0, r1: gelu_block(x[r0:r1], x[r0:r1], np.empty_like(x[r0:r1])), x.shape[0], x.shape[1],
-                        overflow="ignore")  # fmt: skip
-        return x, None
+    """x (N, 4C) -> out (N, 4C). Keeps only x: backward recomputes the tanh."""
     out = np.empty_like(x)
     over_row_blocks(lambda r0, r1: gelu_block(x[r0:r1], out[r0:r1]), x.shape[0], x.shape[1], overflow="ignore")
     return out, x
 
 
-def gelu_block(x, out, e=None):
-    """0.5 x (1 + tanh u) written as x / (1 + exp(-2u)), into `out` (which may be x), built
-    in `e` (default: `out`, which then must not be x): one exp instead of a tanh (NumPy's
-    float32 tanh is ~1.6x its exp on AVX2). exp overflows to inf for very negative x (the
-    caller ignores it), giving x / inf = -0, as the reference's 0.5 x (1 - 1)."""
-    e = np.multiply(x, x, out=out if e is None else e)  # e = -2u = -2 sqrt(2/pi) (x + 0.044715 x^3)
+def gelu_block(x, out):
+    """0.5 x (1 + tanh u) written as x / (1 + exp(-2u)), built in `out`: one exp instead of
+    a tanh (NumPy's float32 tanh is ~1.6x its exp on AVX2). exp overflows to inf for very
+    negative x (the caller ignores it), giving x / inf = -0, as the reference's 0.5 x (1 - 1)."""
+    e = np.multiply(x, x, out=out)  # e = -2u = -2 sqrt(2/pi) (x + 0.044715 x^3)
     e *= -2 * GELU_SCALE * 0.044715
     e -= 2 * GELU_SCALE
     e *= x
     np.exp(e, out=e)
     e += 1.0
-    return np.divide(x, e, out=out)
+    return np.divide(x, e, out=e)
 
 
 def gelu_backward(dout, x):
