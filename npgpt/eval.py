@@ -37,9 +37,7 @@ import numpy as np
 from npgpt.backend import get_backend
 from npgpt.layers import IGNORE_INDEX
 from npgpt.errors import UserError, add_debug_flag, run_cli
-from npgpt.generate import unescape
 from npgpt.kernels.threads import add_threads_option, configure as configure_threads
-from npgpt.prepare import read_tokens
 from npgpt.model import FLOAT_DTYPES
 from npgpt.weights import load_model
 
@@ -206,6 +204,13 @@ class Progress:
         self.stream.flush()
 
 
+def _unescape(text: str) -> str:
+    """`npgpt.generate.unescape`, imported when a --stop is given (eval of a text never needs it)."""
+    from npgpt.generate import unescape
+
+    return unescape(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m npgpt.eval", description=__doc__.split("\n\n")[0].split(": ")[0] + ".",
                                 epilog="See the module docstring (python -c 'import npgpt.eval; help(npgpt.eval)') for the method.")  # fmt: skip
@@ -216,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "pairs"), default="text",
                    help="text: perplexity of the text (default); pairs: completion loss and exact-match accuracy "
                         "of greedy generation on {\"prompt\", \"completion\"} records (see npgpt.pairs_eval)")  # fmt: skip
-    p.add_argument("--stop", action="append", default=[], type=unescape, metavar="TEXT",
+    p.add_argument("--stop", action="append", default=[], type=_unescape, metavar="TEXT",
                    help=r"pairs: a string that ends generation; repeat for several; escapes \n \t \\ \uXXXX work")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=256, help="pairs: generation limit per prompt (default 256)")
     p.add_argument("--skip-bad", action="store_true", help="pairs: skip bad records (counted) instead of stopping")
@@ -249,6 +254,8 @@ def _main(argv) -> int:
     if args.format == "pairs":
         return score_pairs_main(args, model, tokenizer)
     if Path(args.data).is_dir():  # a prepared folder: one split, memory-mapped
+        from npgpt.prepare import read_tokens  # (multiprocessing and more: imported only here)
+
         ids = read_tokens(args.data, tokenizer, args.split)[: args.max_tokens]
     else:
         ids = read_ids(tokenizer, args.data, args.max_tokens)

@@ -406,7 +406,8 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     for block, size in zip(blocks, sizes):  # dropout draws each block's mask in order, between the two halves
         t0, t1, s1, att = block[:4]
         head_work = size * hs  # multiply-adds per head
-        parallel_rows(lambda h0, h1, block=block, att=att: probs(block, att[h0:h1], h0, h1), B * NH, head_work, one_blas_thread=True)
+        parallel_rows(lambda h0, h1, block=block, att=att: probs(block, att[h0:h1], h0, h1), B * NH, head_work,
+                      one_blas_thread=True)  # fmt: skip
         dropped, mask = dropout(att.reshape(B, NH, t1 - t0, s1), t0)
         dropped = dropped.reshape(B * NH, t1 - t0, s1)
         parallel_rows(lambda h0, h1, block=block, dropped=dropped: values(block, dropped[h0:h1], h0, h1), B * NH, head_work,
