@@ -73,7 +73,7 @@ def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int |
     free, with no wait at the end of each batch. A piece is scored `batch_size` windows
     at a time at most (default: MAX_BATCH, and LOGITS_BUDGET logits at once), which is
     what bounds memory where a set runs a batch whole (the reference). The pieces' sums
-    are added in window order, so the result does not depend on which thread ran what.
+    are added exactly (math.fsum), so the result does not depend on which thread ran what.
     progress(scored, total): called after each piece with the tokens scored so far."""
     context = context or model.config.n_ctx
     if not 1 <= context <= model.config.n_ctx:
@@ -84,10 +84,10 @@ def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int |
     total = sum(end - first for _, end, first in windows)
     if total == 0:
         raise EvalError("the text has fewer than 2 tokens, so there is nothing to score; give a longer text")
-    sums: dict[int, tuple[float, int]] = {}  # first window of a chunk -> (its summed NLL, its scored targets)
+    sums: list[float] = []  # each chunk's summed negative log-likelihood
     scored, lock, stop = 0, threading.Lock(), threading.Event()
 
-    def score(run: list, offset: int, b0: int, b1: int) -> None:  # windows [b0, b1) of a run
+    def score(run: list, b0: int, b1: int) -> None:  # windows [b0, b1) of a run
         nonlocal scored
         for c0 in range(b0, b1, batch_size):
             if stop.is_set():  # another piece failed (or Ctrl-C): take no more work
@@ -98,17 +98,14 @@ def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int |
                 stop.set()
                 raise
             with lock:
-                sums[offset + c0] = nll, n_new
+                sums.append(nll)
                 scored += n_new
                 if progress is not None:
                     progress(scored, total)
 
-    offset = 0
     for run in _same_length_runs(windows):
-        model.backend.kernels.over_batch(functools.partial(score, run, offset), len(run), run[0][1] - run[0][0] - 1)
-        offset += len(run)
-    nll = math.fsum(sums[key][0] for key in sorted(sums))
-    mean = nll / total
+        model.backend.kernels.over_batch(functools.partial(score, run), len(run), run[0][1] - run[0][0] - 1)
+    mean = math.fsum(sums) / total
     return {"tokens_evaluated": total, "windows": len(windows), "context": context, "stride": stride,
             "loss": mean, "perplexity": math.exp(mean)}  # fmt: skip
 
@@ -125,8 +122,7 @@ def _score_windows(model, ids: np.ndarray, windows: list) -> tuple[float, int]:
 
 
 def _same_length_runs(windows):
-    """Consecutive runs of windows of the same length (all but the last window have the
-    context's length, except with a stride near the end of the text)."""
+    """Consecutive runs of windows of the same length (every window but the last has context + 1 tokens)."""
     run: list = []
     for window in windows:
         if run and window[1] - window[0] != run[0][1] - run[0][0]:
