@@ -35,7 +35,10 @@ proves it, forward and backward, in float64); what changes is only how the work 
   unnormalised probabilities (its loss needs only their row sums) and the backward turns
   them into the gradient, so one (N, V) buffer serves all three;
 - AdamW updates each parameter in one sweep of cache-sized blocks instead of ~10 passes
-  over the whole tensor.
+  over the whole tensor;
+- inside a piece of `over_batch` no backward follows (`inference`): LayerNorm keeps no
+  normalised copy, attention builds each query block's probabilities in one scratch per
+  thread, and their caches are None.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 
 import numpy as np
 
@@ -68,6 +72,23 @@ LARGE_COLUMN_ALIGN = 64  # column pieces of a large product: multiples of this m
 TRAIN_PIECE = 128  # positions per piece of a training batch, at least: below, one piece
 SMALL_GEMM = 1 << 27  # multiply-adds up to which a linear layer's forward product is shared among the threads
 GELU_SCALE = layers.GELU_SCALE
+_piece = threading.local()  # .inference: this thread runs a piece of over_batch
+
+
+def inference() -> bool:
+    """Whether this thread runs a piece of `over_batch`: no backward follows, so a kernel
+    may keep no cache (None)."""
+    return getattr(_piece, "inference", False)
+
+
+@contextlib.contextmanager
+def inference_piece():
+    """Run the block as a piece of `over_batch` on this thread (see `inference`)."""
+    before, _piece.inference = inference(), True
+    try:
+        yield
+    finally:
+        _piece.inference = before
 
 
 def over_row_blocks(fn, N: int, row_size: int, overflow: str | None = None) -> list:
@@ -200,6 +221,8 @@ def layer_norm_forward(x, w, b, eps):
     """x (N, C) -> out (N, C), block by block: the row means and variances by BLAS
     matrix-vector products (the squares held in `out` meanwhile), x - mean normalised in place."""
     N, C = x.shape
+    if inference():
+        return layer_norm_inference(x, w, b, eps), None
     average = averaging(C, x.dtype)  # (C,) of 1/C
     if N < FEW_ROWS:
         return layer_norm_rows(x, w, b, eps, average)
@@ -232,6 +255,29 @@ def layer_norm_rows(x, w, b, eps, average):
     out = xhat * w
     out += b
     return out, (xhat, rstd, w)
+
+
+def layer_norm_inference(x, w, b, eps):
+    """layer_norm_forward's output alone, built in it block by block: x - mean, its row
+    variances by row-wise dot products (no squares held), scaled in place (no xhat kept)."""
+    N, C = x.shape
+    out = np.empty_like(x)
+    average = averaging(C, x.dtype)  # (C,) of 1/C
+
+    def block(r0, r1):
+        o = out[r0:r1]
+        np.subtract(x[r0:r1], (x[r0:r1] @ average)[:, None], out=o)  # centred
+        rs = np.einsum("ij,ij->i", o, o)  # (Nb,) sums of squares
+        rs *= 1.0 / C
+        rs += eps
+        np.sqrt(rs, out=rs)
+        np.divide(1.0, rs, out=rs)
+        o *= rs[:, None]  # normalised
+        o *= w
+        o += b
+
+    over_row_blocks(block, N, C)
+    return out
 
 
 def layer_norm_backward(dout, cache):
@@ -332,7 +378,9 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     rows), of SMALL_QUERY_BLOCK or fewer queries with all heads at once: fewer calls, and
     less of the masked triangle computed.
     y is a view of a (B, T, NH, hs) array: the heads side by side, as the model reads them.
-    Where no score can overflow exp (`exp_is_safe`), the softmax skips the row maxima."""
+    Where no score can overflow exp (`exp_is_safe`), the softmax skips the row maxima.
+    In a piece of `over_batch` (`inference`, no dropout) each thread builds every block's
+    probabilities in one scratch, reused block after block, and the cache is None."""
     B, NH, T, hs = q.shape
     S = k.shape[2]
     y = np.empty((B, T, NH, hs), dtype=q.dtype).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
@@ -342,50 +390,57 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     k, v = head_rows(k), head_rows(v)
     fits = BATCHED_ATTENTION // max(B * NH * S, 1)  # queries per block whose scores fit, all heads at once
     step = min(SMALL_QUERY_BLOCK, fits) if fits >= max(1, SMALL_QUERY_BLOCK // 2) else QUERY_BLOCK
-    blocks = []  # (t0, t1, s1, att (B * NH, Tb, s1), future, other) per block of queries
+    scratch = dropout is None and inference()  # no backward: each thread's blocks share one scratch
+    blocks = []  # (t0, t1, s1, att (B * NH, Tb, s1) or None with scratch, future, other) per block of queries
     for t0 in range(0, T, step):
         t1 = min(t0 + step, T)
         Tb, s1 = t1 - t0, S - T + t1  # keys visible to the block's last query
         future = future_keys(Tb) if Tb > 1 else None  # (Tb, Tb): key after query
         other = None if segments is None else segments[:, t0:t1, None] != segments[:, None, :s1]  # (B, Tb, s1)
-        blocks.append((t0, t1, s1, np.empty((B * NH, Tb, s1), dtype=q.dtype), future, other))
+        blocks.append((t0, t1, s1, None if scratch else np.empty((B * NH, Tb, s1), dtype=q.dtype), future, other))
 
-    def probs(block, h0, h1):  # heads [h0, h1) of a block: scores, then probabilities in att
-        t0, t1, s1, att, future, other = block
+    def probs(block, att, h0, h1):  # heads [h0, h1) of a block: scores, then probabilities in att (h1 - h0, Tb, s1)
+        t0, t1, s1, _, future, other = block
         if h1 - h0 == B * NH and att.size <= BATCHED_ATTENTION:  # little work: all heads at once
             a4 = np.matmul(qs[:, :, t0:t1], k[:, :, :s1].mT, out=att.reshape(B, NH, t1 - t0, s1))
             masked_softmax(a4, future, None if other is None else other[:, None])
             return
         for h in range(h0, h1):
             b, n = divmod(h, NH)
-            a = np.matmul(qs[b, n, t0:t1], k[b, n, :s1].T, out=att[h])  # (Tb, s1), scores
+            a = np.matmul(qs[b, n, t0:t1], k[b, n, :s1].T, out=att[h - h0])  # (Tb, s1), scores
             masked_softmax(a, future, None if other is None else other[b])
 
-    def values(block, dropped, h0, h1):  # heads [h0, h1) of a block: y = dropped probabilities @ v
-        t0, t1, s1, att = block[:4]
-        if h1 - h0 == B * NH and att.size <= BATCHED_ATTENTION:
+    def values(block, dropped, h0, h1):  # heads [h0, h1) of a block: y = dropped probabilities (h1 - h0, Tb, s1) @ v
+        t0, t1, s1 = block[:3]
+        if h1 - h0 == B * NH and dropped.size <= BATCHED_ATTENTION:
             np.matmul(dropped.reshape(B, NH, t1 - t0, s1), v[:, :, :s1], out=y[:, :, t0:t1])
             return
         for h in range(h0, h1):
             b, n = divmod(h, NH)
-            np.matmul(dropped[h], v[b, n, :s1], out=y[b, n, t0:t1])
+            np.matmul(dropped[h - h0], v[b, n, :s1], out=y[b, n, t0:t1])
 
-    work = sum(block[3].size for block in blocks) // (B * NH) * hs  # multiply-adds per head
+    sizes = [(t1 - t0) * s1 for t0, t1, s1, *_ in blocks]  # probabilities per head of each block
+    work = sum(sizes) * hs  # multiply-adds per head
     if dropout is None:  # each thread takes its heads through every block: one hand-off per call
         def heads(h0, h1):
-            for block in blocks:
-                probs(block, h0, h1)
-                values(block, block[3], h0, h1)
+            buffer = np.empty((h1 - h0) * max(sizes), dtype=q.dtype) if scratch else None
+            for block, size in zip(blocks, sizes):
+                t0, t1, s1, att = block[:4]
+                att = att[h0:h1] if buffer is None else buffer[: (h1 - h0) * size].reshape(h1 - h0, t1 - t0, s1)
+                probs(block, att, h0, h1)
+                values(block, att, h0, h1)
 
         parallel_rows(heads, B * NH, work, one_blas_thread=True)
-        return y, (q, k, v, [(t0, t1, s1, att, None) for t0, t1, s1, att, _, _ in blocks])
+        return y, None if scratch else (q, k, v, [(t0, t1, s1, att, None) for t0, t1, s1, att, _, _ in blocks])
     cache_blocks = []
-    for block in blocks:  # dropout draws each block's mask in order, between the two halves
+    for block, size in zip(blocks, sizes):  # dropout draws each block's mask in order, between the two halves
         t0, t1, s1, att = block[:4]
-        head_work = att.size // (B * NH) * hs  # multiply-adds per head
-        parallel_rows(functools.partial(probs, block), B * NH, head_work, one_blas_thread=True)
+        head_work = size * hs  # multiply-adds per head
+        parallel_rows(lambda h0, h1, block=block, att=att: probs(block, att[h0:h1], h0, h1), B * NH, head_work,
+                      one_blas_thread=True)  # fmt: skip
         dropped, mask = dropout(att.reshape(B, NH, t1 - t0, s1), t0)
-        parallel_rows(functools.partial(values, block, dropped.reshape(B * NH, t1 - t0, s1)), B * NH, head_work,
+        dropped = dropped.reshape(B * NH, t1 - t0, s1)
+        parallel_rows(lambda h0, h1, block=block, dropped=dropped: values(block, dropped[h0:h1], h0, h1), B * NH, head_work,
                       one_blas_thread=True)  # fmt: skip
         cache_blocks.append((t0, t1, s1, att, mask))
     return y, (q, k, v, cache_blocks)
@@ -571,12 +626,19 @@ def cross_entropy_backward(dloss, cache):
 def over_batch(fn, B, T):
     """fn over pieces of about BATCH_ROWS positions (whole rows), at least one per thread
     when B allows, taken by the threads as they come free: each piece runs its kernels on
-    its own thread, BLAS included, with no hand-over between threads inside a forward."""
-    per = max(1, min(BATCH_ROWS // max(T, 1), B // num_threads()))
+    its own thread, BLAS included, with no hand-over between threads inside a forward.
+    Nested (a piece of an outer `over_batch`, as eval's): pieces of BATCH_ROWS, on its thread.
+    Each piece runs as an `inference_piece`: its kernels keep no cache for a backward."""
+    per = max(1, min(BATCH_ROWS // max(T, 1), B // free_threads()))
     pieces = [(b0, min(b0 + per, B)) for b0 in range(0, B, per)]
+
+    def piece(b0, b1):
+        with inference_piece():
+            return fn(b0, b1)
+
     if len(pieces) == 1:
-        return [fn(0, B)]  # one piece: its kernels split their own passes
-    return parallel_items(lambda i: fn(*pieces[i]), len(pieces))
+        return [piece(0, B)]  # one piece: its kernels split their own passes
+    return parallel_items(lambda i: piece(*pieces[i]), len(pieces))
 
 
 # -- training: a batch in one piece per thread -------------------------------------------------
