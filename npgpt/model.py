@@ -477,7 +477,7 @@ class BlockActivations:
     attn_drop: object  # dropout mask of the attention branch (N, C), or None
     ln_2: object  # LayerNorm of x_mid = x_in + attention branch (N, C)
     c_fc: object  # linear on ln_2's output (N, C) -> (N, 4C)
-    gelu: object  # GELU's input (N, 4C)
+    gelu: object  # GELU's cache: the reference keeps its input (N, 4C)
     mlp_c_proj: object  # linear on GELU's output (N, 4C) -> (N, C)
     mlp_drop: object  # dropout mask of the MLP branch (N, C), or None
 

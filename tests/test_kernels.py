@@ -61,14 +61,14 @@ def segments_of(rng, B, T):
 
 @settings(max_examples=25, deadline=None)
 @given(N=st.integers(1, 37), C=st.integers(1, 9), row_block=st.integers(1, 8), n_threads=st.integers(1, 4),
-       small_gemm=st.sampled_from([0, 1 << 27]), seed=st.integers(0, 2**16))  # fmt: skip
-@example(N=37, C=9, row_block=5, n_threads=3, small_gemm=1 << 27, seed=1)  # more rows than dw's 11 columns
-@example(N=3, C=8, row_block=1, n_threads=4, small_gemm=1 << 27, seed=2)  # fewer rows than threads
-@example(N=37, C=9, row_block=5, n_threads=3, small_gemm=0, seed=3)  # the forward's product by column ranges
-def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, n_threads, small_gemm, seed):
+       small_gemm=st.sampled_from([0, 1 << 27]), training=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+@example(N=37, C=9, row_block=5, n_threads=3, small_gemm=1 << 27, training=True, seed=1)  # more rows than dw's 11 columns
+@example(N=3, C=8, row_block=1, n_threads=4, small_gemm=1 << 27, training=False, seed=2)  # fewer rows than threads
+@example(N=37, C=9, row_block=5, n_threads=3, small_gemm=0, training=False, seed=3)  # the forward's product by column ranges
+def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, n_threads, small_gemm, training, seed):
     """Odd sizes, row blocks that do and do not divide N, 1-4 thread ranges (a small
     forward product split by rows, a larger one by columns, whole on 1 thread; the linear backward's threads each
-    take rows of dx and a share of dw's columns)."""
+    take rows of dx and a share of dw's columns); forwards run as inference's or as a training piece's."""
     rng = np.random.default_rng(seed)
     x, dout = rng.standard_normal((N, C)), rng.standard_normal((N, C))
     w, b = rng.standard_normal((C, C + 2)), rng.standard_normal(C + 2)
@@ -86,7 +86,9 @@ def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, n_threa
         assert_same(fast.layer_norm_backward(dout, cache), layers.layer_norm_backward(dout, ref_cache))
 
         x3 = 3 * x  # GELU's curved part
-        out, cache = fast.gelu_forward(x3)
+        with fast.backward_following() if training else contextlib.nullcontext():
+            out, cache = fast.gelu_forward(x3)
+        assert isinstance(cache, fast.Slope) == training
         ref, ref_cache = layers.gelu_forward(x3)
         np.testing.assert_allclose(out, ref, **TOL)
         np.testing.assert_allclose(fast.gelu_backward(dout, cache), layers.gelu_backward(dout, ref_cache), **TOL)
@@ -186,14 +188,16 @@ def test_attention_equals_the_reference(s):
         check_attention(B, s["NH"], T, T + past, s["hs"], rng, segments, s["dropout"], s["scale"])
 
 
+@pytest.mark.parametrize("training", [False, True])  # the forward keeps x, or GELU's slope
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_gelu_at_extremes_equals_the_reference(dtype):
+def test_gelu_at_extremes_equals_the_reference(dtype, training):
     """Where exp(-2u) overflows (very negative x) and where it underflows (very positive)."""
-    x = np.array([[-1e4, -100.0, -30.0, -12.0, -5.0, 0.0, 5.0, 12.0, 30.0, 100.0, 1e4]], dtype=dtype)
+    x = np.array([[-1e4, -100.0, -30.0, -12.0, -9.5, -5.0, 0.0, 5.0, 12.0, 30.0, 100.0, 1e4]], dtype=dtype)
     dout = np.linspace(-1.0, 1.0, x.size, dtype=dtype)[None, :]
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else TOL
     with np.errstate(over="raise", divide="raise", invalid="raise"):  # no warning escapes the kernels
-        out, cache = fast.gelu_forward(x)
+        with fast.backward_following() if training else contextlib.nullcontext():
+            out, cache = fast.gelu_forward(x)
         dx = fast.gelu_backward(dout, cache)
     assert out.dtype == dx.dtype == dtype
     np.testing.assert_allclose(out, layers.gelu_forward(x)[0], **tol)
@@ -353,6 +357,7 @@ def test_a_training_batch_in_pieces_equals_it_whole(B, T, n_threads, ignored, se
         calls = []
         with blocks(n_threads=n, query_block=128):  # one query block: the attention masks draw alike
             assert fast.over_train_batch(lambda b0, b1: (b0, b1), B, T) == (threads.row_ranges(B, n) if B >= n else [(0, B)])
+            assert all(fast.over_train_batch(lambda b0, b1: fast.backward_follows(), B, T)) and not fast.backward_follows()
             loss, grads = model.loss_and_grads(ids, targets, rng=np.random.default_rng(3), segments=docs,
                                                grad_ready=lambda names, g: calls.append(list(names)))  # fmt: skip
         return loss, grads, calls

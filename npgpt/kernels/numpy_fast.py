@@ -38,8 +38,10 @@ proves it, forward and backward, in float64); what changes is only how the work 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
+import threading
 
 import numpy as np
 
@@ -235,10 +237,24 @@ def layer_norm_backward(dout, cache):
 
 # -- GELU -----------------------------------------------------------------------------------
 def gelu_forward(x):
-    """x (N, 4C) -> out (N, 4C). Keeps only x: backward recomputes the tanh."""
+    """x (N, 4C) -> out (N, 4C). Where a backward follows (`backward_follows`), the cache is
+    GELU's slope d(out)/dx, computed while x is in cache, and the backward is one product;
+    elsewhere (inference) the cache is x, and a backward would recompute the tanh."""
     out = np.empty_like(x)
-    over_row_blocks(lambda r0, r1: gelu_block(x[r0:r1], out[r0:r1]), x.shape[0], x.shape[1], overflow="ignore")
-    return out, x
+    if not backward_follows():
+        over_row_blocks(lambda r0, r1: gelu_block(x[r0:r1], out[r0:r1]), x.shape[0], x.shape[1], overflow="ignore")
+        return out, x
+    slope = np.empty_like(x)
+    over_row_blocks(lambda r0, r1: gelu_slope_block(x[r0:r1], out[r0:r1], slope[r0:r1]), x.shape[0], x.shape[1],
+                    overflow="ignore")  # fmt: skip
+    return out, Slope(slope)
+
+
+@dataclasses.dataclass(frozen=True)
+class Slope:
+    """An elementwise op's cache holding its derivative d(out)/d(in): the backward is dout * values."""
+
+    values: np.ndarray
 
 
 def gelu_block(x, out):
@@ -254,9 +270,41 @@ def gelu_block(x, out):
     return np.divide(x, e, out=e)
 
 
-def gelu_backward(dout, x):
-    """dout (N, 4C) -> dx (N, 4C)."""
+def gelu_slope_block(x, out, slope):
+    """GELU of x into `out` and its derivative into `slope`. With s = sigmoid(2u) = (1 + tanh u) / 2
+    (one exp), out = x s and the reference's 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx is
+    s + 2 x s (1 - s) du/dx. exp overflows for very negative x (the caller ignores it): s = 0,
+    out = -0, slope = 0."""
+    x2 = np.multiply(x, x, out=slope)
+    s = np.multiply(x2, -2 * GELU_SCALE * 0.044715, out=out)  # -2u = -2 sqrt(2/pi) (x + 0.044715 x^3)
+    s -= 2 * GELU_SCALE
+    s *= x
+    np.exp(s, out=s)
+    s += 1.0
+    np.divide(1.0, s, out=s)  # sigmoid(2u)
+    twice = x2  # 2 x du/dx = 2 x sqrt(2/pi) (1 + 3 * 0.044715 x^2), over x^2
+    twice *= 2 * 3 * 0.044715 * GELU_SCALE
+    twice += 2 * GELU_SCALE
+    twice *= x
+    rest = np.subtract(1.0, s)  # 1 - s, then s (1 - s)
+    rest *= s
+    twice *= rest
+    twice += s
+    s *= x  # GELU
+    return slope
+
+
+def gelu_backward(dout, cache):
+    """dout (N, 4C) -> dx (N, 4C): dout times the forward's slope, or from the input
+    (recomputing the tanh) when the forward kept that."""
     dx = np.empty_like(dout)
+    if isinstance(cache, Slope):
+        def product(r0, r1):
+            np.multiply(dout[r0:r1], cache.values[r0:r1], out=dx[r0:r1])
+
+        parallel_rows(product, dout.shape[0], dout.shape[1])
+        return dx
+    x = cache
     over_row_blocks(lambda r0, r1: gelu_grad_block(dout[r0:r1], x[r0:r1], dx[r0:r1]), x.shape[0], x.shape[1],
                     overflow="ignore")  # fmt: skip
     return dx
@@ -537,16 +585,42 @@ def over_batch(fn, B, T):
 
 
 # -- training: a batch in one piece per thread -------------------------------------------------
+_training = threading.local()  # .backward_follows: this thread runs a training piece's forward and backward
+
+
+def backward_follows() -> bool:
+    """Whether the forward kernels called now (on this thread) run for a training piece, whose
+    backward follows (`over_train_batch`): they may then keep what makes the backward
+    cheaper (GELU's slope) instead of what costs the forward least."""
+    return getattr(_training, "backward_follows", False)
+
+
+@contextlib.contextmanager
+def backward_following():
+    """Run the block's forward kernels (on this thread) as a training piece's: `backward_follows()` is true."""
+    before = backward_follows()
+    _training.backward_follows = True
+    try:
+        yield
+    finally:
+        _training.backward_follows = before
+
+
 def over_train_batch(fn, B, T):
     """fn over one piece of whole rows per thread (at least TRAIN_PIECE positions each),
     run at once: each piece's forward and backward runs its kernels on its own thread,
     BLAS included, so a step hands work between threads once, not in every kernel. Its
     price: a set of gradients per extra piece, summed by the caller. With fewer rows than
     threads the batch runs whole, its kernels sharing out their own passes (pieces of a
-    row or so would leave threads idle)."""
+    row or so would leave threads idle). Each piece runs `backward_following()`."""
+
+    def piece(b0, b1):
+        with backward_following():
+            return fn(b0, b1)
+
     if B < num_threads():
-        return [fn(0, B)]
-    return parallel_rows(fn, B, T * (MIN_ELEMENTS // TRAIN_PIECE), one_blas_thread=True)
+        return [piece(0, B)]
+    return parallel_rows(piece, B, T * (MIN_ELEMENTS // TRAIN_PIECE), one_blas_thread=True)
 
 
 # -- the optimizer: AdamW and the gradient norm, in cache-sized blocks over row ranges ---------
