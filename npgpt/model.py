@@ -423,7 +423,7 @@ class GPT:
         dy, grads[h + "attn.c_proj.weight"], grads[h + "attn.c_proj.bias"] = kernels.linear_backward(dy, act.attn_c_proj)
         dy = xp.permute_dims(xp.reshape(dy, (B, T, NH, hs)), (0, 2, 1, 3))  # (B, NH, T, hs)
         dq, dk, dv = kernels.attention_backward(dy, act.attn)
-        dqkv = xp.reshape(xp.permute_dims(xp.stack([dq, dk, dv]), (1, 3, 0, 2, 4)), (N, 3 * C))  # (N, 3C)
+        dqkv = xp.reshape(xp.stack([xp.permute_dims(d, (0, 2, 1, 3)) for d in (dq, dk, dv)], axis=2), (N, 3 * C))  # (B, T, 3, NH, hs) -> (N, 3C)
         da, grads[h + "attn.c_attn.weight"], grads[h + "attn.c_attn.bias"] = kernels.linear_backward(dqkv, act.c_attn)
         da, grads[h + "ln_1.weight"], grads[h + "ln_1.bias"] = kernels.layer_norm_backward(da, act.ln_1)
         return dx + da

@@ -154,9 +154,10 @@ attention_shapes = st.fixed_dictionaries(
 
 
 def check_attention(B, NH, T, S, hs, rng, segments=None, dropout=False, scale=1.0):
-    q = scale * rng.standard_normal((B, NH, T, hs))
-    k, v = rng.standard_normal((B, NH, S, hs)), rng.standard_normal((B, NH, S, hs))
-    dy = rng.standard_normal((B, NH, T, hs))
+    fused = rng.standard_normal((B, S, 3, NH, hs)).transpose(2, 0, 3, 1, 4)  # strided views, as the model's
+    fused[0] *= scale
+    q, k, v = fused[0, :, :, S - T :], fused[1], fused[2]
+    dy = rng.standard_normal((B, T, NH, hs)).transpose(0, 2, 1, 3)
     drop = None
     if dropout:  # one mask over the whole (B, NH, T, S) matrix; blocks read their part
         full = (rng.random((B, NH, T, S)) >= 0.3) / 0.7
@@ -233,8 +234,8 @@ def test_attention_skips_the_row_maximum_only_where_exp_cannot_overflow(bound):
     ref, (_, _, _, probs, _) = layers.attention_forward(q, k, v)
     assert np.all(np.isfinite(y))
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
-    for t0, t1, s1, att, _ in parts:
-        np.testing.assert_allclose(att.reshape(B, NH, t1 - t0, s1), probs[:, :, t0:t1, :s1], rtol=1e-4, atol=1e-6)
+    for t0, t1, s1, att, inv, _ in parts:  # exps and their rows' reciprocal sums
+        np.testing.assert_allclose((att * inv[..., None]).reshape(B, NH, t1 - t0, s1), probs[:, :, t0:t1, :s1], rtol=1e-4, atol=1e-6)
 
 
 @settings(max_examples=25, deadline=None)

@@ -345,8 +345,11 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     scores of a SMALL_QUERY_BLOCK block fit in BATCHED_ATTENTION (few heads of short
     rows), of SMALL_QUERY_BLOCK or fewer queries with all heads at once: fewer calls, and
     less of the masked triangle computed.
+    A block keeps exp(scores) unnormalised and the reciprocals of their row sums: y's rows
+    (and the backward's small operands) are scaled instead of the scores.
     y is a view of a (B, T, NH, hs) array: the heads side by side, as the model reads them.
-    Where no score can overflow exp (`exp_is_safe`), the softmax skips the row maxima."""
+    Where no score can overflow exp (`exp_is_safe`, or a head's bound from the lengths of
+    its queries and keys), the softmax skips the row maxima, and masks after exp."""
     B, NH, T, hs = q.shape
     S = k.shape[2]
     y = np.empty((B, T, NH, hs), dtype=q.dtype).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
@@ -355,57 +358,61 @@ def attention_forward(q, k, v, dropout=None, segments=None):
         att *= 1.0 / math.sqrt(hs)
         masked_softmax(att, None, None)
         np.matmul(att, v, out=y)
-        return y, (q, k, v, [(0, 1, S, att.reshape(B * NH, 1, S), None)])
+        return y, (q, k, v, [(0, 1, S, att.reshape(B * NH, 1, S), None, None)])
     qs = q * (1.0 / math.sqrt(hs))  # (B, NH, T, hs), scaled once
     k, v = head_rows(k), head_rows(v)
+    safe = bounded_heads(qs, k)  # (B * NH,): no score of the head can overflow exp
     fits = BATCHED_ATTENTION // max(B * NH * S, 1)  # queries per block whose scores fit, all heads at once
     step = min(SMALL_QUERY_BLOCK, fits) if fits >= max(1, SMALL_QUERY_BLOCK // 2) else QUERY_BLOCK
-    blocks = []  # (t0, t1, s1, att (B * NH, Tb, s1), future, other) per block of queries
+    blocks = []  # (t0, t1, s1, att (B * NH, Tb, s1), inv (B * NH, Tb), future, other) per block of queries
     for t0 in range(0, T, step):
         t1 = min(t0 + step, T)
         Tb, s1 = t1 - t0, S - T + t1  # keys visible to the block's last query
         future = future_keys(Tb) if Tb > 1 else None  # (Tb, Tb): key after query
         other = None if segments is None else segments[:, t0:t1, None] != segments[:, None, :s1]  # (B, Tb, s1)
-        blocks.append((t0, t1, s1, np.empty((B * NH, Tb, s1), dtype=q.dtype), future, other))
+        blocks.append((t0, t1, s1, np.empty((B * NH, Tb, s1), dtype=q.dtype), np.empty((B * NH, Tb), dtype=q.dtype),
+                       future, other))  # fmt: skip
 
-    def probs(block, h0, h1):  # heads [h0, h1) of a block: scores, then probabilities in att
-        t0, t1, s1, att, future, other = block
+    def exps(block, h0, h1):  # heads [h0, h1) of a block: scores, then their exps in att, 1 / row sums in inv
+        t0, t1, s1, att, inv, future, other = block
         if h1 - h0 == B * NH and att.size <= BATCHED_ATTENTION:  # little work: all heads at once
             a4 = np.matmul(qs[:, :, t0:t1], k[:, :, :s1].mT, out=att.reshape(B, NH, t1 - t0, s1))
-            masked_softmax(a4, future, None if other is None else other[:, None])
+            masked_exp(a4, inv.reshape(B, NH, t1 - t0), future, None if other is None else other[:, None], bool(np.all(safe)))
             return
         for h in range(h0, h1):
             b, n = divmod(h, NH)
             a = np.matmul(qs[b, n, t0:t1], k[b, n, :s1].T, out=att[h])  # (Tb, s1), scores
-            masked_softmax(a, future, None if other is None else other[b])
+            masked_exp(a, inv[h], future, None if other is None else other[b], safe[h])
 
-    def values(block, dropped, h0, h1):  # heads [h0, h1) of a block: y = dropped probabilities @ v
-        t0, t1, s1, att = block[:4]
+    def values(block, dropped, h0, h1):  # heads [h0, h1) of a block: y = dropped exps @ v / row sums
+        t0, t1, s1, att, inv = block[:5]
         if h1 - h0 == B * NH and att.size <= BATCHED_ATTENTION:
-            np.matmul(dropped.reshape(B, NH, t1 - t0, s1), v[:, :, :s1], out=y[:, :, t0:t1])
+            yb = np.matmul(dropped.reshape(B, NH, t1 - t0, s1), v[:, :, :s1], out=y[:, :, t0:t1])
+            yb *= inv.reshape(B, NH, t1 - t0, 1)
             return
         for h in range(h0, h1):
             b, n = divmod(h, NH)
-            np.matmul(dropped[h], v[b, n, :s1], out=y[b, n, t0:t1])
+            yb = np.matmul(dropped[h], v[b, n, :s1], out=y[b, n, t0:t1])
+            yb *= inv[h][:, None]
 
     work = sum(block[3].size for block in blocks) // (B * NH) * hs  # multiply-adds per head
     if dropout is None:  # each thread takes its heads through every block: one hand-off per call
         def heads(h0, h1):
             for block in blocks:
-                probs(block, h0, h1)
+                exps(block, h0, h1)
                 values(block, block[3], h0, h1)
 
         parallel_rows(heads, B * NH, work, one_blas_thread=True)
-        return y, (q, k, v, [(t0, t1, s1, att, None) for t0, t1, s1, att, _, _ in blocks])
+        return y, (q, k, v, [(t0, t1, s1, att, inv, None) for t0, t1, s1, att, inv, _, _ in blocks])
     cache_blocks = []
     for block in blocks:  # dropout draws each block's mask in order, between the two halves
-        t0, t1, s1, att = block[:4]
+        t0, t1, s1, att, inv = block[:5]
         head_work = att.size // (B * NH) * hs  # multiply-adds per head
-        parallel_rows(functools.partial(probs, block), B * NH, head_work, one_blas_thread=True)
-        dropped, mask = dropout(att.reshape(B, NH, t1 - t0, s1), t0)
+        parallel_rows(functools.partial(exps, block), B * NH, head_work, one_blas_thread=True)
+        dropped, mask = dropout(att.reshape(B, NH, t1 - t0, s1), t0)  # a mask: the same on exps as on probabilities
         parallel_rows(functools.partial(values, block, dropped.reshape(B * NH, t1 - t0, s1)), B * NH, head_work,
                       one_blas_thread=True)  # fmt: skip
-        cache_blocks.append((t0, t1, s1, att, mask))
+        cache_blocks.append((t0, t1, s1, att, inv, mask))
     return y, (q, k, v, cache_blocks)
 
 
@@ -415,6 +422,14 @@ def future_keys(Tb: int) -> np.ndarray:
     future = np.triu(np.ones((Tb, Tb), dtype=bool), 1)
     future.flags.writeable = False
     return future
+
+
+@functools.lru_cache(maxsize=128)
+def seen_keys(Tb: int, dtype) -> np.ndarray:
+    """(Tb, Tb) of 1 where the key is at or before the query, else 0, read-only."""
+    seen = np.tril(np.ones((Tb, Tb), dtype=dtype))
+    seen.flags.writeable = False
+    return seen
 
 
 @functools.lru_cache(maxsize=64)
@@ -443,70 +458,110 @@ def head_rows(a):
     return np.ascontiguousarray(a)
 
 
+def exp_limit(row_length: int, dtype) -> float:
+    """The largest |score| whose exp, unshifted, and a row sum of `row_length` of them stay
+    finite and normal: -log(tiny) - log(row length) - 1, 81 for float32 rows of 128."""
+    return -math.log(np.finfo(dtype).tiny) - math.log(max(row_length, 1)) - 1.0
+
+
 def exp_is_safe(scores) -> bool:
-    """Whether exp of every score, unshifted, and the sum of a row of them stay finite and
-    normal: all scores within +-(-log(tiny) - log(row length) - 1), 81 for float32 rows
-    of 128. Two whole-array reductions: much cheaper than a maximum per row."""
+    """Whether every score is within +-`exp_limit` of its row length. Two whole-array
+    reductions: much cheaper than a maximum per row."""
     if scores.size == 0:
         return True
-    limit = -math.log(np.finfo(scores.dtype).tiny) - math.log(scores.shape[-1]) - 1.0
+    limit = exp_limit(scores.shape[-1], scores.dtype)
     return bool(-limit <= np.min(scores) and np.max(scores) <= limit)  # NaN: False
 
 
-def masked_softmax(a, future, other):
-    """Softmax over the last axis of scores a (..., Tb, s1), in place: `future` (Tb, Tb)
-    masks keys after each query (the last Tb columns), `other` (broadcast to a) keys of
-    other documents. Each row's maximum is subtracted first unless `exp_is_safe` (softmax
-    is unchanged by the shift). Row sums by a matrix-vector product."""
-    shift = not exp_is_safe(a)
-    if future is not None:
+def bounded_heads(qs, k):
+    """(B * NH,) booleans: whether no score qs . k of the head can pass `exp_limit` of S, by
+    |qs . k| <= max |qs_t| max |k_s| (a pass over q and k instead of two over the scores)."""
+    B, NH, T, hs = qs.shape
+    longest = np.sqrt(np.max(np.einsum("bnth,bnth->bnt", qs, qs), axis=-1) * np.max(np.einsum("bnsh,bnsh->bns", k, k), axis=-1))
+    return (longest <= exp_limit(k.shape[2], qs.dtype)).reshape(B * NH)  # NaN: False
+
+
+def masked_exp(a, inv, future, other, safe):
+    """Softmax's exps of scores a (..., Tb, s1), in place, and the reciprocals of their row
+    sums into inv (..., Tb): `future` (Tb, Tb) masks keys after each query (the last Tb
+    columns), `other` (broadcast to a) keys of other documents. Unless `safe` (no score can
+    overflow exp) or `exp_is_safe`, each row's maximum is subtracted first (softmax is
+    unchanged by the shift) and masked scores set to -inf; when it is not needed, the
+    future's exps are zeroed after exp instead, a product. Row sums by a matrix-vector product."""
+    shift = not (safe or exp_is_safe(a))
+    if future is not None and shift:
         np.copyto(a[..., a.shape[-1] - future.shape[0] :], -np.inf, where=future)
     if other is not None:
         np.copyto(a, -np.inf, where=other)
     if shift:
         a -= np.max(a, axis=-1, keepdims=True)
     np.exp(a, out=a)
-    total = a @ ones(a.shape[-1], a.dtype)  # (..., Tb)
-    a *= np.divide(1.0, total, out=total)[..., None]
+    if future is not None and not shift:
+        a[..., a.shape[-1] - future.shape[0] :] *= seen_keys(future.shape[0], a.dtype)
+    np.matmul(a, ones(a.shape[-1], a.dtype), out=inv)
+    np.divide(1.0, inv, out=inv)
+
+
+def masked_softmax(a, future, other):
+    """Softmax over the last axis of scores a (..., Tb, s1), in place (`masked_exp`'s
+    masks, shift and row sums)."""
+    inv = np.empty(a.shape[:-1], dtype=a.dtype)
+    masked_exp(a, inv, future, other, False)
+    a *= inv[..., None]
 
 
 def attention_backward(dy, cache):
     """dy (B, NH, T, hs) -> dq (B, NH, T, hs), dk, dv (B, NH, S, hs), block by block (the
-    forward's), each thread taking a range of heads through every block (one hand-off per
-    call): a block whose scores fit in BATCHED_ATTENTION as stacked products over the
-    thread's heads (a few calls for all), a larger one head by head (each head's block in
-    cache)."""
+    forward's, last first), each thread taking a range of heads through every block (one
+    hand-off per call): a block whose scores fit in BATCHED_ATTENTION as stacked products
+    over the thread's heads (a few calls for all), a larger one head by head (each head's
+    block in cache). The probabilities are the exps
+    scaled by their rows' reciprocal sums: the small operands (dy, q and dq's rows) are
+    scaled instead. The last block sees every key: it writes dk and dv, the others add."""
     q, k, v, blocks = cache
     B, NH, T, hs = q.shape
     H, S = B * NH, k.shape[2]
     scale = 1.0 / math.sqrt(hs)
     dq = np.empty((H, T, hs), dtype=q.dtype)
-    dk, dv = np.zeros((H, S, hs), dtype=k.dtype), np.zeros((H, S, hs), dtype=v.dtype)
-    # heads as one axis (H, ., hs): copies where q and dy are the model's strided views
-    q, dy = head_rows(q).reshape(H, T, hs), head_rows(dy).reshape(H, T, hs)
-    k, v = k.reshape(H, S, hs), v.reshape(H, S, hs)
+    dk, dv = np.empty((H, S, hs), dtype=k.dtype), np.empty((H, S, hs), dtype=v.dtype)
+    # heads as one axis (H, ., hs): copies where q and dy are the model's strided views (k, v: the forward's)
+    q, k, v, dy = (head_rows(a).reshape(H, -1, hs) for a in (q, k, v, dy))
 
-    def block_heads(block, h0, h1):  # heads [h0, h1) of a block, stacked: p (h, Tb, s1), dyb (h, Tb, hs)
-        t0, t1, s1, att, mask = block
-        p, dyb = att[h0:h1], dy[h0:h1, t0:t1]
-        drop = None if mask is None else np.broadcast_to(mask, (B, NH, t1 - t0, s1)).reshape(H, t1 - t0, s1)[h0:h1]
-        dv[h0:h1, :s1] += (p if drop is None else p * drop).mT @ dyb  # (h, s1, hs)
-        d = dyb @ v[h0:h1, :s1].mT  # (h, Tb, s1), d(dropped probabilities)
+    def block_heads(block, first, at):  # heads `at` of a block: one head's 2-d arrays (an index), or (h, ., .) stacks (a slice)
+        t0, t1, s1, att, inv, mask = block
+        Tb = t1 - t0
+        qh, kh, vh, dyh, dqh, dkh, dvh = (a[at] for a in (q, k, v, dy, dq, dk, dv))
+        e = att[at]  # (h, Tb, s1), exps
+        iv = (ones(Tb, e.dtype) if inv is None else inv[at])[..., None]  # (h, Tb, 1), 1 / row sums
+        drop = None if mask is None else np.broadcast_to(mask, (B, NH, Tb, s1)).reshape(H, Tb, s1)[at]
+        dyb = dyh[..., t0:t1, :]  # (h, Tb, hs)
+        dropped = e if drop is None else e * drop
+        if first:
+            np.matmul(dropped.mT, dyb * iv, out=dvh[..., :s1, :])  # (h, s1, hs)
+        else:
+            dvh[..., :s1, :] += dropped.mT @ (dyb * iv)
+        d = dyb @ vh[..., :s1, :].mT  # (h, Tb, s1), d(dropped probabilities)
         if drop is not None:
             d *= drop
-        d -= ((d * p) @ ones(s1, d.dtype))[..., None]
-        d *= p
-        d *= scale  # d(scores)
-        np.matmul(d, k[h0:h1, :s1], out=dq[h0:h1, t0:t1])
-        dk[h0:h1, :s1] += d.mT @ q[h0:h1, t0:t1]
+        rows = (d * e) @ ones(s1, d.dtype)  # (h, Tb): sum(d * p) / inv
+        rows *= iv[..., 0]
+        d -= rows[..., None]
+        d *= e  # d(scores) / (inv * scale)
+        iv = iv * scale
+        dqb = np.matmul(d, kh[..., :s1, :], out=dqh[..., t0:t1, :])
+        dqb *= iv
+        if first:
+            np.matmul(d.mT, qh[..., t0:t1, :] * iv, out=dkh[..., :s1, :])
+        else:
+            dkh[..., :s1, :] += d.mT @ (qh[..., t0:t1, :] * iv)
 
-    def heads(h0, h1):  # a thread's heads through every block: its rows of dk, dv are its own
-        for block in blocks:
+    def heads(h0, h1):  # a thread's heads through every block, the last (every key) first: their dk, dv rows are its own
+        for i, block in enumerate(reversed(blocks)):
             if block[3].size <= BATCHED_ATTENTION:
-                block_heads(block, h0, h1)
+                block_heads(block, i == 0, slice(h0, h1))
             else:
                 for h in range(h0, h1):
-                    block_heads(block, h, h + 1)
+                    block_heads(block, i == 0, h)
 
     parallel_rows(heads, H, sum(block[3].size for block in blocks) // H * hs, one_blas_thread=True)
     return dq.reshape(B, NH, T, hs), dk.reshape(B, NH, S, hs), dv.reshape(B, NH, S, hs)
