@@ -152,7 +152,8 @@ def test_dropout_masks_are_reused_exactly_in_backward():
     # and the masks do something: other seeds give other losses, no rng gives no dropout
     losses = {float(model.loss_and_grads(ids, targets, rng=np.random.default_rng(s))[0]) for s in range(4)}
     assert len(losses) == 4
-    assert float(model.loss_and_grads(ids, targets)[0]) == float(model.loss(ids, targets))
+    # (to round-off: the training step may score the batch whole, the evaluation in pieces)
+    np.testing.assert_allclose(float(model.loss_and_grads(ids, targets)[0]), float(model.loss(ids, targets)), rtol=1e-14)
 
 
 @pytest.mark.parametrize("kernels", ["fast", "reference"])

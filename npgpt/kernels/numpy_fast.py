@@ -271,17 +271,18 @@ def gelu_block(x, out):
 
 
 def gelu_slope_block(x, out, slope):
-    """GELU of x into `out` and its derivative into `slope`. With s = sigmoid(2u) = (1 + tanh u) / 2
-    (one exp), out = x s and the reference's 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx is
-    s + 2 x s (1 - s) du/dx. exp overflows for very negative x (the caller ignores it): s = 0,
-    out = -0, slope = 0."""
+    """GELU of x into `out`, as `gelu_block` computes it, and its derivative into `slope`.
+    With s = sigmoid(2u) = (1 + tanh u) / 2 = 1 / (1 + exp(-2u)) (the same exp), the
+    reference's 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx is s + 2 x s (1 - s) du/dx. exp
+    overflows for very negative x (the caller ignores it): s = 0, out = -0, slope = 0."""
     x2 = np.multiply(x, x, out=slope)
-    s = np.multiply(x2, -2 * GELU_SCALE * 0.044715, out=out)  # -2u = -2 sqrt(2/pi) (x + 0.044715 x^3)
-    s -= 2 * GELU_SCALE
-    s *= x
-    np.exp(s, out=s)
-    s += 1.0
-    np.divide(1.0, s, out=s)  # sigmoid(2u)
+    e = np.multiply(x2, -2 * GELU_SCALE * 0.044715, out=out)  # -2u = -2 sqrt(2/pi) (x + 0.044715 x^3)
+    e -= 2 * GELU_SCALE
+    e *= x
+    np.exp(e, out=e)
+    e += 1.0
+    s = np.divide(1.0, e)  # sigmoid(2u)
+    np.divide(x, e, out=out)  # GELU
     twice = x2  # 2 x du/dx = 2 x sqrt(2/pi) (1 + 3 * 0.044715 x^2), over x^2
     twice *= 2 * 3 * 0.044715 * GELU_SCALE
     twice += 2 * GELU_SCALE
@@ -290,7 +291,6 @@ def gelu_slope_block(x, out, slope):
     rest *= s
     twice *= rest
     twice += s
-    s *= x  # GELU
     return slope
 
 
