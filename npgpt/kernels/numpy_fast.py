@@ -22,10 +22,14 @@ proves it, forward and backward, in float64); what changes is only how the work 
   for short rows), so their passes hit the cache instead of main memory, built in place;
   LayerNorm's row means and variances are BLAS matrix-vector products;
 - attention runs over blocks of QUERY_BLOCK queries, each against only the keys it can
-  see, so the masked upper triangle of the T x S scores is (mostly) never computed; few
+  see, so the masked upper triangle of the T x S scores is (mostly) never computed, a
+  block's heads in groups whose scores fit in L2 (stacked products: fewer calls); few
   heads of short rows (an inference piece) go all at once, in blocks of up to
-  SMALL_QUERY_BLOCK queries; where every score of a block is too small for exp to
-  overflow, the softmax skips its row maxima (softmax is unchanged by that shift);
+  SMALL_QUERY_BLOCK queries; where no score of a head can overflow exp (a bound from
+  its query and key lengths), the softmax skips its row maxima (softmax is unchanged by
+  that shift);
+- a training piece's forward (`backward_following`) keeps GELU's slope, so its backward
+  is one product;
 - the position embedding's gradient is a sum over the batch when no row is packed;
 - LayerNorm, the linear bias and cross-entropy write into buffers they own instead of
   allocating one per step of the formula; cross-entropy turns the logits into
@@ -52,10 +56,10 @@ from npgpt.kernels.threads import (MIN_ELEMENTS, blas_on_one_thread, blas_thread
 
 ROW_BLOCK = 64  # rows per block of a long elementwise chain: (64, 4C) floats stay in L2
 ROW_ELEMENTS = 1 << 16  # ... or more rows, up to this many elements, where rows are short (LayerNorm's C)
-QUERY_BLOCK = 128  # queries per block: later blocks see more keys, none sees the future
+QUERY_BLOCK = 64  # queries per block: later blocks see more keys, none sees the future
 FLAT_BLOCK = 1 << 16  # elements per block of the optimizer's sweep over a flat parameter
 DOT_BLOCK = 1 << 13  # elements per dot product: OpenBLAS threads dots above 10000 elements
-BATCHED_ATTENTION = 1 << 16  # scores up to which all heads go at once (else one head at a time, in cache)
+BATCHED_ATTENTION = 1 << 16  # scores up to which all heads go at once (else in groups of HEAD_GROUP)
 SMALL_QUERY_BLOCK = 32  # queries per block when all heads go at once (an inference piece's short rows)
 CE_BLOCK = 1 << 16  # logits per block of cross-entropy's passes (a few rows of a large V)
 GEMM_PER_ELEMENT = 16  # multiply-adds of a matmul that take about as long as one element of a pass
@@ -63,6 +67,7 @@ SHARE_ROWS_FROM = 32  # rows from which the threads share a linear layer's rows 
 BATCH_ROWS = 512  # positions per piece of an inference batch: a piece's activations stay in cache
 SHARE_GEMV_FROM = 1 << 21  # multiply-adds from which decoding's products run on BLAS's own threads
 LARGE_COLUMN_ALIGN = 64  # column pieces of a large product: multiples of this many columns
+HEAD_GROUP = 1 << 17  # scores per group of heads taken together through a block (float32: L2's 512 KiB)
 TRAIN_PIECE = 128  # positions per piece of a training batch, at least: below, one piece
 SMALL_GEMM = 1 << 27  # multiply-adds up to which a linear layer's forward product is shared among the threads
 GELU_SCALE = layers.GELU_SCALE
@@ -339,81 +344,95 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     """The reference's attention over blocks of queries, each block against only the keys
     s < S - T + t1 its last query can see. Each thread takes a range of the B * NH heads
     through every block (one hand-off per call; with dropout, block by block, as each
-    block's mask is drawn between its two halves), its matmuls and softmax (one head's
-    block at a time, in cache), with BLAS on one thread meanwhile: per-head matmuls are
-    too small to split again. Blocks are of QUERY_BLOCK queries, or, when all heads'
-    scores of a SMALL_QUERY_BLOCK block fit in BATCHED_ATTENTION (few heads of short
-    rows), of SMALL_QUERY_BLOCK or fewer queries with all heads at once: fewer calls, and
-    less of the masked triangle computed.
-    A block keeps exp(scores) unnormalised and the reciprocals of their row sums: y's rows
-    (and the backward's small operands) are scaled instead of the scores.
+    block's mask is drawn between its two halves), its matmuls and softmax, with BLAS on
+    one thread meanwhile: per-head matmuls are too small to split again. Blocks are of
+    QUERY_BLOCK queries, or, when all heads' scores of a SMALL_QUERY_BLOCK block fit in
+    BATCHED_ATTENTION (few heads of short rows), of SMALL_QUERY_BLOCK or fewer queries
+    with all heads at once: fewer calls, and less of the masked triangle computed. Else
+    a block's heads go in groups of one batch row whose scores fit in HEAD_GROUP (`head_groups`):
+    stacked products, each call's work shared by the group, its scores in cache.
     y is a view of a (B, T, NH, hs) array: the heads side by side, as the model reads them.
-    Where no score can overflow exp (`exp_is_safe`, or a head's bound from the lengths of
-    its queries and keys), the softmax skips the row maxima, and masks after exp."""
+    Where no score can overflow exp (a head's bound from the lengths of its queries and
+    keys, `bounded_heads`, or else `exp_is_safe`), the softmax skips the row maxima."""
     B, NH, T, hs = q.shape
-    S = k.shape[2]
+    H, S = B * NH, k.shape[2]
     y = np.empty((B, T, NH, hs), dtype=q.dtype).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
     if T == 1 and dropout is None and segments is None:  # decoding: one query sees every key
         att = np.matmul(q, k.mT)  # (B, NH, 1, S)
         att *= 1.0 / math.sqrt(hs)
         masked_softmax(att, None, None)
         np.matmul(att, v, out=y)
-        return y, (q, k, v, [(0, 1, S, att.reshape(B * NH, 1, S), None, None)])
-    qs = q * (1.0 / math.sqrt(hs))  # (B, NH, T, hs), scaled once
+        return y, (q, k, v, [(0, 1, S, att.reshape(H, 1, S), None)])
+    qs = np.multiply(q, 1.0 / math.sqrt(hs), out=np.empty((B, NH, T, hs), dtype=q.dtype))  # scaled once, rows contiguous
     k, v = head_rows(k), head_rows(v)
-    safe = bounded_heads(qs, k)  # (B * NH,): no score of the head can overflow exp
-    fits = BATCHED_ATTENTION // max(B * NH * S, 1)  # queries per block whose scores fit, all heads at once
+    safe = bounded_heads(qs, k)  # (H,)
+    qh, kh, vh = qs.reshape(H, T, hs), k.reshape(H, S, hs), v.reshape(H, S, hs)  # heads as one axis
+    fits = BATCHED_ATTENTION // max(H * S, 1)  # queries per block whose scores fit, all heads at once
     step = min(SMALL_QUERY_BLOCK, fits) if fits >= max(1, SMALL_QUERY_BLOCK // 2) else QUERY_BLOCK
-    blocks = []  # (t0, t1, s1, att (B * NH, Tb, s1), inv (B * NH, Tb), future, other) per block of queries
+    blocks = []  # (t0, t1, s1, att (H, Tb, s1), future, other) per block of queries
     for t0 in range(0, T, step):
         t1 = min(t0 + step, T)
         Tb, s1 = t1 - t0, S - T + t1  # keys visible to the block's last query
         future = future_keys(Tb) if Tb > 1 else None  # (Tb, Tb): key after query
         other = None if segments is None else segments[:, t0:t1, None] != segments[:, None, :s1]  # (B, Tb, s1)
-        blocks.append((t0, t1, s1, np.empty((B * NH, Tb, s1), dtype=q.dtype), np.empty((B * NH, Tb), dtype=q.dtype),
-                       future, other))  # fmt: skip
+        blocks.append((t0, t1, s1, np.empty((H, Tb, s1), dtype=q.dtype), future, other))
 
-    def exps(block, h0, h1):  # heads [h0, h1) of a block: scores, then their exps in att, 1 / row sums in inv
-        t0, t1, s1, att, inv, future, other = block
-        if h1 - h0 == B * NH and att.size <= BATCHED_ATTENTION:  # little work: all heads at once
-            a4 = np.matmul(qs[:, :, t0:t1], k[:, :, :s1].mT, out=att.reshape(B, NH, t1 - t0, s1))
-            masked_exp(a4, inv.reshape(B, NH, t1 - t0), future, None if other is None else other[:, None], bool(np.all(safe)))
-            return
-        for h in range(h0, h1):
-            b, n = divmod(h, NH)
-            a = np.matmul(qs[b, n, t0:t1], k[b, n, :s1].T, out=att[h])  # (Tb, s1), scores
-            masked_exp(a, inv[h], future, None if other is None else other[b], safe[h])
+    def probs(block, h0, h1):  # heads [h0, h1) of a block: scores, then probabilities in att
+        t0, t1, s1, att, future, other = block
+        for at in head_groups(att, h0, h1, NH):
+            a = np.matmul(qh[at, t0:t1], kh[at, :s1].mT, out=att[at])  # (h, Tb, s1), scores
+            if other is None:
+                mask = None
+            elif at.stop - at.start == H:  # all heads: (B, 1, Tb, s1) against (B, NH, Tb, s1)
+                a, mask = a.reshape(B, NH, t1 - t0, s1), other[:, None]
+            else:  # heads of one row
+                mask = other[at.start // NH]
+            masked_softmax(a, future, mask, bool(np.all(safe[at])))
 
-    def values(block, dropped, h0, h1):  # heads [h0, h1) of a block: y = dropped exps @ v / row sums
-        t0, t1, s1, att, inv = block[:5]
-        if h1 - h0 == B * NH and att.size <= BATCHED_ATTENTION:
-            yb = np.matmul(dropped.reshape(B, NH, t1 - t0, s1), v[:, :, :s1], out=y[:, :, t0:t1])
-            yb *= inv.reshape(B, NH, t1 - t0, 1)
-            return
-        for h in range(h0, h1):
-            b, n = divmod(h, NH)
-            yb = np.matmul(dropped[h], v[b, n, :s1], out=y[b, n, t0:t1])
-            yb *= inv[h][:, None]
+    def values(block, dropped, h0, h1):  # heads [h0, h1) of a block: y = dropped probabilities @ v
+        t0, t1, s1, att = block[:4]
+        for at in head_groups(att, h0, h1, NH):
+            if at.stop - at.start == H:  # all heads
+                np.matmul(dropped.reshape(B, NH, t1 - t0, s1), v[:, :, :s1], out=y[:, :, t0:t1])
+            else:  # heads of one row
+                b, n0 = divmod(at.start, NH)
+                np.matmul(dropped[at], vh[at, :s1], out=y[b, n0 : n0 + at.stop - at.start, t0:t1])
 
-    work = sum(block[3].size for block in blocks) // (B * NH) * hs  # multiply-adds per head
+    work = sum(block[3].size for block in blocks) // H * hs  # multiply-adds per head
     if dropout is None:  # each thread takes its heads through every block: one hand-off per call
         def heads(h0, h1):
             for block in blocks:
-                exps(block, h0, h1)
+                probs(block, h0, h1)
                 values(block, block[3], h0, h1)
 
-        parallel_rows(heads, B * NH, work, one_blas_thread=True)
-        return y, (q, k, v, [(t0, t1, s1, att, inv, None) for t0, t1, s1, att, inv, _, _ in blocks])
+        parallel_rows(heads, H, work, one_blas_thread=True)
+        return y, (q, k, v, [(t0, t1, s1, att, None) for t0, t1, s1, att, _, _ in blocks])
     cache_blocks = []
     for block in blocks:  # dropout draws each block's mask in order, between the two halves
-        t0, t1, s1, att, inv = block[:5]
-        head_work = att.size // (B * NH) * hs  # multiply-adds per head
-        parallel_rows(functools.partial(exps, block), B * NH, head_work, one_blas_thread=True)
-        dropped, mask = dropout(att.reshape(B, NH, t1 - t0, s1), t0)  # a mask: the same on exps as on probabilities
-        parallel_rows(functools.partial(values, block, dropped.reshape(B * NH, t1 - t0, s1)), B * NH, head_work,
+        t0, t1, s1, att = block[:4]
+        head_work = att.size // H * hs  # multiply-adds per head
+        parallel_rows(functools.partial(probs, block), H, head_work, one_blas_thread=True)
+        dropped, mask = dropout(att.reshape(B, NH, t1 - t0, s1), t0)
+        parallel_rows(functools.partial(values, block, dropped.reshape(H, t1 - t0, s1)), H, head_work,
                       one_blas_thread=True)  # fmt: skip
-        cache_blocks.append((t0, t1, s1, att, inv, mask))
+        cache_blocks.append((t0, t1, s1, att, mask))
     return y, (q, k, v, cache_blocks)
+
+
+def head_groups(att, h0: int, h1: int, NH: int, rows: bool = True) -> list[slice]:
+    """Heads [h0, h1) of a block's scores att (H, Tb, s1) in groups taken together: all H
+    at once when att fits in BATCHED_ATTENTION (and [h0, h1) is all), else as many as fit
+    in HEAD_GROUP (at least one), within one batch row of NH heads when `rows`."""
+    H = att.shape[0]
+    if h1 - h0 == H and att.size <= BATCHED_ATTENTION:
+        return [slice(0, H)]
+    per = max(1, HEAD_GROUP // max(att.shape[1] * att.shape[2], 1))
+    groups, h = [], h0
+    while h < h1:
+        end = min(h1, h + per, (h // NH + 1) * NH if rows else h1)
+        groups.append(slice(h, end))
+        h = end
+    return groups
 
 
 @functools.lru_cache(maxsize=64)
@@ -474,20 +493,20 @@ def exp_is_safe(scores) -> bool:
 
 
 def bounded_heads(qs, k):
-    """(B * NH,) booleans: whether no score qs . k of the head can pass `exp_limit` of S, by
-    |qs . k| <= max |qs_t| max |k_s| (a pass over q and k instead of two over the scores)."""
-    B, NH, T, hs = qs.shape
+    """(B * NH,) booleans: whether every score qs . k of the head is within `exp_limit` of S,
+    by |qs . k| <= max |qs_t| max |k_s| (a pass over q and k instead of two over the scores)."""
+    B, NH = qs.shape[:2]
     longest = np.sqrt(np.max(np.einsum("bnth,bnth->bnt", qs, qs), axis=-1) * np.max(np.einsum("bnsh,bnsh->bns", k, k), axis=-1))
     return (longest <= exp_limit(k.shape[2], qs.dtype)).reshape(B * NH)  # NaN: False
 
 
-def masked_exp(a, inv, future, other, safe):
-    """Softmax's exps of scores a (..., Tb, s1), in place, and the reciprocals of their row
-    sums into inv (..., Tb): `future` (Tb, Tb) masks keys after each query (the last Tb
-    columns), `other` (broadcast to a) keys of other documents. Unless `safe` (no score can
-    overflow exp) or `exp_is_safe`, each row's maximum is subtracted first (softmax is
-    unchanged by the shift) and masked scores set to -inf; when it is not needed, the
-    future's exps are zeroed after exp instead, a product. Row sums by a matrix-vector product."""
+def masked_softmax(a, future, other, safe=False):
+    """Softmax over the last axis of scores a (..., Tb, s1), in place: `future` (Tb, Tb)
+    masks keys after each query (the last Tb columns), `other` (broadcast to a) keys of
+    other documents. Unless `safe` (no score can overflow exp) or `exp_is_safe`, each row's
+    maximum is subtracted first (softmax is unchanged by the shift), the masked scores
+    set to -inf before; else the future's exps are zeroed after exp, by a product. Row
+    sums by a matrix-vector product."""
     shift = not (safe or exp_is_safe(a))
     if future is not None and shift:
         np.copyto(a[..., a.shape[-1] - future.shape[0] :], -np.inf, where=future)
@@ -498,26 +517,16 @@ def masked_exp(a, inv, future, other, safe):
     np.exp(a, out=a)
     if future is not None and not shift:
         a[..., a.shape[-1] - future.shape[0] :] *= seen_keys(future.shape[0], a.dtype)
-    np.matmul(a, ones(a.shape[-1], a.dtype), out=inv)
-    np.divide(1.0, inv, out=inv)
-
-
-def masked_softmax(a, future, other):
-    """Softmax over the last axis of scores a (..., Tb, s1), in place (`masked_exp`'s
-    masks, shift and row sums)."""
-    inv = np.empty(a.shape[:-1], dtype=a.dtype)
-    masked_exp(a, inv, future, other, False)
-    a *= inv[..., None]
+    total = a @ ones(a.shape[-1], a.dtype)  # (..., Tb)
+    a *= np.divide(1.0, total, out=total)[..., None]
 
 
 def attention_backward(dy, cache):
     """dy (B, NH, T, hs) -> dq (B, NH, T, hs), dk, dv (B, NH, S, hs), block by block (the
-    forward's, last first), each thread taking a range of heads through every block (one
-    hand-off per call): a block whose scores fit in BATCHED_ATTENTION as stacked products
-    over the thread's heads (a few calls for all), a larger one head by head (each head's
-    block in cache). The probabilities are the exps
-    scaled by their rows' reciprocal sums: the small operands (dy, q and dq's rows) are
-    scaled instead. The last block sees every key: it writes dk and dv, the others add."""
+    forward's, the last first: it sees every key, so it writes dk and dv and the others
+    add), each thread taking a range of heads through every block (one hand-off per
+    call), in the forward's groups of heads (`head_groups`, here across batch rows):
+    stacked products, a group's scores in cache."""
     q, k, v, blocks = cache
     B, NH, T, hs = q.shape
     H, S = B * NH, k.shape[2]
@@ -527,41 +536,31 @@ def attention_backward(dy, cache):
     # heads as one axis (H, ., hs): copies where q and dy are the model's strided views (k, v: the forward's)
     q, k, v, dy = (head_rows(a).reshape(H, -1, hs) for a in (q, k, v, dy))
 
-    def block_heads(block, first, at):  # heads `at` of a block: one head's 2-d arrays (an index), or (h, ., .) stacks (a slice)
-        t0, t1, s1, att, inv, mask = block
-        Tb = t1 - t0
-        qh, kh, vh, dyh, dqh, dkh, dvh = (a[at] for a in (q, k, v, dy, dq, dk, dv))
-        e = att[at]  # (h, Tb, s1), exps
-        iv = (ones(Tb, e.dtype) if inv is None else inv[at])[..., None]  # (h, Tb, 1), 1 / row sums
-        drop = None if mask is None else np.broadcast_to(mask, (B, NH, Tb, s1)).reshape(H, Tb, s1)[at]
-        dyb = dyh[..., t0:t1, :]  # (h, Tb, hs)
-        dropped = e if drop is None else e * drop
+    def block_heads(block, first, at):  # heads `at` (a slice) of a block, stacked: p (h, Tb, s1), dyb (h, Tb, hs)
+        t0, t1, s1, att, mask = block
+        p, dyb = att[at], dy[at, t0:t1]
+        drop = None if mask is None else np.broadcast_to(mask, (B, NH, t1 - t0, s1)).reshape(H, t1 - t0, s1)[at]
+        dropped = p if drop is None else p * drop
         if first:
-            np.matmul(dropped.mT, dyb * iv, out=dvh[..., :s1, :])  # (h, s1, hs)
+            np.matmul(dropped.mT, dyb, out=dv[at, :s1])  # (h, s1, hs)
         else:
-            dvh[..., :s1, :] += dropped.mT @ (dyb * iv)
-        d = dyb @ vh[..., :s1, :].mT  # (h, Tb, s1), d(dropped probabilities)
+            dv[at, :s1] += dropped.mT @ dyb
+        d = dyb @ v[at, :s1].mT  # (h, Tb, s1), d(dropped probabilities)
         if drop is not None:
             d *= drop
-        rows = (d * e) @ ones(s1, d.dtype)  # (h, Tb): sum(d * p) / inv
-        rows *= iv[..., 0]
-        d -= rows[..., None]
-        d *= e  # d(scores) / (inv * scale)
-        iv = iv * scale
-        dqb = np.matmul(d, kh[..., :s1, :], out=dqh[..., t0:t1, :])
-        dqb *= iv
+        d -= ((d * p) @ ones(s1, d.dtype))[..., None]
+        d *= p
+        d *= scale  # d(scores)
+        np.matmul(d, k[at, :s1], out=dq[at, t0:t1])
         if first:
-            np.matmul(d.mT, qh[..., t0:t1, :] * iv, out=dkh[..., :s1, :])
+            np.matmul(d.mT, q[at, t0:t1], out=dk[at, :s1])
         else:
-            dkh[..., :s1, :] += d.mT @ (qh[..., t0:t1, :] * iv)
+            dk[at, :s1] += d.mT @ q[at, t0:t1]
 
-    def heads(h0, h1):  # a thread's heads through every block, the last (every key) first: their dk, dv rows are its own
+    def heads(h0, h1):  # a thread's heads through every block, the last first: their dk, dv rows are its own
         for i, block in enumerate(reversed(blocks)):
-            if block[3].size <= BATCHED_ATTENTION:
-                block_heads(block, i == 0, slice(h0, h1))
-            else:
-                for h in range(h0, h1):
-                    block_heads(block, i == 0, h)
+            for at in head_groups(block[3], h0, h1, NH, rows=False):
+                block_heads(block, i == 0, at)
 
     parallel_rows(heads, H, sum(block[3].size for block in blocks) // H * hs, one_blas_thread=True)
     return dq.reshape(B, NH, T, hs), dk.reshape(B, NH, S, hs), dv.reshape(B, NH, S, hs)
