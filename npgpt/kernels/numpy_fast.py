@@ -278,8 +278,9 @@ def gelu_block(x, out):
 def gelu_slope_block(x, out, slope):
     """GELU of x into `out`, as `gelu_block` computes it, and its derivative into `slope`.
     With s = sigmoid(2u) = (1 + tanh u) / 2 = 1 / (1 + exp(-2u)) (the same exp), the
-    reference's 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx is s + 2 x s (1 - s) du/dx. exp
-    overflows for very negative x (the caller ignores it): s = 0, out = -0, slope = 0."""
+    reference's 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx is s + 2 x s (1 - s) du/dx, and x s is
+    GELU. exp overflows for very negative x (the caller ignores it): s = 0, out = -0,
+    slope = 0."""
     x2 = np.multiply(x, x, out=slope)
     e = np.multiply(x2, -2 * GELU_SCALE * 0.044715, out=out)  # -2u = -2 sqrt(2/pi) (x + 0.044715 x^3)
     e -= 2 * GELU_SCALE
@@ -287,13 +288,12 @@ def gelu_slope_block(x, out, slope):
     np.exp(e, out=e)
     e += 1.0
     s = np.divide(1.0, e)  # sigmoid(2u)
-    np.divide(x, e, out=out)  # GELU
-    twice = x2  # 2 x du/dx = 2 x sqrt(2/pi) (1 + 3 * 0.044715 x^2), over x^2
+    np.divide(x, e, out=out)  # GELU = x s
+    rest = np.subtract(1.0, s)  # 1 - s, then x s (1 - s)
+    rest *= out
+    twice = x2  # 2 du/dx = 2 sqrt(2/pi) (1 + 3 * 0.044715 x^2), over x^2
     twice *= 2 * 3 * 0.044715 * GELU_SCALE
     twice += 2 * GELU_SCALE
-    twice *= x
-    rest = np.subtract(1.0, s)  # 1 - s, then s (1 - s)
-    rest *= s
     twice *= rest
     twice += s
     return slope
@@ -362,7 +362,7 @@ def attention_forward(q, k, v, dropout=None, segments=None):
         att *= 1.0 / math.sqrt(hs)
         masked_softmax(att, None, None)
         np.matmul(att, v, out=y)
-        return y, (q, k, v, [(0, 1, S, att.reshape(H, 1, S), None)])
+        return y, (q * (1.0 / math.sqrt(hs)), k, v, [(0, 1, S, att.reshape(H, 1, S), None)])
     qs = np.multiply(q, 1.0 / math.sqrt(hs), out=np.empty((B, NH, T, hs), dtype=q.dtype))  # scaled once, rows contiguous
     k, v = head_rows(k), head_rows(v)
     safe = bounded_heads(qs, k)  # (H,)
@@ -406,7 +406,7 @@ def attention_forward(q, k, v, dropout=None, segments=None):
                 values(block, block[3], h0, h1)
 
         parallel_rows(heads, H, work, one_blas_thread=True)
-        return y, (q, k, v, [(t0, t1, s1, att, None) for t0, t1, s1, att, _, _ in blocks])
+        return y, (qs, k, v, [(t0, t1, s1, att, None) for t0, t1, s1, att, _, _ in blocks])
     cache_blocks = []
     for block in blocks:  # dropout draws each block's mask in order, between the two halves
         t0, t1, s1, att = block[:4]
@@ -416,7 +416,7 @@ def attention_forward(q, k, v, dropout=None, segments=None):
         parallel_rows(functools.partial(values, block, dropped.reshape(H, t1 - t0, s1)), H, head_work,
                       one_blas_thread=True)  # fmt: skip
         cache_blocks.append((t0, t1, s1, att, mask))
-    return y, (q, k, v, cache_blocks)
+    return y, (qs, k, v, cache_blocks)
 
 
 def head_groups(att, h0: int, h1: int, NH: int, rows: bool = True) -> list[slice]:
@@ -527,14 +527,14 @@ def attention_backward(dy, cache):
     add), each thread taking a range of heads through every block (one hand-off per
     call), in the forward's groups of heads (`head_groups`, here across batch rows):
     stacked products, a group's scores in cache."""
-    q, k, v, blocks = cache
-    B, NH, T, hs = q.shape
+    qs, k, v, blocks = cache  # qs: the queries scaled by 1 / sqrt(hs)
+    B, NH, T, hs = qs.shape
     H, S = B * NH, k.shape[2]
     scale = 1.0 / math.sqrt(hs)
-    dq = np.empty((H, T, hs), dtype=q.dtype)
+    dq = np.empty((H, T, hs), dtype=qs.dtype)
     dk, dv = np.empty((H, S, hs), dtype=k.dtype), np.empty((H, S, hs), dtype=v.dtype)
-    # heads as one axis (H, ., hs): copies where q and dy are the model's strided views (k, v: the forward's)
-    q, k, v, dy = (head_rows(a).reshape(H, -1, hs) for a in (q, k, v, dy))
+    # heads as one axis (H, ., hs): a copy where dy is the model's strided view (qs, k, v: the forward's)
+    qs, k, v, dy = (head_rows(a).reshape(H, -1, hs) for a in (qs, k, v, dy))
 
     def block_heads(block, first, at):  # heads `at` (a slice) of a block, stacked: p (h, Tb, s1), dyb (h, Tb, hs)
         t0, t1, s1, att, mask = block
@@ -549,13 +549,13 @@ def attention_backward(dy, cache):
         if drop is not None:
             d *= drop
         d -= ((d * p) @ ones(s1, d.dtype))[..., None]
-        d *= p
-        d *= scale  # d(scores)
-        np.matmul(d, k[at, :s1], out=dq[at, t0:t1])
+        d *= p  # d(scores) / scale, scale = 1 / sqrt(hs): dk from the scaled queries, dq scaled after
+        dqb = np.matmul(d, k[at, :s1], out=dq[at, t0:t1])
+        dqb *= scale
         if first:
-            np.matmul(d.mT, q[at, t0:t1], out=dk[at, :s1])
+            np.matmul(d.mT, qs[at, t0:t1], out=dk[at, :s1])
         else:
-            dk[at, :s1] += d.mT @ q[at, t0:t1]
+            dk[at, :s1] += d.mT @ qs[at, t0:t1]
 
     def heads(h0, h1):  # a thread's heads through every block, the last first: their dk, dv rows are its own
         for i, block in enumerate(reversed(blocks)):
