@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from npgpt.backend import NumpyBackend
 from npgpt.config import GPTConfig
-from npgpt.kernels import REFERENCE
+from npgpt.kernels import REFERENCE, numpy_fast
 from npgpt.layers import IGNORE_INDEX
 from npgpt.model import GPT, param_shapes
 
@@ -172,6 +172,7 @@ def test_wrong_embedding_backward_fails_the_check(monkeypatch, kernels):
         return target
 
     monkeypatch.setattr(model.backend, "index_add", assigning_index_add)
+    monkeypatch.setattr(numpy_fast, "add_rows", assigning_index_add)  # the fast set's own scatter-add
     failures = grad_errors(model, ids, targets)
     # wpe's scatter-add too in the reference (each position repeats once per row); NumPy's
     # fast set sums wpe's gradient over the batch instead

@@ -568,12 +568,13 @@ def attention_backward(dy, cache):
 
 # -- embeddings ---------------------------------------------------------------------------------
 def embedding_backward(dx, cache, dwte, wpe_shape, backend):
-    """The reference's gradients; when every row holds positions start..start+T-1 (no
-    segments), dwpe is one sum over the batch instead of a scatter-add of B*T rows."""
+    """The reference's gradients; the token rows summed per id by sorting (`add_rows`)
+    instead of a scatter-add row by row; when every row holds positions start..start+T-1
+    (no segments), dwpe is one sum over the batch instead of a scatter-add of B*T rows."""
     ids, pos = cache
     B, T, C = dx.shape
     rows = dx.reshape(B * T, C)
-    dwte = backend.index_add(dwte, ids.reshape(-1), rows)
+    dwte = add_rows(dwte, ids.reshape(-1), rows)
     dwpe = np.zeros(wpe_shape, dtype=dx.dtype)
     start = int(pos[0, 0])
     if np.array_equal(pos, np.broadcast_to(np.arange(start, start + T), (B, T))):
@@ -581,6 +582,19 @@ def embedding_backward(dx, cache, dwte, wpe_shape, backend):
     else:
         np.add.at(dwpe, pos.reshape(-1), rows)
     return dwte, dwpe
+
+
+def add_rows(target, ids, rows):
+    """target[ids[n]] += rows[n] for every n, repeated ids summed, in place: the rows sorted
+    by id (a stable sort keeps each id's rows in order), each id's run summed by one
+    reduceat, the sums added to their (distinct) target rows at once. Returns target."""
+    if ids.size == 0:
+        return target
+    order = np.argsort(ids, kind="stable")
+    ranked = ids[order]
+    starts = np.flatnonzero(np.concatenate(([True], ranked[1:] != ranked[:-1])))
+    target[ranked[starts]] += np.add.reduceat(rows[order], starts, axis=0)
+    return target
 
 
 # -- cross-entropy, in the logits' own buffer, over row ranges ---------------------------------
