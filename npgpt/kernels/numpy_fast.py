@@ -178,7 +178,7 @@ def linear_backward(dout, cache):
         c0, c1 = r0 * Cout // N, r1 * Cout // N
         np.matmul(dout[r0:r1], w.mT, out=dx[r0:r1])
         np.matmul(x.mT, dout[:, c0:c1], out=dw[:, c0:c1])
-        np.sum(dout[:, c0:c1], axis=0, out=db[c0:c1])
+        np.matmul(ones(N, dout.dtype), dout[:, c0:c1], out=db[c0:c1])  # column sums by BLAS
 
     if blas_threads() is None:  # a BLAS whose pool cannot be set to 1 (not OpenBLAS): its own threads
         share(0, N)
