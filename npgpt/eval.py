@@ -16,15 +16,18 @@ context / stride times the work. The windows, at any stride, are those of Huggin
 documented loop ("Perplexity of fixed-length models") with max_length = context + 1 and
 the same stride: an HF window of max_length tokens predicts max_length - 1 of them.
 
-Windows of equal length are scored `batch_size` at a time.
+Windows of equal length are scored `batch_size` at a time at most, in pieces that NumPy's
+fast kernels run on their threads (see `perplexity`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,14 +37,12 @@ import numpy as np
 from npgpt.backend import get_backend
 from npgpt.layers import IGNORE_INDEX
 from npgpt.errors import UserError, add_debug_flag, run_cli
-from npgpt.generate import unescape
 from npgpt.kernels.threads import add_threads_option, configure as configure_threads
-from npgpt.prepare import read_tokens
 from npgpt.model import FLOAT_DTYPES
 from npgpt.weights import load_model
 
 LOGITS_BUDGET = 2**26  # default batch: at most this many logits (256 MiB in float32) at once
-MAX_BATCH = 256  # ... and at most this many windows (many pieces per batch keep the threads busy to its end)
+MAX_BATCH = 256  # ... and at most this many windows
 READ_CHARS = 1 << 16  # --max-tokens: characters read per step
 
 
@@ -67,8 +68,13 @@ def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int |
                batch_size: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
     """Mean negative log-likelihood (nats/token) and perplexity of `ids` under `model`.
 
-    batch_size: windows per forward pass (default: at most MAX_BATCH, and LOGITS_BUDGET logits at once).
-    progress(scored, total): called after each batch with the tokens scored so far."""
+    Runs of windows of one length go to the kernels' `over_batch` whole, as one batch of
+    independent rows: NumPy's fast set hands their pieces to its threads as each comes
+    free, with no wait at the end of each batch. A piece is scored `batch_size` windows
+    at a time at most (default: MAX_BATCH, and LOGITS_BUDGET logits at once), which is
+    what bounds memory where a set runs a batch whole (the reference). The pieces' sums
+    are added exactly (math.fsum), so the result does not depend on which thread ran what.
+    progress(scored, total): called after each piece with the tokens scored so far."""
     context = context or model.config.n_ctx
     if not 1 <= context <= model.config.n_ctx:
         raise EvalError(f"context {context} must be in [1, the model's n_ctx {model.config.n_ctx}]; give a smaller --context")
@@ -78,33 +84,53 @@ def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int |
     total = sum(end - first for _, end, first in windows)
     if total == 0:
         raise EvalError("the text has fewer than 2 tokens, so there is nothing to score; give a longer text")
-    nll, count = 0.0, 0
-    for group in _batches(windows, batch_size):  # windows of one length
-        inputs = np.stack([ids[begin : end - 1] for begin, end, _ in group]).astype(np.int64)  # (B, T)
-        targets = np.stack([ids[begin + 1 : end] for begin, end, _ in group]).astype(np.int64)  # (B, T), a copy
-        for row, (begin, _, first) in enumerate(group):
-            targets[row, : first - (begin + 1)] = IGNORE_INDEX
-        n_new = sum(end - first for _, end, first in group)
-        loss = model.loss(inputs, targets, ignore_index=IGNORE_INDEX)  # mean over the scored targets
-        nll += float(model.backend.to_numpy(loss)) * n_new
-        count += n_new
-        if progress is not None:
-            progress(count, total)
-    mean = nll / count
-    return {"tokens_evaluated": count, "windows": len(windows), "context": context, "stride": stride,
+    sums: list[float] = []  # each chunk's summed negative log-likelihood
+    scored, lock, stop = 0, threading.Lock(), threading.Event()
+
+    def score(run: list, b0: int, b1: int) -> None:  # windows [b0, b1) of a run
+        nonlocal scored
+        for c0 in range(b0, b1, batch_size):
+            if stop.is_set():  # another piece failed (or Ctrl-C): take no more work
+                return
+            try:
+                nll, n_new = _score_windows(model, ids, run[c0 : min(c0 + batch_size, b1)])
+            except BaseException:
+                stop.set()
+                raise
+            with lock:
+                sums.append(nll)
+                scored += n_new
+                if progress is not None:
+                    progress(scored, total)
+
+    for run in _same_length_runs(windows):
+        model.backend.kernels.over_batch(functools.partial(score, run), len(run), run[0][1] - run[0][0] - 1)
+    mean = math.fsum(sums) / total
+    return {"tokens_evaluated": total, "windows": len(windows), "context": context, "stride": stride,
             "loss": mean, "perplexity": math.exp(mean)}  # fmt: skip
 
 
-def _batches(windows, batch_size):
-    """Consecutive runs of up to batch_size windows of the same length."""
-    group: list = []
+def _score_windows(model, ids: np.ndarray, windows: list) -> tuple[float, int]:
+    """(summed negative log-likelihood, scored targets) of windows of one length, as one batch."""
+    inputs = np.stack([ids[begin : end - 1] for begin, end, _ in windows]).astype(np.int64)  # (B, T)
+    targets = np.stack([ids[begin + 1 : end] for begin, end, _ in windows]).astype(np.int64)  # (B, T), a copy
+    for row, (begin, _, first) in enumerate(windows):
+        targets[row, : first - (begin + 1)] = IGNORE_INDEX
+    n_new = sum(end - first for _, end, first in windows)
+    loss = model.loss(inputs, targets, ignore_index=IGNORE_INDEX)  # mean over the scored targets
+    return float(model.backend.to_numpy(loss)) * n_new, n_new
+
+
+def _same_length_runs(windows):
+    """Consecutive runs of windows of the same length (every window but the last has context + 1 tokens)."""
+    run: list = []
     for window in windows:
-        if group and (len(group) == batch_size or window[1] - window[0] != group[0][1] - group[0][0]):
-            yield group
-            group = []
-        group.append(window)
-    if group:
-        yield group
+        if run and window[1] - window[0] != run[0][1] - run[0][0]:
+            yield run
+            run = []
+        run.append(window)
+    if run:
+        yield run
 
 
 def read_ids(tokenizer, path, max_tokens: int | None = None) -> np.ndarray:
@@ -174,6 +200,13 @@ class Progress:
         self.stream.flush()
 
 
+def _unescape(text: str) -> str:
+    """`npgpt.generate.unescape`, imported when a --stop is given (eval of a text never needs it)."""
+    from npgpt.generate import unescape
+
+    return unescape(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m npgpt.eval", description=__doc__.split("\n\n")[0].split(": ")[0] + ".",
                                 epilog="See the module docstring (python -c 'import npgpt.eval; help(npgpt.eval)') for the method.")  # fmt: skip
@@ -184,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "pairs"), default="text",
                    help="text: perplexity of the text (default); pairs: completion loss and exact-match accuracy "
                         "of greedy generation on {\"prompt\", \"completion\"} records (see npgpt.pairs_eval)")  # fmt: skip
-    p.add_argument("--stop", action="append", default=[], type=unescape, metavar="TEXT",
+    p.add_argument("--stop", action="append", default=[], type=_unescape, metavar="TEXT",
                    help=r"pairs: a string that ends generation; repeat for several; escapes \n \t \\ \uXXXX work")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=256, help="pairs: generation limit per prompt (default 256)")
     p.add_argument("--skip-bad", action="store_true", help="pairs: skip bad records (counted) instead of stopping")
@@ -217,6 +250,8 @@ def _main(argv) -> int:
     if args.format == "pairs":
         return score_pairs_main(args, model, tokenizer)
     if Path(args.data).is_dir():  # a prepared folder: one split, memory-mapped
+        from npgpt.prepare import read_tokens  # (multiprocessing and more: imported only here)
+
         ids = read_tokens(args.data, tokenizer, args.split)[: args.max_tokens]
     else:
         ids = read_ids(tokenizer, args.data, args.max_tokens)

@@ -116,3 +116,42 @@ def test_the_shipped_model_scores_as_with_the_reference_kernels():
         expected = perplexity(reference, ids)
     assert ours["tokens_evaluated"] == expected["tokens_evaluated"] == 4096
     assert ours["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+
+def test_the_result_does_not_depend_on_which_thread_scored_what(monkeypatch):
+    """Float32, pieces of 2 windows: 2 threads taking pieces as they come free give exactly
+    the 1-thread loss (the pieces' sums are added exactly)."""
+    import npgpt.kernels.numpy_fast as fast
+    from npgpt.kernels import threads
+
+    model = GPT.init(CONFIG, seed=4)
+    ids = np.random.default_rng(5).integers(0, CONFIG.vocab_size, 500)
+    monkeypatch.setattr(fast, "BATCH_ROWS", 2 * CONFIG.n_ctx)
+    results = []
+    for n in (1, 2, 2):
+        monkeypatch.setattr(threads, "_chosen", n)
+        results.append(perplexity(model, ids, batch_size=3)["loss"])
+    assert results[0] == results[1] == results[2]
+
+
+def test_a_failing_piece_stops_the_others_taking_more(monkeypatch):
+    """An error in one piece (or Ctrl-C) is raised, and the threads start no further work."""
+    import npgpt.kernels.numpy_fast as fast
+    from npgpt.kernels import threads
+
+    model = GPT.init(CONFIG, seed=4)
+    ids = np.random.default_rng(5).integers(0, CONFIG.vocab_size, 2000)  # 167 windows, 84 pieces
+    monkeypatch.setattr(fast, "BATCH_ROWS", 2 * CONFIG.n_ctx)
+    monkeypatch.setattr(threads, "_chosen", 2)
+    calls, real_loss = [], model.loss
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(model, "loss", loss)
+    with pytest.raises(KeyboardInterrupt):
+        perplexity(model, ids)
+    assert 3 <= len(calls) <= 4  # the failing call, and at most the other thread's one under way

@@ -86,7 +86,7 @@ def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, n_threa
         assert_same(fast.layer_norm_backward(dout, cache), layers.layer_norm_backward(dout, ref_cache))
 
         x3 = 3 * x  # GELU's curved part
-        with fast.backward_following() if training else contextlib.nullcontext():
+        with fast.as_piece("training") if training else contextlib.nullcontext():
             out, cache = fast.gelu_forward(x3)
         assert isinstance(cache, fast.Slope) == training
         ref, ref_cache = layers.gelu_forward(x3)
@@ -192,6 +192,39 @@ def test_attention_equals_the_reference(s):
         check_attention(B, s["NH"], T, T + past, s["hs"], rng, segments, s["dropout"], s["scale"])
 
 
+@settings(max_examples=30, deadline=None)
+@given(attention_shapes, st.integers(1, 37), st.integers(1, 9), st.integers(1, 8))
+@example(dict(B=3, NH=3, hs=4, T=13, past=0, query_block=4, small_query_block=3, segments=False, dropout=False,
+              threads=2, batched=1 << 16, head_group=1, scale=1.0, seed=7), 37, 9, 5)  # all heads at once, blocks of 3
+def test_an_inference_piece_keeps_no_cache_and_equals_the_reference(s, N, C, row_block):
+    """Inside `inference_piece` (over_batch's pieces): LayerNorm without xhat, attention's
+    blocks in one scratch per thread; outputs as the reference's (float64), caches None."""
+    rng = np.random.default_rng(s["seed"])
+    x = rng.standard_normal((N, C))
+    g, gb = 1.0 + 0.3 * rng.standard_normal(C), rng.standard_normal(C)
+    B, T, S, NH, hs = s["B"], s["T"], s["T"] + (0 if s["segments"] else s["past"]), s["NH"], s["hs"]
+    q = s["scale"] * rng.standard_normal((B, NH, T, hs))
+    k, v = rng.standard_normal((B, NH, S, hs)), rng.standard_normal((B, NH, S, hs))
+    segments = segments_of(rng, B, T) if s["segments"] else None
+    with blocks(row_block=row_block, n_threads=s["threads"], query_block=s["query_block"],
+                small_query_block=s["small_query_block"], batched_attention=s["batched"],
+                head_group=s["head_group"]), fast.inference_piece():  # fmt: skip
+        out, cache = fast.layer_norm_forward(x, g, gb, 1e-5)
+        np.testing.assert_allclose(out, layers.layer_norm_forward(x, g, gb, 1e-5)[0], **TOL)
+        assert cache is None
+        y, cache = fast.attention_forward(q, k, v, None, segments)
+        np.testing.assert_allclose(y, layers.attention_forward(q, k, v, None, segments)[0], **TOL)
+        assert cache is None or T == 1 and segments is None  # decoding's one query keeps its tiny cache
+    assert not fast.inference()  # restored after the piece
+
+
+def test_over_batch_runs_its_pieces_as_inference_pieces():
+    with blocks(n_threads=2, batch_rows=4):
+        seen = fast.over_batch(lambda b0, b1: (b0, b1, fast.inference()), 5, 2)
+    assert [b for b0, b1, _ in seen for b in range(b0, b1)] == list(range(5))
+    assert all(flag for *_, flag in seen) and len(seen) > 1 and not fast.inference()
+
+
 @pytest.mark.parametrize("training", [False, True])  # the forward keeps x, or GELU's slope
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_gelu_at_extremes_equals_the_reference(dtype, training):
@@ -200,7 +233,7 @@ def test_gelu_at_extremes_equals_the_reference(dtype, training):
     dout = np.linspace(-1.0, 1.0, x.size, dtype=dtype)[None, :]
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else TOL
     with np.errstate(over="raise", divide="raise", invalid="raise"):  # no warning escapes the kernels
-        with fast.backward_following() if training else contextlib.nullcontext():
+        with fast.as_piece("training") if training else contextlib.nullcontext():
             out, cache = fast.gelu_forward(x)
         dx = fast.gelu_backward(dout, cache)
     assert out.dtype == dx.dtype == dtype

@@ -28,7 +28,7 @@ proves it, forward and backward, in float64); what changes is only how the work 
   SMALL_QUERY_BLOCK queries; where no score of a head can overflow exp (a bound from
   its query and key lengths), the softmax skips its row maxima (softmax is unchanged by
   that shift);
-- a training piece's forward (`backward_following`) keeps GELU's slope, so its backward
+- a training piece's forward (`backward_follows`) keeps GELU's slope, so its backward
   is one product;
 - the position embedding's gradient is a sum over the batch when no row is packed;
 - LayerNorm, the linear bias and cross-entropy write into buffers they own instead of
@@ -36,7 +36,10 @@ proves it, forward and backward, in float64); what changes is only how the work 
   unnormalised probabilities (its loss needs only their row sums) and the backward turns
   them into the gradient, so one (N, V) buffer serves all three;
 - AdamW updates each parameter in one sweep of cache-sized blocks instead of ~10 passes
-  over the whole tensor.
+  over the whole tensor;
+- inside a piece of `over_batch` no backward follows (`inference`): LayerNorm keeps no
+  normalised copy, attention builds each query block's probabilities in one scratch per
+  thread, and their caches are None.
 """
 
 from __future__ import annotations
@@ -71,6 +74,37 @@ HEAD_GROUP = 1 << 17  # scores per group of heads taken together through a block
 TRAIN_PIECE = 128  # positions per piece of a training batch, at least: below, one piece
 SMALL_GEMM = 1 << 27  # multiply-adds up to which a linear layer's forward product is shared among the threads
 GELU_SCALE = layers.GELU_SCALE
+_piece = threading.local()  # .inference, .training: this thread runs a piece of over_batch, of over_train_batch
+
+
+def inference() -> bool:
+    """Whether this thread runs a piece of `over_batch`: no backward follows, so a kernel
+    may keep no cache (None)."""
+    return getattr(_piece, "inference", False)
+
+
+def backward_follows() -> bool:
+    """Whether this thread runs a piece of `over_train_batch`: its backward follows, so a
+    forward kernel may keep what makes the backward cheaper (GELU's slope) instead of what
+    costs the forward least."""
+    return getattr(_piece, "training", False)
+
+
+@contextlib.contextmanager
+def as_piece(kind: str):
+    """Run the block as a piece of `kind` on this thread: "inference" (`inference`) or
+    "training" (`backward_follows`)."""
+    before = getattr(_piece, kind, False)
+    setattr(_piece, kind, True)
+    try:
+        yield
+    finally:
+        setattr(_piece, kind, before)
+
+
+def inference_piece():
+    """Run the block as a piece of `over_batch` on this thread (see `inference`)."""
+    return as_piece("inference")
 
 
 def over_row_blocks(fn, N: int, row_size: int, overflow: str | None = None) -> list:
@@ -193,6 +227,8 @@ def layer_norm_forward(x, w, b, eps):
     """x (N, C) -> out (N, C), block by block: the row means and variances by BLAS
     matrix-vector products (the squares held in `out` meanwhile), x - mean normalised in place."""
     N, C = x.shape
+    if inference():
+        return layer_norm_inference(x, w, b, eps), None
     xhat, out, rstd = np.empty_like(x), np.empty_like(x), np.empty((N, 1), dtype=x.dtype)
     average = averaging(C, x.dtype)  # (C,) of 1/C
 
@@ -209,6 +245,29 @@ def layer_norm_forward(x, w, b, eps):
 
     over_row_blocks(block, N, C)
     return out, (xhat, rstd, w)
+
+
+def layer_norm_inference(x, w, b, eps):
+    """layer_norm_forward's output alone, built in it block by block: x - mean, its row
+    variances by row-wise dot products (no squares held), scaled in place (no xhat kept)."""
+    N, C = x.shape
+    out = np.empty_like(x)
+    average = averaging(C, x.dtype)  # (C,) of 1/C
+
+    def block(r0, r1):
+        o = out[r0:r1]
+        np.subtract(x[r0:r1], (x[r0:r1] @ average)[:, None], out=o)  # centred
+        rs = np.einsum("ij,ij->i", o, o)  # (Nb,) sums of squares
+        rs *= 1.0 / C
+        rs += eps
+        np.sqrt(rs, out=rs)
+        np.divide(1.0, rs, out=rs)
+        o *= rs[:, None]  # normalised
+        o *= w
+        o += b
+
+    over_row_blocks(block, N, C)
+    return out
 
 
 def layer_norm_backward(dout, cache):
@@ -353,7 +412,9 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     stacked products, each call's work shared by the group, its scores in cache.
     y is a view of a (B, T, NH, hs) array: the heads side by side, as the model reads them.
     Where no score can overflow exp (a head's bound from the lengths of its queries and
-    keys, `bounded_heads`, or else `exp_is_safe`), the softmax skips the row maxima."""
+    keys, `bounded_heads`, or else `exp_is_safe`), the softmax skips the row maxima.
+    In a piece of `over_batch` (`inference`, no dropout) each thread builds every block's
+    probabilities in one scratch, reused block after block, and the cache is None."""
     B, NH, T, hs = q.shape
     H, S = B * NH, k.shape[2]
     y = np.empty((B, T, NH, hs), dtype=q.dtype).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
@@ -369,18 +430,19 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     qh, kh, vh = qs.reshape(H, T, hs), k.reshape(H, S, hs), v.reshape(H, S, hs)  # heads as one axis
     fits = BATCHED_ATTENTION // max(H * S, 1)  # queries per block whose scores fit, all heads at once
     step = min(SMALL_QUERY_BLOCK, fits) if fits >= max(1, SMALL_QUERY_BLOCK // 2) else QUERY_BLOCK
-    blocks = []  # (t0, t1, s1, att (H, Tb, s1), future, other) per block of queries
+    scratch = dropout is None and inference()  # no backward: each thread's blocks share one scratch
+    blocks = []  # (t0, t1, s1, att (H, Tb, s1) or None with scratch, future, other) per block of queries
     for t0 in range(0, T, step):
         t1 = min(t0 + step, T)
         Tb, s1 = t1 - t0, S - T + t1  # keys visible to the block's last query
         future = future_keys(Tb) if Tb > 1 else None  # (Tb, Tb): key after query
         other = None if segments is None else segments[:, t0:t1, None] != segments[:, None, :s1]  # (B, Tb, s1)
-        blocks.append((t0, t1, s1, np.empty((H, Tb, s1), dtype=q.dtype), future, other))
+        blocks.append((t0, t1, s1, None if scratch else np.empty((H, Tb, s1), dtype=q.dtype), future, other))
 
-    def probs(block, h0, h1):  # heads [h0, h1) of a block: scores, then probabilities in att
-        t0, t1, s1, att, future, other = block
-        for at in head_groups(att, h0, h1, NH):
-            a = np.matmul(qh[at, t0:t1], kh[at, :s1].mT, out=att[at])  # (h, Tb, s1), scores
+    def probs(block, att, h0, h1):  # heads [h0, h1) of a block: scores, then probabilities in att (h1 - h0, Tb, s1)
+        t0, t1, s1, _, future, other = block
+        for at in head_groups(H, t1 - t0, s1, h0, h1, NH):
+            a = np.matmul(qh[at, t0:t1], kh[at, :s1].mT, out=att[at.start - h0 : at.stop - h0])  # (h, Tb, s1), scores
             if other is None:
                 mask = None
             elif at.stop - at.start == H:  # all heads: (B, 1, Tb, s1) against (B, NH, Tb, s1)
@@ -389,44 +451,49 @@ def attention_forward(q, k, v, dropout=None, segments=None):
                 mask = other[at.start // NH]
             masked_softmax(a, future, mask, bool(np.all(safe[at])))
 
-    def values(block, dropped, h0, h1):  # heads [h0, h1) of a block: y = dropped probabilities @ v
-        t0, t1, s1, att = block[:4]
-        for at in head_groups(att, h0, h1, NH):
+    def values(block, dropped, h0, h1):  # heads [h0, h1) of a block: y = dropped probabilities (h1 - h0, Tb, s1) @ v
+        t0, t1, s1 = block[:3]
+        for at in head_groups(H, t1 - t0, s1, h0, h1, NH):
             if at.stop - at.start == H:  # all heads
                 np.matmul(dropped.reshape(B, NH, t1 - t0, s1), v[:, :, :s1], out=y[:, :, t0:t1])
             else:  # heads of one row
                 b, n0 = divmod(at.start, NH)
-                np.matmul(dropped[at], vh[at, :s1], out=y[b, n0 : n0 + at.stop - at.start, t0:t1])
+                np.matmul(dropped[at.start - h0 : at.stop - h0], vh[at, :s1], out=y[b, n0 : n0 + at.stop - at.start, t0:t1])
 
-    work = sum(block[3].size for block in blocks) // H * hs  # multiply-adds per head
+    sizes = [(t1 - t0) * s1 for t0, t1, s1, *_ in blocks]  # probabilities per head of each block
+    work = sum(sizes) * hs  # multiply-adds per head
     if dropout is None:  # each thread takes its heads through every block: one hand-off per call
         def heads(h0, h1):
-            for block in blocks:
-                probs(block, h0, h1)
-                values(block, block[3], h0, h1)
+            buffer = np.empty((h1 - h0) * max(sizes), dtype=q.dtype) if scratch else None
+            for block, size in zip(blocks, sizes):
+                t0, t1, s1, att = block[:4]
+                att = att[h0:h1] if buffer is None else buffer[: (h1 - h0) * size].reshape(h1 - h0, t1 - t0, s1)
+                probs(block, att, h0, h1)
+                values(block, att, h0, h1)
 
         parallel_rows(heads, H, work, one_blas_thread=True)
-        return y, (qs, k, v, [(t0, t1, s1, att, None) for t0, t1, s1, att, _, _ in blocks])
+        return y, None if scratch else (qs, k, v, [(t0, t1, s1, att, None) for t0, t1, s1, att, _, _ in blocks])
     cache_blocks = []
-    for block in blocks:  # dropout draws each block's mask in order, between the two halves
+    for block, size in zip(blocks, sizes):  # dropout draws each block's mask in order, between the two halves
         t0, t1, s1, att = block[:4]
-        head_work = att.size // H * hs  # multiply-adds per head
-        parallel_rows(functools.partial(probs, block), H, head_work, one_blas_thread=True)
+        head_work = size * hs  # multiply-adds per head
+        parallel_rows(lambda h0, h1, block=block, att=att: probs(block, att[h0:h1], h0, h1), H, head_work,
+                      one_blas_thread=True)  # fmt: skip
         dropped, mask = dropout(att.reshape(B, NH, t1 - t0, s1), t0)
-        parallel_rows(functools.partial(values, block, dropped.reshape(H, t1 - t0, s1)), H, head_work,
+        dropped = dropped.reshape(H, t1 - t0, s1)
+        parallel_rows(lambda h0, h1, block=block, dropped=dropped: values(block, dropped[h0:h1], h0, h1), H, head_work,
                       one_blas_thread=True)  # fmt: skip
         cache_blocks.append((t0, t1, s1, att, mask))
     return y, (qs, k, v, cache_blocks)
 
 
-def head_groups(att, h0: int, h1: int, NH: int, rows: bool = True) -> list[slice]:
-    """Heads [h0, h1) of a block's scores att (H, Tb, s1) in groups taken together: all H
-    at once when att fits in BATCHED_ATTENTION (and [h0, h1) is all), else as many as fit
-    in HEAD_GROUP (at least one), within one batch row of NH heads when `rows`."""
-    H = att.shape[0]
-    if h1 - h0 == H and att.size <= BATCHED_ATTENTION:
+def head_groups(H: int, Tb: int, s1: int, h0: int, h1: int, NH: int, rows: bool = True) -> list[slice]:
+    """Heads [h0, h1) of H, with Tb x s1 scores each in a block, in groups taken together:
+    all H at once when their scores fit in BATCHED_ATTENTION (and [h0, h1) is all), else
+    as many as fit in HEAD_GROUP (at least one), within one batch row of NH heads when `rows`."""
+    if h1 - h0 == H and H * Tb * s1 <= BATCHED_ATTENTION:
         return [slice(0, H)]
-    per = max(1, HEAD_GROUP // max(att.shape[1] * att.shape[2], 1))
+    per = max(1, HEAD_GROUP // max(Tb * s1, 1))
     groups, h = [], h0
     while h < h1:
         end = min(h1, h + per, (h // NH + 1) * NH if rows else h1)
@@ -559,7 +626,7 @@ def attention_backward(dy, cache):
 
     def heads(h0, h1):  # a thread's heads through every block, the last first: their dk, dv rows are its own
         for i, block in enumerate(reversed(blocks)):
-            for at in head_groups(block[3], h0, h1, NH, rows=False):
+            for at in head_groups(H, block[1] - block[0], block[2], h0, h1, NH, rows=False):
                 block_heads(block, i == 0, at)
 
     parallel_rows(heads, H, sum(block[3].size for block in blocks) // H * hs, one_blas_thread=True)
@@ -644,46 +711,32 @@ def cross_entropy_backward(dloss, cache):
 def over_batch(fn, B, T):
     """fn over pieces of about BATCH_ROWS positions (whole rows), at least one per thread
     when B allows, taken by the threads as they come free: each piece runs its kernels on
-    its own thread, BLAS included, with no hand-over between threads inside a forward."""
-    per = max(1, min(BATCH_ROWS // max(T, 1), B // num_threads()))
+    its own thread, BLAS included, with no hand-over between threads inside a forward.
+    Nested (a piece of an outer `over_batch`, as eval's): pieces of BATCH_ROWS, on its thread.
+    Each piece runs as an `inference_piece`: its kernels keep no cache for a backward."""
+    per = max(1, min(BATCH_ROWS // max(T, 1), B // free_threads()))
     pieces = [(b0, min(b0 + per, B)) for b0 in range(0, B, per)]
+
+    def piece(b0, b1):
+        with inference_piece():
+            return fn(b0, b1)
+
     if len(pieces) == 1:
-        return [fn(0, B)]  # one piece: its kernels split their own passes
-    return parallel_items(lambda i: fn(*pieces[i]), len(pieces))
+        return [piece(0, B)]  # one piece: its kernels split their own passes
+    return parallel_items(lambda i: piece(*pieces[i]), len(pieces))
 
 
 # -- training: a batch in one piece per thread -------------------------------------------------
-_training = threading.local()  # .backward_follows: this thread runs a training piece's forward and backward
-
-
-def backward_follows() -> bool:
-    """Whether the forward kernels called now (on this thread) run for a training piece, whose
-    backward follows (`over_train_batch`): they may then keep what makes the backward
-    cheaper (GELU's slope) instead of what costs the forward least."""
-    return getattr(_training, "backward_follows", False)
-
-
-@contextlib.contextmanager
-def backward_following():
-    """Run the block's forward kernels (on this thread) as a training piece's: `backward_follows()` is true."""
-    before = backward_follows()
-    _training.backward_follows = True
-    try:
-        yield
-    finally:
-        _training.backward_follows = before
-
-
 def over_train_batch(fn, B, T):
     """fn over one piece of whole rows per thread (at least TRAIN_PIECE positions each),
     run at once: each piece's forward and backward runs its kernels on its own thread,
     BLAS included, so a step hands work between threads once, not in every kernel. Its
     price: a set of gradients per extra piece, summed by the caller. With fewer rows than
     threads the batch runs whole, its kernels sharing out their own passes (pieces of a
-    row or so would leave threads idle). Each piece runs `backward_following()`."""
+    row or so would leave threads idle). Each piece runs as a "training" piece (`backward_follows`)."""
 
     def piece(b0, b1):
-        with backward_following():
+        with as_piece("training"):
             return fn(b0, b1)
 
     if B < num_threads():
