@@ -423,7 +423,7 @@ class GPT:
         dy, grads[h + "attn.c_proj.weight"], grads[h + "attn.c_proj.bias"] = kernels.linear_backward(dy, act.attn_c_proj)
         dy = xp.permute_dims(xp.reshape(dy, (B, T, NH, hs)), (0, 2, 1, 3))  # (B, NH, T, hs)
         dq, dk, dv = kernels.attention_backward(dy, act.attn)
-        dqkv = xp.reshape(xp.permute_dims(xp.stack([dq, dk, dv]), (1, 3, 0, 2, 4)), (N, 3 * C))  # (N, 3C)
+        dqkv = xp.reshape(xp.stack([xp.permute_dims(d, (0, 2, 1, 3)) for d in (dq, dk, dv)], axis=2), (N, 3 * C))  # (B, T, 3, NH, hs) -> (N, 3C)
         da, grads[h + "attn.c_attn.weight"], grads[h + "attn.c_attn.bias"] = kernels.linear_backward(dqkv, act.c_attn)
         da, grads[h + "ln_1.weight"], grads[h + "ln_1.bias"] = kernels.layer_norm_backward(da, act.ln_1)
         return dx + da
@@ -477,7 +477,7 @@ class BlockActivations:
     attn_drop: object  # dropout mask of the attention branch (N, C), or None
     ln_2: object  # LayerNorm of x_mid = x_in + attention branch (N, C)
     c_fc: object  # linear on ln_2's output (N, C) -> (N, 4C)
-    gelu: object  # GELU's input (N, 4C)
+    gelu: object  # GELU's cache: the reference keeps its input (N, 4C)
     mlp_c_proj: object  # linear on GELU's output (N, 4C) -> (N, C)
     mlp_drop: object  # dropout mask of the MLP branch (N, C), or None
 

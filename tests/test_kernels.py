@@ -61,17 +61,19 @@ def segments_of(rng, B, T):
 
 @settings(max_examples=25, deadline=None)
 @given(N=st.integers(1, 37), C=st.integers(1, 9), row_block=st.integers(1, 8), n_threads=st.integers(1, 4),
-       small_gemm=st.sampled_from([0, 1 << 27]), few_rows=st.sampled_from([0, 32]), seed=st.integers(0, 2**16))  # fmt: skip
-@example(N=37, C=9, row_block=5, n_threads=3, small_gemm=1 << 27, few_rows=0, seed=1)  # more rows than dw's 11 columns
-@example(N=3, C=8, row_block=1, n_threads=4, small_gemm=1 << 27, few_rows=0, seed=2)  # fewer rows than threads
-@example(N=37, C=9, row_block=5, n_threads=3, small_gemm=0, few_rows=0, seed=3)  # the forward's product by column ranges
-@example(N=1, C=9, row_block=5, n_threads=2, small_gemm=0, few_rows=32, seed=4)  # decoding's one row: one pass per step
-@example(N=31, C=9, row_block=5, n_threads=3, small_gemm=0, few_rows=32, seed=5)
-def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, n_threads, small_gemm, few_rows, seed):
+       small_gemm=st.sampled_from([0, 1 << 27]), few_rows=st.sampled_from([0, 32]), training=st.booleans(),
+       seed=st.integers(0, 2**16))  # fmt: skip
+@example(N=37, C=9, row_block=5, n_threads=3, small_gemm=1 << 27, few_rows=0, training=True, seed=1)  # more rows than dw's 11 columns
+@example(N=3, C=8, row_block=1, n_threads=4, small_gemm=1 << 27, few_rows=0, training=False, seed=2)  # fewer rows than threads
+@example(N=37, C=9, row_block=5, n_threads=3, small_gemm=0, few_rows=0, training=False, seed=3)  # the forward's product by column ranges
+@example(N=1, C=9, row_block=5, n_threads=2, small_gemm=0, few_rows=32, training=False, seed=4)  # decoding's one row: one pass per step
+@example(N=31, C=9, row_block=5, n_threads=3, small_gemm=0, few_rows=32, training=False, seed=5)
+@example(N=5, C=9, row_block=2, n_threads=2, small_gemm=0, few_rows=32, training=True, seed=6)  # few rows in training: the slope
+def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, n_threads, small_gemm, few_rows, training, seed):
     """Odd sizes, row blocks that do and do not divide N, 1-4 thread ranges (a small
     forward product split by rows, a larger one by columns, whole on 1 thread; the linear backward's threads each
     take rows of dx and a share of dw's columns); below FEW_ROWS rows (few_rows=32; 0: never),
-    LayerNorm and GELU in one pass per step over all rows."""
+    LayerNorm and GELU in one pass per step over all rows; forwards run as inference's or as a training piece's."""
     rng = np.random.default_rng(seed)
     x, dout = rng.standard_normal((N, C)), rng.standard_normal((N, C))
     w, b = rng.standard_normal((C, C + 2)), rng.standard_normal(C + 2)
@@ -89,7 +91,9 @@ def test_linear_layer_norm_and_gelu_equal_the_reference(N, C, row_block, n_threa
         assert_same(fast.layer_norm_backward(dout, cache), layers.layer_norm_backward(dout, ref_cache))
 
         x3 = 3 * x  # GELU's curved part
-        out, cache = fast.gelu_forward(x3)
+        with fast.as_piece("training") if training else contextlib.nullcontext():
+            out, cache = fast.gelu_forward(x3)
+        assert isinstance(cache, fast.Slope) == training
         ref, ref_cache = layers.gelu_forward(x3)
         np.testing.assert_allclose(out, ref, **TOL)
         np.testing.assert_allclose(fast.gelu_backward(dout, cache), layers.gelu_backward(dout, ref_cache), **TOL)
@@ -148,6 +152,7 @@ attention_shapes = st.fixed_dictionaries(
         dropout=st.booleans(),
         threads=st.integers(1, 4),  # ranges of heads: B * NH is 1..9
         batched=st.sampled_from([0, 40, 1 << 16]),  # all heads at once when their scores fit (40: some blocks)
+        head_group=st.sampled_from([1, 40, 1 << 17]),  # else heads in groups: one at a time, some, a row's
         scale=st.sampled_from([1.0, 100.0, 1e4]),  # 100: large scores, nearly one-hot probabilities; 1e4: past exp's range, shifted
         seed=st.integers(0, 2**16),
     )
@@ -155,9 +160,10 @@ attention_shapes = st.fixed_dictionaries(
 
 
 def check_attention(B, NH, T, S, hs, rng, segments=None, dropout=False, scale=1.0):
-    q = scale * rng.standard_normal((B, NH, T, hs))
-    k, v = rng.standard_normal((B, NH, S, hs)), rng.standard_normal((B, NH, S, hs))
-    dy = rng.standard_normal((B, NH, T, hs))
+    fused = rng.standard_normal((B, S, 3, NH, hs)).transpose(2, 0, 3, 1, 4)  # strided views, as the model's
+    fused[0] *= scale
+    q, k, v = fused[0, :, :, S - T :], fused[1], fused[2]
+    dy = rng.standard_normal((B, T, NH, hs)).transpose(0, 2, 1, 3)
     drop = None
     if dropout:  # one mask over the whole (B, NH, T, S) matrix; blocks read their part
         full = (rng.random((B, NH, T, S)) >= 0.3) / 0.7
@@ -175,11 +181,13 @@ def check_attention(B, NH, T, S, hs, rng, segments=None, dropout=False, scale=1.
 @settings(max_examples=40, deadline=None)
 @given(attention_shapes)
 @example(dict(B=1, NH=3, hs=4, T=1, past=4, query_block=2, small_query_block=2, segments=False, dropout=False,
-              threads=2, batched=1 << 16, scale=1.0, seed=5))  # decoding: one query against a cache's keys
+              threads=2, batched=1 << 16, head_group=1, scale=1.0, seed=5))  # decoding: one query against a cache's keys
 @example(dict(B=3, NH=2, hs=3, T=1, past=0, query_block=2, small_query_block=2, segments=False, dropout=False,
-              threads=1, batched=0, scale=100.0, seed=6))  # one query, its own key only
+              threads=1, batched=0, head_group=1, scale=100.0, seed=6))  # one query, its own key only
 @example(dict(B=3, NH=2, hs=5, T=1, past=4, query_block=2, small_query_block=2, segments=False, dropout=False,
-              threads=2, batched=0, scale=1e4, seed=7))  # one query, scores past exp's range: the row maxima shift them
+              threads=2, batched=0, head_group=1, scale=1e4, seed=7))  # one query, scores past exp's range: the row maxima shift them
+@example(dict(B=3, NH=3, hs=2, T=9, past=0, query_block=4, small_query_block=2, segments=True, dropout=True,
+              threads=2, batched=0, head_group=40, scale=1.0, seed=8))  # groups of two heads (first block), cut at batch rows
 def test_attention_equals_the_reference(s):
     """Across query-block edges, with a KV cache's earlier keys, segments and dropout."""
     rng = np.random.default_rng(s["seed"])
@@ -187,14 +195,14 @@ def test_attention_equals_the_reference(s):
     past = 0 if s["segments"] else s["past"]  # segments come without a cache
     segments = segments_of(rng, B, T) if s["segments"] else None
     with blocks(query_block=s["query_block"], small_query_block=s["small_query_block"], n_threads=s["threads"],
-                batched_attention=s["batched"]):  # fmt: skip
+                batched_attention=s["batched"], head_group=s["head_group"]):  # fmt: skip
         check_attention(B, s["NH"], T, T + past, s["hs"], rng, segments, s["dropout"], s["scale"])
 
 
 @settings(max_examples=30, deadline=None)
 @given(attention_shapes, st.integers(1, 37), st.integers(1, 9), st.integers(1, 8))
 @example(dict(B=3, NH=3, hs=4, T=13, past=0, query_block=4, small_query_block=3, segments=False, dropout=False,
-              threads=2, batched=1 << 16, scale=1.0, seed=7), 37, 9, 5)  # all heads at once, blocks of 3
+              threads=2, batched=1 << 16, head_group=1, scale=1.0, seed=7), 37, 9, 5)  # all heads at once, blocks of 3
 def test_an_inference_piece_keeps_no_cache_and_equals_the_reference(s, N, C, row_block):
     """Inside `inference_piece` (over_batch's pieces): LayerNorm without xhat, attention's
     blocks in one scratch per thread; outputs as the reference's (float64), caches None."""
@@ -206,7 +214,8 @@ def test_an_inference_piece_keeps_no_cache_and_equals_the_reference(s, N, C, row
     k, v = rng.standard_normal((B, NH, S, hs)), rng.standard_normal((B, NH, S, hs))
     segments = segments_of(rng, B, T) if s["segments"] else None
     with blocks(row_block=row_block, n_threads=s["threads"], query_block=s["query_block"],
-                small_query_block=s["small_query_block"], batched_attention=s["batched"]), fast.inference_piece():  # fmt: skip
+                small_query_block=s["small_query_block"], batched_attention=s["batched"],
+                head_group=s["head_group"]), fast.inference_piece():  # fmt: skip
         out, cache = fast.layer_norm_forward(x, g, gb, 1e-5)
         np.testing.assert_allclose(out, layers.layer_norm_forward(x, g, gb, 1e-5)[0], **TOL)
         assert cache is None
@@ -223,14 +232,16 @@ def test_over_batch_runs_its_pieces_as_inference_pieces():
     assert all(flag for *_, flag in seen) and len(seen) > 1 and not fast.inference()
 
 
+@pytest.mark.parametrize("training", [False, True])  # the forward keeps x, or GELU's slope
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_gelu_at_extremes_equals_the_reference(dtype):
+def test_gelu_at_extremes_equals_the_reference(dtype, training):
     """Where exp(-2u) overflows (very negative x) and where it underflows (very positive)."""
-    x = np.array([[-1e4, -100.0, -30.0, -12.0, -5.0, 0.0, 5.0, 12.0, 30.0, 100.0, 1e4]], dtype=dtype)
+    x = np.array([[-1e4, -100.0, -30.0, -12.0, -9.5, -5.0, 0.0, 5.0, 12.0, 30.0, 100.0, 1e4]], dtype=dtype)
     dout = np.linspace(-1.0, 1.0, x.size, dtype=dtype)[None, :]
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else TOL
     with np.errstate(over="raise", divide="raise", invalid="raise"):  # no warning escapes the kernels
-        out, cache = fast.gelu_forward(x)
+        with fast.as_piece("training") if training else contextlib.nullcontext():
+            out, cache = fast.gelu_forward(x)
         dx = fast.gelu_backward(dout, cache)
     assert out.dtype == dx.dtype == dtype
     np.testing.assert_allclose(out, layers.gelu_forward(x)[0], **tol)
@@ -390,6 +401,7 @@ def test_a_training_batch_in_pieces_equals_it_whole(B, T, n_threads, ignored, se
         calls = []
         with blocks(n_threads=n, query_block=128):  # one query block: the attention masks draw alike
             assert fast.over_train_batch(lambda b0, b1: (b0, b1), B, T) == (threads.row_ranges(B, n) if B >= n else [(0, B)])
+            assert all(fast.over_train_batch(lambda b0, b1: fast.backward_follows(), B, T)) and not fast.backward_follows()
             loss, grads = model.loss_and_grads(ids, targets, rng=np.random.default_rng(3), segments=docs,
                                                grad_ready=lambda names, g: calls.append(list(names)))  # fmt: skip
         return loss, grads, calls

@@ -25,10 +25,14 @@ proves it, forward and backward, in float64); what changes is only how the work 
   for short rows), so their passes hit the cache instead of main memory, built in place;
   LayerNorm's row means and variances are BLAS matrix-vector products;
 - attention runs over blocks of QUERY_BLOCK queries, each against only the keys it can
-  see, so the masked upper triangle of the T x S scores is (mostly) never computed; few
+  see, so the masked upper triangle of the T x S scores is (mostly) never computed, a
+  block's heads in groups whose scores fit in L2 (stacked products: fewer calls); few
   heads of short rows (an inference piece) go all at once, in blocks of up to
-  SMALL_QUERY_BLOCK queries; where every score of a block is too small for exp to
-  overflow, the softmax skips its row maxima (softmax is unchanged by that shift);
+  SMALL_QUERY_BLOCK queries; where no score of a head can overflow exp (a bound from
+  its query and key lengths), the softmax skips its row maxima (softmax is unchanged by
+  that shift);
+- a training piece's forward (`backward_follows`) keeps GELU's slope, so its backward
+  is one product;
 - the position embedding's gradient is a sum over the batch when no row is packed;
 - LayerNorm, the linear bias and cross-entropy write into buffers they own instead of
   allocating one per step of the formula; cross-entropy turns the logits into
@@ -44,6 +48,7 @@ proves it, forward and backward, in float64); what changes is only how the work 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import threading
@@ -57,10 +62,10 @@ from npgpt.kernels.threads import (MIN_ELEMENTS, blas_on_one_thread, blas_thread
 
 ROW_BLOCK = 64  # rows per block of a long elementwise chain: (64, 4C) floats stay in L2
 ROW_ELEMENTS = 1 << 16  # ... or more rows, up to this many elements, where rows are short (LayerNorm's C)
-QUERY_BLOCK = 128  # queries per block: later blocks see more keys, none sees the future
+QUERY_BLOCK = 64  # queries per block: later blocks see more keys, none sees the future
 FLAT_BLOCK = 1 << 16  # elements per block of the optimizer's sweep over a flat parameter
 DOT_BLOCK = 1 << 13  # elements per dot product: OpenBLAS threads dots above 10000 elements
-BATCHED_ATTENTION = 1 << 16  # scores up to which all heads go at once (else one head at a time, in cache)
+BATCHED_ATTENTION = 1 << 16  # scores up to which all heads go at once (else in groups of HEAD_GROUP)
 SMALL_QUERY_BLOCK = 32  # queries per block when all heads go at once (an inference piece's short rows)
 CE_BLOCK = 1 << 16  # logits per block of cross-entropy's passes (a few rows of a large V)
 GEMM_PER_ELEMENT = 16  # multiply-adds of a matmul that take about as long as one element of a pass
@@ -69,10 +74,11 @@ BATCH_ROWS = 512  # positions per piece of an inference batch: a piece's activat
 SHARE_GEMV_FROM = 1 << 18  # multiply-adds from which decoding's products run on BLAS's own threads
 FEW_ROWS = 32  # rows below which LayerNorm, GELU and the bias add make one pass per step over all rows (decoding)
 LARGE_COLUMN_ALIGN = 64  # column pieces of a large product: multiples of this many columns
+HEAD_GROUP = 1 << 17  # scores per group of heads taken together through a block (float32: L2's 512 KiB)
 TRAIN_PIECE = 128  # positions per piece of a training batch, at least: below, one piece
 SMALL_GEMM = 1 << 27  # multiply-adds up to which a linear layer's forward product is shared among the threads
 GELU_SCALE = layers.GELU_SCALE
-_piece = threading.local()  # .inference: this thread runs a piece of over_batch
+_piece = threading.local()  # .inference, .training: this thread runs a piece of over_batch, of over_train_batch
 
 
 def inference() -> bool:
@@ -81,14 +87,28 @@ def inference() -> bool:
     return getattr(_piece, "inference", False)
 
 
+def backward_follows() -> bool:
+    """Whether this thread runs a piece of `over_train_batch`: its backward follows, so a
+    forward kernel may keep what makes the backward cheaper (GELU's slope) instead of what
+    costs the forward least."""
+    return getattr(_piece, "training", False)
+
+
 @contextlib.contextmanager
-def inference_piece():
-    """Run the block as a piece of `over_batch` on this thread (see `inference`)."""
-    before, _piece.inference = inference(), True
+def as_piece(kind: str):
+    """Run the block as a piece of `kind` on this thread: "inference" (`inference`) or
+    "training" (`backward_follows`)."""
+    before = getattr(_piece, kind, False)
+    setattr(_piece, kind, True)
     try:
         yield
     finally:
-        _piece.inference = before
+        setattr(_piece, kind, before)
+
+
+def inference_piece():
+    """Run the block as a piece of `over_batch` on this thread (see `inference`)."""
+    return as_piece("inference")
 
 
 def over_row_blocks(fn, N: int, row_size: int, overflow: str | None = None) -> list:
@@ -206,7 +226,7 @@ def linear_backward(dout, cache):
         c0, c1 = r0 * Cout // N, r1 * Cout // N
         np.matmul(dout[r0:r1], w.mT, out=dx[r0:r1])
         np.matmul(x.mT, dout[:, c0:c1], out=dw[:, c0:c1])
-        np.sum(dout[:, c0:c1], axis=0, out=db[c0:c1])
+        np.matmul(ones(N, dout.dtype), dout[:, c0:c1], out=db[c0:c1])  # column sums by BLAS
 
     if blas_threads() is None:  # a BLAS whose pool cannot be set to 1 (not OpenBLAS): its own threads
         share(0, N)
@@ -311,14 +331,28 @@ def layer_norm_backward(dout, cache):
 
 # -- GELU -----------------------------------------------------------------------------------
 def gelu_forward(x):
-    """x (N, 4C) -> out (N, 4C). Keeps only x: backward recomputes the tanh."""
+    """x (N, 4C) -> out (N, 4C). Where a backward follows (`backward_follows`), the cache is
+    GELU's slope d(out)/dx, computed while x is in cache, and the backward is one product;
+    elsewhere (inference) the cache is x, and a backward would recompute the tanh."""
     out = np.empty_like(x)
-    if x.shape[0] < FEW_ROWS:  # decoding: one pass per step over all rows
-        with np.errstate(over="ignore"):
-            gelu_block(x, out)
+    if not backward_follows():
+        if x.shape[0] < FEW_ROWS:  # decoding: one pass per step over all rows
+            with np.errstate(over="ignore"):
+                gelu_block(x, out)
+            return out, x
+        over_row_blocks(lambda r0, r1: gelu_block(x[r0:r1], out[r0:r1]), x.shape[0], x.shape[1], overflow="ignore")
         return out, x
-    over_row_blocks(lambda r0, r1: gelu_block(x[r0:r1], out[r0:r1]), x.shape[0], x.shape[1], overflow="ignore")
-    return out, x
+    slope = np.empty_like(x)
+    over_row_blocks(lambda r0, r1: gelu_slope_block(x[r0:r1], out[r0:r1], slope[r0:r1]), x.shape[0], x.shape[1],
+                    overflow="ignore")  # fmt: skip
+    return out, Slope(slope)
+
+
+@dataclasses.dataclass(frozen=True)
+class Slope:
+    """An elementwise op's cache holding its derivative d(out)/d(in): the backward is dout * values."""
+
+    values: np.ndarray
 
 
 def gelu_block(x, out):
@@ -334,9 +368,41 @@ def gelu_block(x, out):
     return np.divide(x, e, out=e)
 
 
-def gelu_backward(dout, x):
-    """dout (N, 4C) -> dx (N, 4C)."""
+def gelu_slope_block(x, out, slope):
+    """GELU of x into `out`, as `gelu_block` computes it, and its derivative into `slope`.
+    With s = sigmoid(2u) = (1 + tanh u) / 2 = 1 / (1 + exp(-2u)) (the same exp), the
+    reference's 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx is s + 2 x s (1 - s) du/dx, and x s is
+    GELU. exp overflows for very negative x (the caller ignores it): s = 0, out = -0,
+    slope = 0."""
+    x2 = np.multiply(x, x, out=slope)
+    e = np.multiply(x2, -2 * GELU_SCALE * 0.044715, out=out)  # -2u = -2 sqrt(2/pi) (x + 0.044715 x^3)
+    e -= 2 * GELU_SCALE
+    e *= x
+    np.exp(e, out=e)
+    e += 1.0
+    s = np.divide(1.0, e)  # sigmoid(2u)
+    np.divide(x, e, out=out)  # GELU = x s
+    rest = np.subtract(1.0, s)  # 1 - s, then x s (1 - s)
+    rest *= out
+    twice = x2  # 2 du/dx = 2 sqrt(2/pi) (1 + 3 * 0.044715 x^2), over x^2
+    twice *= 2 * 3 * 0.044715 * GELU_SCALE
+    twice += 2 * GELU_SCALE
+    twice *= rest
+    twice += s
+    return slope
+
+
+def gelu_backward(dout, cache):
+    """dout (N, 4C) -> dx (N, 4C): dout times the forward's slope, or from the input
+    (recomputing the tanh) when the forward kept that."""
     dx = np.empty_like(dout)
+    if isinstance(cache, Slope):
+        def product(r0, r1):
+            np.multiply(dout[r0:r1], cache.values[r0:r1], out=dx[r0:r1])
+
+        parallel_rows(product, dout.shape[0], dout.shape[1])
+        return dx
+    x = cache
     over_row_blocks(lambda r0, r1: gelu_grad_block(dout[r0:r1], x[r0:r1], dx[r0:r1]), x.shape[0], x.shape[1],
                     overflow="ignore")  # fmt: skip
     return dx
@@ -371,53 +437,58 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     """The reference's attention over blocks of queries, each block against only the keys
     s < S - T + t1 its last query can see. Each thread takes a range of the B * NH heads
     through every block (one hand-off per call; with dropout, block by block, as each
-    block's mask is drawn between its two halves), its matmuls and softmax (one head's
-    block at a time, in cache), with BLAS on one thread meanwhile: per-head matmuls are
-    too small to split again. Blocks are of QUERY_BLOCK queries, or, when all heads'
-    scores of a SMALL_QUERY_BLOCK block fit in BATCHED_ATTENTION (few heads of short
-    rows), of SMALL_QUERY_BLOCK or fewer queries with all heads at once: fewer calls, and
-    less of the masked triangle computed.
+    block's mask is drawn between its two halves), its matmuls and softmax, with BLAS on
+    one thread meanwhile: per-head matmuls are too small to split again. Blocks are of
+    QUERY_BLOCK queries, or, when all heads' scores of a SMALL_QUERY_BLOCK block fit in
+    BATCHED_ATTENTION (few heads of short rows), of SMALL_QUERY_BLOCK or fewer queries
+    with all heads at once: fewer calls, and less of the masked triangle computed. Else
+    a block's heads go in groups of one batch row whose scores fit in HEAD_GROUP (`head_groups`):
+    stacked products, each call's work shared by the group, its scores in cache.
     y is a view of a (B, T, NH, hs) array: the heads side by side, as the model reads them.
-    Where no score can overflow exp (`exp_is_safe`), the softmax skips the row maxima.
+    Where no score can overflow exp (a head's bound from the lengths of its queries and
+    keys, `bounded_heads`, or else `exp_is_safe`), the softmax skips the row maxima.
     In a piece of `over_batch` (`inference`, no dropout) each thread builds every block's
     probabilities in one scratch, reused block after block, and the cache is None."""
     B, NH, T, hs = q.shape
-    S = k.shape[2]
+    H, S = B * NH, k.shape[2]
     y = np.empty((B, T, NH, hs), dtype=q.dtype).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
     if T == 1 and dropout is None and segments is None:  # decoding: one query sees every key
         return one_query_attention(q, k, v, y)
-    qs = q * (1.0 / math.sqrt(hs))  # (B, NH, T, hs), scaled once
+    qs = np.multiply(q, 1.0 / math.sqrt(hs), out=np.empty((B, NH, T, hs), dtype=q.dtype))  # scaled once, rows contiguous
     k, v = head_rows(k), head_rows(v)
-    fits = BATCHED_ATTENTION // max(B * NH * S, 1)  # queries per block whose scores fit, all heads at once
+    safe = bounded_heads(qs, k)  # (H,)
+    qh, kh, vh = qs.reshape(H, T, hs), k.reshape(H, S, hs), v.reshape(H, S, hs)  # heads as one axis
+    fits = BATCHED_ATTENTION // max(H * S, 1)  # queries per block whose scores fit, all heads at once
     step = min(SMALL_QUERY_BLOCK, fits) if fits >= max(1, SMALL_QUERY_BLOCK // 2) else QUERY_BLOCK
     scratch = dropout is None and inference()  # no backward: each thread's blocks share one scratch
-    blocks = []  # (t0, t1, s1, att (B * NH, Tb, s1) or None with scratch, future, other) per block of queries
+    blocks = []  # (t0, t1, s1, att (H, Tb, s1) or None with scratch, future, other) per block of queries
     for t0 in range(0, T, step):
         t1 = min(t0 + step, T)
         Tb, s1 = t1 - t0, S - T + t1  # keys visible to the block's last query
         future = future_keys(Tb) if Tb > 1 else None  # (Tb, Tb): key after query
         other = None if segments is None else segments[:, t0:t1, None] != segments[:, None, :s1]  # (B, Tb, s1)
-        blocks.append((t0, t1, s1, None if scratch else np.empty((B * NH, Tb, s1), dtype=q.dtype), future, other))
+        blocks.append((t0, t1, s1, None if scratch else np.empty((H, Tb, s1), dtype=q.dtype), future, other))
 
     def probs(block, att, h0, h1):  # heads [h0, h1) of a block: scores, then probabilities in att (h1 - h0, Tb, s1)
         t0, t1, s1, _, future, other = block
-        if h1 - h0 == B * NH and att.size <= BATCHED_ATTENTION:  # little work: all heads at once
-            a4 = np.matmul(qs[:, :, t0:t1], k[:, :, :s1].mT, out=att.reshape(B, NH, t1 - t0, s1))
-            masked_softmax(a4, future, None if other is None else other[:, None])
-            return
-        for h in range(h0, h1):
-            b, n = divmod(h, NH)
-            a = np.matmul(qs[b, n, t0:t1], k[b, n, :s1].T, out=att[h - h0])  # (Tb, s1), scores
-            masked_softmax(a, future, None if other is None else other[b])
+        for at in head_groups(H, t1 - t0, s1, h0, h1, NH):
+            a = np.matmul(qh[at, t0:t1], kh[at, :s1].mT, out=att[at.start - h0 : at.stop - h0])  # (h, Tb, s1), scores
+            if other is None:
+                mask = None
+            elif at.stop - at.start == H:  # all heads: (B, 1, Tb, s1) against (B, NH, Tb, s1)
+                a, mask = a.reshape(B, NH, t1 - t0, s1), other[:, None]
+            else:  # heads of one row
+                mask = other[at.start // NH]
+            masked_softmax(a, future, mask, bool(np.all(safe[at])))
 
     def values(block, dropped, h0, h1):  # heads [h0, h1) of a block: y = dropped probabilities (h1 - h0, Tb, s1) @ v
         t0, t1, s1 = block[:3]
-        if h1 - h0 == B * NH and dropped.size <= BATCHED_ATTENTION:
-            np.matmul(dropped.reshape(B, NH, t1 - t0, s1), v[:, :, :s1], out=y[:, :, t0:t1])
-            return
-        for h in range(h0, h1):
-            b, n = divmod(h, NH)
-            np.matmul(dropped[h - h0], v[b, n, :s1], out=y[b, n, t0:t1])
+        for at in head_groups(H, t1 - t0, s1, h0, h1, NH):
+            if at.stop - at.start == H:  # all heads
+                np.matmul(dropped.reshape(B, NH, t1 - t0, s1), v[:, :, :s1], out=y[:, :, t0:t1])
+            else:  # heads of one row
+                b, n0 = divmod(at.start, NH)
+                np.matmul(dropped[at.start - h0 : at.stop - h0], vh[at, :s1], out=y[b, n0 : n0 + at.stop - at.start, t0:t1])
 
     sizes = [(t1 - t0) * s1 for t0, t1, s1, *_ in blocks]  # probabilities per head of each block
     work = sum(sizes) * hs  # multiply-adds per head
@@ -430,33 +501,49 @@ def attention_forward(q, k, v, dropout=None, segments=None):
                 probs(block, att, h0, h1)
                 values(block, att, h0, h1)
 
-        parallel_rows(heads, B * NH, work, one_blas_thread=True)
-        return y, None if scratch else (q, k, v, [(t0, t1, s1, att, None) for t0, t1, s1, att, _, _ in blocks])
+        parallel_rows(heads, H, work, one_blas_thread=True)
+        return y, None if scratch else (qs, k, v, [(t0, t1, s1, att, None) for t0, t1, s1, att, _, _ in blocks])
     cache_blocks = []
     for block, size in zip(blocks, sizes):  # dropout draws each block's mask in order, between the two halves
         t0, t1, s1, att = block[:4]
         head_work = size * hs  # multiply-adds per head
-        parallel_rows(lambda h0, h1, block=block, att=att: probs(block, att[h0:h1], h0, h1), B * NH, head_work,
+        parallel_rows(lambda h0, h1, block=block, att=att: probs(block, att[h0:h1], h0, h1), H, head_work,
                       one_blas_thread=True)  # fmt: skip
         dropped, mask = dropout(att.reshape(B, NH, t1 - t0, s1), t0)
-        dropped = dropped.reshape(B * NH, t1 - t0, s1)
-        parallel_rows(lambda h0, h1, block=block, dropped=dropped: values(block, dropped[h0:h1], h0, h1), B * NH, head_work,
+        dropped = dropped.reshape(H, t1 - t0, s1)
+        parallel_rows(lambda h0, h1, block=block, dropped=dropped: values(block, dropped[h0:h1], h0, h1), H, head_work,
                       one_blas_thread=True)  # fmt: skip
         cache_blocks.append((t0, t1, s1, att, mask))
-    return y, (q, k, v, cache_blocks)
+    return y, (qs, k, v, cache_blocks)
+
+
+def head_groups(H: int, Tb: int, s1: int, h0: int, h1: int, NH: int, rows: bool = True) -> list[slice]:
+    """Heads [h0, h1) of H, with Tb x s1 scores each in a block, in groups taken together:
+    all H at once when their scores fit in BATCHED_ATTENTION (and [h0, h1) is all), else
+    as many as fit in HEAD_GROUP (at least one), within one batch row of NH heads when `rows`."""
+    if h1 - h0 == H and H * Tb * s1 <= BATCHED_ATTENTION:
+        return [slice(0, H)]
+    per = max(1, HEAD_GROUP // max(Tb * s1, 1))
+    groups, h = [], h0
+    while h < h1:
+        end = min(h1, h + per, (h // NH + 1) * NH if rows else h1)
+        groups.append(slice(h, end))
+        h = end
+    return groups
 
 
 def one_query_attention(q, k, v, y):
     """Decoding's attention, q (B, NH, 1, hs) against every key, into y: two stacked
     products and a softmax whose row maxima are one reduction (the whole-array checks
     of `exp_is_safe` would be two)."""
-    att = np.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.mT)  # (B, NH, 1, S)
+    qs = q * (1.0 / math.sqrt(q.shape[-1]))  # (B, NH, 1, hs), scaled as the backward's cache holds it
+    att = np.matmul(qs, k.mT)  # (B, NH, 1, S)
     att -= np.max(att, axis=-1, keepdims=True)
     np.exp(att, out=att)
     att *= 1.0 / np.sum(att, axis=-1, keepdims=True)
     np.matmul(att, v, out=y)
     B, NH, _, S = att.shape
-    return y, (q, k, v, [(0, 1, S, att.reshape(B * NH, 1, S), None)])
+    return y, (qs, k, v, [(0, 1, S, att.reshape(B * NH, 1, S), None)])
 
 
 @functools.lru_cache(maxsize=64)
@@ -465,6 +552,14 @@ def future_keys(Tb: int) -> np.ndarray:
     future = np.triu(np.ones((Tb, Tb), dtype=bool), 1)
     future.flags.writeable = False
     return future
+
+
+@functools.lru_cache(maxsize=128)
+def seen_keys(Tb: int, dtype) -> np.ndarray:
+    """(Tb, Tb) of 1 where the key is at or before the query, else 0, read-only."""
+    seen = np.tril(np.ones((Tb, Tb), dtype=dtype))
+    seen.flags.writeable = False
+    return seen
 
 
 @functools.lru_cache(maxsize=64)
@@ -493,70 +588,90 @@ def head_rows(a):
     return np.ascontiguousarray(a)
 
 
+def exp_limit(row_length: int, dtype) -> float:
+    """The largest |score| whose exp, unshifted, and a row sum of `row_length` of them stay
+    finite and normal: -log(tiny) - log(row length) - 1, 81 for float32 rows of 128."""
+    return -math.log(np.finfo(dtype).tiny) - math.log(max(row_length, 1)) - 1.0
+
+
 def exp_is_safe(scores) -> bool:
-    """Whether exp of every score, unshifted, and the sum of a row of them stay finite and
-    normal: all scores within +-(-log(tiny) - log(row length) - 1), 81 for float32 rows
-    of 128. Two whole-array reductions: much cheaper than a maximum per row."""
+    """Whether every score is within +-`exp_limit` of its row length. Two whole-array
+    reductions: much cheaper than a maximum per row."""
     if scores.size == 0:
         return True
-    limit = -math.log(np.finfo(scores.dtype).tiny) - math.log(scores.shape[-1]) - 1.0
+    limit = exp_limit(scores.shape[-1], scores.dtype)
     return bool(-limit <= np.min(scores) and np.max(scores) <= limit)  # NaN: False
 
 
-def masked_softmax(a, future, other):
+def bounded_heads(qs, k):
+    """(B * NH,) booleans: whether every score qs . k of the head is within `exp_limit` of S,
+    by |qs . k| <= max |qs_t| max |k_s| (a pass over q and k instead of two over the scores)."""
+    B, NH = qs.shape[:2]
+    longest = np.sqrt(np.max(np.einsum("bnth,bnth->bnt", qs, qs), axis=-1) * np.max(np.einsum("bnsh,bnsh->bns", k, k), axis=-1))
+    return (longest <= exp_limit(k.shape[2], qs.dtype)).reshape(B * NH)  # NaN: False
+
+
+def masked_softmax(a, future, other, safe=False):
     """Softmax over the last axis of scores a (..., Tb, s1), in place: `future` (Tb, Tb)
     masks keys after each query (the last Tb columns), `other` (broadcast to a) keys of
-    other documents. Each row's maximum is subtracted first unless `exp_is_safe` (softmax
-    is unchanged by the shift). Row sums by a matrix-vector product."""
-    shift = not exp_is_safe(a)
-    if future is not None:
+    other documents. Unless `safe` (no score can overflow exp) or `exp_is_safe`, each row's
+    maximum is subtracted first (softmax is unchanged by the shift), the masked scores
+    set to -inf before; else the future's exps are zeroed after exp, by a product. Row
+    sums by a matrix-vector product."""
+    shift = not (safe or exp_is_safe(a))
+    if future is not None and shift:
         np.copyto(a[..., a.shape[-1] - future.shape[0] :], -np.inf, where=future)
     if other is not None:
         np.copyto(a, -np.inf, where=other)
     if shift:
         a -= np.max(a, axis=-1, keepdims=True)
     np.exp(a, out=a)
+    if future is not None and not shift:
+        a[..., a.shape[-1] - future.shape[0] :] *= seen_keys(future.shape[0], a.dtype)
     total = a @ ones(a.shape[-1], a.dtype)  # (..., Tb)
     a *= np.divide(1.0, total, out=total)[..., None]
 
 
 def attention_backward(dy, cache):
     """dy (B, NH, T, hs) -> dq (B, NH, T, hs), dk, dv (B, NH, S, hs), block by block (the
-    forward's), each thread taking a range of heads through every block (one hand-off per
-    call): a block whose scores fit in BATCHED_ATTENTION as stacked products over the
-    thread's heads (a few calls for all), a larger one head by head (each head's block in
-    cache)."""
-    q, k, v, blocks = cache
-    B, NH, T, hs = q.shape
+    forward's, the last first: it sees every key, so it writes dk and dv and the others
+    add), each thread taking a range of heads through every block (one hand-off per
+    call), in the forward's groups of heads (`head_groups`, here across batch rows):
+    stacked products, a group's scores in cache."""
+    qs, k, v, blocks = cache  # qs: the queries scaled by 1 / sqrt(hs)
+    B, NH, T, hs = qs.shape
     H, S = B * NH, k.shape[2]
     scale = 1.0 / math.sqrt(hs)
-    dq = np.empty((H, T, hs), dtype=q.dtype)
-    dk, dv = np.zeros((H, S, hs), dtype=k.dtype), np.zeros((H, S, hs), dtype=v.dtype)
-    # heads as one axis (H, ., hs): copies where q and dy are the model's strided views
-    q, dy = head_rows(q).reshape(H, T, hs), head_rows(dy).reshape(H, T, hs)
-    k, v = k.reshape(H, S, hs), v.reshape(H, S, hs)
+    dq = np.empty((H, T, hs), dtype=qs.dtype)
+    dk, dv = np.empty((H, S, hs), dtype=k.dtype), np.empty((H, S, hs), dtype=v.dtype)
+    # heads as one axis (H, ., hs): a copy where dy is the model's strided view (qs, k, v: the forward's)
+    qs, k, v, dy = (head_rows(a).reshape(H, -1, hs) for a in (qs, k, v, dy))
 
-    def block_heads(block, h0, h1):  # heads [h0, h1) of a block, stacked: p (h, Tb, s1), dyb (h, Tb, hs)
+    def block_heads(block, first, at):  # heads `at` (a slice) of a block, stacked: p (h, Tb, s1), dyb (h, Tb, hs)
         t0, t1, s1, att, mask = block
-        p, dyb = att[h0:h1], dy[h0:h1, t0:t1]
-        drop = None if mask is None else np.broadcast_to(mask, (B, NH, t1 - t0, s1)).reshape(H, t1 - t0, s1)[h0:h1]
-        dv[h0:h1, :s1] += (p if drop is None else p * drop).mT @ dyb  # (h, s1, hs)
-        d = dyb @ v[h0:h1, :s1].mT  # (h, Tb, s1), d(dropped probabilities)
+        p, dyb = att[at], dy[at, t0:t1]
+        drop = None if mask is None else np.broadcast_to(mask, (B, NH, t1 - t0, s1)).reshape(H, t1 - t0, s1)[at]
+        dropped = p if drop is None else p * drop
+        if first:
+            np.matmul(dropped.mT, dyb, out=dv[at, :s1])  # (h, s1, hs)
+        else:
+            dv[at, :s1] += dropped.mT @ dyb
+        d = dyb @ v[at, :s1].mT  # (h, Tb, s1), d(dropped probabilities)
         if drop is not None:
             d *= drop
         d -= ((d * p) @ ones(s1, d.dtype))[..., None]
-        d *= p
-        d *= scale  # d(scores)
-        np.matmul(d, k[h0:h1, :s1], out=dq[h0:h1, t0:t1])
-        dk[h0:h1, :s1] += d.mT @ q[h0:h1, t0:t1]
+        d *= p  # d(scores) / scale, scale = 1 / sqrt(hs): dk from the scaled queries, dq scaled after
+        dqb = np.matmul(d, k[at, :s1], out=dq[at, t0:t1])
+        dqb *= scale
+        if first:
+            np.matmul(d.mT, qs[at, t0:t1], out=dk[at, :s1])
+        else:
+            dk[at, :s1] += d.mT @ qs[at, t0:t1]
 
-    def heads(h0, h1):  # a thread's heads through every block: its rows of dk, dv are its own
-        for block in blocks:
-            if block[3].size <= BATCHED_ATTENTION:
-                block_heads(block, h0, h1)
-            else:
-                for h in range(h0, h1):
-                    block_heads(block, h, h + 1)
+    def heads(h0, h1):  # a thread's heads through every block, the last first: their dk, dv rows are its own
+        for i, block in enumerate(reversed(blocks)):
+            for at in head_groups(H, block[1] - block[0], block[2], h0, h1, NH, rows=False):
+                block_heads(block, i == 0, at)
 
     parallel_rows(heads, H, sum(block[3].size for block in blocks) // H * hs, one_blas_thread=True)
     return dq.reshape(B, NH, T, hs), dk.reshape(B, NH, S, hs), dv.reshape(B, NH, S, hs)
@@ -564,12 +679,13 @@ def attention_backward(dy, cache):
 
 # -- embeddings ---------------------------------------------------------------------------------
 def embedding_backward(dx, cache, dwte, wpe_shape, backend):
-    """The reference's gradients; when every row holds positions start..start+T-1 (no
-    segments), dwpe is one sum over the batch instead of a scatter-add of B*T rows."""
+    """The reference's gradients; the token rows summed per id by sorting (`add_rows`)
+    instead of a scatter-add row by row; when every row holds positions start..start+T-1
+    (no segments), dwpe is one sum over the batch instead of a scatter-add of B*T rows."""
     ids, pos = cache
     B, T, C = dx.shape
     rows = dx.reshape(B * T, C)
-    dwte = backend.index_add(dwte, ids.reshape(-1), rows)
+    dwte = add_rows(dwte, ids.reshape(-1), rows)
     dwpe = np.zeros(wpe_shape, dtype=dx.dtype)
     start = int(pos[0, 0])
     if np.array_equal(pos, np.broadcast_to(np.arange(start, start + T), (B, T))):
@@ -577,6 +693,19 @@ def embedding_backward(dx, cache, dwte, wpe_shape, backend):
     else:
         np.add.at(dwpe, pos.reshape(-1), rows)
     return dwte, dwpe
+
+
+def add_rows(target, ids, rows):
+    """target[ids[n]] += rows[n] for every n, repeated ids summed, in place: the rows sorted
+    by id (a stable sort keeps each id's rows in order), each id's run summed by one
+    reduceat, the sums added to their (distinct) target rows at once. Returns target."""
+    if ids.size == 0:
+        return target
+    order = np.argsort(ids, kind="stable")
+    ranked = ids[order]
+    starts = np.flatnonzero(np.concatenate(([True], ranked[1:] != ranked[:-1])))
+    target[ranked[starts]] += np.add.reduceat(rows[order], starts, axis=0)
+    return target
 
 
 # -- cross-entropy, in the logits' own buffer, over row ranges ---------------------------------
@@ -648,46 +777,58 @@ def over_train_batch(fn, B, T):
     BLAS included, so a step hands work between threads once, not in every kernel. Its
     price: a set of gradients per extra piece, summed by the caller. With fewer rows than
     threads the batch runs whole, its kernels sharing out their own passes (pieces of a
-    row or so would leave threads idle)."""
+    row or so would leave threads idle). Each piece runs as a "training" piece (`backward_follows`)."""
+
+    def piece(b0, b1):
+        with as_piece("training"):
+            return fn(b0, b1)
+
     if B < num_threads():
-        return [fn(0, B)]
-    return parallel_rows(fn, B, T * (MIN_ELEMENTS // TRAIN_PIECE), one_blas_thread=True)
+        return [piece(0, B)]
+    return parallel_rows(piece, B, T * (MIN_ELEMENTS // TRAIN_PIECE), one_blas_thread=True)
 
 
 # -- the optimizer: AdamW and the gradient norm, in cache-sized blocks over row ranges ---------
 def adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps):
     """`npgpt.optim.adamw_update`, one sweep over FLAT_BLOCK-element blocks of the flat
-    parameter, each block's ~10 passes in cache (p, m, v updated in place)."""
-    if not all(a.flags.c_contiguous for a in (p, m, v)):  # no flat view to update in place
+    parameter, each block's ~10 passes in cache (p, m, v updated in place); a parameter of
+    one block directly (its ~14 calls are most of its time)."""
+    if not (p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):  # no flat view to update in place
         return optim.adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps)
-    step_size = lr / (1.0 - beta1**step)
-    sqrt_bc2 = math.sqrt(1.0 - beta2**step)
-    decay = 1.0 - lr * weight_decay
-    pf, gf, mf, vf = (a.reshape(-1) for a in (p, g, m, v))  # views (g: a copy if strided)
-    n_blocks = -(-pf.size // FLAT_BLOCK)
+    pf, gf, mf, vf = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)  # views (g: a copy if strided)
+    constants = (1.0 - lr * weight_decay if weight_decay else None, beta1, beta2, math.sqrt(1.0 - beta2**step), eps,
+                 lr / (1.0 - beta1**step))  # fmt: skip
+    if pf.size <= FLAT_BLOCK:
+        adamw_block(pf, gf, mf, vf, np.empty_like(pf), *constants)
+        return
 
     def run(b0, b1):
         scratch = np.empty(FLAT_BLOCK, dtype=pf.dtype)
         for e0 in range(b0 * FLAT_BLOCK, min(b1 * FLAT_BLOCK, pf.size), FLAT_BLOCK):
             e1 = min(e0 + FLAT_BLOCK, pf.size)
-            pb, gb, mb, vb, s = pf[e0:e1], gf[e0:e1], mf[e0:e1], vf[e0:e1], scratch[: e1 - e0]
-            if weight_decay:
-                pb *= decay
-            mb *= beta1
-            np.multiply(gb, 1.0 - beta1, out=s)
-            mb += s
-            vb *= beta2
-            np.multiply(gb, gb, out=s)
-            s *= 1.0 - beta2
-            vb += s
-            np.sqrt(vb, out=s)
-            s /= sqrt_bc2
-            s += eps
-            np.divide(mb, s, out=s)
-            s *= step_size
-            pb -= s
+            adamw_block(pf[e0:e1], gf[e0:e1], mf[e0:e1], vf[e0:e1], scratch[: e1 - e0], *constants)
 
-    parallel_rows(run, n_blocks, FLAT_BLOCK)
+    parallel_rows(run, -(-pf.size // FLAT_BLOCK), FLAT_BLOCK)
+
+
+def adamw_block(p, g, m, v, s, decay, beta1, beta2, sqrt_bc2, eps, step_size):
+    """One AdamW step of flat pieces p, g, m, v (p, m, v in place), `s` a same-sized scratch;
+    decay None: no weight decay."""
+    if decay is not None:
+        p *= decay
+    m *= beta1
+    np.multiply(g, 1.0 - beta1, out=s)
+    m += s
+    v *= beta2
+    np.multiply(g, g, out=s)
+    s *= 1.0 - beta2
+    v += s
+    np.sqrt(v, out=s)
+    s /= sqrt_bc2
+    s += eps
+    np.divide(m, s, out=s)
+    s *= step_size
+    p -= s
 
 
 def sum_of_squares(g):
