@@ -57,7 +57,7 @@ import numpy as np
 
 from npgpt import layers, optim
 from npgpt.kernels import REFERENCE, threads
-from npgpt.kernels.threads import (MIN_ELEMENTS, blas_on_one_thread, blas_threads, free_threads, num_threads, parallel_items,
+from npgpt.kernels.threads import (MIN_ELEMENTS, blas_on_one_thread, blas_settable, free_threads, num_threads, parallel_items,
                                    parallel_rows)  # fmt: skip
 
 ROW_BLOCK = 64  # rows per block of a long elementwise chain: (64, 4C) floats stay in L2
@@ -140,7 +140,7 @@ def linear_forward(x, w, b):
     Where the BLAS pool cannot be set (not OpenBLAS), every product runs whole on BLAS's
     own threads."""
     N, (Cin, Cout) = x.shape[0], w.shape
-    if blas_threads() is None:
+    if not blas_settable():
         return whole_product(x, w, b), (x, w)
     if N < SHARE_ROWS_FROM:
         return few_rows_product(x, w, b), (x, w)
@@ -228,7 +228,7 @@ def linear_backward(dout, cache):
         np.matmul(x.mT, dout[:, c0:c1], out=dw[:, c0:c1])
         np.matmul(ones(N, dout.dtype), dout[:, c0:c1], out=db[c0:c1])  # column sums by BLAS
 
-    if blas_threads() is None:  # a BLAS whose pool cannot be set to 1 (not OpenBLAS): its own threads
+    if not blas_settable():  # a BLAS whose pool cannot be set to 1 (not OpenBLAS): its own threads
         share(0, N)
     else:  # on one BLAS thread even when too small to share out: 2 BLAS threads on tiny products stall
         with blas_on_one_thread():

@@ -59,7 +59,8 @@ def _openblas():
         return None
     for path in paths:
         try:
-            lib = ctypes.CDLL(path)
+            lib = ctypes.PyDLL(path)  # keeps the GIL: a call is a few instructions, and releasing it
+            # would make a thread wait to take it back from the others mid-pass
         except OSError:
             continue
         for get_name, set_name in (
@@ -91,6 +92,11 @@ def blas_threads() -> int | None:
     """The BLAS pool's thread count, where the BLAS is a loaded OpenBLAS; else None."""
     blas = _blas_functions()
     return None if blas is None else max(1, int(blas[0]()))
+
+
+def blas_settable() -> bool:
+    """Whether the BLAS pool's size can be set (a loaded OpenBLAS), without a call into it."""
+    return _blas_functions() is not None
 
 
 def set_num_threads(n: int) -> None:
