@@ -27,6 +27,7 @@ import numpy as np
 from npgpt.config import GPTConfig
 from npgpt.generate import GenerationStats, generate_ids
 from npgpt.kernels.numpy_fast import by_columns
+from npgpt.kernels.threads import parallel_rows
 from npgpt.model import GPT
 from npgpt.optim import AdamW, clip_grad_norm, default_decay
 from npgpt.sampling import SamplingConfig
@@ -244,7 +245,8 @@ def gemm_ceiling(gemms, backend, torch=None, device: str = "cpu", n_threads: int
     torch.matmul on `device`, at n_threads and at 1 thread (a library may run a small
     product on one thread, and on a busy machine a second thread can cost more than it
     gives), and on NumPy at n_threads > 1 one range of columns a thread, each on one BLAS
-    thread (`numpy_fast.by_columns`, as npgpt's linear layers run), combined as total
+    thread (`numpy_fast.by_columns`, as npgpt's linear layers run), and one range of rows a
+    thread, each on one BLAS thread (`by_rows`, as npgpt's batch pieces run), combined as total
     FLOPs over total time. Returns GFLOP/s: the ceiling and
     each library's own rate on the same shapes at n_threads."""
     rng = np.random.default_rng(0)
@@ -264,6 +266,8 @@ def gemm_ceiling(gemms, backend, torch=None, device: str = "cpu", n_threads: int
             seconds["torch"] += flops / rates[1]
         if backend.name == "numpy" and b == 1 and n_threads is not None and n_threads > 1:  # as linear_forward shares one
             rates.append(once / best_seconds(lambda: by_columns(a, bb, None, n_threads, align=64), repeats))
+        if backend.name == "numpy" and n_threads is not None and n_threads > 1:  # as over_batch's pieces run
+            rates.append(once / best_seconds(lambda: by_rows(a, bb), repeats))
         if n_threads is not None and n_threads > 1:
             with threads(1):
                 rates += [once / best_seconds(call, repeats) for call in calls]
@@ -273,6 +277,19 @@ def gemm_ceiling(gemms, backend, torch=None, device: str = "cpu", n_threads: int
     if torch is not None:
         report["gemm_gflops_torch"] = work / seconds["torch"] / 1e9
     return report
+
+
+def by_rows(a, b):
+    """a @ b with each thread a range of a's rows (of the batch, for stacked products) on one
+    BLAS thread: how npgpt's pieces of a batch (`over_batch`, `over_train_batch`) run their
+    products, each on its own core."""
+    out = np.empty(a.shape[:-1] + b.shape[-1:], dtype=a.dtype)
+
+    def rows(r0, r1):
+        np.matmul(a[r0:r1], b if b.ndim == 2 else b[r0:r1], out=out[r0:r1])
+
+    parallel_rows(rows, a.shape[0], 1 << 16, one_blas_thread=True)  # every range one thread's share
+    return out
 
 
 def bandwidth(backend, torch=None, device: str = "cpu", n_threads: int | None = None, repeats: int = 5) -> dict:
