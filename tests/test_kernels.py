@@ -174,8 +174,12 @@ def check_attention(B, NH, T, S, hs, rng, segments=None, dropout=False, scale=1.
 
     y, cache = fast.attention_forward(q, k, v, drop, segments)
     ref, ref_cache = layers.attention_forward(q, k, v, drop, segments)
-    np.testing.assert_allclose(y, ref, **TOL)
-    assert_same(fast.attention_backward(dy, cache), layers.attention_backward(dy, ref_cache))
+    # scores of size ~scale carry rounding errors ~scale * eps, which exp turns into relative
+    # errors of the probabilities: the tolerance grows with the scale above 100
+    tol = {name: value * max(1.0, scale / 100) for name, value in TOL.items()}
+    np.testing.assert_allclose(y, ref, **tol)
+    for fast_grad, ref_grad in zip(fast.attention_backward(dy, cache), layers.attention_backward(dy, ref_cache), strict=True):
+        np.testing.assert_allclose(fast_grad, ref_grad, **tol)
 
 
 @settings(max_examples=40, deadline=None)
