@@ -208,7 +208,7 @@ def test_attention_equals_the_reference(s):
 @example(dict(B=3, NH=3, hs=4, T=13, past=0, query_block=4, small_query_block=3, segments=False, dropout=False,
               threads=2, batched=1 << 16, head_group=1, scale=1.0, seed=7), 37, 9, 5)  # all heads at once, blocks of 3
 def test_an_inference_piece_keeps_no_cache_and_equals_the_reference(s, N, C, row_block):
-    """Inside `inference_piece` (over_batch's pieces): LayerNorm without xhat, attention's
+    """Inside `as_piece("inference")` (over_batch's pieces): LayerNorm without xhat, attention's
     blocks in one scratch per thread; outputs as the reference's (float64), caches None."""
     rng = np.random.default_rng(s["seed"])
     x = rng.standard_normal((N, C))
@@ -219,7 +219,7 @@ def test_an_inference_piece_keeps_no_cache_and_equals_the_reference(s, N, C, row
     segments = segments_of(rng, B, T) if s["segments"] else None
     with blocks(row_block=row_block, n_threads=s["threads"], query_block=s["query_block"],
                 small_query_block=s["small_query_block"], batched_attention=s["batched"],
-                head_group=s["head_group"]), fast.inference_piece():  # fmt: skip
+                head_group=s["head_group"]), fast.as_piece("inference"):  # fmt: skip
         out, cache = fast.layer_norm_forward(x, g, gb, 1e-5)
         np.testing.assert_allclose(out, layers.layer_norm_forward(x, g, gb, 1e-5)[0], **TOL)
         assert cache is None

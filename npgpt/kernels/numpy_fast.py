@@ -106,9 +106,14 @@ def as_piece(kind: str):
         setattr(_piece, kind, before)
 
 
-def inference_piece():
-    """Run the block as a piece of `over_batch` on this thread (see `inference`)."""
-    return as_piece("inference")
+def run_as_piece(kind: str, fn):
+    """fn(b0, b1), run `as_piece(kind)` on the thread that calls it."""
+
+    def piece(b0, b1):
+        with as_piece(kind):
+            return fn(b0, b1)
+
+    return piece
 
 
 def over_row_blocks(fn, N: int, row_size: int, overflow: str | None = None) -> list:
@@ -757,14 +762,10 @@ def over_batch(fn, B, T):
     when B allows, taken by the threads as they come free: each piece runs its kernels on
     its own thread, BLAS included, with no hand-over between threads inside a forward.
     Nested (a piece of an outer `over_batch`, as eval's): pieces of BATCH_ROWS, on its thread.
-    Each piece runs as an `inference_piece`: its kernels keep no cache for a backward."""
+    Each piece runs `as_piece("inference")`: its kernels keep no cache for a backward."""
     per = max(1, min(BATCH_ROWS // max(T, 1), B // free_threads()))
     pieces = [(b0, min(b0 + per, B)) for b0 in range(0, B, per)]
-
-    def piece(b0, b1):
-        with inference_piece():
-            return fn(b0, b1)
-
+    piece = run_as_piece("inference", fn)
     if len(pieces) == 1:
         return [piece(0, B)]  # one piece: its kernels split their own passes
     return parallel_items(lambda i: piece(*pieces[i]), len(pieces))
@@ -778,11 +779,7 @@ def over_train_batch(fn, B, T):
     price: a set of gradients per extra piece, summed by the caller. With fewer rows than
     threads the batch runs whole, its kernels sharing out their own passes (pieces of a
     row or so would leave threads idle). Each piece runs as a "training" piece (`backward_follows`)."""
-
-    def piece(b0, b1):
-        with as_piece("training"):
-            return fn(b0, b1)
-
+    piece = run_as_piece("training", fn)
     if B < num_threads():
         return [piece(0, B)]
     return parallel_rows(piece, B, T * (MIN_ELEMENTS // TRAIN_PIECE), one_blas_thread=True)
