@@ -762,7 +762,7 @@ def cross_entropy_backward(dloss, cache):
 def lm_head_loss_forward(x, wte, targets, ignore_index=layers.IGNORE_INDEX):
     """The reference's loss, the logits x @ wte^T made and consumed a tile of the vocabulary
     at a time (all N rows by a block of columns, `vocab_block`): each tile's product, row
-    maxima, exps and row sums while it is in cache. The tiles' exps (together the logits'
+    maxima, exps and row sums while it is in cache. The tiles' exps (one buffer of the logits'
     size) are kept for the backward, each with its own row maxima; the loss needs only
     their sums. Blocks are shared among the threads, each product on one BLAS thread."""
     N, V = x.shape[0], wte.shape[0]
@@ -771,21 +771,21 @@ def lm_head_loss_forward(x, wte, targets, ignore_index=layers.IGNORE_INDEX):
     width = vocab_block(N)
     starts = range(0, V, width)
     targets_in = target_cells(safe, width, len(starts))
-    exps = [None] * len(starts)
-    block_max = np.empty((len(starts), N), dtype=np.result_type(x, wte))  # each tile's row maxima
+    buffer = np.empty(N * V, dtype=np.result_type(x, wte))  # the tiles, one after another: the logits' size
+    exps = [buffer[N * v0 : N * min(v0 + width, V)].reshape(N, -1) for v0 in starts]  # (N, Vb) each
+    block_max = np.empty((len(starts), N), dtype=buffer.dtype)  # each tile's row maxima
     block_sum = np.empty_like(block_max)  # ... and its row sums of exp(z - block max)
     target_logit = np.empty(N, dtype=block_max.dtype)
 
     def tiles(i0, i1):
         for i in range(i0, i1):
-            v0 = starts[i]
-            z = np.matmul(x, wte[v0 : v0 + width].mT)  # (N, Vb) logits
+            v0, z = starts[i], exps[i]
+            np.matmul(x, wte[v0 : v0 + width].mT, out=z)  # (N, Vb) logits
             rows, columns = targets_in[i]
             target_logit[rows] = z[rows, columns]  # each row's target sits in one block
             z -= np.max(z, axis=-1, out=block_max[i])[:, None]
             np.exp(z, out=z)
             np.matmul(z, ones(z.shape[1], z.dtype), out=block_sum[i])
-            exps[i] = z
 
     parallel_rows(tiles, len(starts), N * width * x.shape[1] // GEMM_PER_ELEMENT, one_blas_thread=True)
     top = np.max(block_max, axis=0)  # (N,) row maxima of the logits
