@@ -38,6 +38,10 @@ proves it, forward and backward, in float64); what changes is only how the work 
   allocating one per step of the formula; cross-entropy turns the logits into
   unnormalised probabilities (its loss needs only their row sums) and the backward turns
   them into the gradient, so one (N, V) buffer serves all three;
+- a training step's LM head and loss (`lm_head_loss`) make the logits a tile of the
+  vocabulary at a time (all rows by LM_TILE // N columns), taking the tile's exps and row
+  sums while it is in cache, and its backward turns each tile into dlogits and takes its
+  dwte rows and dx share at once: the (N, V) buffer is written once and read once;
 - AdamW updates each parameter in one sweep of cache-sized blocks instead of ~10 passes
   over the whole tensor;
 - inside a piece of `over_batch` no backward follows (`inference`): LayerNorm keeps no
