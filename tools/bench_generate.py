@@ -2,7 +2,8 @@
 
 For each thread count (default 1, 2; --backend cupy: the GPU, one run) it times,
 interleaved in one process:
-  cached     npgpt.generate.generate_ids with the KV cache (prompt 32, 128 new tokens)
+  cached     npgpt.generate.generate_ids with the KV cache (prompt 32, 128 new tokens), on
+             the model in `decoding_layout` (as `python -m npgpt.generate` runs it)
   recompute  the same without a cache: the whole context is recomputed every step
              (as picoGPT does); slow, so it runs --recompute-repeats times only
   torch      (--vs torch) transformers GPT2LMHeadModel.generate on the same weights
@@ -32,7 +33,7 @@ from benchlib import (agreement, bandwidth, check_fractions, emit, interleaved, 
                       peak_rss_bytes, summary, threads, torch_device, torch_for, torch_generate, torch_model)  # fmt: skip
 
 from npgpt.backend import get_backend
-from npgpt.generate import GenerationStats
+from npgpt.generate import GenerationStats, decoding_layout
 from npgpt.model import GPT
 
 
@@ -76,6 +77,8 @@ def main(argv=None):
     device = torch_device(backend)
     torch, why_not = torch_for(device, required=True) if args.vs == "torch" else (None, "not requested (--vs torch)")
     hf = torch_model(torch, cfg, host, device) if torch is not None else None
+    del host  # (its arrays are the model's: the layout's copies replace them, no extra memory)
+    decoding_layout(model)  # as the CLI decodes
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab_size, args.prompt_tokens)
     long_prompt = rng.integers(0, cfg.vocab_size, max(args.ttft_tokens, 1))
