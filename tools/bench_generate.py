@@ -6,6 +6,7 @@ interleaved in one process:
              the model in `decoding_layout` (as `python -m npgpt.generate` runs it)
   recompute  the same without a cache: the whole context is recomputed every step
              (as picoGPT does); slow, so it runs --recompute-repeats times only
+  cached_default_layout  (--ab-layout) the same on the default, C-ordered weights
   torch      (--vs torch) transformers GPT2LMHeadModel.generate on the same weights
              (on the CPU beside NumPy, on the GPU beside --backend cupy)
 and reports tokens/s = new tokens / whole call (prefill included, as for transformers),
@@ -65,6 +66,8 @@ def main(argv=None):
     ap.add_argument("--ttft-tokens", type=int, default=1024, help="prompt length for time to first token (0: skip)")
     ap.add_argument("--ttft-repeats", type=int, default=7,
                     help="timed runs of time to first token, each npgpt's then transformers' (default 7: the median of 3 swung 0.93-1.10)")  # fmt: skip
+    ap.add_argument("--ab-layout", action="store_true",
+                    help="also time cached decoding on the default (C-ordered) weights, interleaved (A/B of `decoding_layout`; +~270 MB)")
     ap.add_argument("--preset", default="gpt2", help="model shape: a GPT-2 preset, or tiny (smoke runs)")
     args = ap.parse_args(argv)
 
@@ -80,6 +83,7 @@ def main(argv=None):
     torch, why_not = torch_for(device, required=True) if args.vs == "torch" else (None, "not requested (--vs torch)")
     hf = torch_model(torch, cfg, host, device) if torch is not None else None
     del host  # (its arrays are the model's: the layout's copies replace them, no extra memory)
+    default_layout = GPT(cfg, dict(model.params), backend) if args.ab_layout else None  # keeps the replaced arrays
     decoding_layout(model)  # as the CLI decodes
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab_size, args.prompt_tokens)
@@ -104,6 +108,8 @@ def main(argv=None):
                 return ids
 
             contenders = {"cached": cached}
+            if default_layout is not None:
+                contenders["cached_default_layout"] = npgpt_generate(default_layout, prompt, args.new_tokens)
             if hf is not None:
                 contenders["torch"] = torch_generate(torch, hf, prompt, args.new_tokens, device)
             log(f"generate threads={n_threads}: cached{' vs torch' if hf else ''} x{args.repeats} ...")
@@ -116,6 +122,9 @@ def main(argv=None):
             if ceiling:
                 row["cached"]["decode_only_fraction_of_bandwidth_ceiling"] = decode / ceiling
                 line += f" ({row['cached']['fraction_of_bandwidth_ceiling']:.1%} of ceiling, decode only {decode:.1f} tok/s = {decode / ceiling:.1%})"
+            if default_layout is not None:
+                row["speedup_decoding_layout"] = row["cached"]["tokens_per_s"] / row["cached_default_layout"]["tokens_per_s"]
+                line += f"; decoding layout {row['speedup_decoding_layout']:.3f}x the default layout's tok/s"
             if args.recompute_repeats:
                 log(f"generate threads={n_threads}: recompute x{args.recompute_repeats} ...")
                 seconds = interleaved({"recompute": npgpt_generate(model, prompt, args.new_tokens, use_cache=False)},
