@@ -2,6 +2,7 @@
 
     from npgpt.weights import load_model
     model, tokenizer = load_model("shakespeare")            # or a folder / .safetensors file
+    decoding_layout(model)                                  # optional: weights laid out for decoding's products
     for piece in generate(model, tokenizer, "ROMEO:", max_new_tokens=100, seed=0):
         print(piece, end="", flush=True)
 
@@ -180,8 +181,15 @@ def _next_logits(model: GPT, tokens: list[int], start: int, cache):
 
 def last_logits(model: GPT, ids: Sequence[int], cache=None) -> np.ndarray:
     """Run `ids` (one sequence) through the model and return the last position's logits
-    (V,) as a NumPy array: the only data that comes back from the device."""
-    logits = model.forward(np.asarray(ids, dtype=np.int64)[None, :], cache, last_only=True)  # (1, 1, V)
+    (V,) as a NumPy array: the only data that comes back from the device. A prompt (more
+    than one id) runs as the kernels' inference schedule's one piece (`over_batch` of one
+    row: no backward follows, so its kernels keep no activations for one); a decode step's
+    one id runs directly (its few-rows kernels)."""
+    rows = np.asarray(ids, dtype=np.int64)[None, :]
+    if rows.shape[1] == 1:
+        logits = model.forward(rows, cache, last_only=True)  # (1, 1, V)
+    else:
+        logits = model.backend.kernels.over_batch(lambda b0, b1: model.forward(rows, cache, last_only=True), 1, rows.shape[1])[0]
     return model.backend.to_numpy(logits[0, -1, :])
 
 

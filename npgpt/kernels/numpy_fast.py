@@ -18,6 +18,8 @@ proves it, forward and backward, in float64); what changes is only how the work 
   large; decoding's few rows whole, on one BLAS thread when small); only where the
   kernels have one thread, or for decoding's products, do they run whole on BLAS's
   own threads;
+- a column-major token embedding (`npgpt.generate.decoding_layout`, where the LM head's
+  x @ wte.T reads wte's columns as rows) is gathered through its transpose;
 - decoding's few rows (under FEW_ROWS) make one pass per step of LayerNorm and GELU
   over all rows, and one-query attention one softmax over its S scores: no blocks, no
   thread ranges, few calls;
