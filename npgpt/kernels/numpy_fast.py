@@ -687,8 +687,8 @@ def attention_backward(dy, cache):
 # -- embeddings ---------------------------------------------------------------------------------
 def embedding_forward(wte, wpe, ids, pos):
     """`layers.embedding_forward`; a column-major wte (a decoding model's, see
-    `npgpt.generate.decoding_model`) is gathered as columns of its (C, V) transpose: NumPy's
-    take of rows of a column-major array copies the whole array first (~0.15 s for GPT-2's)."""
+    `npgpt.generate.decoding_layout`) is gathered as columns of its (C, V) transpose: NumPy's
+    take of rows of a column-major array took ~0.15 s for GPT-2's wte, even for one id."""
     if not wte.flags.f_contiguous or wte.flags.c_contiguous or wte.dtype != wpe.dtype:
         return layers.embedding_forward(wte, wpe, ids, pos)
     B, T = ids.shape
