@@ -37,7 +37,7 @@ import numpy as np
 from npgpt.backend import get_backend
 from npgpt.layers import IGNORE_INDEX
 from npgpt.errors import UserError, add_debug_flag, run_cli
-from npgpt.kernels.threads import add_threads_option, configure as configure_threads
+from npgpt.kernels.threads import add_threads_option, configure as configure_threads, on_one_thread
 from npgpt.model import FLOAT_DTYPES
 from npgpt.weights import load_model
 
@@ -72,8 +72,11 @@ def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int |
     independent rows: NumPy's fast set hands their pieces to its threads as each comes
     free, with no wait at the end of each batch. A piece is scored `batch_size` windows
     at a time at most (default: MAX_BATCH, and LOGITS_BUDGET logits at once), which is
-    what bounds memory where a set runs a batch whole (the reference). The pieces' sums
-    are added exactly (math.fsum), so the result does not depend on which thread ran what.
+    what bounds memory where a set runs a batch whole (the reference). Each piece runs
+    its kernels on one thread, also a run's only piece (the last, shorter window), and
+    the pieces' sums are added exactly (math.fsum), so the result does not depend on
+    which thread ran what, nor on the thread count where that leaves the pieces alone
+    (over_batch cuts smaller ones only for runs shorter than two pieces a thread).
     progress(scored, total): called after each piece with the tokens scored so far."""
     context = context or model.config.n_ctx
     if not 1 <= context <= model.config.n_ctx:
@@ -93,7 +96,8 @@ def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int |
             if stop.is_set():  # another piece failed (or Ctrl-C): take no more work
                 return
             try:
-                nll, n_new = _score_windows(model, ids, run[c0 : min(c0 + batch_size, b1)])
+                with on_one_thread():  # as every piece but a run's only one: the same paths at any thread count
+                    nll, n_new = _score_windows(model, ids, run[c0 : min(c0 + batch_size, b1)])
             except BaseException:
                 stop.set()
                 raise

@@ -155,3 +155,19 @@ def test_a_failing_piece_stops_the_others_taking_more(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         perplexity(model, ids)
     assert 3 <= len(calls) <= 4  # the failing call, and at most the other thread's one under way
+
+
+def test_the_shipped_model_scores_the_same_on_one_and_two_threads(monkeypatch):
+    """Float32, the shipped model, 3,000 tokens of tinyshakespeare (23 whole windows and a
+    short last one, which runs alone): 2 threads give exactly the 1-thread loss, as the
+    windows' pieces run their kernels on one thread at any thread count."""
+    from npgpt.kernels import threads
+    from npgpt.weights import load_model
+
+    model, tokenizer = load_model("shakespeare")
+    ids = read_ids(tokenizer, data_path("corpora/tinyshakespeare.txt"), 3000)
+    results = []
+    for n in (1, 2):
+        monkeypatch.setattr(threads, "_chosen", n)
+        results.append(perplexity(model, ids)["loss"])
+    assert results[0] == results[1]
