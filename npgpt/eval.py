@@ -147,7 +147,7 @@ def _score_on_processes(model, ids, chunks: list, processes: int, progress, tota
     import queue
 
     if sys.platform != "linux" or model.backend.name != "numpy":
-        raise EvalError("scoring on processes needs Linux and the numpy backend; leave out --processes")
+        raise EvalError("scoring on processes needs Linux and the numpy backend; give --workers threads")
     context = multiprocessing.get_context("fork")
     taken, results = context.Value("q", 0), context.Queue()
 
@@ -186,7 +186,7 @@ def _score_on_processes(model, ids, chunks: list, processes: int, progress, tota
             except queue.Empty:
                 if any(w.exitcode not in (None, 0) for w in workers):
                     raise EvalError("a worker process died while scoring (out of memory?); "
-                                    "run without --processes or with fewer --threads") from None  # fmt: skip
+                                    "give --workers threads, or fewer --threads") from None  # fmt: skip
                 continue
             if item is None:
                 running -= 1
@@ -325,9 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="windows per forward pass (default: as many as keep the logits under 256 MiB, at most 256)")
     p.add_argument("--backend", default="numpy", help="array backend (default numpy)")
     add_threads_option(p)
-    p.add_argument("--processes", action="store_true",
-                   help="score on --threads forked worker processes of one thread each, instead of threads "
-                        "sharing one process (Linux, numpy backend): no GIL between them; the same loss")  # fmt: skip
+    p.add_argument("--workers", choices=("threads", "processes"), default="threads",
+                   help="threads: --threads threads in this process (default); processes: --threads forked worker "
+                        "processes of one thread each (Linux, numpy backend), no GIL shared between them; the same loss")  # fmt: skip
     p.add_argument("--dtype", choices=FLOAT_DTYPES, help="cast the weights (default: as stored)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -357,7 +357,7 @@ def _main(argv) -> int:
         ids = read_ids(tokenizer, args.data, args.max_tokens)
     start = time.perf_counter()
     result = perplexity(model, ids, args.context, args.stride, args.batch_size, None if args.quiet else Progress(),
-                        n_threads if args.processes else 1)  # fmt: skip
+                        n_threads if args.workers == "processes" else 1)  # fmt: skip
     result["seconds"] = time.perf_counter() - start
     if args.json:
         print(json.dumps(result))

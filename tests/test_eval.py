@@ -206,8 +206,8 @@ def test_an_error_in_a_worker_process_is_raised_in_the_parent(monkeypatch):
 
 
 def test_the_cli_scores_on_processes_as_on_threads():
-    """`python -m npgpt.eval --processes` (its module is __main__ in the workers too) prints
-    the loss of the threaded run."""
+    """`python -m npgpt.eval --workers processes` (its module is __main__ in the workers too)
+    prints the loss of the threaded run."""
     import json
     import os
     import subprocess
@@ -215,7 +215,7 @@ def test_the_cli_scores_on_processes_as_on_threads():
 
     command = [sys.executable, "-m", "npgpt.eval", "--weights", "shakespeare", "--data",
                str(data_path("corpora/tinyshakespeare.txt")), "--max-tokens", "1500", "--threads", "2", "--json", "--quiet"]  # fmt: skip
-    results = [subprocess.run(command + extra, capture_output=True, text=True, env=os.environ, timeout=120) for extra in ([], ["--processes"])]
+    results = [subprocess.run(command + extra, capture_output=True, text=True, env=os.environ, timeout=120) for extra in ([], ["--workers", "processes"])]
     assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
     threads, processes = (json.loads(r.stdout) for r in results)
     assert processes["loss"] == threads["loss"] and processes["tokens_evaluated"] == 1499

@@ -3,8 +3,8 @@ subprocess: start-up, reading and encoding the text, scoring), on a text file wi
 shipped model, at each thread count asked for, round-robin. Reports each run's wall time,
 the time eval reports for scoring alone, tokens/s, the CPU seconds the run used (user +
 system) and so the cores it had on average (a busy machine gives fewer than its threads),
-and /proc/loadavg before each run. `--workers threads processes` also runs eval's
-`--processes` (forked workers of one thread each) round-robin with the threads.
+and /proc/loadavg before each run. `--workers threads processes` runs eval's two
+--workers (threads in one process; forked processes of one thread each) round-robin.
 
     python tools/bench.py eval [--threads 2] [--repeats 3] [--workers threads processes] [--stride N] [--data FILE]
 """
@@ -30,7 +30,7 @@ def run_eval(weights: str, data: Path, threads: int, stride: int | None, workers
              max_tokens: int | None = None) -> dict:
     command = [sys.executable, "-m", "npgpt.eval", "--weights", weights, "--data", str(data), "--threads", str(threads),
                "--json", "--quiet"] + ([] if stride is None else ["--stride", str(stride)]) \
-        + (["--processes"] if workers == "processes" else []) + ([] if max_tokens is None else ["--max-tokens", str(max_tokens)])  # fmt: skip
+        + ["--workers", workers] + ([] if max_tokens is None else ["--max-tokens", str(max_tokens)])  # fmt: skip
     load = load_average()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[2], help="thread counts (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per thread count (default 3)")
     parser.add_argument("--workers", nargs="+", choices=("threads", "processes"), default=["threads"],
-                        help="threads in one process (default), and/or eval's --processes, round-robin")
+                        help="eval's --workers: threads in one process (default) and/or processes, round-robin")
     parser.add_argument("--max-tokens", type=int, help="eval's --max-tokens (default: the whole text)")
     parser.add_argument("--stride", type=int, help="eval's --stride (default: eval's default)")
     parser.add_argument("--weights", default="shakespeare", help="eval's --weights (default shakespeare, the shipped model)")
