@@ -17,7 +17,8 @@ documented loop ("Perplexity of fixed-length models") with max_length = context 
 the same stride: an HF window of max_length tokens predicts max_length - 1 of them.
 
 Windows of equal length are scored `batch_size` at a time at most, in pieces that NumPy's
-fast kernels run on their threads (see `perplexity`).
+fast kernels run on their threads, or (`--workers processes`) on forked worker processes of
+one thread each (see `perplexity`).
 """
 
 from __future__ import annotations
