@@ -17,7 +17,8 @@ documented loop ("Perplexity of fixed-length models") with max_length = context 
 the same stride: an HF window of max_length tokens predicts max_length - 1 of them.
 
 Windows of equal length are scored `batch_size` at a time at most, in pieces that NumPy's
-fast kernels run on their threads (see `perplexity`).
+fast kernels run on their threads, or (`--workers processes`) on forked worker processes of
+one thread each (see `perplexity`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 from npgpt.backend import get_backend
 from npgpt.layers import IGNORE_INDEX
 from npgpt.errors import UserError, add_debug_flag, run_cli
-from npgpt.kernels.threads import add_threads_option, configure as configure_threads
+from npgpt.kernels.threads import add_threads_option, configure as configure_threads, on_one_thread
 from npgpt.model import FLOAT_DTYPES
 from npgpt.weights import load_model
 
@@ -65,16 +66,24 @@ def sliding_windows(n_tokens: int, context: int, stride: int):
 
 
 def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int | None = None,
-               batch_size: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
+               batch_size: int | None = None, progress: Callable[[int, int], None] | None = None,
+               processes: int = 1) -> dict:  # fmt: skip
     """Mean negative log-likelihood (nats/token) and perplexity of `ids` under `model`.
 
     Runs of windows of one length go to the kernels' `over_batch` whole, as one batch of
     independent rows: NumPy's fast set hands their pieces to its threads as each comes
     free, with no wait at the end of each batch. A piece is scored `batch_size` windows
     at a time at most (default: MAX_BATCH, and LOGITS_BUDGET logits at once), which is
-    what bounds memory where a set runs a batch whole (the reference). The pieces' sums
-    are added exactly (math.fsum), so the result does not depend on which thread ran what.
-    progress(scored, total): called after each piece with the tokens scored so far."""
+    what bounds memory where a set runs a batch whole (the reference). Each piece runs
+    its kernels on one thread, also a run's only piece (the last, shorter window), and
+    the pieces' sums are added exactly (math.fsum), so the result does not depend on
+    which thread ran what, nor on the thread count where that leaves the pieces alone
+    (over_batch cuts smaller ones only for runs shorter than two pieces a thread).
+    progress(scored, total): called after each piece with the tokens scored so far.
+
+    processes > 1 (NumPy backend, Linux): the pieces, as over_batch cuts them on one
+    thread, go instead to that many forked worker processes of one thread each, as each
+    comes free: no GIL shared between them. The loss equals the 1-thread loss."""
     context = context or model.config.n_ctx
     if not 1 <= context <= model.config.n_ctx:
         raise EvalError(f"context {context} must be in [1, the model's n_ctx {model.config.n_ctx}]; give a smaller --context")
@@ -84,6 +93,9 @@ def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int |
     total = sum(end - first for _, end, first in windows)
     if total == 0:
         raise EvalError("the text has fewer than 2 tokens, so there is nothing to score; give a longer text")
+    if processes > 1:
+        sums = _score_on_processes(model, ids, _chunks(model, windows, batch_size), processes, progress, total)
+        return _result(sums, total, windows, context, stride)
     sums: list[float] = []  # each chunk's summed negative log-likelihood
     scored, lock, stop = 0, threading.Lock(), threading.Event()
 
@@ -93,7 +105,8 @@ def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int |
             if stop.is_set():  # another piece failed (or Ctrl-C): take no more work
                 return
             try:
-                nll, n_new = _score_windows(model, ids, run[c0 : min(c0 + batch_size, b1)])
+                with on_one_thread():  # as every piece but a run's only one: the same paths at any thread count
+                    nll, n_new = _score_windows(model, ids, run[c0 : min(c0 + batch_size, b1)])
             except BaseException:
                 stop.set()
                 raise
@@ -105,9 +118,94 @@ def perplexity(model, ids: np.ndarray, context: int | None = None, stride: int |
 
     for run in _same_length_runs(windows):
         model.backend.kernels.over_batch(functools.partial(score, run), len(run), run[0][1] - run[0][0] - 1)
+    return _result(sums, total, windows, context, stride)
+
+
+def _result(sums: list[float], total: int, windows: list, context: int, stride: int) -> dict:
     mean = math.fsum(sums) / total
     return {"tokens_evaluated": total, "windows": len(windows), "context": context, "stride": stride,
             "loss": mean, "perplexity": math.exp(mean)}  # fmt: skip
+
+
+def _chunks(model, windows: list, batch_size: int) -> list[list]:
+    """The windows scored as one batch each: every run cut into pieces as the kernels'
+    over_batch cuts it on one thread, each piece into batch_size windows at most."""
+    chunks = []
+    for run in _same_length_runs(windows):
+        with on_one_thread():
+            pieces = model.backend.kernels.over_batch(lambda b0, b1: (b0, b1), len(run), run[0][1] - run[0][0] - 1)
+        chunks += [run[c0 : min(c0 + batch_size, b1)] for b0, b1 in pieces for c0 in range(b0, b1, batch_size)]
+    return chunks
+
+
+def _score_on_processes(model, ids, chunks: list, processes: int, progress, total: int) -> list[float]:
+    """Each chunk's summed negative log-likelihood, scored on `processes` forked workers
+    (which inherit the model and ids: nothing is pickled but the results), each taking
+    the next chunk from a shared counter as it comes free, its kernels and BLAS on one
+    thread. A worker's error is raised here; the others are then stopped."""
+    import multiprocessing
+    import pickle
+    import queue
+
+    if sys.platform != "linux" or model.backend.name != "numpy":
+        raise EvalError("scoring on processes needs Linux and the numpy backend; give --workers threads")
+    context = multiprocessing.get_context("fork")
+    taken, results = context.Value("q", 0), context.Queue()
+
+    def work() -> None:
+        import signal
+
+        from npgpt.kernels.threads import set_num_threads
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+        set_num_threads(1)
+        try:
+            while True:
+                with taken.get_lock():
+                    i, taken.value = taken.value, taken.value + 1
+                if i >= len(chunks):
+                    break
+                with on_one_thread():
+                    results.put(_score_windows(model, ids, chunks[i]))
+        except BaseException as e:  # noqa: BLE001  (sent to the parent, which raises it)
+            try:
+                pickle.dumps(e)
+            except Exception:  # noqa: BLE001  (an error that cannot travel: its text does)
+                e = RuntimeError(f"{type(e).__name__}: {e}")
+            results.put(e)
+        results.put(None)  # this worker is done
+
+    workers = [context.Process(target=work, daemon=True) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    sums: list[float] = []
+    scored, running = 0, processes
+    try:
+        while running:
+            try:
+                item = results.get(timeout=1.0)
+            except queue.Empty:
+                if any(w.exitcode not in (None, 0) for w in workers):
+                    raise EvalError("a worker process died while scoring (out of memory?); "
+                                    "give --workers threads, or fewer --threads") from None  # fmt: skip
+                continue
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                sums.append(item[0])
+                scored += item[1]
+                if progress is not None:
+                    progress(scored, total)
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+            worker.join()
+    if len(sums) != len(chunks):  # a result lost on the way (it cannot be: a bug)
+        raise RuntimeError(f"{len(sums)} of {len(chunks)} chunks came back from the worker processes")
+    return sums
 
 
 def _score_windows(model, ids: np.ndarray, windows: list) -> tuple[float, int]:
@@ -228,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="windows per forward pass (default: as many as keep the logits under 256 MiB, at most 256)")
     p.add_argument("--backend", default="numpy", help="array backend (default numpy)")
     add_threads_option(p)
+    p.add_argument("--workers", choices=("threads", "processes"), default="threads",
+                   help="threads: --threads threads in this process (default); processes: --threads forked worker "
+                        "processes of one thread each (Linux, numpy backend), no GIL shared between them; the same loss")  # fmt: skip
     p.add_argument("--dtype", choices=FLOAT_DTYPES, help="cast the weights (default: as stored)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -245,7 +346,7 @@ def _main(argv) -> int:
     for name in ("context", "stride", "max_tokens", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    configure_threads(args.threads)
+    n_threads = configure_threads(args.threads)
     model, tokenizer = load_model(args.weights, get_backend(args.backend), args.dtype, say=lambda m: print(m, file=sys.stderr))
     if args.format == "pairs":
         return score_pairs_main(args, model, tokenizer)
@@ -256,7 +357,8 @@ def _main(argv) -> int:
     else:
         ids = read_ids(tokenizer, args.data, args.max_tokens)
     start = time.perf_counter()
-    result = perplexity(model, ids, args.context, args.stride, args.batch_size, None if args.quiet else Progress())
+    result = perplexity(model, ids, args.context, args.stride, args.batch_size, None if args.quiet else Progress(),
+                        n_threads if args.workers == "processes" else 1)  # fmt: skip
     result["seconds"] = time.perf_counter() - start
     if args.json:
         print(json.dumps(result))

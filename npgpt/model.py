@@ -229,12 +229,15 @@ class GPT:
         x, embedding_drop = drop(x)
         x = xp.reshape(x, (B * T, cfg.n_embd))  # (N, C), rows are tokens
         blocks = []
+        last_rows = last_only and segments is None and not keep  # the last block takes each row's last position alone
         for i in range(cfg.n_layer):
-            x, block = self._block_forward(i, x, B, cache, drop, segments)
+            x, block = self._block_forward(i, x, B, cache, drop, segments, last_rows and i == cfg.n_layer - 1)
             if keep:
                 blocks.append(block)
             del block  # without `keep`, this block's activations go before the next runs
-        if last_only:
+        if last_rows:
+            T = 1  # x is (B, C) already
+        elif last_only:
             x, T = xp.reshape(x, (B, T, cfg.n_embd))[:, -1, :], 1  # (B, C)
         elif rows is not None:
             assert not keep, "the backward needs the LM head on every position"
@@ -252,8 +255,10 @@ class GPT:
         """The LM head, tied to the token embedding: a linear layer without bias, xf (N, C) -> logits (N, V)."""
         return self.backend.kernels.linear_forward(xf, self.params["wte.weight"].mT, None)[0]
 
-    def _block_forward(self, i, x, B, cache, drop, segments):
-        """One pre-LayerNorm block on rows x (N, C) -> (N, C), and its `BlockActivations`."""
+    def _block_forward(self, i, x, B, cache, drop, segments, last_row=False):
+        """One pre-LayerNorm block on rows x (N, C) -> (N, C), and its `BlockActivations`.
+        `last_row` (the last block, when only the last position's logits are wanted): every
+        position's keys and values, the rest for each row's last position only -> (B, C)."""
         p, cfg, xp, kernels = self.params, self.config, self.backend.xp, self.backend.kernels
         N, C = x.shape
         T, NH, hs = N // B, cfg.n_head, cfg.head_size
@@ -265,6 +270,8 @@ class GPT:
         q, k, v = qkv[0, ...], qkv[1, ...], qkv[2, ...]
         if cache is not None:
             k, v = cache.append(i, k, v)  # (B, NH, S, hs)
+        if last_row:  # the last query against every key; from here on one row per sequence
+            q, x, N = q[:, :, -1:, :], xp.reshape(x, (B, T, C))[:, -1, :], B  # (B, NH, 1, hs), (B, C)
         y, attn = kernels.attention_forward(q, k, v, drop if drop.p else None, segments)
         y = xp.reshape(xp.permute_dims(y, (0, 2, 1, 3)), (N, C))  # (N, C), heads side by side
         y, attn_c_proj = kernels.linear_forward(y, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])

@@ -165,6 +165,16 @@ def test_eval_tiny(bench, tmp_path):
     assert code == 1 and err.startswith("error: no text file")
 
 
+def test_eval_runs_threads_and_processes_round_robin(bench, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(data_path("corpora/tinyshakespeare.txt").read_text("utf-8")[:3000], "utf-8")
+    code, report, err = bench("eval", "--data", text, "--threads", "1", "2", "--workers", "threads", "processes", "--repeats", "1")
+    assert code == 0, err
+    assert [(r["threads"], r["workers"]) for r in report["runs"]] == [(1, "threads"), (2, "threads"), (2, "processes")]
+    assert len({r["loss"] for r in report["runs"]}) == 1  # the same loss, to the last digit
+    assert set(report["by_threads"]) == {"1", "2", "2 processes"} and "2 processes: median" in err
+
+
 def test_train_profile_times_every_kernel_the_step_calls(bench):
     code, report, err = bench("train", "--profile", "--configs", "tiny", "--threads", "1", "2", "--repeats", "1")
     assert code == 0, err

@@ -155,3 +155,67 @@ def test_a_failing_piece_stops_the_others_taking_more(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         perplexity(model, ids)
     assert 3 <= len(calls) <= 4  # the failing call, and at most the other thread's one under way
+
+
+def test_the_shipped_model_scores_the_same_on_one_and_two_threads(monkeypatch):
+    """Float32, the shipped model, 3,000 tokens of tinyshakespeare (23 whole windows and a
+    short last one, which runs alone): 2 threads give exactly the 1-thread loss, as the
+    windows' pieces run their kernels on one thread at any thread count."""
+    from npgpt.kernels import threads
+    from npgpt.weights import load_model
+
+    model, tokenizer = load_model("shakespeare")
+    ids = read_ids(tokenizer, data_path("corpora/tinyshakespeare.txt"), 3000)
+    results = []
+    for n in (1, 2):
+        monkeypatch.setattr(threads, "_chosen", n)
+        results.append(perplexity(model, ids)["loss"])
+    assert results[0] == results[1]
+
+
+def test_forked_worker_processes_give_the_one_thread_loss():
+    """Float32, the shipped model, 3,000 tokens: pieces scored on 2 forked worker processes
+    (as each comes free) give exactly the 1-thread loss, and progress reaches the total."""
+    from npgpt.weights import load_model
+
+    model, tokenizer = load_model("shakespeare")
+    ids = read_ids(tokenizer, data_path("corpora/tinyshakespeare.txt"), 3000)
+    seen = []
+    on_processes = perplexity(model, ids, processes=2, progress=lambda d, t: seen.append((d, t)))
+    assert on_processes["loss"] == perplexity(model, ids)["loss"]
+    assert seen[-1] == (2999, 2999) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_an_error_in_a_worker_process_is_raised_in_the_parent(monkeypatch):
+    """A piece failing in a forked worker raises its error (the same type and message) in
+    the caller, and the other workers are stopped."""
+    from npgpt.eval import EvalError
+
+    model = GPT.init(CONFIG, seed=4)
+    ids = np.random.default_rng(5).integers(0, CONFIG.vocab_size, 400)
+    real_loss = model.loss
+
+    def loss(inputs, targets, **kwargs):
+        if inputs.shape[0] == 1:  # the last, shorter window
+            raise EvalError("a piece failed; stop")
+        return real_loss(inputs, targets, **kwargs)
+
+    monkeypatch.setattr(model, "loss", loss)
+    with pytest.raises(EvalError, match="a piece failed"):
+        perplexity(model, ids, processes=2)
+
+
+def test_the_cli_scores_on_processes_as_on_threads():
+    """`python -m npgpt.eval --workers processes` (its module is __main__ in the workers too)
+    prints the loss of the threaded run."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "npgpt.eval", "--weights", "shakespeare", "--data",
+               str(data_path("corpora/tinyshakespeare.txt")), "--max-tokens", "1500", "--threads", "2", "--json", "--quiet"]  # fmt: skip
+    results = [subprocess.run(command + extra, capture_output=True, text=True, env=os.environ, timeout=120) for extra in ([], ["--workers", "processes"])]
+    assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
+    threads, processes = (json.loads(r.stdout) for r in results)
+    assert processes["loss"] == threads["loss"] and processes["tokens_evaluated"] == 1499

@@ -16,6 +16,7 @@ from npgpt.generate import (
     PromptCropped,
     PromptError,
     StopStrings,
+    decoding_layout,
     encode_prompt,
     generate,
     generate_ids,
@@ -71,6 +72,20 @@ def test_cached_generation_equals_recompute_without_cache(backend):
     recomputed = list(generate_ids(model, prompt, CONFIG.n_ctx - len(prompt), GREEDY, use_cache=False))
     assert cached == recomputed
     assert len(set(cached)) > 3  # a real sequence, not one id repeated
+
+
+def test_decoding_layout_keeps_values_and_generates_the_same_ids(backend):
+    model, before = sharp_model(backend), sharp_params()
+    prompt = [5, 17, 101, 3]
+    expected = list(generate_ids(model, prompt, CONFIG.n_ctx - len(prompt), GREEDY))
+    assert decoding_layout(model) is model
+    if model.backend.name == "numpy":  # the products' long side in rows: wte and mlp.c_proj column-major
+        assert model.params["wte.weight"].flags.f_contiguous and not model.params["wte.weight"].flags.c_contiguous
+        assert model.params["h.1.mlp.c_proj.weight"].flags.f_contiguous and model.params["h.1.attn.c_attn.weight"].flags.c_contiguous
+    for name, value in model.to_numpy().items():
+        np.testing.assert_array_equal(value, before[name])
+    assert list(generate_ids(model, prompt, CONFIG.n_ctx - len(prompt), GREEDY)) == expected
+    assert list(generate_ids(model, prompt, CONFIG.n_ctx - len(prompt), GREEDY, use_cache=False)) == expected
 
 
 def test_same_seed_same_text_on_every_backend(backend):

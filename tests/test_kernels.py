@@ -351,10 +351,12 @@ def test_optimizer_kernels_equal_the_reference(shape, flat_block, n_threads, dec
 
 
 @settings(max_examples=25, deadline=None)
-@given(B=st.sampled_from([1, 3]), T=st.integers(1, 9), start=st.integers(0, 3), packed=st.booleans(), seed=st.integers(0, 2**16))
-def test_embedding_equals_the_reference(B, T, start, packed, seed):
+@given(B=st.sampled_from([1, 3]), T=st.integers(1, 9), start=st.integers(0, 3), packed=st.booleans(), seed=st.integers(0, 2**16),
+       column_major=st.booleans())  # fmt: skip
+def test_embedding_equals_the_reference(B, T, start, packed, seed, column_major):
     rng = np.random.default_rng(seed)
     wte, wpe = rng.standard_normal((5, 3)), rng.standard_normal((12, 3))
+    wte = np.asfortranarray(wte) if column_major else wte  # a decoding model's layout (npgpt.generate.decoding_layout)
     ids = rng.integers(0, 5, (B, T))
     pos = segment_positions(segments_of(rng, B, T)) if packed else np.broadcast_to(np.arange(start, start + T), (B, T))
     x, cache = fast.KERNELS.embedding_forward(wte, wpe, ids, pos)

@@ -97,7 +97,7 @@ def test_query_blocks_do_not_change_attention(model64, monkeypatch, block):
 
 
 def test_last_only_is_the_last_row(model32):
-    """To rounding: a piece of one row takes BLAS's matrix-vector path for the LM head."""
+    """To rounding: the last block runs each row's last query alone, and a piece of one row takes BLAS's matrix-vector path for the LM head."""
     ids = np.arange(3 * 11).reshape(3, 11) % TINY.vocab_size
     full = model32.forward(ids)
     np.testing.assert_allclose(model32.forward(ids, last_only=True), full[:, -1:], rtol=0, atol=1e-6)

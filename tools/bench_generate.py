@@ -2,9 +2,11 @@
 
 For each thread count (default 1, 2; --backend cupy: the GPU, one run) it times,
 interleaved in one process:
-  cached     npgpt.generate.generate_ids with the KV cache (prompt 32, 128 new tokens)
+  cached     npgpt.generate.generate_ids with the KV cache (prompt 32, 128 new tokens), on
+             the model in `decoding_layout` (as `python -m npgpt.generate` runs it)
   recompute  the same without a cache: the whole context is recomputed every step
              (as picoGPT does); slow, so it runs --recompute-repeats times only
+  cached_default_layout  (--ab-layout) the same on the default, C-ordered weights
   torch      (--vs torch) transformers GPT2LMHeadModel.generate on the same weights
              (on the CPU beside NumPy, on the GPU beside --backend cupy)
 and reports tokens/s = new tokens / whole call (prefill included, as for transformers),
@@ -32,7 +34,7 @@ from benchlib import (agreement, bandwidth, check_fractions, emit, interleaved, 
                       peak_rss_bytes, summary, threads, torch_device, torch_for, torch_generate, torch_model)  # fmt: skip
 
 from npgpt.backend import get_backend
-from npgpt.generate import GenerationStats
+from npgpt.generate import GenerationStats, decoding_layout
 from npgpt.model import GPT
 
 
@@ -62,6 +64,10 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of cached generation (and transformers)")
     ap.add_argument("--recompute-repeats", type=int, default=1, help="timed runs of the slow no-cache path (0: skip)")
     ap.add_argument("--ttft-tokens", type=int, default=1024, help="prompt length for time to first token (0: skip)")
+    ap.add_argument("--ttft-repeats", type=int, default=7,
+                    help="timed runs of time to first token, each npgpt's then transformers' (default 7: the median of 3 swung 0.93-1.10)")  # fmt: skip
+    ap.add_argument("--ab-layout", action="store_true",
+                    help="also time cached decoding on the default (C-ordered) weights, interleaved (A/B of `decoding_layout`; +~270 MB)")
     ap.add_argument("--preset", default="gpt2", help="model shape: a GPT-2 preset, or tiny (smoke runs)")
     args = ap.parse_args(argv)
 
@@ -76,6 +82,9 @@ def main(argv=None):
     device = torch_device(backend)
     torch, why_not = torch_for(device, required=True) if args.vs == "torch" else (None, "not requested (--vs torch)")
     hf = torch_model(torch, cfg, host, device) if torch is not None else None
+    del host  # (its arrays are the model's: the layout's copies replace them, no extra memory)
+    default_layout = GPT(cfg, dict(model.params), backend) if args.ab_layout else None  # keeps the replaced arrays
+    decoding_layout(model)  # as the CLI decodes
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab_size, args.prompt_tokens)
     long_prompt = rng.integers(0, cfg.vocab_size, max(args.ttft_tokens, 1))
@@ -99,6 +108,8 @@ def main(argv=None):
                 return ids
 
             contenders = {"cached": cached}
+            if default_layout is not None:
+                contenders["cached_default_layout"] = npgpt_generate(default_layout, prompt, args.new_tokens)
             if hf is not None:
                 contenders["torch"] = torch_generate(torch, hf, prompt, args.new_tokens, device)
             log(f"generate threads={n_threads}: cached{' vs torch' if hf else ''} x{args.repeats} ...")
@@ -111,6 +122,9 @@ def main(argv=None):
             if ceiling:
                 row["cached"]["decode_only_fraction_of_bandwidth_ceiling"] = decode / ceiling
                 line += f" ({row['cached']['fraction_of_bandwidth_ceiling']:.1%} of ceiling, decode only {decode:.1f} tok/s = {decode / ceiling:.1%})"
+            if default_layout is not None:
+                row["speedup_decoding_layout"] = row["cached"]["tokens_per_s"] / row["cached_default_layout"]["tokens_per_s"]
+                line += f"; decoding layout {row['speedup_decoding_layout']:.3f}x the default layout's tok/s"
             if args.recompute_repeats:
                 log(f"generate threads={n_threads}: recompute x{args.recompute_repeats} ...")
                 seconds = interleaved({"recompute": npgpt_generate(model, prompt, args.new_tokens, use_cache=False)},
@@ -126,10 +140,13 @@ def main(argv=None):
                 first = {"npgpt": npgpt_generate(model, long_prompt, 1)}
                 if hf is not None:
                     first["torch"] = torch_generate(torch, hf, long_prompt, 1, device)
-                ttft = {name: summary(s) for name, s in interleaved(first, args.repeats).items()}
+                runs = interleaved(first, args.ttft_repeats)
+                ttft = {name: summary(s) for name, s in runs.items()}
                 if hf is not None:
                     ttft["ratio_npgpt_over_torch"] = ttft["npgpt"]["median_s"] / ttft["torch"]["median_s"]
-                    line += f"; TTFT npgpt/torch {ttft['ratio_npgpt_over_torch']:.2f}"
+                    pairs = [a / b for a, b in zip(runs["npgpt"], runs["torch"])]  # each run against the torch run right after it
+                    ttft["ratio_per_pair"] = {"median": float(np.median(pairs)), "min": min(pairs), "max": max(pairs)}
+                    line += f"; TTFT npgpt/torch {ttft['ratio_npgpt_over_torch']:.2f} (pairs {min(pairs):.2f}-{max(pairs):.2f})"
                 row["time_to_first_token"] = {"prompt_tokens": args.ttft_tokens, **ttft}
             log(row)
             check_fractions(row)

@@ -206,6 +206,19 @@ def _marked(task):
         _inside.active = False
 
 
+@contextlib.contextmanager
+def on_one_thread():
+    """Run the block's kernels on this thread alone, BLAS on one thread, as inside a
+    parallel call: the same work then takes the same paths at any thread count."""
+    before = _nested()
+    _inside.active = True
+    try:
+        with blas_on_one_thread():
+            yield
+    finally:
+        _inside.active = before
+
+
 def _run(tasks, n: int, one_blas_thread: bool, interchangeable: bool = False) -> list:
     """[task() for task in tasks] on n threads: the first in the calling thread.
     `interchangeable`: the tasks take shared work until none is left, so once the calling
