@@ -180,3 +180,19 @@ def cross_entropy_backward(dloss, cache):
     """dloss scalar -> dlogits (N, V) = dloss * weight * (probs - one_hot(targets))."""
     probs, one_hot, weight = cache
     return (probs - one_hot) * (dloss * weight)[:, None]
+
+
+# -- the tied LM head and its loss: cross-entropy of logits x @ wte^T -----------------------
+def lm_head_loss_forward(x, wte, targets, ignore_index=IGNORE_INDEX):
+    """x (N, C), wte (V, C), targets (N,) -> the mean cross-entropy of the logits
+    x @ wte^T (N, V), as `cross_entropy_forward` (a training step's head and loss)."""
+    logits = x @ wte.mT  # (N, V)
+    loss, ce = cross_entropy_forward(logits, targets, ignore_index)
+    return loss, (x, wte, ce)
+
+
+def lm_head_loss_backward(dloss, cache):
+    """dloss scalar -> dx (N, C), dwte (V, C)."""
+    x, wte, ce = cache
+    dlogits = cross_entropy_backward(dloss, ce)  # (N, V)
+    return dlogits @ wte, dlogits.mT @ x

@@ -198,8 +198,8 @@ class GPT:
                  segments=None, rows=None, head=True):  # fmt: skip
         """ids (B, T) -> logits (B, T, V) and, with `keep`, the `Activations` the backward
         needs (without it each block's activations are freed as soon as it is done).
-        `head=False` (not with `keep` or `rows`): the final LayerNorm's output (B, T, C)
-        instead of logits, for the caller's LM head.
+        `head=False` (not with `rows`): the final LayerNorm's output instead of logits, for
+        the caller's LM head: (B, T, C), or (N, C) with `keep`.
 
         `rngs` (one generator per row of ids) turn dropout on (training); without them
         dropout is off. `rows` (n,) (not
@@ -245,10 +245,10 @@ class GPT:
         xf, ln_f = kernels.layer_norm_forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.layer_norm_epsilon)
         if cache is not None:
             cache.length = start + ids.shape[1]
+        acts = Activations(B, T, embedding, embedding_drop, blocks, ln_f) if keep else None
         if not head:
-            return xp.reshape(xf, (B, T, cfg.n_embd)), None
+            return (xf if keep else xp.reshape(xf, (B, T, cfg.n_embd))), acts
         logits = self._lm_head(xf)  # (N, V)
-        acts = Activations(B, T, embedding, embedding_drop, blocks, ln_f, xf) if keep else None
         return (logits if rows is not None else xp.reshape(logits, (B, T, cfg.vocab_size))), acts
 
     def _lm_head(self, xf):
@@ -362,13 +362,13 @@ class GPT:
 
         def piece(b0, b1):  # -> (loss, gradients) of rows [b0, b1), as shares of the whole batch's
             flat = xp.reshape(targets[b0:b1, ...], (-1,))
-            logits, acts = self._forward(ids[b0:b1, ...], rngs=None if rngs is None else rngs[b0:b1], keep=True,
-                                         segments=_rows(segments, b0, b1))  # fmt: skip
-            loss, ce = kernels.cross_entropy_forward(self._flat(logits), flat, ignore_index)
+            xf, acts = self._forward(ids[b0:b1, ...], rngs=None if rngs is None else rngs[b0:b1], keep=True,
+                                     segments=_rows(segments, b0, b1), head=False)  # fmt: skip
+            loss, head = kernels.lm_head_loss_forward(xf, self.params["wte.weight"], flat, ignore_index)  # of logits xf @ wte^T
             if b1 - b0 == B:  # the whole batch
-                return loss, self._backward(kernels.cross_entropy_backward(1.0, ce), acts, grad_ready or _no_hook)
+                return loss, self._backward(kernels.lm_head_loss_backward(1.0, head), acts, grad_ready or _no_hook)
             share = self._scored(flat, ignore_index) / batch_scored
-            return loss * share, self._backward(kernels.cross_entropy_backward(share, ce), acts, _no_hook)
+            return loss * share, self._backward(kernels.lm_head_loss_backward(share, head), acts, _no_hook)
 
         if B > 1:
             batch_scored = xp.maximum(self._scored(targets, ignore_index), 1.0)
@@ -393,13 +393,12 @@ class GPT:
         xp = self.backend.xp
         return xp.sum(xp.astype(targets != ignore_index, self.dtype))
 
-    def _backward(self, dlogits, acts: Activations, grad_ready):
-        """dlogits (N, V) -> gradients of every parameter, walking the forward in reverse."""
+    def _backward(self, head_grads, acts: Activations, grad_ready):
+        """The LM head's gradients (dxf (N, C) at its input, dwte (V, C) of the tied
+        embedding as its weight) -> gradients of every parameter, walking the forward in reverse."""
         p, cfg, xp, kernels = self.params, self.config, self.backend.xp, self.backend.kernels
         grads = {}
-        # LM head tied to wte: logits = xf @ wte.T
-        dwte_head = dlogits.mT @ acts.xf  # (V, C)
-        dx = dlogits @ p["wte.weight"]  # (N, C)
+        dx, dwte_head = head_grads  # (N, C), (V, C)
         dx, grads["ln_f.weight"], grads["ln_f.bias"] = kernels.layer_norm_backward(dx, acts.ln_f)
         grad_ready(["ln_f.weight", "ln_f.bias"], grads)
         for i in reversed(range(cfg.n_layer)):
@@ -499,7 +498,6 @@ class Activations:
     embedding_drop: object  # dropout mask of the embeddings (B, T, C), or None
     blocks: list[BlockActivations]  # one per layer, in order
     ln_f: object  # final LayerNorm of the last block's output (N, C)
-    xf: object  # ln_f's output (N, C), the tied LM head's input
 
 
 class Dropout:

@@ -302,6 +302,24 @@ def test_cross_entropy_equals_the_reference(N, V, ce_block, n_threads, seed):
     np.testing.assert_allclose(dlogits, layers.cross_entropy_backward(0.7, ref_cache), **TOL)
 
 
+@settings(max_examples=30, deadline=None)
+@given(N=st.sampled_from([1, 3, 7, 20]), C=st.integers(1, 6), V=st.integers(1, 23), lm_tile=st.integers(1, 60),
+       n_threads=st.integers(1, 4), ignored=st.sampled_from([0.0, 0.3, 1.0]), seed=st.integers(0, 2**16))  # fmt: skip
+@example(N=3, C=5, V=23, lm_tile=7, n_threads=3, ignored=0.3, seed=0)  # blocks of 2 columns, the last of 1
+def test_the_lm_head_loss_equals_the_reference(N, C, V, lm_tile, n_threads, ignored, seed):
+    rng = np.random.default_rng(seed)
+    x, wte = 3 * rng.standard_normal((N, C)), rng.standard_normal((V, C))
+    targets = rng.integers(0, V, N)
+    targets[rng.random(N) < ignored] = layers.IGNORE_INDEX
+    ref, ref_cache = layers.lm_head_loss_forward(x, wte, targets)
+    with blocks(lm_tile=lm_tile, vocab_align=1, n_threads=n_threads):
+        loss, cache = fast.lm_head_loss_forward(x, wte, targets)
+        grads = fast.lm_head_loss_backward(np.asarray(0.7), cache)
+    np.testing.assert_allclose(loss, ref, **TOL)
+    assert np.ndim(loss) == 0
+    assert_same(grads, layers.lm_head_loss_backward(np.asarray(0.7), ref_cache))
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     shape=st.sampled_from([(1,), (7,), (3, 5), (13, 3), (2, 3, 4)]),

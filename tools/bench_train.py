@@ -27,7 +27,7 @@ final validation loss over 200 fixed validation batches.
 --profile: npgpt's step alone, each kernel of its set timed (wall, process CPU, and the
 calling thread's CPU): on a busy machine CPU seconds still show where the work goes and
 what runs on one core (main_thread_share near 1.0 at several threads: serial), and
-"untimed" is what runs between the kernels (the LM head's products, residual adds,
+"untimed" is what runs between the kernels (residual adds, the pieces' gradient sum,
 reshapes, clipping). The schedules are not timed: they run the others. Where a training
 batch runs in pieces on several threads, the pieces' kernels overlap: each kernel's wall
 and process CPU seconds then include the other pieces' work meanwhile, so they add up to

@@ -26,6 +26,10 @@ explicitly, when the replacement keeps the reference's cache). Signatures, as in
     cross_entropy_forward(logits (N, V), targets (N,), ignore_index) -> loss (0-d), cache
         (may overwrite `logits`)
     cross_entropy_backward(dloss, cache) -> dlogits (N, V)
+    lm_head_loss_forward(x (N, C), wte (V, C), targets (N,), ignore_index) -> loss (0-d), cache
+        (the cross-entropy of the tied LM head's logits x @ wte^T: a training step's, whose
+        (N, V) logits no caller reads)
+    lm_head_loss_backward(dloss, cache) -> dx (N, C), dwte (V, C)
 
 the two schedules (reference for both: `whole_batch` here), not pairs:
 
@@ -52,7 +56,7 @@ from collections.abc import Callable
 
 from npgpt import layers, optim
 
-OPS = ("linear", "layer_norm", "gelu", "dropout", "attention", "embedding", "cross_entropy")
+OPS = ("linear", "layer_norm", "gelu", "dropout", "attention", "embedding", "cross_entropy", "lm_head_loss")
 SCHEDULE = ("over_batch", "over_train_batch")
 OPTIMIZER = ("adamw_update", "sum_of_squares")
 NAMES = tuple(f"{op}_{way}" for op in OPS for way in ("forward", "backward")) + SCHEDULE + OPTIMIZER
@@ -78,6 +82,8 @@ class Kernels:
     embedding_backward: Callable
     cross_entropy_forward: Callable
     cross_entropy_backward: Callable
+    lm_head_loss_forward: Callable
+    lm_head_loss_backward: Callable
     over_batch: Callable
     over_train_batch: Callable
     adamw_update: Callable

@@ -40,6 +40,10 @@ proves it, forward and backward, in float64); what changes is only how the work 
   allocating one per step of the formula; cross-entropy turns the logits into
   unnormalised probabilities (its loss needs only their row sums) and the backward turns
   them into the gradient, so one (N, V) buffer serves all three;
+- a training step's LM head and loss (`lm_head_loss`) make the logits a tile of the
+  vocabulary at a time (all rows by LM_TILE // N columns), taking the tile's exps and row
+  sums while it is in cache, and its backward turns each tile into dlogits and takes its
+  dwte rows and dx share at once: the (N, V) buffer is written once and read once;
 - AdamW updates each parameter in one sweep of cache-sized blocks instead of ~10 passes
   over the whole tensor;
 - inside a piece of `over_batch` no backward follows (`inference`): LayerNorm keeps no
@@ -77,6 +81,8 @@ SHARE_GEMV_FROM = 1 << 18  # multiply-adds from which decoding's products run on
 FEW_ROWS = 32  # rows below which LayerNorm, GELU and the bias add make one pass per step over all rows (decoding)
 LARGE_COLUMN_ALIGN = 64  # column pieces of a large product: multiples of this many columns
 HEAD_GROUP = 1 << 17  # scores per group of heads taken together through a block (float32: L2's 512 KiB)
+LM_TILE = 1 << 20  # logits per tile of the LM head's loss (all rows x a block of the vocabulary): in L3
+VOCAB_ALIGN = 64  # vocabulary blocks of the LM head's loss: multiples of this many columns
 TRAIN_PIECE = 128  # positions per piece of a training batch, at least: below, one piece
 SMALL_GEMM = 1 << 27  # multiply-adds up to which a linear layer's forward product is shared among the threads
 GELU_SCALE = layers.GELU_SCALE
@@ -770,6 +776,91 @@ def cross_entropy_backward(dloss, cache):
     return dlogits
 
 
+# -- the tied LM head's loss: the logits a tile at a time -----------------------------------------
+def lm_head_loss_forward(x, wte, targets, ignore_index=layers.IGNORE_INDEX):
+    """The reference's loss, the logits x @ wte^T made and consumed a tile of the vocabulary
+    at a time (all N rows by a block of columns, `vocab_block`): each tile's product, row
+    maxima, exps and row sums while it is in cache. The tiles' exps (one buffer of the logits'
+    size) are kept for the backward, each with its own row maxima; the loss needs only
+    their sums. Blocks are shared among the threads, each product on one BLAS thread."""
+    N, V = x.shape[0], wte.shape[0]
+    valid = targets != ignore_index  # (N,)
+    safe = np.where(valid, targets, 0)  # (N,), ignored rows read class 0 (weight 0)
+    width = vocab_block(N)
+    starts = range(0, V, width)
+    targets_in = target_cells(safe, width, len(starts))
+    buffer = np.empty(N * V, dtype=np.result_type(x, wte))  # the tiles, one after another: the logits' size
+    exps = [buffer[N * v0 : N * min(v0 + width, V)].reshape(N, -1) for v0 in starts]  # (N, Vb) each
+    block_max = np.empty((len(starts), N), dtype=buffer.dtype)  # each tile's row maxima
+    block_sum = np.empty_like(block_max)  # ... and its row sums of exp(z - block max)
+    target_logit = np.empty(N, dtype=block_max.dtype)
+
+    def tiles(i0, i1):
+        for i in range(i0, i1):
+            v0, z = starts[i], exps[i]
+            np.matmul(x, wte[v0 : v0 + width].mT, out=z)  # (N, Vb) logits
+            rows, columns = targets_in[i]
+            target_logit[rows] = z[rows, columns]  # each row's target sits in one block
+            z -= np.max(z, axis=-1, out=block_max[i])[:, None]
+            np.exp(z, out=z)
+            np.matmul(z, ones(z.shape[1], z.dtype), out=block_sum[i])
+
+    parallel_rows(tiles, len(starts), N * width * x.shape[1] // GEMM_PER_ELEMENT, one_blas_thread=True)
+    top = np.max(block_max, axis=0)  # (N,) row maxima of the logits
+    to_probs = np.exp(block_max - top)  # (nb, N): a tile's exps -> exp(z - top)
+    total = np.einsum("bn,bn->n", block_sum, to_probs)  # (N,) sum exp(z - top)
+    to_probs /= total  # ... -> probabilities
+    weight = valid.astype(block_max.dtype) / max(int(np.count_nonzero(valid)), 1)  # (N,)
+    loss = np.sum(weight * (top + np.log(total) - target_logit))
+    return np.asarray(loss), (x, wte, exps, to_probs, weight, targets_in, width)
+
+
+def lm_head_loss_backward(dloss, cache):
+    """dx, dwte of the loss, a tile at a time: its exps scaled into dlogits = dloss * weight
+    * (probs - one_hot) in place, then at once dwte's rows of the block and the tile's share
+    of dx (summed over the tiles in order, a thread's own tiles first)."""
+    x, wte, exps, to_probs, weight, targets_in, width = cache
+    N, C = x.shape
+    scale = weight * dloss  # (N,)
+    to_dlogits = to_probs * scale  # (nb, N)
+    dwte = np.empty(wte.shape, dtype=np.result_type(x, wte))
+
+    def tiles(i0, i1):
+        dx, share = np.empty((N, C), dtype=dwte.dtype), np.empty((N, C), dtype=dwte.dtype)
+        for i in range(i0, i1):
+            v0, d = i * width, exps[i]
+            d *= to_dlogits[i][:, None]  # (N, Vb), probabilities * scale
+            rows, columns = targets_in[i]
+            d[rows, columns] -= scale[rows]
+            np.matmul(d.mT, x, out=dwte[v0 : v0 + d.shape[1]])
+            if i == i0:
+                np.matmul(d, wte[v0 : v0 + d.shape[1]], out=dx)
+            else:
+                dx += np.matmul(d, wte[v0 : v0 + d.shape[1]], out=share)
+        return dx
+
+    parts = parallel_rows(tiles, len(exps), N * width * C // GEMM_PER_ELEMENT, one_blas_thread=True)
+    dx = parts[0]
+    for part in parts[1:]:
+        dx += part
+    return dx, dwte
+
+
+def vocab_block(N: int) -> int:
+    """Columns per tile of the LM head's loss for N rows: about LM_TILE logits, a multiple
+    of VOCAB_ALIGN."""
+    return max(VOCAB_ALIGN, LM_TILE // max(N, 1) // VOCAB_ALIGN * VOCAB_ALIGN)
+
+
+def target_cells(targets, width: int, n_blocks: int) -> list:
+    """For each block of `width` vocabulary columns, (rows, columns within the block) of
+    the targets (N,) that fall in it."""
+    block = targets // width
+    order = np.argsort(block, kind="stable")
+    edges = np.searchsorted(block[order], np.arange(n_blocks + 1))
+    return [(order[a:b], targets[order[a:b]] - i * width) for i, (a, b) in enumerate(zip(edges[:-1], edges[1:]))]
+
+
 # -- inference: a batch in pieces, one per thread at a time -------------------------------------
 def over_batch(fn, B, T):
     """fn over pieces of about BATCH_ROWS positions (whole rows), at least one per thread
@@ -869,6 +960,8 @@ KERNELS = REFERENCE.replace(
     embedding_backward=embedding_backward,
     cross_entropy_forward=cross_entropy_forward,
     cross_entropy_backward=cross_entropy_backward,
+    lm_head_loss_forward=lm_head_loss_forward,
+    lm_head_loss_backward=lm_head_loss_backward,
     over_batch=over_batch,
     over_train_batch=over_train_batch,
     adamw_update=adamw_update,

@@ -142,6 +142,19 @@ def cross_entropy_backward(dloss, cache):
     return dlogits
 
 
+def lm_head_loss_forward(x, wte, targets, ignore_index=layers.IGNORE_INDEX):
+    """The reference's composition (logits x @ wte^T, then cross-entropy), its cross-entropy this set's."""
+    loss, ce = cross_entropy_forward(x @ wte.mT, targets, ignore_index)
+    return loss, (x, wte, ce)
+
+
+def lm_head_loss_backward(dloss, cache):
+    """dx (N, C), dwte (V, C), through this set's cross-entropy backward."""
+    x, wte, ce = cache
+    dlogits = cross_entropy_backward(dloss, ce)  # (N, V)
+    return dlogits @ wte, dlogits.mT @ x
+
+
 # -- attention ------------------------------------------------------------------------------
 def attention_forward(q, k, v, dropout=None, segments=None):
     """The reference's attention over whole arrays, its masked softmax in 3 passes (scale
@@ -194,6 +207,8 @@ KERNELS = REFERENCE.replace(
     layer_norm_backward=layer_norm_backward,
     cross_entropy_forward=cross_entropy_forward,
     cross_entropy_backward=cross_entropy_backward,
+    lm_head_loss_forward=lm_head_loss_forward,
+    lm_head_loss_backward=lm_head_loss_backward,
     dropout_forward=dropout_forward,
     dropout_backward=layers.dropout_backward,
     attention_forward=attention_forward,
