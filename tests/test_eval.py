@@ -3,6 +3,8 @@ encodes to exactly the whole text's first ids."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -206,8 +208,8 @@ def test_an_error_in_a_worker_process_is_raised_in_the_parent(monkeypatch):
 
 
 def test_the_cli_scores_on_processes_as_on_threads():
-    """`python -m npgpt.eval --workers processes` (its module is __main__ in the workers too)
-    prints the loss of the threaded run."""
+    """`python -m npgpt.eval` at 2 threads (default --workers auto: processes here, Linux;
+    its module is __main__ in the workers too) prints the loss of `--workers threads`."""
     import json
     import os
     import subprocess
@@ -215,7 +217,18 @@ def test_the_cli_scores_on_processes_as_on_threads():
 
     command = [sys.executable, "-m", "npgpt.eval", "--weights", "shakespeare", "--data",
                str(data_path("corpora/tinyshakespeare.txt")), "--max-tokens", "1500", "--threads", "2", "--json", "--quiet"]  # fmt: skip
-    results = [subprocess.run(command + extra, capture_output=True, text=True, env=os.environ, timeout=120) for extra in ([], ["--workers", "processes"])]
+    results = [subprocess.run(command + extra, capture_output=True, text=True, env=os.environ, timeout=120) for extra in (["--workers", "threads"], [])]
     assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
     threads, processes = (json.loads(r.stdout) for r in results)
     assert processes["loss"] == threads["loss"] and processes["tokens_evaluated"] == 1499
+
+
+def test_workers_auto_takes_processes_only_where_they_run():
+    from npgpt.eval import worker_processes
+
+    linux = sys.platform == "linux"
+    assert worker_processes("auto", 2, "numpy") == (2 if linux else 1)
+    assert worker_processes("auto", 1, "numpy") == 1
+    assert worker_processes("auto", 2, "array-api-strict") == 1
+    assert worker_processes("threads", 2, "numpy") == 1
+    assert worker_processes("processes", 3, "numpy") == 3

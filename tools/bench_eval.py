@@ -3,8 +3,9 @@ subprocess: start-up, reading and encoding the text, scoring), on a text file wi
 shipped model, at each thread count asked for, round-robin. Reports each run's wall time,
 the time eval reports for scoring alone, tokens/s, the CPU seconds the run used (user +
 system) and so the cores it had on average (a busy machine gives fewer than its threads),
-and /proc/loadavg before each run. `--workers threads processes` runs eval's two
---workers (threads in one process; forked processes of one thread each) round-robin.
+and /proc/loadavg before each run. `--workers threads processes` runs eval's
+--workers ways (threads in one process; forked processes of one thread each) round-robin;
+the default is eval's own default, auto.
 
     python tools/bench.py eval [--threads 2] [--repeats 3] [--workers threads processes] [--stride N] [--data FILE]
 """
@@ -26,7 +27,7 @@ from benchlib import BenchError, emit, load_average, log  # noqa: E402  (tools/ 
 DATA = Path(os.environ.get("NPGPT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def run_eval(weights: str, data: Path, threads: int, stride: int | None, workers: str = "threads",
+def run_eval(weights: str, data: Path, threads: int, stride: int | None, workers: str = "auto",
              max_tokens: int | None = None) -> dict:
     command = [sys.executable, "-m", "npgpt.eval", "--weights", weights, "--data", str(data), "--threads", str(threads),
                "--json", "--quiet"] + ([] if stride is None else ["--stride", str(stride)]) \
@@ -51,8 +52,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench.py eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[2], help="thread counts (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per thread count (default 3)")
-    parser.add_argument("--workers", nargs="+", choices=("threads", "processes"), default=["threads"],
-                        help="eval's --workers: threads in one process (default) and/or processes, round-robin")
+    parser.add_argument("--workers", nargs="+", choices=("auto", "threads", "processes"), default=["auto"],
+                        help="eval's --workers: auto (eval's default), threads in one process and/or processes, round-robin")
     parser.add_argument("--max-tokens", type=int, help="eval's --max-tokens (default: the whole text)")
     parser.add_argument("--stride", type=int, help="eval's --stride (default: eval's default)")
     parser.add_argument("--weights", default="shakespeare", help="eval's --weights (default shakespeare, the shipped model)")
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     if not args.data.is_file():
         raise BenchError(f"no text file at {args.data}; give --data FILE or set NPGPT_DATA")
     runs = []
-    kinds = [(n, w) for n in args.threads for w in args.workers if n > 1 or w == "threads"]
+    kinds = [(n, w) for n in args.threads for w in args.workers if n > 1 or w != "processes"]
     for repeat in range(args.repeats):
         for n, workers in kinds:
             runs.append(run_eval(args.weights, args.data, n, args.stride, workers, args.max_tokens))
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     by_threads = {}
     for n, workers in kinds:
         mine = [r for r in runs if (r["threads"], r["workers"]) == (n, workers)]
-        by_threads[str(n) if workers == "threads" else f"{n} processes"] = {"median_wall_s": statistics.median(r["wall_s"] for r in mine), "min_wall_s": min(r["wall_s"] for r in mine),
+        by_threads[str(n) if workers == "threads" else f"{n} {workers}"] = {"median_wall_s": statistics.median(r["wall_s"] for r in mine), "min_wall_s": min(r["wall_s"] for r in mine),
                               "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in mine)}  # fmt: skip
     report = {"benchmark": "eval", "weights": args.weights, "data": args.data.name, "runs": runs, "by_threads": by_threads}
     emit(report, [f"{n if ' ' in n else n + ' thread(s)'}: median {s['median_wall_s']:.1f} s wall (min {s['min_wall_s']:.1f}), "
