@@ -211,8 +211,8 @@ def _score_on_processes(model, ids, chunks: list, processes: int, progress, tota
 def worker_processes(workers: str, threads: int, backend: str) -> int:
     """--workers as perplexity's `processes` (1: threads in this process). "auto" takes
     processes where they can run (Linux, the numpy backend, 2+ threads): on 2 cores they
-    scored tinyshakespeare ~6% faster than threads (24.0 s against 25.6 s, medians of 3,
-    round-robin), the pieces no longer sharing one GIL."""
+    scored tinyshakespeare 6-15% faster than threads (24.0 s against 25.6 s, then 23.8 s
+    against 27.9 s, medians of 3, round-robin), the pieces no longer sharing one GIL."""
     if workers == "auto":
         workers = "processes" if threads > 1 and sys.platform == "linux" and backend == "numpy" else "threads"
     return threads if workers == "processes" else 1

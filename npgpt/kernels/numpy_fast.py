@@ -734,13 +734,19 @@ def add_rows(target, ids, rows):
 
 
 # -- cross-entropy, in the logits' own buffer, over row ranges ---------------------------------
+def scored_rows(targets, ignore_index, dtype):
+    """(safe (N,): the targets with ignored rows reading class 0, weight (N,): 1 / the
+    scored count for a scored row, 0 for an ignored one): the loss is sum(weight * row loss)."""
+    valid = targets != ignore_index
+    return np.where(valid, targets, 0), valid.astype(dtype) / max(int(np.count_nonzero(valid)), 1)
+
+
 def cross_entropy_forward(logits, targets, ignore_index=layers.IGNORE_INDEX):
     """The reference's loss by log-sum-exp; the logits are overwritten with their
     unnormalised probabilities exp(z - max z), which the backward divides by their row
     totals (kept in the cache): a loss alone makes no normalising pass."""
     N, V = logits.shape
-    valid = targets != ignore_index  # (N,)
-    safe = np.where(valid, targets, 0)  # (N,), ignored rows read class 0
+    safe, weight = scored_rows(targets, ignore_index, logits.dtype)
     row_loss = np.empty(N, dtype=logits.dtype)  # log(sum exp) - target logit, per row
     total = np.empty(N, dtype=logits.dtype)  # sum exp(z - max z), per row
     block = max(1, CE_BLOCK // max(V, 1))  # rows whose passes stay in cache
@@ -757,7 +763,6 @@ def cross_entropy_forward(logits, targets, ignore_index=layers.IGNORE_INDEX):
             np.subtract(np.log(total[r0:r1]), target_logit, out=row_loss[r0:r1])
 
     parallel_rows(rows, N, V, align=block, one_blas_thread=True)  # the row sums: matrix-vector products
-    weight = valid.astype(logits.dtype) / max(int(np.count_nonzero(valid)), 1)
     return np.asarray(np.sum(weight * row_loss)), (logits, total, safe, weight)
 
 
@@ -784,8 +789,7 @@ def lm_head_loss_forward(x, wte, targets, ignore_index=layers.IGNORE_INDEX):
     size) are kept for the backward, each with its own row maxima; the loss needs only
     their sums. Blocks are shared among the threads, each product on one BLAS thread."""
     N, V = x.shape[0], wte.shape[0]
-    valid = targets != ignore_index  # (N,)
-    safe = np.where(valid, targets, 0)  # (N,), ignored rows read class 0 (weight 0)
+    safe, weight = scored_rows(targets, ignore_index, np.result_type(x, wte))
     width = vocab_block(N)
     starts = range(0, V, width)
     targets_in = target_cells(safe, width, len(starts))
@@ -810,7 +814,6 @@ def lm_head_loss_forward(x, wte, targets, ignore_index=layers.IGNORE_INDEX):
     to_probs = np.exp(block_max - top)  # (nb, N): a tile's exps -> exp(z - top)
     total = np.einsum("bn,bn->n", block_sum, to_probs)  # (N,) sum exp(z - top)
     to_probs /= total  # ... -> probabilities
-    weight = valid.astype(block_max.dtype) / max(int(np.count_nonzero(valid)), 1)  # (N,)
     loss = np.sum(weight * (top + np.log(total) - target_logit))
     return np.asarray(loss), (x, wte, exps, to_probs, weight, targets_in, width)
 

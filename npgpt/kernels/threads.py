@@ -197,26 +197,29 @@ def _nested() -> bool:
     return getattr(_inside, "active", False)
 
 
-def _marked(task):
-    """task() with this thread marked as inside a parallel call (nested calls run serially)."""
+@contextlib.contextmanager
+def _as_nested():
+    """The block with this thread marked as inside a parallel call (nested calls run serially)."""
+    before = _nested()
     _inside.active = True
     try:
-        return task()
+        yield
     finally:
-        _inside.active = False
+        _inside.active = before
+
+
+def _marked(task):
+    """task() inside a parallel call (`_as_nested`)."""
+    with _as_nested():
+        return task()
 
 
 @contextlib.contextmanager
 def on_one_thread():
     """Run the block's kernels on this thread alone, BLAS on one thread, as inside a
     parallel call: the same work then takes the same paths at any thread count."""
-    before = _nested()
-    _inside.active = True
-    try:
-        with blas_on_one_thread():
-            yield
-    finally:
-        _inside.active = before
+    with _as_nested(), blas_on_one_thread():
+        yield
 
 
 def _run(tasks, n: int, one_blas_thread: bool, interchangeable: bool = False) -> list:
