@@ -229,6 +229,23 @@ def test_an_inference_piece_keeps_no_cache_and_equals_the_reference(s, N, C, row
     assert not fast.inference()  # restored after the piece
 
 
+@pytest.mark.parametrize("T, past, small_query_block", [(13, 0, 4), (13, 3, 5), (32, 0, 32), (2, 0, 1)])
+def test_inference_attention_reads_the_models_strided_views(T, past, small_query_block, monkeypatch):
+    """An inference piece on one thread (eval's pieces), all heads at once: `attention_inference`
+    takes the model's strided views of the fused q, k, v projection uncopied, block by block,
+    and equals the reference."""
+    calls, original = [], fast.attention_inference
+    monkeypatch.setattr(fast, "attention_inference", lambda *a: calls.append(a) or original(*a))
+    rng = np.random.default_rng(T + past)
+    B, NH, hs, S = 3, 2, 5, T + past
+    fused = rng.standard_normal((B, S, 3, NH, hs)).transpose(2, 0, 3, 1, 4)  # strided views, as the model's
+    q, k, v = fused[0, :, :, S - T :], fused[1], fused[2]
+    with blocks(n_threads=1, small_query_block=small_query_block), threads.on_one_thread(), fast.as_piece("inference"):
+        y, cache = fast.attention_forward(q, k, v)
+    np.testing.assert_allclose(y, layers.attention_forward(q, k, v)[0], **TOL)
+    assert cache is None and len(calls) == 1
+
+
 def test_over_batch_runs_its_pieces_as_inference_pieces():
     with blocks(n_threads=2, batch_rows=4):
         seen = fast.over_batch(lambda b0, b1: (b0, b1, fast.inference()), 5, 2)
