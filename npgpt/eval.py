@@ -144,7 +144,6 @@ def _score_on_processes(model, ids, chunks: list, processes: int, progress, tota
     the next chunk from a shared counter as it comes free, its kernels and BLAS on one
     thread. A worker's error is raised here; the others are then stopped."""
     import multiprocessing
-    import pickle
     import queue
 
     if sys.platform != "linux" or model.backend.name != "numpy":
@@ -168,11 +167,7 @@ def _score_on_processes(model, ids, chunks: list, processes: int, progress, tota
                 with on_one_thread():
                     results.put(_score_windows(model, ids, chunks[i]))
         except BaseException as e:  # noqa: BLE001  (sent to the parent, which raises it)
-            try:
-                pickle.dumps(e)
-            except Exception:  # noqa: BLE001  (an error that cannot travel: its text does)
-                e = RuntimeError(f"{type(e).__name__}: {e}")
-            results.put(e)
+            results.put(_travelling(e))
         results.put(None)  # this worker is done
 
     workers = [context.Process(target=work, daemon=True) for _ in range(processes)]
@@ -208,6 +203,17 @@ def _score_on_processes(model, ids, chunks: list, processes: int, progress, tota
     return sums
 
 
+def _travelling(error: BaseException) -> BaseException:
+    """`error`, or where it cannot be pickled (to go to the parent process), a RuntimeError with its text."""
+    import pickle
+
+    try:
+        pickle.dumps(error)
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
+
+
 def worker_processes(workers: str, threads: int, backend: str) -> int:
     """--workers as perplexity's `processes` (1: threads in this process). "auto" takes
     processes where they can run (Linux, the numpy backend, 2+ threads): on 2 cores they
@@ -241,17 +247,19 @@ def _same_length_runs(windows):
         yield run
 
 
-def read_ids(tokenizer, path, max_tokens: int | None = None) -> np.ndarray:
+def read_ids(tokenizer, path, max_tokens: int | None = None, processes: int = 1) -> np.ndarray:
     """The ids of a UTF-8 file, or of its first max_tokens tokens, read and encoded a block
     at a time up to where they are reached. Blocks are cut after a newline between two
     non-space characters, where GPT-2's and GPT-4's split patterns always cut, so the ids
-    equal the first max_tokens ids of encoding the whole file."""
+    equal the first max_tokens ids of encoding the whole file. A whole file is cut so into
+    up to `processes` parts (Linux), all but the first encoded on forked processes while
+    this one encodes the first (`encode_in_parts`): the same ids."""
     path = Path(path)
     ids: list[int] = []
     try:
         with open(path, encoding="utf-8") as f:
             if max_tokens is None:
-                return np.asarray(_encode(tokenizer, f.read(), path), dtype=np.int64)
+                return encode_in_parts(tokenizer, f.read(), path, processes)
             pending = ""
             while len(ids) < max_tokens:
                 block = f.read(READ_CHARS)
@@ -266,6 +274,50 @@ def read_ids(tokenizer, path, max_tokens: int | None = None) -> np.ndarray:
     except IsADirectoryError:
         raise EvalError(f"--data {path} is a folder; give a UTF-8 text file") from None
     return np.asarray(ids[:max_tokens], dtype=np.int64)
+
+
+def encode_in_parts(tokenizer, text: str, path, parts: int) -> np.ndarray:
+    """The ids (int64) of `text`, cut at up to parts - 1 safe cuts (`_safe_cut`, near equal
+    shares), the parts after the first encoded on forked processes (Linux) while this one
+    encodes the first; the same ids as encoding the text whole. A part whose process fails
+    without an error to send (killed) is encoded here."""
+    cuts = [0]
+    if parts > 1 and sys.platform == "linux":
+        for i in range(1, parts):
+            cut = _safe_cut(text[: len(text) * i // parts])
+            if cut > cuts[-1]:
+                cuts.append(cut)
+    cuts.append(len(text))
+    if len(cuts) == 2:
+        return np.asarray(_encode(tokenizer, text, path), dtype=np.int64)
+    import multiprocessing
+
+    context, helpers = multiprocessing.get_context("fork"), []
+    for a, b in zip(cuts[1:-1], cuts[2:]):
+        receive, send = context.Pipe(duplex=False)
+        helper = context.Process(target=_encode_to, args=(tokenizer, text, a, b, path, send), daemon=True)
+        helper.start()
+        send.close()
+        helpers.append((helper, receive, a, b))
+    ids = [np.asarray(_encode(tokenizer, text[: cuts[1]], path), dtype=np.int64)]
+    for helper, receive, a, b in helpers:
+        try:
+            part = receive.recv()
+        except EOFError:  # the process died without a word: encode its part here
+            part = np.asarray(_encode(tokenizer, text[a:b], path), dtype=np.int64)
+        helper.join()
+        if isinstance(part, BaseException):
+            raise part
+        ids.append(part)
+    return np.concatenate(ids)
+
+
+def _encode_to(tokenizer, text: str, a: int, b: int, path, send) -> None:
+    """encode_in_parts' forked process: the ids of text[a:b] (or the error) sent on `send`."""
+    try:
+        send.send(np.asarray(_encode(tokenizer, text[a:b], path), dtype=np.int64))
+    except BaseException as e:  # noqa: BLE001  (sent to the parent, which raises it)
+        send.send(_travelling(e))
 
 
 def _safe_cut(text: str) -> int:
@@ -361,15 +413,15 @@ def _main(argv) -> int:
     model, tokenizer = load_model(args.weights, get_backend(args.backend), args.dtype, say=lambda m: print(m, file=sys.stderr))
     if args.format == "pairs":
         return score_pairs_main(args, model, tokenizer)
+    processes = worker_processes(args.workers, n_threads, model.backend.name)
     if Path(args.data).is_dir():  # a prepared folder: one split, memory-mapped
         from npgpt.prepare import read_tokens  # (multiprocessing and more: imported only here)
 
         ids = read_tokens(args.data, tokenizer, args.split)[: args.max_tokens]
     else:
-        ids = read_ids(tokenizer, args.data, args.max_tokens)
+        ids = read_ids(tokenizer, args.data, args.max_tokens, processes)
     start = time.perf_counter()
-    result = perplexity(model, ids, args.context, args.stride, args.batch_size, None if args.quiet else Progress(),
-                        worker_processes(args.workers, n_threads, model.backend.name))  # fmt: skip
+    result = perplexity(model, ids, args.context, args.stride, args.batch_size, None if args.quiet else Progress(), processes)
     result["seconds"] = time.perf_counter() - start
     if args.json:
         print(json.dumps(result))

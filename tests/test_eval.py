@@ -50,6 +50,7 @@ def test_max_tokens_reads_a_prefix_encoding_to_the_first_ids(max_tokens, tmp_pat
     whole = tokenizer.encode(text, allowed_special="all")
     assert read_ids(tokenizer, path, max_tokens).tolist() == whole[:max_tokens]
     assert read_ids(tokenizer, path).tolist() == whole
+    assert read_ids(tokenizer, path, None, processes=3).tolist() == whole  # in parts, two on forked processes
 
 
 @settings(max_examples=30, deadline=None)
@@ -69,8 +70,30 @@ def test_max_tokens_prefix_is_exact_for_any_text(text, max_tokens):
         old, npgpt.eval.READ_CHARS = npgpt.eval.READ_CHARS, 7
         try:
             assert read_ids(tokenizer, path, max_tokens).tolist() == tokenizer.encode(text)[:max_tokens]
+            assert read_ids(tokenizer, path, None, processes=3).tolist() == tokenizer.encode(text)
         finally:
             npgpt.eval.READ_CHARS = old
+
+
+@pytest.mark.parametrize("where", [0.1, 0.9])  # in this process's part; in a forked process's
+def test_a_text_the_tokenizer_cannot_encode_fails_in_parts_as_whole(where, tmp_path):
+    from npgpt.eval import EvalError
+
+    class Letters:  # a tokenizer of the letters a-z and space, newline, "."
+        def encode(self, text, allowed_special=None):
+            if any(c not in "abcdefghijklmnopqrstuvwxyz .\n" for c in text):
+                raise ValueError("a character outside the vocabulary")
+            return [ord(c) for c in text]
+
+    lines = ["ab ba."] * 200
+    lines[int(where * len(lines))] = "ab \u00e9"
+    path = tmp_path / "t.txt"
+    path.write_text("\n".join(lines), "utf-8")
+    with pytest.raises(EvalError, match="cannot be encoded"):
+        read_ids(Letters(), path, None, processes=2)
+    lines[int(where * len(lines))] = "ab"
+    path.write_text("\n".join(lines), "utf-8")
+    assert read_ids(Letters(), path, None, processes=2).tolist() == [ord(c) for c in "\n".join(lines)]
 
 
 def test_the_default_stride_is_the_context_disjoint_windows():
