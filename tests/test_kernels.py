@@ -229,20 +229,23 @@ def test_an_inference_piece_keeps_no_cache_and_equals_the_reference(s, N, C, row
     assert not fast.inference()  # restored after the piece
 
 
-@pytest.mark.parametrize("T, past, small_query_block", [(13, 0, 4), (13, 3, 5), (32, 0, 32), (2, 0, 1)])
-def test_inference_attention_reads_the_models_strided_views(T, past, small_query_block, monkeypatch):
+@pytest.mark.parametrize("T, past, small_query_block, scale", [(13, 0, 4, 1.0), (13, 3, 5, 1.0), (32, 0, 32, 1.0), (2, 0, 1, 1.0),
+                                                               (13, 0, 4, 1e4)])  # fmt: skip
+def test_inference_attention_reads_the_models_strided_views(T, past, small_query_block, scale, monkeypatch):
     """An inference piece on one thread (eval's pieces), all heads at once: `attention_inference`
     takes the model's strided views of the fused q, k, v projection uncopied, block by block,
-    and equals the reference."""
+    and equals the reference (scale 1e4: scores past exp's range, shifted by their row maxima)."""
     calls, original = [], fast.attention_inference
     monkeypatch.setattr(fast, "attention_inference", lambda *a: calls.append(a) or original(*a))
     rng = np.random.default_rng(T + past)
     B, NH, hs, S = 3, 2, 5, T + past
     fused = rng.standard_normal((B, S, 3, NH, hs)).transpose(2, 0, 3, 1, 4)  # strided views, as the model's
+    fused[0] *= scale
     q, k, v = fused[0, :, :, S - T :], fused[1], fused[2]
     with blocks(n_threads=1, small_query_block=small_query_block), threads.on_one_thread(), fast.as_piece("inference"):
         y, cache = fast.attention_forward(q, k, v)
-    np.testing.assert_allclose(y, layers.attention_forward(q, k, v)[0], **TOL)
+    tol = {name: value * max(1.0, scale / 100) for name, value in TOL.items()}  # as check_attention's
+    np.testing.assert_allclose(y, layers.attention_forward(q, k, v)[0], **tol)
     assert cache is None and len(calls) == 1
 
 

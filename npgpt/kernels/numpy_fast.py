@@ -468,13 +468,13 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     if T == 1 and dropout is None and segments is None:  # decoding: one query sees every key
         return one_query_attention(q, k, v, y)
     qs = np.multiply(q, 1.0 / math.sqrt(hs), out=np.empty((B, NH, T, hs), dtype=q.dtype))  # scaled once, rows contiguous
-    safe = bounded_heads(qs, k)  # (H,)
     fits = BATCHED_ATTENTION // max(H * S, 1)  # queries per block whose scores fit, all heads at once
     together = fits >= max(1, SMALL_QUERY_BLOCK // 2)  # all heads at once, in blocks of up to SMALL_QUERY_BLOCK
     step = min(SMALL_QUERY_BLOCK, fits) if together else QUERY_BLOCK
     scratch = dropout is None and inference()  # no backward: each thread's blocks share one scratch
     if scratch and together and segments is None and free_threads() == 1:
-        return attention_inference(qs, k, v, y, safe, step), None
+        return attention_inference(qs, k, v, y, step), None
+    safe = bounded_heads(qs, k)  # (H,)
     k, v = head_rows(k), head_rows(v)
     qh, kh, vh = qs.reshape(H, T, hs), k.reshape(H, S, hs), v.reshape(H, S, hs)  # heads as one axis
     blocks = []  # (t0, t1, s1, att (H, Tb, s1) or None with scratch, future, other) per block of queries
@@ -533,21 +533,21 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     return y, (qs, k, v, cache_blocks)
 
 
-def attention_inference(qs, k, v, y, safe, step: int):
+def attention_inference(qs, k, v, y, step: int):
     """attention_forward's output y (B, NH, T, hs) in a piece of `over_batch` on one thread,
     all heads at once (their scores of a block of `step` queries fit in BATCHED_ATTENTION),
     no segments: the queries scaled (qs, contiguous), k and v read where the model's views
     lie (the products take their strided rows: no copies), each block's probabilities in
-    one scratch. `safe` (H,): `bounded_heads`."""
+    one scratch. Whether a block's softmax may skip its row maxima is `exp_is_safe`'s two
+    reductions over its scores (for rows this short, cheaper than `bounded_heads`' pass)."""
     B, NH, T, hs = qs.shape
     S = k.shape[2]
-    safe = bool(np.all(safe))
     buffer = np.empty(B * NH * step * S, dtype=qs.dtype)
     for t0 in range(0, T, step):
         t1 = min(t0 + step, T)
         Tb, s1 = t1 - t0, S - T + t1  # keys visible to the block's last query
         a = np.matmul(qs[:, :, t0:t1], k[:, :, :s1].mT, out=buffer[: B * NH * Tb * s1].reshape(B, NH, Tb, s1))
-        masked_softmax(a, future_keys(Tb) if Tb > 1 else None, None, safe)
+        masked_softmax(a, future_keys(Tb) if Tb > 1 else None, None)
         np.matmul(a, v[:, :, :s1], out=y[:, :, t0:t1])
     return y
 
