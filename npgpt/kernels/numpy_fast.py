@@ -764,25 +764,29 @@ def scored_rows(targets, ignore_index, dtype):
 
 
 def cross_entropy_forward(logits, targets, ignore_index=layers.IGNORE_INDEX):
-    """The reference's loss by log-sum-exp; the logits are overwritten with their
-    unnormalised probabilities exp(z - max z), which the backward divides by their row
-    totals (kept in the cache): a loss alone makes no normalising pass."""
+    """The reference's loss by log-sum-exp, log(sum exp(z - max z)) + max z - target
+    logit; the logits are overwritten with their unnormalised probabilities exp(z - max z),
+    which the backward divides by their row totals (kept in the cache): a loss alone makes
+    no normalising pass. A thread's rows take their target logits in one gather, then
+    four calls per block (row maxima, shift, exp, row sums)."""
     N, V = logits.shape
     safe, weight = scored_rows(targets, ignore_index, logits.dtype)
-    row_loss = np.empty(N, dtype=logits.dtype)  # log(sum exp) - target logit, per row
+    row_loss = np.empty(N, dtype=logits.dtype)  # log(sum exp(z - max z)) + max z - target logit, per row
     total = np.empty(N, dtype=logits.dtype)  # sum exp(z - max z), per row
+    top = np.empty(N, dtype=logits.dtype)  # max z, per row
     block = max(1, CE_BLOCK // max(V, 1))  # rows whose passes stay in cache
     every = ones(V, logits.dtype)
 
     def rows(a, b):
+        target_logit = logits[np.arange(a, b), safe[a:b]]  # (b - a,), taken before the logits are overwritten
         for r0 in range(a, b, block):
             r1 = min(r0 + block, b)
             z = logits[r0:r1]
-            z -= np.max(z, axis=-1, keepdims=True)
-            target_logit = np.take_along_axis(z, safe[r0:r1, None], axis=-1)[:, 0]
+            z -= np.max(z, axis=-1, out=top[r0:r1])[:, None]
             np.exp(z, out=z)  # unnormalised probabilities
             np.matmul(z, every, out=total[r0:r1])
-            np.subtract(np.log(total[r0:r1]), target_logit, out=row_loss[r0:r1])
+        np.subtract(top[a:b], target_logit, out=row_loss[a:b])
+        row_loss[a:b] += np.log(total[a:b])
 
     parallel_rows(rows, N, V, align=block, one_blas_thread=True)  # the row sums: matrix-vector products
     return np.asarray(np.sum(weight * row_loss)), (logits, total, safe, weight)
