@@ -33,6 +33,7 @@ def blocks(n_threads=3, **sizes):
     names = {name.upper(): size for name, size in sizes.items() if size is not None}
     if "ROW_BLOCK" in names:
         names.setdefault("ROW_ELEMENTS", 0)  # blocks of exactly row_block rows
+        names.setdefault("INFERENCE_ROW_ELEMENTS", 0)
     saved = {name: getattr(fast, name) for name in names}, threads.MIN_ELEMENTS, threads._chosen
     for name, size in names.items():
         setattr(fast, name, size)
