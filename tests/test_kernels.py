@@ -208,6 +208,8 @@ def test_attention_equals_the_reference(s):
 @given(attention_shapes, st.integers(1, 37), st.integers(1, 9), st.integers(1, 8))
 @example(dict(B=3, NH=3, hs=4, T=13, past=0, query_block=4, small_query_block=3, segments=False, dropout=False,
               threads=2, batched=1 << 16, head_group=1, scale=1.0, seed=7), 37, 9, 5)  # all heads at once, blocks of 3
+@example(dict(B=1, NH=2, hs=3, T=9, past=0, query_block=4, small_query_block=4, segments=False, dropout=False,
+              threads=1, batched=1 << 16, head_group=1, scale=1.0, seed=8), 37, 9, 5)  # one thread: GELU over x, blocks of 5
 def test_an_inference_piece_keeps_no_cache_and_equals_the_reference(s, N, C, row_block):
     """Inside `as_piece("inference")` (over_batch's pieces): LayerNorm without xhat, attention's
     blocks in one scratch per thread; outputs as the reference's (float64), caches None."""
@@ -224,6 +226,12 @@ def test_an_inference_piece_keeps_no_cache_and_equals_the_reference(s, N, C, row
         out, cache = fast.layer_norm_forward(x, g, gb, 1e-5)
         np.testing.assert_allclose(out, layers.layer_norm_forward(x, g, gb, 1e-5)[0], **TOL)
         assert cache is None
+        x3 = 3 * x  # GELU's curved part; on one thread (as eval's pieces) written over its input
+        ref = layers.gelu_forward(x3)[0]
+        with np.errstate(over="raise"):  # no warning escapes the kernel
+            out, cache = fast.gelu_forward(x3)
+        np.testing.assert_allclose(out, ref, **TOL)
+        assert (out is x3 and cache is None) == (s["threads"] == 1 and N >= fast.FEW_ROWS)
         y, cache = fast.attention_forward(q, k, v, None, segments)
         np.testing.assert_allclose(y, layers.attention_forward(q, k, v, None, segments)[0], **TOL)
         assert cache is None or T == 1 and segments is None  # decoding's one query keeps its tiny cache
@@ -271,6 +279,18 @@ def test_gelu_at_extremes_equals_the_reference(dtype, training):
     assert out.dtype == dx.dtype == dtype
     np.testing.assert_allclose(out, layers.gelu_forward(x)[0], **tol)
     np.testing.assert_allclose(dx, layers.gelu_backward(dout, x), **tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_over_its_input_at_extremes_equals_the_reference(dtype):
+    """In an inference piece on one thread GELU is written over x, in blocks: where exp(-2u)
+    overflows and underflows too."""
+    x = np.tile(np.array([-1e4, -100.0, -30.0, -12.0, -9.5, -5.0, 0.0, 5.0, 12.0, 30.0, 100.0, 1e4], dtype=dtype), (fast.FEW_ROWS + 3, 1))
+    ref = layers.gelu_forward(x)[0]
+    with np.errstate(over="raise", divide="raise", invalid="raise"), blocks(n_threads=1, row_block=4), fast.as_piece("inference"):
+        out, cache = fast.gelu_forward(x)
+    assert out is x and cache is None and out.dtype == dtype
+    np.testing.assert_allclose(out, ref, **(dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else TOL))
 
 
 @pytest.mark.parametrize("batched", [0, None])  # 0: per head, in QUERY_BLOCKs; default: all heads, in small blocks

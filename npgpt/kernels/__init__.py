@@ -16,6 +16,7 @@ explicitly, when the replacement keeps the reference's cache). Signatures, as in
     layer_norm_forward(x (N, C), w (C,), b (C,), eps) -> out (N, C), cache
     layer_norm_backward(dout, cache) -> dx, dw, db
     gelu_forward(x (N, 4C)) -> out, cache;   gelu_backward(dout, cache) -> dx
+        (inside a piece of `over_batch`, where no backward follows, may write out over x)
     dropout_forward(x, p, uniform) -> out, mask;   dropout_backward(dout, mask) -> dx
     attention_forward(q (B, NH, T, hs), k, v (B, NH, S, hs), dropout=None, segments=None)
         -> y (B, NH, T, hs), cache   (dropout(probs, t0) -> dropped, mask: probs are rows

@@ -131,13 +131,19 @@ def over_row_blocks(fn, N: int, row_size: int, overflow: str | None = None, elem
     threads; returns each thread's list of fn's results. `overflow` ("ignore"): NumPy's
     overflow handling in fn, set once per thread (an errstate costs more than a pass over
     a small block)."""
-    rows = max(ROW_BLOCK, (ROW_ELEMENTS if elements is None else elements) // max(row_size, 1))
+    rows = block_rows(row_size, elements)
 
     def run(a, b):
         with np.errstate(over=overflow) if overflow else contextlib.nullcontext():
             return [fn(r0, min(r0 + rows, b)) for r0 in range(a, b, rows)]
 
     return parallel_rows(run, N, row_size, align=rows)
+
+
+def block_rows(row_size: int, elements: int | None = None) -> int:
+    """Rows per block of `over_row_blocks`: max(ROW_BLOCK, elements // row_size), elements
+    ROW_ELEMENTS unless given."""
+    return max(ROW_BLOCK, (ROW_ELEMENTS if elements is None else elements) // max(row_size, 1))
 
 
 # -- linear ---------------------------------------------------------------------------------
@@ -350,7 +356,15 @@ def layer_norm_backward(dout, cache):
 def gelu_forward(x):
     """x (N, 4C) -> out (N, 4C). Where a backward follows (`backward_follows`), the cache is
     GELU's slope d(out)/dx, computed while x is in cache, and the backward is one product;
-    elsewhere (inference) the cache is x, and a backward would recompute the tanh."""
+    elsewhere the cache is x, and a backward would recompute the tanh, except in a piece of
+    `over_batch` on one thread (`inference`, from FEW_ROWS rows): there no backward follows,
+    and GELU is written over x (the product before it, not read again) block by block
+    through one block's scratch, ~10% faster than filling a new array (cache None)."""
+    if inference() and x.shape[0] >= FEW_ROWS and free_threads() == 1 and x.flags.writeable:
+        scratch = np.empty((min(block_rows(x.shape[1]), x.shape[0]), x.shape[1]), dtype=x.dtype)
+        over_row_blocks(lambda r0, r1: gelu_block(x[r0:r1], x[r0:r1], scratch[: r1 - r0]), x.shape[0], x.shape[1],
+                        overflow="ignore")  # fmt: skip
+        return x, None
     out = np.empty_like(x)
     if not backward_follows():
         if x.shape[0] < FEW_ROWS:  # decoding: one pass per step over all rows
@@ -372,17 +386,18 @@ class Slope:
     values: np.ndarray
 
 
-def gelu_block(x, out):
-    """0.5 x (1 + tanh u) written as x / (1 + exp(-2u)), built in `out`: one exp instead of
-    a tanh (NumPy's float32 tanh is ~1.6x its exp on AVX2). exp overflows to inf for very
-    negative x (the caller ignores it), giving x / inf = -0, as the reference's 0.5 x (1 - 1)."""
-    e = np.multiply(x, x, out=out)  # e = -2u = -2 sqrt(2/pi) (x + 0.044715 x^3)
+def gelu_block(x, out, scratch=None):
+    """0.5 x (1 + tanh u) written as x / (1 + exp(-2u)), into `out` (which may be x), built
+    in `scratch` (x's shape; None: in `out`): one exp instead of a tanh (NumPy's float32
+    tanh is ~1.6x its exp on AVX2). exp overflows to inf for very negative x (the caller
+    ignores it), giving x / inf = -0, as the reference's 0.5 x (1 - 1)."""
+    e = np.multiply(x, x, out=out if scratch is None else scratch)  # e = -2u = -2 sqrt(2/pi) (x + 0.044715 x^3)
     e *= -2 * GELU_SCALE * 0.044715
     e -= 2 * GELU_SCALE
     e *= x
     np.exp(e, out=e)
     e += 1.0
-    return np.divide(x, e, out=e)
+    return np.divide(x, e, out=out)
 
 
 def gelu_slope_block(x, out, slope):
