@@ -175,6 +175,18 @@ def test_eval_runs_threads_and_processes_round_robin(bench, tmp_path):
     assert set(report["by_threads"]) == {"1", "2", "2 processes"} and "2 processes: median" in err
 
 
+def test_eval_kernels_vs_a_git_ref_alternates_the_two_sets(bench, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(data_path("corpora/tinyshakespeare.txt").read_text("utf-8")[:3000], "utf-8")
+    code, report, err = bench("eval", "--data", text, "--kernels-vs", "HEAD", "--max-tokens", "300", "--repeats", "2")
+    assert code == 0, err
+    assert report["tokens"] == 300 and report["threads"] == 1 and set(report["loss"]) == {"HEAD", "working tree"}
+    assert all(len(v) == 2 and min(v) > 0 for v in report["cpu_us_per_token"].values()) and len(report["ratios"]) == 2
+    assert "working tree / HEAD: median per-pair ratio" in err
+    code, _, err = bench("eval", "--data", text, "--kernels-vs", "no-such-ref", "--repeats", "1")
+    assert code == 1 and err.startswith("error: git show no-such-ref")
+
+
 def test_train_profile_times_every_kernel_the_step_calls(bench):
     code, report, err = bench("train", "--profile", "--configs", "tiny", "--threads", "1", "2", "--repeats", "1")
     assert code == 0, err

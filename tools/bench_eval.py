@@ -8,6 +8,14 @@ and /proc/loadavg before each run. `--workers threads processes` runs eval's
 the default is eval's own default, auto.
 
     python tools/bench.py eval [--threads 2] [--repeats 3] [--workers threads processes] [--stride N] [--data FILE]
+
+`--kernels-vs REF` measures the kernels instead, where whole runs are too noisy to show a
+few percent: the first --max-tokens tokens (default 4097) scored in this process on one
+thread, --repeats times (default 30), alternating (ABBA) NumPy's kernel set as git REF has
+it (npgpt/kernels/numpy_fast.py at REF) with the working tree's; process CPU time per
+token of each, the median of the per-pair ratios, and both losses.
+
+    python tools/bench.py eval --kernels-vs main [--max-tokens 4097] [--repeats 30]
 """
 
 from __future__ import annotations
@@ -48,10 +56,52 @@ def run_eval(weights: str, data: Path, threads: int, stride: int | None, workers
             "stride": result["stride"], "context": result["context"], "loss": result["loss"]}  # fmt: skip
 
 
+def kernels_vs(ref: str, weights: str, data: Path, max_tokens: int, repeats: int) -> dict:
+    """Scoring CPU time per token with git `ref`'s numpy_fast kernels and the working tree's, ABBA."""
+    import importlib.util
+    import tempfile
+
+    from npgpt.backend import NumpyBackend
+    from npgpt.eval import perplexity, read_ids
+    from npgpt.kernels import numpy_fast
+    from npgpt.kernels.threads import on_one_thread
+    from npgpt.weights import load_model
+
+    root = Path(__file__).resolve().parents[1]
+    shown = subprocess.run(["git", "-C", str(root), "show", f"{ref}:npgpt/kernels/numpy_fast.py"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise BenchError(f"git show {ref}:npgpt/kernels/numpy_fast.py failed ({shown.stderr.strip()}); give a commit or branch that has it")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "numpy_fast_at_ref.py"
+        path.write_text(shown.stdout, "utf-8")
+        spec = importlib.util.spec_from_file_location("numpy_fast_at_ref", path)
+        at_ref = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(at_ref)
+    models = {name: load_model(weights, NumpyBackend(kernels), None, say=lambda message: None)
+              for name, kernels in ((ref, at_ref.KERNELS), ("working tree", numpy_fast.KERNELS))}  # fmt: skip
+    ids = read_ids(models[ref][1], data, max_tokens)
+    per_token, losses = {name: [] for name in models}, {}
+    load = load_average()
+    for repeat in range(repeats):
+        for name in (list(models) if repeat % 2 == 0 else list(models)[::-1]):
+            with on_one_thread():  # the kernels and BLAS on this thread
+                start = time.process_time()
+                result = perplexity(models[name][0], ids)
+                per_token[name].append((time.process_time() - start) / result["tokens_evaluated"] * 1e6)
+            losses[name] = result["loss"]
+    ratios = [ours / theirs for ours, theirs in zip(per_token["working tree"], per_token[ref])]
+    return {"benchmark": "eval-kernels", "ref": ref, "weights": weights, "data": data.name, "tokens": len(ids),
+            "threads": 1, "repeats": repeats, "loadavg_1_5_15_before": load, "loss": losses,
+            "cpu_us_per_token": per_token, "median_cpu_us_per_token": {name: statistics.median(v) for name, v in per_token.items()},
+            "median_ratio_working_tree_to_ref": statistics.median(ratios), "ratios": ratios}  # fmt: skip
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench.py eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[2], help="thread counts (default 2)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per thread count (default 3)")
+    parser.add_argument("--repeats", type=int, help="runs per thread count (default 3; with --kernels-vs: pairs, default 30)")
+    parser.add_argument("--kernels-vs", metavar="REF", help="instead: the kernels of git REF against the working tree's, "
+                                                            "in this process on one thread (see the module docstring)")
     parser.add_argument("--workers", nargs="+", choices=("auto", "threads", "processes"), default=["auto"],
                         help="eval's --workers: auto (eval's default), threads in one process and/or processes, round-robin")
     parser.add_argument("--max-tokens", type=int, help="eval's --max-tokens (default: the whole text)")
@@ -61,6 +111,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.data.is_file():
         raise BenchError(f"no text file at {args.data}; give --data FILE or set NPGPT_DATA")
+    if args.kernels_vs:
+        report = kernels_vs(args.kernels_vs, args.weights, args.data, args.max_tokens or 4097, args.repeats or 30)
+        medians = report["median_cpu_us_per_token"]
+        emit(report, [f"{name}: median {value:.1f} us CPU per token" for name, value in medians.items()]
+             + [f"working tree / {args.kernels_vs}: median per-pair ratio {report['median_ratio_working_tree_to_ref']:.3f}; "
+                f"losses {report['loss']}"])  # fmt: skip
+        return 0
+    args.repeats = args.repeats or 3
     runs = []
     kinds = [(n, w) for n in args.threads for w in args.workers if n > 1 or w != "processes"]
     for repeat in range(args.repeats):
