@@ -48,7 +48,9 @@ proves it, forward and backward, in float64); what changes is only how the work 
   over the whole tensor;
 - inside a piece of `over_batch` no backward follows (`inference`): LayerNorm keeps no
   normalised copy, attention builds each query block's probabilities in one scratch per
-  thread, and their caches are None.
+  thread, and their caches are None; on one thread (eval's pieces) LayerNorm runs in fewer,
+  larger blocks, attention reads k and v as the model's strided views (`attention_inference`),
+  and GELU is written over its input.
 """
 
 from __future__ import annotations
@@ -480,7 +482,8 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     Where no score can overflow exp (a head's bound from the lengths of its queries and
     keys, `bounded_heads`, or else `exp_is_safe`), the softmax skips the row maxima.
     In a piece of `over_batch` (`inference`, no dropout) each thread builds every block's
-    probabilities in one scratch, reused block after block, and the cache is None."""
+    probabilities in one scratch, reused block after block, and the cache is None; there,
+    on one thread with all heads at once and no segments, `attention_inference` runs it."""
     B, NH, T, hs = q.shape
     H, S = B * NH, k.shape[2]
     y = np.empty((B, T, NH, hs), dtype=q.dtype).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
