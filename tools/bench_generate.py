@@ -84,7 +84,6 @@ def main(argv=None):
     hf = torch_model(torch, cfg, host, device) if torch is not None else None
     del host  # (its arrays are the model's: the layout's copies replace them, no extra memory)
     default_layout = GPT(cfg, dict(model.params), backend) if args.ab_layout else None  # keeps the replaced arrays
-    decoding_layout(model)  # as the CLI decodes
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab_size, args.prompt_tokens)
     long_prompt = rng.integers(0, cfg.vocab_size, max(args.ttft_tokens, 1))
@@ -92,6 +91,7 @@ def main(argv=None):
     results, lines = [], []
     for n_threads in thread_counts:
         with threads(n_threads):
+            decoding_layout(model, n_threads)  # as the CLI decodes on n_threads
             log(f"generate threads={n_threads}: bandwidth ...")
             row = {"threads": n_threads, **bandwidth(backend, torch, device, n_threads)}
             streams = bytes_per_token >= 4 * llc_bytes()  # else the weights stay in cache: no bandwidth bound

@@ -193,8 +193,11 @@ def few_rows_product(x, w, b):
     BLAS thread. On a busy machine BLAS's threads stall waiting for a core (a 2-thread
     step then runs several times slower than on one thread: give --threads 1 there)."""
     N, (Cin, Cout) = x.shape[0], w.shape
-    with contextlib.nullcontext() if N * Cin * Cout >= SHARE_GEMV_FROM else blas_on_one_thread():
+    if N * Cin * Cout >= SHARE_GEMV_FROM:
         out = x @ w
+    else:
+        with blas_on_one_thread():
+            out = x @ w
     if b is not None:
         out += b
     return out
@@ -254,6 +257,8 @@ def layer_norm_forward(x, w, b, eps):
     """x (N, C) -> out (N, C), block by block: the row means and variances by BLAS
     matrix-vector products (the squares held in `out` meanwhile), x - mean normalised in place."""
     N, C = x.shape
+    if N < FEW_ROWS and inference():
+        return layer_norm_few(x, w, b, eps), None
     if inference():
         return layer_norm_inference(x, w, b, eps), None
     average = averaging(C, x.dtype)  # (C,) of 1/C
@@ -288,6 +293,25 @@ def layer_norm_rows(x, w, b, eps, average):
     out = xhat * w
     out += b
     return out, (xhat, rstd, w)
+
+
+def layer_norm_few(x, w, b, eps):
+    """layer_norm_forward's output alone for a few rows (a decode step's, no backward
+    follows): x - mean, scaled by the reciprocal standard deviation, then by w, plus b,
+    in place; one row's scale is a Python float (one dot product, no array passes)."""
+    N, C = x.shape
+    out = x - (x @ averaging(C, x.dtype))[:, None]  # centred
+    if N == 1:
+        row = out[0]
+        out *= 1.0 / math.sqrt(float(np.dot(row, row)) / C + eps)
+    else:
+        rstd = np.vecdot(out, out)  # (N,) sums of squares
+        rstd *= 1.0 / C
+        rstd += eps
+        out /= np.sqrt(rstd, out=rstd)[:, None]
+    out *= w
+    out += b
+    return out
 
 
 def layer_norm_inference(x, w, b, eps):
@@ -548,13 +572,15 @@ def head_groups(H: int, Tb: int, s1: int, h0: int, h1: int, NH: int, rows: bool 
 def one_query_attention(q, k, v, y):
     """Decoding's attention, q (B, NH, 1, hs) against every key, into y: two stacked
     products and a softmax whose row maxima are one reduction (the whole-array checks
-    of `exp_is_safe` would be two)."""
+    of `exp_is_safe` would be two). In a piece of `over_batch` the cache is None."""
     qs = q * (1.0 / math.sqrt(q.shape[-1]))  # (B, NH, 1, hs), scaled as the backward's cache holds it
     att = np.matmul(qs, k.mT)  # (B, NH, 1, S)
     att -= att.max(axis=-1, keepdims=True)  # methods, not np.max / np.sum: ~20 us less per call at S ~ 100
     np.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)
     np.matmul(att, v, out=y)
+    if inference():  # a decode step: no backward follows
+        return y, None
     B, NH, _, S = att.shape
     return y, (qs, k, v, [(0, 1, S, att.reshape(B * NH, 1, S), None)])
 
