@@ -153,10 +153,10 @@ def linear_forward(x, w, b):
     Where the BLAS pool cannot be set (not OpenBLAS), every product runs whole on BLAS's
     own threads."""
     N, (Cin, Cout) = x.shape[0], w.shape
+    if N < SHARE_ROWS_FROM:  # checked first: a decode step makes 49 of these
+        return few_rows_product(x, w, b), (x, w)
     if not blas_settable():
         return whole_product(x, w, b), (x, w)
-    if N < SHARE_ROWS_FROM:
-        return few_rows_product(x, w, b), (x, w)
     if N * Cin * Cout > SMALL_GEMM:
         if free_threads() == 1:
             return whole_product(x, w, b), (x, w)
@@ -190,7 +190,7 @@ def few_rows_product(x, w, b):
     on BLAS's own threads, whose spinning workers take a product within microseconds
     (pieces on Python threads woken per product lost ~100 us a hand-off to wake-ups:
     slower than one thread on the 0.2-0.5 ms products of a 124M block); below, on one
-    BLAS thread. On a busy machine BLAS's threads stall waiting for a core (a 2-thread
+    BLAS thread (where the pool cannot be set, on BLAS's own threads). On a busy machine BLAS's threads stall waiting for a core (a 2-thread
     step then runs several times slower than on one thread: give --threads 1 there)."""
     N, (Cin, Cout) = x.shape[0], w.shape
     if N * Cin * Cout >= SHARE_GEMV_FROM:
@@ -303,7 +303,7 @@ def layer_norm_few(x, w, b, eps):
     out = x - (x @ averaging(C, x.dtype))[:, None]  # centred
     if N == 1:
         row = out[0]
-        out *= 1.0 / math.sqrt(float(np.dot(row, row)) / C + eps)
+        out *= 1.0 / math.sqrt(float(row @ row) / C + eps)
     else:
         rstd = np.vecdot(out, out)  # (N,) sums of squares
         rstd *= 1.0 / C
@@ -575,9 +575,9 @@ def one_query_attention(q, k, v, y):
     of `exp_is_safe` would be two). In a piece of `over_batch` the cache is None."""
     qs = q * (1.0 / math.sqrt(q.shape[-1]))  # (B, NH, 1, hs), scaled as the backward's cache holds it
     att = np.matmul(qs, k.mT)  # (B, NH, 1, S)
-    att -= att.max(axis=-1, keepdims=True)  # methods, not np.max / np.sum: ~20 us less per call at S ~ 100
+    att -= np.maximum.reduce(att, axis=-1, keepdims=True)  # the ufuncs' reduce: not np.max / np.sum, nor their methods' Python
     np.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
+    att /= np.add.reduce(att, axis=-1, keepdims=True)
     np.matmul(att, v, out=y)
     if inference():  # a decode step: no backward follows
         return y, None
