@@ -190,8 +190,9 @@ def few_rows_product(x, w, b):
     on BLAS's own threads, whose spinning workers take a product within microseconds
     (pieces on Python threads woken per product lost ~100 us a hand-off to wake-ups:
     slower than one thread on the 0.2-0.5 ms products of a 124M block); below, on one
-    BLAS thread (where the pool cannot be set, on BLAS's own threads). On a busy machine BLAS's threads stall waiting for a core (a 2-thread
-    step then runs several times slower than on one thread: give --threads 1 there)."""
+    BLAS thread (where the pool cannot be set, on BLAS's own). On a busy machine BLAS's
+    threads stall waiting for a core (a 2-thread step then runs several times slower
+    than on one thread: give --threads 1 there)."""
     N, (Cin, Cout) = x.shape[0], w.shape
     if N * Cin * Cout >= SHARE_GEMV_FROM:
         out = x @ w
@@ -257,10 +258,8 @@ def layer_norm_forward(x, w, b, eps):
     """x (N, C) -> out (N, C), block by block: the row means and variances by BLAS
     matrix-vector products (the squares held in `out` meanwhile), x - mean normalised in place."""
     N, C = x.shape
-    if N < FEW_ROWS and inference():
-        return layer_norm_few(x, w, b, eps), None
-    if inference():
-        return layer_norm_inference(x, w, b, eps), None
+    if inference():  # no backward follows: the output alone (a decode step's few rows in one pass per step)
+        return (layer_norm_few(x, w, b, eps) if N < FEW_ROWS else layer_norm_inference(x, w, b, eps)), None
     average = averaging(C, x.dtype)  # (C,) of 1/C
     if N < FEW_ROWS:
         return layer_norm_rows(x, w, b, eps, average)
@@ -575,7 +574,7 @@ def one_query_attention(q, k, v, y):
     of `exp_is_safe` would be two). In a piece of `over_batch` the cache is None."""
     qs = q * (1.0 / math.sqrt(q.shape[-1]))  # (B, NH, 1, hs), scaled as the backward's cache holds it
     att = np.matmul(qs, k.mT)  # (B, NH, 1, S)
-    att -= np.maximum.reduce(att, axis=-1, keepdims=True)  # the ufuncs' reduce: not np.max / np.sum, nor their methods' Python
+    att -= np.maximum.reduce(att, axis=-1, keepdims=True)  # ufunc reductions: no Python wrapper (np.max, ndarray.max) per call
     np.exp(att, out=att)
     att /= np.add.reduce(att, axis=-1, keepdims=True)
     np.matmul(att, v, out=y)
