@@ -189,3 +189,11 @@ def test_train_profile_times_every_kernel_the_step_calls(bench):
         assert kernels["linear_backward"]["calls"] == 4 * 2  # 4 linear layers x 2 blocks, one step
         assert row["step_wall_s"] >= sum(k["wall_s"] for n, k in kernels.items() if n != "untimed") > 0
     assert "profile tiny threads 2" in err
+
+
+def test_generate_vs_torch_past_the_context_is_a_one_line_error(bench):
+    """transformers has no sliding window: prompt + new tokens past tiny's 64-token context stop before any work."""
+    code, report, err = bench("generate", "--preset", "tiny", "--vs", "torch", "--threads", "1", "--ttft-tokens", "0")
+    assert code == 1 and report is None
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "32 + 128" in last and "context 64" in last and "Traceback" not in err

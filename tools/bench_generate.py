@@ -111,6 +111,9 @@ def main(argv=None):
     cfg = model_config(args.preset)
     if args.step_profile and (backend.name != "numpy" or args.prompt_tokens + args.step_profile > cfg.n_ctx):
         raise ValueError("--step-profile needs the numpy backend and prompt tokens + steps within the context")
+    if args.vs and args.prompt_tokens + args.new_tokens > cfg.n_ctx:  # transformers' positions end at n_ctx: no sliding window there
+        raise ValueError(f"prompt + new tokens ({args.prompt_tokens} + {args.new_tokens}) exceed the model's context "
+                         f"{cfg.n_ctx}; lower --prompt-tokens/--new-tokens")  # fmt: skip
     if max(args.prompt_tokens, args.ttft_tokens) > cfg.n_ctx:
         raise ValueError(f"prompts longer than the model's context {cfg.n_ctx}; lower --prompt-tokens/--ttft-tokens")
     model = GPT.init(cfg, backend, seed=0)
