@@ -787,7 +787,9 @@ def lm_head_loss_forward(x, wte, targets, ignore_index=layers.IGNORE_INDEX):
     at a time (all N rows by a block of columns, `vocab_block`): each tile's product, row
     maxima, exps and row sums while it is in cache. The tiles' exps (one buffer of the logits'
     size) are kept for the backward, each with its own row maxima; the loss needs only
-    their sums. Blocks are shared among the threads, each product on one BLAS thread."""
+    their sums. Blocks are shared among the threads, each product on one BLAS thread (one
+    tile or a few too: OpenBLAS's pool, once woken, spins for a while after a call, taking a
+    core from the training pieces that follow)."""
     N, V = x.shape[0], wte.shape[0]
     safe, weight = scored_rows(targets, ignore_index, np.result_type(x, wte))
     width = vocab_block(N)
@@ -809,7 +811,8 @@ def lm_head_loss_forward(x, wte, targets, ignore_index=layers.IGNORE_INDEX):
             np.exp(z, out=z)
             np.matmul(z, ones(z.shape[1], z.dtype), out=block_sum[i])
 
-    parallel_rows(tiles, len(starts), N * width * x.shape[1] // GEMM_PER_ELEMENT, one_blas_thread=True)
+    with blas_on_one_thread():  # also where the tiles stay on this thread: a spinning BLAS pool would take a core
+        parallel_rows(tiles, len(starts), N * width * x.shape[1] // GEMM_PER_ELEMENT, one_blas_thread=True)
     top = np.max(block_max, axis=0)  # (N,) row maxima of the logits
     to_probs = np.exp(block_max - top)  # (nb, N): a tile's exps -> exp(z - top)
     total = np.einsum("bn,bn->n", block_sum, to_probs)  # (N,) sum exp(z - top)
@@ -842,7 +845,8 @@ def lm_head_loss_backward(dloss, cache):
                 dx += np.matmul(d, wte[v0 : v0 + d.shape[1]], out=share)
         return dx
 
-    parts = parallel_rows(tiles, len(exps), N * width * C // GEMM_PER_ELEMENT, one_blas_thread=True)
+    with blas_on_one_thread():  # as in the forward
+        parts = parallel_rows(tiles, len(exps), N * width * C // GEMM_PER_ELEMENT, one_blas_thread=True)
     dx = parts[0]
     for part in parts[1:]:
         dx += part
