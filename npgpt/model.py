@@ -368,6 +368,7 @@ class GPT:
                 return (b0, b1), xf, acts
             loss, head = kernels.lm_head_loss_forward(xf, wte, xp.reshape(targets, (-1,)), ignore_index)  # of logits xf @ wte^T
             dxf, dwte = kernels.lm_head_loss_backward(1.0, head)
+            del head  # the (N, V) buffer goes before the blocks' gradients are made
             return loss, self._backward(dxf, dwte, acts, grad_ready or _no_hook)
 
         pieces = kernels.over_train_batch(forward, B, T)
@@ -377,11 +378,11 @@ class GPT:
         loss, head = kernels.lm_head_loss_forward(xp.concat([xf for _, xf, _ in pieces], axis=0), wte,
                                                   xp.reshape(targets, (-1,)), ignore_index)  # fmt: skip
         dxf, dwte = kernels.lm_head_loss_backward(1.0, head)
-        del head  # the (N, V) buffer goes before the backward's activations are made
+        del head  # as in forward()
 
         def backward(b0, b1):  # -> rows [b0, b1)'s gradients but the embeddings', and dx at their embedding
             if (b0, b1) not in acts:
-                raise RuntimeError(f"over_train_batch split the backward's rows unlike the forward's: {(b0, b1)} not in {list(acts)}")
+                raise RuntimeError(f"over_train_batch cut the backward's rows {(b0, b1)} unlike the forward's {list(acts)}")
             grads = {}
             dx = self._backward_blocks(dxf[b0 * T : b1 * T, ...], acts[(b0, b1)], grads, _no_hook)
             return grads, dx
@@ -392,7 +393,7 @@ class GPT:
             for name, g in piece_grads.items():
                 grads[name] += g
         dwpe = None
-        for ((b0, b1), _, piece_acts), (_, dx) in zip(pieces, parts):
+        for (_, _, piece_acts), (_, dx) in zip(pieces, parts):
             dwte, piece_dwpe = kernels.embedding_backward(dx, piece_acts.embedding, dwte, self.params["wpe.weight"].shape,
                                                           self.backend)  # fmt: skip
             dwpe = piece_dwpe if dwpe is None else dwpe + piece_dwpe
@@ -418,7 +419,7 @@ class GPT:
 
     def _backward_blocks(self, dxf, acts: Activations, grads, grad_ready):
         """dxf (N, C) at the final LayerNorm's output -> dx (B, T, C) at the embeddings'
-        output (before their dropout); fills grads for ln_f and every block."""
+        sum (through their dropout); fills grads for ln_f and every block."""
         cfg, xp, kernels = self.config, self.backend.xp, self.backend.kernels
         dx, grads["ln_f.weight"], grads["ln_f.bias"] = kernels.layer_norm_backward(dxf, acts.ln_f)
         grad_ready(["ln_f.weight", "ln_f.bias"], grads)

@@ -7,8 +7,9 @@ proves it, forward and backward, in float64); what changes is only how the work 
   forward on its own thread, BLAS included (`over_batch`): no hand-over between threads
   inside a forward, and a piece's activations stay in cache;
 - a training batch is cut into one piece of whole rows per thread (`over_train_batch`),
-  each piece's forward and backward on its own thread, BLAS included; the model sums
-  the pieces' gradients;
+  each piece's forward on its own thread, BLAS included, then (the model) the LM head
+  and loss on the whole batch, then each piece's backward likewise; the model sums the
+  pieces' gradients;
 - elsewhere, elementwise and reduction passes (LayerNorm, GELU, the bias add and its
   gradient, the attention softmax, cross-entropy, AdamW, the gradient norm) run over row
   ranges on `npgpt.kernels.threads`' pool, one range per thread (NumPy releases the GIL
@@ -886,9 +887,10 @@ def over_batch(fn, B, T):
 # -- training: a batch in one piece per thread -------------------------------------------------
 def over_train_batch(fn, B, T):
     """fn over one piece of whole rows per thread (at least TRAIN_PIECE positions each),
-    run at once: each piece's forward and backward runs its kernels on its own thread,
-    BLAS included, so a step hands work between threads once, not in every kernel. Its
-    price: a set of gradients per extra piece, summed by the caller. With fewer rows than
+    run at once: each piece's forward, or its backward, runs its kernels on its own thread,
+    BLAS included, so a step hands work between threads twice (around the whole batch's LM
+    head), not in every kernel. Its price: a set of gradients per extra piece, summed by
+    the caller. The same (B, T) and thread count give the same pieces. With fewer rows than
     threads the batch runs whole, its kernels sharing out their own passes (pieces of a
     row or so would leave threads idle). Each piece runs as a "training" piece (`backward_follows`)."""
     piece = run_as_piece("training", fn)
