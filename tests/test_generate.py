@@ -78,14 +78,17 @@ def test_decoding_layout_keeps_values_and_generates_the_same_ids(backend):
     model, before = sharp_model(backend), sharp_params()
     prompt = [5, 17, 101, 3]
     expected = list(generate_ids(model, prompt, CONFIG.n_ctx - len(prompt), GREEDY))
-    assert decoding_layout(model) is model
-    if model.backend.name == "numpy":  # the products' long side in rows: wte and mlp.c_proj column-major
-        assert model.params["wte.weight"].flags.f_contiguous and not model.params["wte.weight"].flags.c_contiguous
-        assert model.params["h.1.mlp.c_proj.weight"].flags.f_contiguous and model.params["h.1.attn.c_attn.weight"].flags.c_contiguous
-    for name, value in model.to_numpy().items():
-        np.testing.assert_array_equal(value, before[name])
-    assert list(generate_ids(model, prompt, CONFIG.n_ctx - len(prompt), GREEDY)) == expected
-    assert list(generate_ids(model, prompt, CONFIG.n_ctx - len(prompt), GREEDY, use_cache=False)) == expected
+    for threads in (2, 1):  # from 2 threads attn.c_proj too; 1 thread lays it out row-major again
+        assert decoding_layout(model, threads) is model
+        if model.backend.name == "numpy":  # the products' long side in rows: wte and mlp.c_proj column-major
+            assert model.params["wte.weight"].flags.f_contiguous and not model.params["wte.weight"].flags.c_contiguous
+            assert model.params["h.1.mlp.c_proj.weight"].flags.f_contiguous and model.params["h.1.attn.c_attn.weight"].flags.c_contiguous
+            attn_proj = model.params["h.1.attn.c_proj.weight"].flags
+            assert (attn_proj.f_contiguous, attn_proj.c_contiguous) == ((True, False) if threads == 2 else (False, True))
+        for name, value in model.to_numpy().items():
+            np.testing.assert_array_equal(value, before[name])
+        assert list(generate_ids(model, prompt, CONFIG.n_ctx - len(prompt), GREEDY)) == expected
+        assert list(generate_ids(model, prompt, CONFIG.n_ctx - len(prompt), GREEDY, use_cache=False)) == expected
 
 
 def test_same_seed_same_text_on_every_backend(backend):

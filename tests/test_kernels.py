@@ -204,12 +204,17 @@ def test_attention_equals_the_reference(s):
 
 
 @settings(max_examples=30, deadline=None)
-@given(attention_shapes, st.integers(1, 37), st.integers(1, 9), st.integers(1, 8))
+@given(attention_shapes, st.integers(1, 37), st.integers(1, 9), st.integers(1, 8), st.sampled_from([0, 32]))
 @example(dict(B=3, NH=3, hs=4, T=13, past=0, query_block=4, small_query_block=3, segments=False, dropout=False,
-              threads=2, batched=1 << 16, head_group=1, scale=1.0, seed=7), 37, 9, 5)  # all heads at once, blocks of 3
-def test_an_inference_piece_keeps_no_cache_and_equals_the_reference(s, N, C, row_block):
-    """Inside `as_piece("inference")` (over_batch's pieces): LayerNorm without xhat, attention's
-    blocks in one scratch per thread; outputs as the reference's (float64), caches None."""
+              threads=2, batched=1 << 16, head_group=1, scale=1.0, seed=7), 37, 9, 5, 32)  # all heads at once, blocks of 3
+@example(dict(B=1, NH=3, hs=4, T=1, past=6, query_block=4, small_query_block=3, segments=False, dropout=False,
+              threads=2, batched=1 << 16, head_group=1, scale=1.0, seed=8), 1, 9, 5, 32)  # a decode step: one row, one query
+@example(dict(B=3, NH=2, hs=4, T=1, past=6, query_block=4, small_query_block=3, segments=False, dropout=False,
+              threads=2, batched=1 << 16, head_group=1, scale=30.0, seed=9), 3, 7, 5, 32)  # three rows' steps
+def test_an_inference_piece_keeps_no_cache_and_equals_the_reference(s, N, C, row_block, few_rows):
+    """Inside `as_piece("inference")` (over_batch's pieces and decode steps): LayerNorm without
+    xhat (a few rows, under FEW_ROWS: one pass per step), attention's blocks in one scratch
+    per thread; outputs as the reference's (float64), caches None."""
     rng = np.random.default_rng(s["seed"])
     x = rng.standard_normal((N, C))
     g, gb = 1.0 + 0.3 * rng.standard_normal(C), rng.standard_normal(C)
@@ -219,13 +224,13 @@ def test_an_inference_piece_keeps_no_cache_and_equals_the_reference(s, N, C, row
     segments = segments_of(rng, B, T) if s["segments"] else None
     with blocks(row_block=row_block, n_threads=s["threads"], query_block=s["query_block"],
                 small_query_block=s["small_query_block"], batched_attention=s["batched"],
-                head_group=s["head_group"]), fast.as_piece("inference"):  # fmt: skip
+                head_group=s["head_group"], few_rows=few_rows), fast.as_piece("inference"):  # fmt: skip
         out, cache = fast.layer_norm_forward(x, g, gb, 1e-5)
         np.testing.assert_allclose(out, layers.layer_norm_forward(x, g, gb, 1e-5)[0], **TOL)
         assert cache is None
         y, cache = fast.attention_forward(q, k, v, None, segments)
         np.testing.assert_allclose(y, layers.attention_forward(q, k, v, None, segments)[0], **TOL)
-        assert cache is None or T == 1 and segments is None  # decoding's one query keeps its tiny cache
+        assert cache is None
     assert not fast.inference()  # restored after the piece
 
 

@@ -23,18 +23,23 @@ bandwidth bounds nothing, so no fraction is reported for them.
 
 Time to first token: a 1024-token prompt (the full context), prefill and the first token,
 npgpt vs transformers' generate(max_new_tokens=1).
+
+--step-profile N (NumPy): N greedy decode steps timed one by one after the same prompt,
+each split into its products (the kernels' linear_forward, 49 for GPT-2 124M, timed one by
+one) and the rest (attention, LayerNorm, GELU, bias adds, the KV cache, Python): medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import numpy as np
 from benchlib import (agreement, bandwidth, check_fractions, emit, interleaved, llc_bytes, log, model_config, npgpt_generate,
                       peak_rss_bytes, summary, threads, torch_device, torch_for, torch_generate, torch_model)  # fmt: skip
 
-from npgpt.backend import get_backend
-from npgpt.generate import GenerationStats, decoding_layout
+from npgpt.backend import NumpyBackend, get_backend
+from npgpt.generate import GenerationStats, decoding_layout, last_logits
 from npgpt.model import GPT
 
 
@@ -54,6 +59,34 @@ def tokens_report(seconds: list[float], new_tokens: int, ceiling_tokens_per_s: f
     return report
 
 
+def step_profile(model: GPT, prompt: np.ndarray, steps: int, product_bytes: int) -> dict:
+    """Medians over `steps` greedy decode steps after `prompt` (NumPy): a step, its
+    products (the kernels' linear_forward, each timed) and the rest of it, in ms, and the
+    products' GB/s (`product_bytes` a step). The timed kernel set runs on a second backend
+    that shares the model's weights."""
+    kernels, products = model.backend.kernels, [0.0]  # one sum per step (the prompt's first)
+
+    def linear_forward(x, w, b):
+        start = time.perf_counter()
+        result = kernels.linear_forward(x, w, b)
+        products[-1] += time.perf_counter() - start
+        return result
+
+    timed = GPT(model.config, model.params, NumpyBackend(kernels.replace(
+        "timed products", linear_forward=linear_forward, linear_backward=kernels.linear_backward)))  # fmt: skip
+    cache, seconds = timed.new_cache(1), []
+    token = int(np.argmax(last_logits(timed, prompt.tolist(), cache)))
+    products.clear()
+    for _ in range(steps):
+        products.append(0.0)
+        start = time.perf_counter()
+        token = int(np.argmax(last_logits(timed, [token], cache)))
+        seconds.append(time.perf_counter() - start)
+    product = float(np.median(products))
+    return {"steps": steps, "step_ms": 1e3 * float(np.median(seconds)), "products_ms": 1e3 * product,
+            "rest_ms": 1e3 * float(np.median(np.subtract(seconds, products))), "products_gb_s": product_bytes / product / 1e9}  # fmt: skip
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="bench.py generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="numpy", help="npgpt backend (default numpy; cupy: the GPU, vs PyTorch CUDA)")
@@ -69,11 +102,18 @@ def main(argv=None):
     ap.add_argument("--ab-layout", action="store_true",
                     help="also time cached decoding on the default (C-ordered) weights, interleaved (A/B of `decoding_layout`; +~270 MB)")
     ap.add_argument("--preset", default="gpt2", help="model shape: a GPT-2 preset, or tiny (smoke runs)")
+    ap.add_argument("--step-profile", type=int, default=0, metavar="STEPS",
+                    help="NumPy: also time STEPS decode steps one by one, split into products and the rest (medians)")  # fmt: skip
     args = ap.parse_args(argv)
 
     backend = get_backend(args.backend)
     thread_counts = args.threads or ([1, 2] if backend.name == "numpy" else [None])
     cfg = model_config(args.preset)
+    if args.step_profile and (backend.name != "numpy" or args.prompt_tokens + args.step_profile > cfg.n_ctx):
+        raise ValueError("--step-profile needs the numpy backend and prompt tokens + steps within the context")
+    if args.vs and args.prompt_tokens + args.new_tokens > cfg.n_ctx:  # transformers' positions end at n_ctx: no sliding window there
+        raise ValueError(f"prompt + new tokens ({args.prompt_tokens} + {args.new_tokens}) exceed the model's context "
+                         f"{cfg.n_ctx}; lower --prompt-tokens/--new-tokens")  # fmt: skip
     if max(args.prompt_tokens, args.ttft_tokens) > cfg.n_ctx:
         raise ValueError(f"prompts longer than the model's context {cfg.n_ctx}; lower --prompt-tokens/--ttft-tokens")
     model = GPT.init(cfg, backend, seed=0)
@@ -84,7 +124,6 @@ def main(argv=None):
     hf = torch_model(torch, cfg, host, device) if torch is not None else None
     del host  # (its arrays are the model's: the layout's copies replace them, no extra memory)
     default_layout = GPT(cfg, dict(model.params), backend) if args.ab_layout else None  # keeps the replaced arrays
-    decoding_layout(model)  # as the CLI decodes
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab_size, args.prompt_tokens)
     long_prompt = rng.integers(0, cfg.vocab_size, max(args.ttft_tokens, 1))
@@ -92,6 +131,7 @@ def main(argv=None):
     results, lines = [], []
     for n_threads in thread_counts:
         with threads(n_threads):
+            decoding_layout(model, n_threads)  # as the CLI decodes on n_threads
             log(f"generate threads={n_threads}: bandwidth ...")
             row = {"threads": n_threads, **bandwidth(backend, torch, device, n_threads)}
             streams = bytes_per_token >= 4 * llc_bytes()  # else the weights stay in cache: no bandwidth bound
@@ -125,6 +165,12 @@ def main(argv=None):
             if default_layout is not None:
                 row["speedup_decoding_layout"] = row["cached"]["tokens_per_s"] / row["cached_default_layout"]["tokens_per_s"]
                 line += f"; decoding layout {row['speedup_decoding_layout']:.3f}x the default layout's tok/s"
+            if args.step_profile:
+                log(f"generate threads={n_threads}: {args.step_profile} decode steps one by one ...")
+                product_bytes = sum(v.nbytes for k, v in model.params.items() if v.ndim == 2 and k != "wpe.weight")
+                row["decode_step_profile"] = profile = step_profile(model, prompt, args.step_profile, product_bytes)
+                line += (f"; a step {profile['step_ms']:.2f} ms: products {profile['products_ms']:.2f} ms "
+                         f"({profile['products_gb_s']:.1f} GB/s), the rest {profile['rest_ms']:.2f} ms")  # fmt: skip
             if args.recompute_repeats:
                 log(f"generate threads={n_threads}: recompute x{args.recompute_repeats} ...")
                 seconds = interleaved({"recompute": npgpt_generate(model, prompt, args.new_tokens, use_cache=False)},

@@ -34,7 +34,8 @@ and process CPU seconds then include the other pieces' work meanwhile, so they a
 more than the step's (and "untimed" goes negative). So each piece is also timed on its
 own thread ("train_pieces": wall, and on Linux the seconds it ran, waited for a CPU
 (other processes) and was blocked (wall - ran - waited: mostly waits for the GIL)),
-with the pieces' span and the step's time outside it (gradient sum, clipping, AdamW).
+with the pieces' span and the step's time outside it (where the batch is split, the LM
+head between the pieces' forwards and backwards; the gradient sum, clipping, AdamW).
 """
 
 from __future__ import annotations
@@ -216,14 +217,16 @@ def timed_pieces(kernels, pieces: list):
 
 
 def piece_summary(pieces: list, steps: int, step_wall: float) -> dict:
-    """Per step: the pieces' span, the step's wall time outside it (the pieces' gradient sum,
-    clipping, AdamW), and each piece's timings (by rows) averaged over the steps."""
+    """Per step: the pieces' span (both calls where the batch is split: the forwards', the
+    backwards'), the step's wall time outside it (the LM head between them where split, the
+    pieces' gradient sum, clipping, AdamW), and each piece's timings (by rows, its forward
+    and backward together)."""
     span = sum(p["wall_s"] for p in pieces if p["rows"] is None) / steps
     by_rows = defaultdict(list)
     for p in pieces:
         if p["rows"] is not None:
             by_rows[tuple(p["rows"])].append(p)
-    each = [{"rows": list(rows), **{k: sum(p[k] for p in ps) / len(ps) for k in ps[0] if k != "rows"}}
+    each = [{"rows": list(rows), **{k: sum(p[k] for p in ps) / steps for k in ps[0] if k != "rows"}}
             for rows, ps in sorted(by_rows.items())]  # fmt: skip
     return {"span_s": span, "outside_s": step_wall - span, "pieces": each}
 

@@ -154,10 +154,10 @@ def linear_forward(x, w, b):
     Where the BLAS pool cannot be set (not OpenBLAS), every product runs whole on BLAS's
     own threads."""
     N, (Cin, Cout) = x.shape[0], w.shape
+    if N < SHARE_ROWS_FROM:  # checked first: a decode step makes 49 of these
+        return few_rows_product(x, w, b), (x, w)
     if not blas_settable():
         return whole_product(x, w, b), (x, w)
-    if N < SHARE_ROWS_FROM:
-        return few_rows_product(x, w, b), (x, w)
     if N * Cin * Cout > SMALL_GEMM:
         if free_threads() == 1:
             return whole_product(x, w, b), (x, w)
@@ -191,11 +191,15 @@ def few_rows_product(x, w, b):
     on BLAS's own threads, whose spinning workers take a product within microseconds
     (pieces on Python threads woken per product lost ~100 us a hand-off to wake-ups:
     slower than one thread on the 0.2-0.5 ms products of a 124M block); below, on one
-    BLAS thread. On a busy machine BLAS's threads stall waiting for a core (a 2-thread
-    step then runs several times slower than on one thread: give --threads 1 there)."""
+    BLAS thread (where the pool cannot be set, on BLAS's own). On a busy machine BLAS's
+    threads stall waiting for a core (a 2-thread step then runs several times slower
+    than on one thread: give --threads 1 there)."""
     N, (Cin, Cout) = x.shape[0], w.shape
-    with contextlib.nullcontext() if N * Cin * Cout >= SHARE_GEMV_FROM else blas_on_one_thread():
+    if N * Cin * Cout >= SHARE_GEMV_FROM:
         out = x @ w
+    else:
+        with blas_on_one_thread():
+            out = x @ w
     if b is not None:
         out += b
     return out
@@ -255,8 +259,8 @@ def layer_norm_forward(x, w, b, eps):
     """x (N, C) -> out (N, C), block by block: the row means and variances by BLAS
     matrix-vector products (the squares held in `out` meanwhile), x - mean normalised in place."""
     N, C = x.shape
-    if inference():
-        return layer_norm_inference(x, w, b, eps), None
+    if inference():  # no backward follows: the output alone (a decode step's few rows in one pass per step)
+        return (layer_norm_few(x, w, b, eps) if N < FEW_ROWS else layer_norm_inference(x, w, b, eps)), None
     average = averaging(C, x.dtype)  # (C,) of 1/C
     if N < FEW_ROWS:
         return layer_norm_rows(x, w, b, eps, average)
@@ -289,6 +293,25 @@ def layer_norm_rows(x, w, b, eps, average):
     out = xhat * w
     out += b
     return out, (xhat, rstd, w)
+
+
+def layer_norm_few(x, w, b, eps):
+    """layer_norm_forward's output alone for a few rows (a decode step's, no backward
+    follows): x - mean, scaled by the reciprocal standard deviation, then by w, plus b,
+    in place; one row's scale is a Python float (one dot product, no array passes)."""
+    N, C = x.shape
+    out = x - (x @ averaging(C, x.dtype))[:, None]  # centred
+    if N == 1:
+        row = out[0]
+        out *= 1.0 / math.sqrt(float(row @ row) / C + eps)
+    else:
+        rstd = np.vecdot(out, out)  # (N,) sums of squares
+        rstd *= 1.0 / C
+        rstd += eps
+        out /= np.sqrt(rstd, out=rstd)[:, None]
+    out *= w
+    out += b
+    return out
 
 
 def layer_norm_inference(x, w, b, eps):
@@ -549,13 +572,15 @@ def head_groups(H: int, Tb: int, s1: int, h0: int, h1: int, NH: int, rows: bool 
 def one_query_attention(q, k, v, y):
     """Decoding's attention, q (B, NH, 1, hs) against every key, into y: two stacked
     products and a softmax whose row maxima are one reduction (the whole-array checks
-    of `exp_is_safe` would be two)."""
+    of `exp_is_safe` would be two). In a piece of `over_batch` the cache is None."""
     qs = q * (1.0 / math.sqrt(q.shape[-1]))  # (B, NH, 1, hs), scaled as the backward's cache holds it
     att = np.matmul(qs, k.mT)  # (B, NH, 1, S)
-    att -= att.max(axis=-1, keepdims=True)  # methods, not np.max / np.sum: ~20 us less per call at S ~ 100
+    att -= np.maximum.reduce(att, axis=-1, keepdims=True)  # ufunc reductions: no Python wrapper (np.max, ndarray.max) per call
     np.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
+    att /= np.add.reduce(att, axis=-1, keepdims=True)
     np.matmul(att, v, out=y)
+    if inference():  # a decode step: no backward follows
+        return y, None
     B, NH, _, S = att.shape
     return y, (qs, k, v, [(0, 1, S, att.reshape(B * NH, 1, S), None)])
 
