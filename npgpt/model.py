@@ -349,11 +349,12 @@ class GPT:
         block's 12 from the last block down, then wte's and wpe's (wte is tied to the head)
         at the end.
 
-        The rows may run in pieces (the kernels' `over_train_batch`), each piece's
-        backward seeded with its share of the loss (its scored targets over the batch's),
-        so the pieces' losses and gradients sum, piece by piece in order, to the whole
-        batch's mean and its gradient; `grad_ready` then sees the same calls, in the same
-        order, after that sum.
+        The rows may run in pieces (the kernels' `over_train_batch`): then each piece's
+        forward runs apart, the LM head and loss on the whole batch (its kernels sharing out
+        the vocabulary), each piece's backward apart from the head's gradient at its rows,
+        and the token and position embeddings' gradients of the pieces, in order, are added
+        into the head's; the pieces' other gradients sum, piece by piece in order, to the
+        whole batch's; `grad_ready` then sees the same calls, in the same order, after that sum.
         """
         xp, kernels = self.backend.xp, self.backend.kernels
         ids = self.as_ids(ids)
@@ -363,58 +364,74 @@ class GPT:
             raise ValueError(f"targets must have the ids' shape {(B, T)}, got {shape}")
         targets = xp.reshape(self._targets(targets, ignore_index), (B, T))
         rngs = rng.spawn(B) if rng is not None and self.config.dropout else None  # per row: any split draws alike
-        batch_scored = None  # the whole batch's scored targets, counted once if the batch is split
+        wte = self.params["wte.weight"]
 
-        def piece(b0, b1):  # -> (loss, gradients) of rows [b0, b1), as shares of the whole batch's
-            flat = xp.reshape(targets[b0:b1, ...], (-1,))
+        def forward(b0, b1):  # -> the whole batch's (loss, gradients), else rows [b0, b1)'s (ln_f output, activations)
             xf, acts = self._forward(ids[b0:b1, ...], rngs=None if rngs is None else rngs[b0:b1], keep=True,
                                      segments=_rows(segments, b0, b1), head=False)  # fmt: skip
-            loss, head = kernels.lm_head_loss_forward(xf, self.params["wte.weight"], flat, ignore_index)  # of logits xf @ wte^T
-            if b1 - b0 == B:  # the whole batch
-                return loss, self._backward(kernels.lm_head_loss_backward(1.0, head), acts, grad_ready or _no_hook)
-            share = self._scored(flat, ignore_index) / batch_scored
-            return loss * share, self._backward(kernels.lm_head_loss_backward(share, head), acts, _no_hook)
+            if b1 - b0 < B:
+                return (b0, b1), xf, acts
+            loss, head = kernels.lm_head_loss_forward(xf, wte, xp.reshape(targets, (-1,)), ignore_index)  # of logits xf @ wte^T
+            dxf, dwte = kernels.lm_head_loss_backward(1.0, head)
+            del head  # the (N, V) buffer goes before the blocks' gradients are made
+            return loss, self._backward(dxf, dwte, acts, grad_ready or _no_hook)
 
-        if B > 1:
-            batch_scored = xp.maximum(self._scored(targets, ignore_index), 1.0)
-        pieces = kernels.over_train_batch(piece, B, T)
-        loss, grads = pieces[0]
+        pieces = kernels.over_train_batch(forward, B, T)
         if len(pieces) == 1:
-            return loss, grads
-        for piece_loss, piece_grads in pieces[1:]:
-            loss = loss + piece_loss
+            return pieces[0]
+        acts = {rows: piece_acts for rows, _, piece_acts in pieces}
+        loss, head = kernels.lm_head_loss_forward(xp.concat([xf for _, xf, _ in pieces], axis=0), wte,
+                                                  xp.reshape(targets, (-1,)), ignore_index)  # fmt: skip
+        dxf, dwte = kernels.lm_head_loss_backward(1.0, head)
+        del head  # as in forward()
+
+        def backward(b0, b1):  # -> rows [b0, b1)'s gradients but the embeddings', and dx at their embedding
+            if (b0, b1) not in acts:
+                raise RuntimeError(f"over_train_batch cut the backward's rows {(b0, b1)} unlike the forward's {list(acts)}")
+            grads = {}
+            dx = self._backward_blocks(dxf[b0 * T : b1 * T, ...], acts[(b0, b1)], grads, _no_hook)
+            return grads, dx
+
+        parts = kernels.over_train_batch(backward, B, T)
+        grads = parts[0][0]
+        for piece_grads, _ in parts[1:]:
             for name, g in piece_grads.items():
                 grads[name] += g
+        dwpe = None
+        for (_, _, piece_acts), (_, dx) in zip(pieces, parts):
+            dwte, piece_dwpe = kernels.embedding_backward(dx, piece_acts.embedding, dwte, self.params["wpe.weight"].shape,
+                                                          self.backend)  # fmt: skip
+            dwpe = piece_dwpe if dwpe is None else dwpe + piece_dwpe
+        grads["wte.weight"], grads["wpe.weight"] = dwte, dwpe
         if grad_ready is not None:
             C = self.config.n_embd
             grad_ready(["ln_f.weight", "ln_f.bias"], grads)
             for i in reversed(range(self.config.n_layer)):
                 grad_ready(list(block_param_shapes(i, C)), grads)
             grad_ready(["wte.weight", "wpe.weight"], grads)
-        return loss, grads
+        return loss, {name: grads[name] for name in self.params}  # in parameter order
 
-    def _scored(self, targets, ignore_index: int):
-        """How many of `targets` are not `ignore_index`, as a 0-d device array of the model's dtype."""
-        xp = self.backend.xp
-        return xp.sum(xp.astype(targets != ignore_index, self.dtype))
-
-    def _backward(self, head_grads, acts: Activations, grad_ready):
+    def _backward(self, dxf, dwte_head, acts: Activations, grad_ready):
         """The LM head's gradients (dxf (N, C) at its input, dwte (V, C) of the tied
         embedding as its weight) -> gradients of every parameter, walking the forward in reverse."""
-        p, cfg, xp, kernels = self.params, self.config, self.backend.xp, self.backend.kernels
         grads = {}
-        dx, dwte_head = head_grads  # (N, C), (V, C)
-        dx, grads["ln_f.weight"], grads["ln_f.bias"] = kernels.layer_norm_backward(dx, acts.ln_f)
+        dx = self._backward_blocks(dxf, acts, grads, grad_ready)
+        grads["wte.weight"], grads["wpe.weight"] = self.backend.kernels.embedding_backward(
+            dx, acts.embedding, dwte_head, self.params["wpe.weight"].shape, self.backend
+        )
+        grad_ready(["wte.weight", "wpe.weight"], grads)
+        return {name: grads[name] for name in self.params}  # in parameter order
+
+    def _backward_blocks(self, dxf, acts: Activations, grads, grad_ready):
+        """dxf (N, C) at the final LayerNorm's output -> dx (B, T, C) at the embeddings'
+        sum (through their dropout); fills grads for ln_f and every block."""
+        cfg, xp, kernels = self.config, self.backend.xp, self.backend.kernels
+        dx, grads["ln_f.weight"], grads["ln_f.bias"] = kernels.layer_norm_backward(dxf, acts.ln_f)
         grad_ready(["ln_f.weight", "ln_f.bias"], grads)
         for i in reversed(range(cfg.n_layer)):
             dx = self._block_backward(i, dx, acts.B, acts.blocks[i], grads)
             grad_ready(list(block_param_shapes(i, cfg.n_embd)), grads)
-        dx = kernels.dropout_backward(xp.reshape(dx, (acts.B, acts.T, cfg.n_embd)), acts.embedding_drop)
-        grads["wte.weight"], grads["wpe.weight"] = kernels.embedding_backward(
-            dx, acts.embedding, dwte_head, p["wpe.weight"].shape, self.backend
-        )
-        grad_ready(["wte.weight", "wpe.weight"], grads)
-        return {name: grads[name] for name in p}  # in parameter order
+        return kernels.dropout_backward(xp.reshape(dx, (acts.B, acts.T, cfg.n_embd)), acts.embedding_drop)
 
     def _block_backward(self, i, dx, B, act: BlockActivations, grads):
         """dx (N, C) at the block's output -> dx at its input; fills grads for h.{i}.*"""

@@ -200,7 +200,12 @@ def test_train_profile_times_every_kernel_the_step_calls(bench):
             assert kernels[name]["cpu_s"] >= 0 and kernels[name]["wall_s"] > 0, name
         assert kernels["linear_backward"]["calls"] == 4 * 2  # 4 linear layers x 2 blocks, one step
         assert row["step_wall_s"] >= sum(k["wall_s"] for n, k in kernels.items() if n != "untimed") > 0
-    assert "profile tiny threads 2" in err
+        split = row["train_pieces"]  # tiny's batch is too small to split: one piece of both rows
+        assert [p["rows"] for p in split["pieces"]] == [[0, 2]] and 0 < split["span_s"] <= row["step_wall_s"]
+        assert split["pieces"][0]["wall_s"] <= split["span_s"] and split["outside_s"] > 0
+        if "ran_s" in split["pieces"][0]:  # Linux
+            assert 0 < split["pieces"][0]["ran_s"] <= split["pieces"][0]["wall_s"] + 1e-3
+    assert "profile tiny threads 2" in err and "pieces' span" in err
 
 
 def test_generate_vs_torch_past_the_context_is_a_one_line_error(bench):

@@ -469,7 +469,8 @@ def test_a_training_batch_in_pieces_equals_it_whole(B, T, n_threads, ignored, se
 
     def step(n):
         calls = []
-        with blocks(n_threads=n, query_block=128):  # one query block: the attention masks draw alike
+        with blocks(n_threads=n, query_block=128, lm_tile=8, vocab_align=2):  # one query block: the attention
+            # masks draw alike; the LM head's vocabulary in tiles of 2 columns, shared among the threads
             assert fast.over_train_batch(lambda b0, b1: (b0, b1), B, T) == (threads.row_ranges(B, n) if B >= n else [(0, B)])
             assert all(fast.over_train_batch(lambda b0, b1: fast.backward_follows(), B, T)) and not fast.backward_follows()
             loss, grads = model.loss_and_grads(ids, targets, rng=np.random.default_rng(3), segments=docs,
@@ -482,6 +483,19 @@ def test_a_training_batch_in_pieces_equals_it_whole(B, T, n_threads, ignored, se
     for name in whole[1]:
         np.testing.assert_allclose(pieces[1][name], whole[1][name], **TOL, err_msg=name)
     assert pieces[2] == whole[2] and sorted(sum(whole[2], [])) == sorted(model.params)
+
+
+def test_a_backward_cut_unlike_its_forward_is_an_error(monkeypatch):
+    """The model runs the pieces' backwards on the forwards' activations: a schedule that
+    cuts the rows differently the second time is caught, not silently mixed."""
+    cfg = GPTConfig(vocab_size=11, n_ctx=8, n_embd=6, n_head=2, n_layer=1)
+    model = random_model(cfg, 0)
+    cuts = iter([[(0, 2), (2, 4)], [(0, 1), (1, 4)]])
+    monkeypatch.setattr(model.backend, "kernels", model.backend.kernels.replace(
+        "cuts", over_train_batch=lambda fn, B, T: [fn(b0, b1) for b0, b1 in next(cuts)]))  # fmt: skip
+    ids = np.zeros((4, 3), dtype=np.int64)
+    with pytest.raises(RuntimeError, match=r"cut the backward's rows \(0, 1\) unlike the forward's"):
+        model.loss_and_grads(ids, ids)
 
 
 # -- choosing a set -----------------------------------------------------------------------------

@@ -31,7 +31,11 @@ what runs on one core (main_thread_share near 1.0 at several threads: serial), a
 reshapes, clipping). The schedules are not timed: they run the others. Where a training
 batch runs in pieces on several threads, the pieces' kernels overlap: each kernel's wall
 and process CPU seconds then include the other pieces' work meanwhile, so they add up to
-more than the step's (and "untimed" goes negative).
+more than the step's (and "untimed" goes negative). So each piece is also timed on its
+own thread ("train_pieces": wall, and on Linux the seconds it ran, waited for a CPU
+(other processes) and was blocked (wall - ran - waited: mostly waits for the GIL)),
+with the pieces' span and the step's time outside it (where the batch is split, the LM
+head between the pieces' forwards and backwards; the gradient sum, clipping, AdamW).
 """
 
 from __future__ import annotations
@@ -174,6 +178,59 @@ def timed_kernels(kernels, totals: dict):
     return dataclasses.replace(kernels, **{name: timed(name, getattr(kernels, name)) for name in KERNEL_NAMES if name not in SCHEDULE})
 
 
+def thread_schedule() -> tuple[float, float] | None:
+    """(seconds on a CPU, seconds runnable but waiting for one) of the calling thread so
+    far, from Linux's /proc/thread-self/schedstat; None elsewhere."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            run_ns, wait_ns = f.read().split()[:2]
+    except OSError:
+        return None
+    return int(run_ns) / 1e9, int(wait_ns) / 1e9
+
+
+def timed_pieces(kernels, pieces: list):
+    """`kernels` with each piece of `over_train_batch` timed into `pieces` (one dict per
+    piece: its rows, wall seconds, and from Linux's schedstat the seconds its thread ran,
+    waited for a CPU, and was blocked otherwise: wall - ran - waited, mostly waits for the
+    GIL), and each call's span (rows None)."""
+    schedule = kernels.over_train_batch
+
+    def over_train_batch(fn, B, T):
+        def piece(b0, b1):
+            t0, s0 = time.perf_counter(), thread_schedule()
+            out = fn(b0, b1)
+            wall, s1 = time.perf_counter() - t0, thread_schedule()
+            timing = {"rows": [b0, b1], "wall_s": wall}
+            if s0 is not None and s1 is not None:
+                ran, waited = s1[0] - s0[0], s1[1] - s0[1]
+                timing |= {"ran_s": ran, "waited_for_cpu_s": waited, "blocked_s": wall - ran - waited}
+            pieces.append(timing)
+            return out
+
+        t0 = time.perf_counter()
+        out = schedule(piece, B, T)
+        pieces.append({"rows": None, "wall_s": time.perf_counter() - t0})
+        return out
+
+    return dataclasses.replace(kernels, over_train_batch=over_train_batch)
+
+
+def piece_summary(pieces: list, steps: int, step_wall: float) -> dict:
+    """Per step: the pieces' span (both calls where the batch is split: the forwards', the
+    backwards'), the step's wall time outside it (the LM head between them where split, the
+    pieces' gradient sum, clipping, AdamW), and each piece's timings (by rows, its forward
+    and backward together)."""
+    span = sum(p["wall_s"] for p in pieces if p["rows"] is None) / steps
+    by_rows = defaultdict(list)
+    for p in pieces:
+        if p["rows"] is not None:
+            by_rows[tuple(p["rows"])].append(p)
+    each = [{"rows": list(rows), **{k: sum(p[k] for p in ps) / steps for k in ps[0] if k != "rows"}}
+            for rows, ps in sorted(by_rows.items())]  # fmt: skip
+    return {"span_s": span, "outside_s": step_wall - span, "pieces": each}
+
+
 def profile_steps(args, backend) -> tuple[list[dict], list[str]]:
     rows, lines = [], []
     for config in args.configs:
@@ -181,12 +238,13 @@ def profile_steps(args, backend) -> tuple[list[dict], list[str]]:
         ids, targets = batch(cfg, B, T)
         for n_threads in args.threads or [1, 2]:
             with threads(n_threads):
-                totals = defaultdict(lambda: [0.0, 0.0, 0.0, 0])
+                totals, pieces = defaultdict(lambda: [0.0, 0.0, 0.0, 0]), []
                 timed = copy.copy(backend)
-                timed.kernels = timed_kernels(backend.kernels, totals)
+                timed.kernels = timed_pieces(timed_kernels(backend.kernels, totals), pieces)
                 step = make_step("npgpt", None, cfg, None, timed, optimizer)
                 step(ids, targets)  # warm-up
                 totals.clear()
+                pieces.clear()
                 t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
                 for _ in range(args.repeats):
                     step(ids, targets)
@@ -200,10 +258,13 @@ def profile_steps(args, backend) -> tuple[list[dict], list[str]]:
                                   "main_thread_share": untimed[2] / untimed[1] if untimed[1] > 0 else None}  # fmt: skip
             rows.append({"config": config, "B": B, "T": T, **dataclasses.asdict(cfg), "threads": n_threads, "steps": n,
                          "step_wall_s": wall / n, "step_cpu_s": cpu / n, "main_thread_share": main / cpu if cpu else None,
-                         "kernels": kernels})  # fmt: skip
+                         "kernels": kernels, "train_pieces": piece_summary(pieces, n, wall / n)})  # fmt: skip
             top = ", ".join(f"{k} {v['cpu_s']:.2f}" for k, v in list(kernels.items())[:4])
+            split = rows[-1]["train_pieces"]
+            each = "; ".join(" ".join(f"{k.removesuffix('_s')} {v:.3f}" for k, v in p.items() if k != "rows") for p in split["pieces"])
             lines.append(f"profile {config} threads {n_threads}: step {wall / n:.3f} s wall, {cpu / n:.3f} s CPU "
-                         f"({main / max(cpu, 1e-9):.0%} on the calling thread); CPU s: {top}")  # fmt: skip
+                         f"({main / max(cpu, 1e-9):.0%} on the calling thread); CPU s: {top}; pieces' span "
+                         f"{split['span_s']:.3f} s, outside it {split['outside_s']:.3f} s; each piece: {each}")  # fmt: skip
     return rows, lines
 
 

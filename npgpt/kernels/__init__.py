@@ -38,7 +38,9 @@ the two schedules (reference for both: `whole_batch` here), not pairs:
         a batch (T positions each) in order; the rows are independent (an inference
         forward or loss), so a set may run the ranges apart, on several threads
     over_train_batch(fn, B, T) -> the same, for a training step's batch: fn(b0, b1) is
-        a piece's forward and backward, whose gradients the caller sums in range order
+        a piece's forward (the model then runs the LM head on the whole batch) or its
+        backward, whose gradients the caller sums in range order; called twice a step
+        (forwards, backwards), it must cut the same (B, T) into the same ranges
 
 and the optimizer's two (reference: `npgpt.optim`), which are not pairs:
 

@@ -7,8 +7,9 @@ proves it, forward and backward, in float64); what changes is only how the work 
   forward on its own thread, BLAS included (`over_batch`): no hand-over between threads
   inside a forward, and a piece's activations stay in cache;
 - a training batch is cut into one piece of whole rows per thread (`over_train_batch`),
-  each piece's forward and backward on its own thread, BLAS included; the model sums
-  the pieces' gradients;
+  each piece's forward on its own thread, BLAS included, then (the model) the LM head
+  and loss on the whole batch, then each piece's backward likewise; the model sums the
+  pieces' gradients;
 - elsewhere, elementwise and reduction passes (LayerNorm, GELU, the bias add and its
   gradient, the attention softmax, cross-entropy, AdamW, the gradient norm) run over row
   ranges on `npgpt.kernels.threads`' pool, one range per thread (NumPy releases the GIL
@@ -860,7 +861,9 @@ def lm_head_loss_forward(x, wte, targets, ignore_index=layers.IGNORE_INDEX):
     at a time (all N rows by a block of columns, `vocab_block`): each tile's product, row
     maxima, exps and row sums while it is in cache. The tiles' exps (one buffer of the logits'
     size) are kept for the backward, each with its own row maxima; the loss needs only
-    their sums. Blocks are shared among the threads, each product on one BLAS thread."""
+    their sums. Blocks are shared among the threads, each product on one BLAS thread (one
+    tile or a few too: OpenBLAS's pool, once woken, spins for a while after a call, taking a
+    core from the training pieces that follow)."""
     N, V = x.shape[0], wte.shape[0]
     safe, weight = scored_rows(targets, ignore_index, np.result_type(x, wte))
     width = vocab_block(N)
@@ -882,7 +885,8 @@ def lm_head_loss_forward(x, wte, targets, ignore_index=layers.IGNORE_INDEX):
             np.exp(z, out=z)
             np.matmul(z, ones(z.shape[1], z.dtype), out=block_sum[i])
 
-    parallel_rows(tiles, len(starts), N * width * x.shape[1] // GEMM_PER_ELEMENT, one_blas_thread=True)
+    with blas_on_one_thread():  # also where the tiles stay on this thread: a spinning BLAS pool would take a core
+        parallel_rows(tiles, len(starts), N * width * x.shape[1] // GEMM_PER_ELEMENT, one_blas_thread=True)
     top = np.max(block_max, axis=0)  # (N,) row maxima of the logits
     to_probs = np.exp(block_max - top)  # (nb, N): a tile's exps -> exp(z - top)
     total = np.einsum("bn,bn->n", block_sum, to_probs)  # (N,) sum exp(z - top)
@@ -915,7 +919,8 @@ def lm_head_loss_backward(dloss, cache):
                 dx += np.matmul(d, wte[v0 : v0 + d.shape[1]], out=share)
         return dx
 
-    parts = parallel_rows(tiles, len(exps), N * width * C // GEMM_PER_ELEMENT, one_blas_thread=True)
+    with blas_on_one_thread():  # as in the forward
+        parts = parallel_rows(tiles, len(exps), N * width * C // GEMM_PER_ELEMENT, one_blas_thread=True)
     dx = parts[0]
     for part in parts[1:]:
         dx += part
@@ -955,9 +960,10 @@ def over_batch(fn, B, T):
 # -- training: a batch in one piece per thread -------------------------------------------------
 def over_train_batch(fn, B, T):
     """fn over one piece of whole rows per thread (at least TRAIN_PIECE positions each),
-    run at once: each piece's forward and backward runs its kernels on its own thread,
-    BLAS included, so a step hands work between threads once, not in every kernel. Its
-    price: a set of gradients per extra piece, summed by the caller. With fewer rows than
+    run at once: each piece's forward, or its backward, runs its kernels on its own thread,
+    BLAS included, so a step hands work between threads twice (around the whole batch's LM
+    head), not in every kernel. Its price: a set of gradients per extra piece, summed by
+    the caller. The same (B, T) and thread count give the same pieces. With fewer rows than
     threads the batch runs whole, its kernels sharing out their own passes (pieces of a
     row or so would leave threads idle). Each piece runs as a "training" piece (`backward_follows`)."""
     piece = run_as_piece("training", fn)
