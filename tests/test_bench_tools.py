@@ -214,3 +214,24 @@ def test_generate_vs_torch_past_the_context_is_a_one_line_error(bench):
     assert code == 1 and report is None
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and "32 + 128" in last and "context 64" in last and "Traceback" not in err
+
+
+def test_best_seconds_samples_until_the_minimum_total(monkeypatch):
+    """A ceiling keeps sampling a short call until min_total_s has passed (on a fake clock),
+    so a burst of another process's work cannot fall on every sample."""
+    monkeypatch.syspath_prepend(str(TOOLS))
+    import benchlib
+
+    now = [0.0]
+
+    def clock():  # every reading 1 ms later
+        now[0] += 1e-3
+        return now[0]
+
+    calls = []
+    monkeypatch.setattr(benchlib.time, "perf_counter", clock)
+    benchlib.best_seconds(lambda: calls.append(1), repeats=3, min_sample_s=1e-3)
+    few = len(calls)
+    calls.clear()
+    benchlib.best_seconds(lambda: calls.append(1), repeats=3, min_sample_s=1e-3, min_total_s=0.1)
+    assert few == 2 + 3 and len(calls) > 2 + 30  # warm-ups + samples of one call each

@@ -170,20 +170,25 @@ def summary(seconds: list[float]) -> dict:
     return {"median_s": statistics.median(seconds), "min_s": min(seconds), "runs": len(seconds)}
 
 
-def best_seconds(fn, repeats: int, min_sample_s: float = 2e-3) -> float:
-    """Seconds per call of fn: the fastest of `repeats` samples (after one untimed call),
-    each sample timing enough back-to-back calls to last >= min_sample_s, so that tiny
-    calls are not lost in the timer and the scheduler's noise."""
+CEILING_SAMPLING_S = 0.03  # seconds of samples per GEMM, at least: many for a small product, `repeats` for a large one
+
+
+def best_seconds(fn, repeats: int, min_sample_s: float = 2e-3, min_total_s: float = 0.0) -> float:
+    """Seconds per call of fn: the fastest of at least `repeats` samples (after one untimed
+    call), each sample timing enough back-to-back calls to last >= min_sample_s, so that tiny
+    calls are not lost in the timer and the scheduler's noise; more samples while they have
+    taken under min_total_s in all (a ceiling: on a busy machine a few short samples can all
+    land in another process's time slices and understate it)."""
     fn()
     start = time.perf_counter()
     fn()
     calls = max(1, int(min_sample_s / max(time.perf_counter() - start, 1e-7)))
-    best = float("inf")
-    for _ in range(repeats):
+    best, samples, began = float("inf"), 0, time.perf_counter()
+    while samples < repeats or time.perf_counter() - began < min_total_s:
         start = time.perf_counter()
         for _ in range(calls):
             fn()
-        best = min(best, (time.perf_counter() - start) / calls)
+        best, samples = min(best, (time.perf_counter() - start) / calls), samples + 1
     return best
 
 
@@ -239,7 +244,8 @@ def total_flops(gemms) -> float:
     return sum(flops for _, flops in gemms)
 
 
-def gemm_ceiling(gemms, backend, torch=None, device: str = "cpu", n_threads: int | None = None, repeats: int = 3) -> dict:
+def gemm_ceiling(gemms, backend, torch=None, device: str = "cpu", n_threads: int | None = None, repeats: int = 3,
+                 min_total_s: float = CEILING_SAMPLING_S) -> dict:
     """The FLOP/s these GEMMs can reach with up to `n_threads` threads (None: as set): for
     each shape the best of the backend's matmul (BLAS on NumPy) and, given `torch`,
     torch.matmul on `device`, at n_threads and at 1 thread (a library may run a small
@@ -260,17 +266,17 @@ def gemm_ceiling(gemms, backend, torch=None, device: str = "cpu", n_threads: int
         if torch is not None:
             ta, tb, sync = torch.from_numpy(a_host).to(device), torch.from_numpy(b_host).to(device), _torch_sync(torch, device)
             calls.append(lambda: (torch.matmul(ta, tb), sync()))
-        rates = [once / best_seconds(call, repeats) for call in calls]
+        rates = [once / best_seconds(call, repeats, min_total_s=min_total_s) for call in calls]
         seconds["npgpt_backend"] += flops / rates[0]
         if torch is not None:
             seconds["torch"] += flops / rates[1]
         if backend.name == "numpy" and b == 1 and n_threads is not None and n_threads > 1:  # as linear_forward shares one
-            rates.append(once / best_seconds(lambda: by_columns(a, bb, None, n_threads, align=64), repeats))
+            rates.append(once / best_seconds(lambda: by_columns(a, bb, None, n_threads, align=64), repeats, min_total_s=min_total_s))
         if backend.name == "numpy" and n_threads is not None and n_threads > 1:  # as over_batch's pieces run
-            rates.append(once / best_seconds(lambda: by_rows(a, bb), repeats))
+            rates.append(once / best_seconds(lambda: by_rows(a, bb), repeats, min_total_s=min_total_s))
         if n_threads is not None and n_threads > 1:
             with threads(1):
-                rates += [once / best_seconds(call, repeats) for call in calls]
+                rates += [once / best_seconds(call, repeats, min_total_s=min_total_s) for call in calls]
         seconds["best"] += flops / max(rates)
     work = total_flops(gemms)
     report = {"gemm_ceiling_gflops": work / seconds["best"] / 1e9, "gemm_gflops_numpy_or_backend": work / seconds["npgpt_backend"] / 1e9}
@@ -292,7 +298,8 @@ def by_rows(a, b):
     return out
 
 
-def bandwidth(backend, torch=None, device: str = "cpu", n_threads: int | None = None, repeats: int = 5) -> dict:
+def bandwidth(backend, torch=None, device: str = "cpu", n_threads: int | None = None, repeats: int = 5,
+              min_total_s: float = CEILING_SAMPLING_S) -> dict:
     """Streaming-read bandwidth in GB/s with up to `n_threads` threads (None: as set): a
     float32 matrix of max(4 x the last-level cache, 512 MiB) times a vector (GEMV reads
     each byte once), through the backend's matmul (BLAS sgemv on NumPy) and, given
@@ -307,11 +314,11 @@ def bandwidth(backend, torch=None, device: str = "cpu", n_threads: int | None = 
     if torch is not None:
         ta, tx, sync = torch.from_numpy(host).to(device), torch.from_numpy(vec).to(device), _torch_sync(torch, device)
         calls["gemv_gb_s_torch_mv"] = lambda: (torch.mv(ta, tx), sync())
-    report = {"gemv_bytes": host.nbytes, **{k: host.nbytes / best_seconds(call, repeats) / 1e9 for k, call in calls.items()}}
+    report = {"gemv_bytes": host.nbytes, **{k: host.nbytes / best_seconds(call, repeats, min_total_s=min_total_s) / 1e9 for k, call in calls.items()}}
     best = max(report[k] for k in calls)
     if n_threads is not None and n_threads > 1:
         with threads(1):
-            report["gemv_gb_s_best_at_1_thread"] = max(host.nbytes / best_seconds(call, repeats) / 1e9 for call in calls.values())
+            report["gemv_gb_s_best_at_1_thread"] = max(host.nbytes / best_seconds(call, repeats, min_total_s=min_total_s) / 1e9 for call in calls.values())
         best = max(best, report["gemv_gb_s_best_at_1_thread"])
     report["bandwidth_ceiling_gb_s"] = best
     return report
