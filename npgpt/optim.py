@@ -68,13 +68,16 @@ class AdamW:
         self.v = {name: xp.zeros_like(p) for name, p in params.items()}  # second moments
         self.t = 0  # steps taken
 
-    def step(self, grads: dict, lr: float):
-        """One update of every parameter from `grads` (same keys), at learning rate `lr`."""
+    def step(self, grads: dict, lr: float, grad_scale=None):
+        """One update of every parameter from `grads` (same keys), at learning rate `lr`;
+        `grad_scale` (a 0-d device array, e.g. `clip_factor`'s): each gradient times it,
+        multiplied into the moments' updates (`grads` are left as they are)."""
         self.t += 1
         update = self.backend.kernels.adamw_update
         for name, p in self.params.items():
             wd = self.weight_decay if self.decay[name] else 0.0
-            update(p, grads[name], self.m[name], self.v[name], lr, wd, self.beta1, self.beta2, self.t, self.eps)
+            update(p, grads[name], self.m[name], self.v[name], lr, wd, self.beta1, self.beta2, self.t, self.eps,
+                   grad_scale)  # fmt: skip
 
     # -- checkpoints: moments to and from host NumPy --------------------------------------
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
@@ -99,9 +102,12 @@ class AdamW:
         self.eps, self.weight_decay = scalars["eps"], scalars["weight_decay"]
 
 
-def adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps):
-    """One AdamW step of one parameter p from its gradient g, the moments m and v updated
-    in place; `step` counts from 1, weight_decay 0 means no decay."""
+def adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps, grad_scale=None):
+    """One AdamW step of one parameter p from its gradient g (times `grad_scale` unless
+    None), the moments m and v updated in place; `step` counts from 1, weight_decay 0
+    means no decay."""
+    if grad_scale is not None:
+        g = g * grad_scale
     step_size = lr / (1.0 - beta1**step)
     sqrt_bc2 = math.sqrt(1.0 - beta2**step)
     if weight_decay:
@@ -138,6 +144,15 @@ def clip_grad_norm(grads: dict, max_norm: float, backend: Backend):
     factor = clip_factor(norm, max_norm, backend.xp)
     for g in grads.values():
         g *= factor
+    return norm
+
+
+def clipped_step(opt: AdamW, grads: dict, max_norm: float, lr: float):
+    """`clip_grad_norm` then `opt.step(grads, lr)`, the clipping factor handed to the step
+    as its `grad_scale` (one pass over the gradients fewer; `grads` are left unscaled);
+    max_norm 0: no clipping. Returns the norm before clipping as a 0-d device array."""
+    norm = global_norm(grads, opt.backend)
+    opt.step(grads, lr, clip_factor(norm, max_norm, opt.backend.xp) if max_norm > 0 else None)
     return norm
 
 

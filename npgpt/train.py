@@ -51,7 +51,7 @@ from npgpt.data import BatchSampler, split_tokens
 from npgpt.distributed import (DEFAULT_BUCKET_MB, DEFAULT_TIMEOUT, Comm, DataParallel, connect, launched_rank,
                                limit_threads, on_every_rank, rank_backend)  # fmt: skip
 from npgpt.model import GPT, FLOAT_DTYPES
-from npgpt.optim import AdamW, clip_grad_norm, cosine_lr, global_norm
+from npgpt.optim import AdamW, clipped_step, cosine_lr
 from npgpt.prepare import read_tokens, split_tokens_of
 from npgpt.tokenizer.formats import save as save_tokenizer
 from npgpt.weights import WEIGHTS_FILE, check_vocabularies, load_host_params, load_tokenizer_beside, resolve_weights
@@ -276,8 +276,7 @@ class Trainer:
             if args.grad_accum > 1:
                 for value in grads.values():
                     value *= 1.0 / args.grad_accum
-            norm = clip_grad_norm(grads, args.grad_clip, self.backend) if args.grad_clip > 0 else global_norm(grads, self.backend)
-            self.opt.step(grads, self.lr(self.step))
+            norm = clipped_step(self.opt, grads, args.grad_clip, self.lr(self.step))
         self.step += 1
         return total_loss / args.grad_accum, norm
 

@@ -19,6 +19,7 @@ from npgpt.backend import NumpyBackend, get_backend
 from npgpt.config import GPTConfig
 from npgpt.kernels import NAMES, REFERENCE, select_kernels
 from npgpt.model import GPT, segment_positions
+from npgpt.optim import AdamW
 
 from test_gradients import random_model
 
@@ -374,18 +375,20 @@ def test_the_lm_head_loss_equals_the_reference(N, C, V, lm_tile, n_threads, igno
     decay=st.sampled_from([0.0, 0.1]),
     step=st.integers(1, 3),
     strided=st.booleans(),
+    grad_scale=st.sampled_from([None, 0.37, 1.0]),
     seed=st.integers(0, 2**16),
 )
-def test_optimizer_kernels_equal_the_reference(shape, flat_block, n_threads, decay, step, strided, seed):
-    """AdamW's update and the sum of squares, over flat blocks that do and do not divide
-    the size, split over threads; a strided parameter takes the reference's path."""
+def test_optimizer_kernels_equal_the_reference(shape, flat_block, n_threads, decay, step, strided, grad_scale, seed):
+    """AdamW's update (with and without a gradient scale) and the sum of squares, over flat
+    blocks that do and do not divide the size, split over threads; a strided parameter
+    takes the reference's path."""
     rng = np.random.default_rng(seed)
     p, g = rng.standard_normal(shape), rng.standard_normal(shape)
     m, v = 0.1 * rng.standard_normal(shape), rng.random(shape)
     layout = (lambda a: np.repeat(a, 2, axis=-1)[..., ::2]) if strided else np.copy  # every other element
     ours, ref = [layout(a) for a in (p, m, v)], [layout(a) for a in (p, m, v)]
     g = layout(g)
-    args = (1e-2, decay, 0.9, 0.95, step, 1e-8)
+    args = (1e-2, decay, 0.9, 0.95, step, 1e-8, None if grad_scale is None else np.asarray(grad_scale))
     with blocks(flat_block=flat_block, dot_block=flat_block + 1, n_threads=n_threads):
         fast.adamw_update(ours[0], g, ours[1], ours[2], *args)
         total = fast.sum_of_squares(g)
@@ -394,6 +397,33 @@ def test_optimizer_kernels_equal_the_reference(shape, flat_block, n_threads, dec
     assert not np.allclose(ours[0], p)  # the parameter moved
     np.testing.assert_allclose(total, optim.sum_of_squares(g), **TOL)
     assert np.ndim(total) == 0 and total.dtype == g.dtype
+
+
+@settings(max_examples=10, deadline=None)
+@given(max_norm=st.sampled_from([0.0, 0.5, 1e3]), fast_kernels=st.booleans(), seed=st.integers(0, 2**16))
+def test_clipped_step_equals_clipping_then_the_step(max_norm, fast_kernels, seed):
+    """`clipped_step` (the clip factor folded into AdamW's moments, gradients left as they
+    are) moves parameters and moments as clip_grad_norm (gradients scaled in place) then
+    AdamW.step do, clipping (0.5) or not (1e3, and 0: off); same norm returned."""
+    rng = np.random.default_rng(seed)
+    shapes = {"wte.weight": (11, 4), "h.0.mlp.c_fc.weight": (4, 300), "h.0.ln_1.bias": (4,)}
+    params = {name: rng.standard_normal(shape) for name, shape in shapes.items()}
+    grads = {name: rng.standard_normal(shape) for name, shape in shapes.items()}
+    backend = NumpyBackend(fast.KERNELS if fast_kernels else REFERENCE)
+    ours, ref = {k: p.copy() for k, p in params.items()}, {k: p.copy() for k, p in params.items()}
+    opt_ours, opt_ref = AdamW(ours, backend), AdamW(ref, backend)
+    kept = {k: g.copy() for k, g in grads.items()}
+    with blocks(flat_block=64, dot_block=65, n_threads=2):
+        for _ in range(2):
+            norm = optim.clipped_step(opt_ours, grads, max_norm, 1e-2)
+            scaled = {k: g.copy() for k, g in grads.items()}
+            ref_norm = optim.clip_grad_norm(scaled, max_norm, backend) if max_norm else optim.global_norm(scaled, backend)
+            opt_ref.step(scaled, 1e-2)
+            np.testing.assert_allclose(norm, ref_norm, **TOL)
+    assert_same([grads[k] for k in shapes], [kept[k] for k in shapes])  # left unscaled
+    for a, b in ((ours, ref), (opt_ours.m, opt_ref.m), (opt_ours.v, opt_ref.v)):
+        assert_same([a[k] for k in shapes], [b[k] for k in shapes])
+    assert not np.allclose(ours["wte.weight"], params["wte.weight"])
 
 
 @settings(max_examples=25, deadline=None)

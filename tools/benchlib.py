@@ -29,7 +29,7 @@ from npgpt.generate import GenerationStats, generate_ids
 from npgpt.kernels.numpy_fast import by_columns
 from npgpt.kernels.threads import parallel_rows
 from npgpt.model import GPT
-from npgpt.optim import AdamW, clip_grad_norm, default_decay
+from npgpt.optim import AdamW, clipped_step, default_decay
 from npgpt.sampling import SamplingConfig
 
 
@@ -359,7 +359,7 @@ def torch_model(torch, cfg: GPTConfig, host: dict[str, np.ndarray], device: str 
 
 class NpgptStep:
     """One npgpt training step on a model: loss_and_grads, then clip to 1.0 and AdamW
-    (optimizer=True) or nothing more. Returns the loss as a float (a device sync)."""
+    (`clipped_step`; optimizer=True) or nothing more. Returns the loss as a float (a device sync)."""
 
     def __init__(self, model: GPT, optimizer: bool = True, betas=(0.9, 0.95)):
         self.model = model
@@ -368,8 +368,7 @@ class NpgptStep:
     def __call__(self, ids, targets, lr=1e-4):
         loss, grads = self.model.loss_and_grads(ids, targets)
         if self.opt is not None:
-            clip_grad_norm(grads, 1.0, self.model.backend)
-            self.opt.step(grads, lr)
+            clipped_step(self.opt, grads, 1.0, lr)
         return float(self.model.backend.to_numpy(loss))
 
     def val_loss(self, batches):

@@ -44,8 +44,8 @@ the two schedules (reference for both: `whole_batch` here), not pairs:
 
 and the optimizer's two (reference: `npgpt.optim`), which are not pairs:
 
-    adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps) -> None
-        (one AdamW step of one parameter: p, m and v updated in place)
+    adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps, grad_scale=None) -> None
+        (one AdamW step of one parameter from g times grad_scale: p, m and v updated in place)
     sum_of_squares(g) -> sum(g * g) (0-d)
 
 NPGPT_KERNELS=reference in the environment makes every backend use `REFERENCE`.

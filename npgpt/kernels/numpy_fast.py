@@ -973,15 +973,17 @@ def over_train_batch(fn, B, T):
 
 
 # -- the optimizer: AdamW and the gradient norm, in cache-sized blocks over row ranges ---------
-def adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps):
+def adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps, grad_scale=None):
     """`npgpt.optim.adamw_update`, one sweep over FLAT_BLOCK-element blocks of the flat
-    parameter, each block's ~10 passes in cache (p, m, v updated in place); a parameter of
-    one block directly (its ~14 calls are most of its time)."""
+    parameter, each block's ~10 passes in cache (p, m, v updated in place; grad_scale
+    folded into the moments' factors); a parameter of one block directly (its ~14 calls
+    are most of its time)."""
     if not (p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):  # no flat view to update in place
-        return optim.adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps)
+        return optim.adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps, grad_scale)
     pf, gf, mf, vf = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)  # views (g: a copy if strided)
+    scale = 1.0 if grad_scale is None else np.asarray(grad_scale, dtype=pf.dtype)
     constants = (1.0 - lr * weight_decay if weight_decay else None, beta1, beta2, math.sqrt(1.0 - beta2**step), eps,
-                 lr / (1.0 - beta1**step))  # fmt: skip
+                 lr / (1.0 - beta1**step), (1.0 - beta1) * scale, (1.0 - beta2) * scale * scale)  # fmt: skip
     if pf.size <= FLAT_BLOCK:
         adamw_block(pf, gf, mf, vf, np.empty_like(pf), *constants)
         return
@@ -995,17 +997,18 @@ def adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps):
     parallel_rows(run, -(-pf.size // FLAT_BLOCK), FLAT_BLOCK)
 
 
-def adamw_block(p, g, m, v, s, decay, beta1, beta2, sqrt_bc2, eps, step_size):
+def adamw_block(p, g, m, v, s, decay, beta1, beta2, sqrt_bc2, eps, step_size, g_to_m, g2_to_v):
     """One AdamW step of flat pieces p, g, m, v (p, m, v in place), `s` a same-sized scratch;
-    decay None: no weight decay."""
+    decay None: no weight decay. The moments take g_to_m * g and g2_to_v * g^2 ((1 - beta1)
+    and (1 - beta2) times the gradient's scale and its square)."""
     if decay is not None:
         p *= decay
     m *= beta1
-    np.multiply(g, 1.0 - beta1, out=s)
+    np.multiply(g, g_to_m, out=s)
     m += s
     v *= beta2
     np.multiply(g, g, out=s)
-    s *= 1.0 - beta2
+    s *= g2_to_v
     v += s
     np.sqrt(v, out=s)
     s /= sqrt_bc2
