@@ -336,7 +336,7 @@ def layer_norm_inference(x, w, b, eps):
     def block(r0, r1):
         o = out[r0:r1]
         np.subtract(x[r0:r1], (x[r0:r1] @ average)[:, None], out=o)  # centred
-        rs = np.einsum("ij,ij->i", o, o)  # (Nb,) sums of squares
+        rs = np.vecdot(o, o)  # (Nb,) sums of squares (at eval's 512 x 192, ~2x faster than einsum's)
         rs *= 1.0 / C
         rs += eps
         np.sqrt(rs, out=rs)
