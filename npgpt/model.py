@@ -542,7 +542,9 @@ class Dropout:
 
     def __call__(self, x, t0=0):
         """x -> (dropped, mask); `t0` (where attention's probability rows start) is unused:
-        every call draws fresh."""
+        every call draws fresh. p == 0: (x, None) at once, as the kernel would return."""
+        if self.p == 0.0:  # inference: no draws, no kernel call (a decode step makes 25 of these)
+            return x, None
         return self.backend.kernels.dropout_forward(x, self.p, self._uniform(x.shape))
 
     def _uniform(self, shape):
