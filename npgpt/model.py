@@ -236,7 +236,7 @@ class GPT:
         blocks = []
         last_rows = last_only and segments is None and not keep  # the last block takes each row's last position alone
         for i in range(cfg.n_layer):
-            x, block = self._block_forward(i, x, B, cache, drop, segments, last_rows and i == cfg.n_layer - 1, not keep)
+            x, block = self._block_forward(i, x, B, cache, drop, segments, last_rows and i == cfg.n_layer - 1)
             if keep:
                 blocks.append(block)
             del block  # without `keep`, this block's activations go before the next runs
@@ -260,11 +260,10 @@ class GPT:
         """The LM head, tied to the token embedding: a linear layer without bias, xf (N, C) -> logits (N, V)."""
         return self.backend.kernels.linear_forward(xf, self.params["wte.weight"].mT, None)[0]
 
-    def _block_forward(self, i, x, B, cache, drop, segments, last_row=False, in_place=False):
+    def _block_forward(self, i, x, B, cache, drop, segments, last_row=False):
         """One pre-LayerNorm block on rows x (N, C) -> (N, C), and its `BlockActivations`.
         `last_row` (the last block, when only the last position's logits are wanted): every
-        position's keys and values, the rest for each row's last position only -> (B, C).
-        `in_place` (no backward follows, so nothing reads x again): the residual adds write into x."""
+        position's keys and values, the rest for each row's last position only -> (B, C)."""
         p, cfg, xp, kernels = self.params, self.config, self.backend.xp, self.backend.kernels
         N, C = x.shape
         T, NH, hs = N // B, cfg.n_head, cfg.head_size
@@ -282,14 +281,14 @@ class GPT:
         y = xp.reshape(xp.permute_dims(y, (0, 2, 1, 3)), (N, C))  # (N, C), heads side by side
         y, attn_c_proj = kernels.linear_forward(y, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
         y, attn_drop = drop(y)
-        x = _residual(x, y, in_place)
+        x = x + y
         # MLP branch
         m, ln_2 = kernels.layer_norm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"], cfg.layer_norm_epsilon)
         m, c_fc = kernels.linear_forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])  # (N, 4C)
         m, gelu = kernels.gelu_forward(m)
         m, mlp_c_proj = kernels.linear_forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])  # (N, C)
         m, mlp_drop = drop(m)
-        x = _residual(x, m, in_place)
+        x = x + m
         return x, BlockActivations(ln_1, c_attn, attn, attn_c_proj, attn_drop, ln_2, c_fc, gelu, mlp_c_proj, mlp_drop)
 
     def _dropout(self, rngs):
@@ -476,14 +475,6 @@ class GPT:
 
 def _no_hook(names, grads):
     """The default `grad_ready`: nothing to do."""
-
-
-def _residual(x, y, in_place: bool):
-    """x + y, written into x when `in_place` (x is the forward's own and read by nothing else)."""
-    if not in_place:
-        return x + y
-    x += y
-    return x
 
 
 def _rows(segments, b0, b1):
