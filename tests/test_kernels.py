@@ -351,15 +351,11 @@ def test_cross_entropy_equals_the_reference(N, V, ce_block, n_threads, seed):
 
 @settings(max_examples=30, deadline=None)
 @given(N=st.sampled_from([1, 3, 7, 20]), C=st.integers(1, 6), V=st.integers(1, 23), lm_tile=st.integers(1, 60),
-       n_threads=st.integers(1, 4), ignored=st.sampled_from([0.0, 0.3, 1.0]), scale=st.sampled_from([3.0, 300.0]),
-       seed=st.integers(0, 2**16))  # fmt: skip
-@example(N=3, C=5, V=23, lm_tile=7, n_threads=3, ignored=0.3, scale=3.0, seed=0)  # blocks of 2 columns, the last of 1
-@example(N=3, C=5, V=23, lm_tile=7, n_threads=3, ignored=0.3, scale=300.0, seed=0)
-def test_the_lm_head_loss_equals_the_reference(N, C, V, lm_tile, n_threads, ignored, scale, seed):
-    """Tiles whose logits are bounded (scale 3) take unshifted exps, others (300: logits
-    beyond float64's exp_limit, some tiles) shift by their maxima."""
+       n_threads=st.integers(1, 4), ignored=st.sampled_from([0.0, 0.3, 1.0]), seed=st.integers(0, 2**16))  # fmt: skip
+@example(N=3, C=5, V=23, lm_tile=7, n_threads=3, ignored=0.3, seed=0)  # blocks of 2 columns, the last of 1
+def test_the_lm_head_loss_equals_the_reference(N, C, V, lm_tile, n_threads, ignored, seed):
     rng = np.random.default_rng(seed)
-    x, wte = scale * rng.standard_normal((N, C)), rng.standard_normal((V, C))
+    x, wte = 3 * rng.standard_normal((N, C)), rng.standard_normal((V, C))
     targets = rng.integers(0, V, N)
     targets[rng.random(N) < ignored] = layers.IGNORE_INDEX
     ref, ref_cache = layers.lm_head_loss_forward(x, wte, targets)
@@ -369,23 +365,6 @@ def test_the_lm_head_loss_equals_the_reference(N, C, V, lm_tile, n_threads, igno
     np.testing.assert_allclose(loss, ref, **TOL)
     assert np.ndim(loss) == 0
     assert_same(grads, layers.lm_head_loss_backward(np.asarray(0.7), ref_cache))
-
-
-@pytest.mark.parametrize("logit", [5.0, 150.0])
-def test_the_lm_head_loss_shifts_tiles_whose_exps_could_overflow(logit):
-    """float32 logits of about 150 overflow exp unshifted: the tiles must shift (a finite
-    loss and gradients equal to float64's), while logits of 5 need not."""
-    rng = np.random.default_rng(0)
-    x = np.full((4, 2), np.sqrt(logit / 2), dtype=np.float32)
-    wte = (np.sqrt(logit / 2) * (1 + 0.01 * rng.standard_normal((70, 2)))).astype(np.float32)
-    targets = np.array([0, 5, 33, 69])
-    ref, ref_cache = layers.lm_head_loss_forward(x.astype(np.float64), wte.astype(np.float64), targets)
-    with blocks(lm_tile=40, vocab_align=1, n_threads=2):
-        loss, cache = fast.lm_head_loss_forward(x, wte, targets)
-        grads = fast.lm_head_loss_backward(np.asarray(1.0, dtype=np.float32), cache)
-    np.testing.assert_allclose(loss, ref, rtol=1e-4)
-    for ours, theirs in zip(grads, layers.lm_head_loss_backward(np.asarray(1.0), ref_cache), strict=True):
-        np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-5)
 
 
 @settings(max_examples=25, deadline=None)

@@ -861,8 +861,7 @@ def cross_entropy_backward(dloss, cache):
 def lm_head_loss_forward(x, wte, targets, ignore_index=layers.IGNORE_INDEX):
     """The reference's loss, the logits x @ wte^T made and consumed a tile of the vocabulary
     at a time (all N rows by a block of columns, `vocab_block`): each tile's product, row
-    maxima, exps and row sums while it is in cache; a tile whose logits are bounded within
-    `exp_limit` (|x_n . w_v| <= max |x_n| max |w_v|) takes its exps unshifted (maxima 0). The tiles' exps (one buffer of the logits'
+    maxima, exps and row sums while it is in cache. The tiles' exps (one buffer of the logits'
     size) are kept for the backward, each with its own row maxima; the loss needs only
     their sums. Blocks are shared among the threads, each product on one BLAS thread (one
     tile or a few too: OpenBLAS's pool, once woken, spins for a while after a call, taking a
@@ -877,18 +876,14 @@ def lm_head_loss_forward(x, wte, targets, ignore_index=layers.IGNORE_INDEX):
     block_max = np.empty((len(starts), N), dtype=buffer.dtype)  # each tile's row maxima
     block_sum = np.empty_like(block_max)  # ... and its row sums of exp(z - block max)
     target_logit = np.empty(N, dtype=block_max.dtype)
-    longest_x, limit = np.sqrt(np.max(np.einsum("nc,nc->n", x, x), initial=0.0)), exp_limit(V, buffer.dtype)
 
     def tiles(i0, i1):
         for i in range(i0, i1):
-            v0, z, w = starts[i], exps[i], wte[starts[i] : starts[i] + width]
-            np.matmul(x, w.mT, out=z)  # (N, Vb) logits
+            v0, z = starts[i], exps[i]
+            np.matmul(x, wte[v0 : v0 + width].mT, out=z)  # (N, Vb) logits
             rows, columns = targets_in[i]
             target_logit[rows] = z[rows, columns]  # each row's target sits in one block
-            if longest_x * np.sqrt(np.max(np.einsum("vc,vc->v", w, w))) <= limit:  # |z| <= |x| |w|: exp(z) is safe
-                block_max[i] = 0.0  # unshifted (NaN compares False: shifted)
-            else:
-                z -= np.max(z, axis=-1, out=block_max[i])[:, None]
+            z -= np.max(z, axis=-1, out=block_max[i])[:, None]
             np.exp(z, out=z)
             np.matmul(z, ones(z.shape[1], z.dtype), out=block_sum[i])
 
