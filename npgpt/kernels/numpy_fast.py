@@ -269,8 +269,8 @@ def layer_norm_forward(x, w, b, eps):
     """x (N, C) -> out (N, C), block by block: the row means and variances by BLAS
     matrix-vector products (the squares held in `out` meanwhile), x - mean normalised in place."""
     N, C = x.shape
-    if inference():  # no backward follows: the output alone (a decode step's few rows in one pass per step)
-        return (layer_norm_few(x, w, b, eps) if N < FEW_ROWS else layer_norm_inference(x, w, b, eps)), None
+    if inference():  # no backward follows: the output alone (a decode step's one row without array passes for its scale)
+        return (layer_norm_one_row(x, w, b, eps) if N == 1 else layer_norm_inference(x, w, b, eps)), None
     average = averaging(C, x.dtype)  # (C,) of 1/C
     if N < FEW_ROWS:
         return layer_norm_rows(x, w, b, eps, average)
@@ -305,20 +305,14 @@ def layer_norm_rows(x, w, b, eps, average):
     return out, (xhat, rstd, w)
 
 
-def layer_norm_few(x, w, b, eps):
-    """layer_norm_forward's output alone for a few rows (a decode step's, no backward
-    follows): x - mean, scaled by the reciprocal standard deviation, then by w, plus b,
-    in place; one row's scale is a Python float (one dot product, no array passes)."""
-    N, C = x.shape
+def layer_norm_one_row(x, w, b, eps):
+    """layer_norm_forward's output alone for one row x (1, C) (a decode step's, no backward
+    follows): x - mean, scaled by the reciprocal standard deviation (a Python float from
+    one dot product, no array passes), then by w, plus b, in place."""
+    C = x.shape[1]
     out = x - (x @ averaging(C, x.dtype))[:, None]  # centred
-    if N == 1:
-        row = out[0]
-        out *= 1.0 / math.sqrt(float(row @ row) / C + eps)
-    else:
-        rstd = np.vecdot(out, out)  # (N,) sums of squares
-        rstd *= 1.0 / C
-        rstd += eps
-        out /= np.sqrt(rstd, out=rstd)[:, None]
+    row = out[0]
+    out *= 1.0 / math.sqrt(float(row @ row) / C + eps)
     out *= w
     out += b
     return out
