@@ -393,10 +393,13 @@ class GPT:
             return grads, dx
 
         parts = kernels.over_train_batch(backward, B, T)
-        grads = parts[0][0]
-        for piece_grads, _ in parts[1:]:
-            for name, g in piece_grads.items():
-                grads[name] += g
+        grads, names = parts[0][0], list(parts[0][0])
+
+        def add(i):  # the pieces' gradients of parameter i, summed in piece order
+            for piece_grads, _ in parts[1:]:
+                grads[names[i]] += piece_grads[names[i]]
+
+        kernels.over_parameters(add, [math.prod(grads[name].shape) for name in names])
         dwpe = None
         for (_, _, piece_acts), (_, dx) in zip(pieces, parts):
             dwte, piece_dwpe = kernels.embedding_backward(dx, piece_acts.embedding, dwte, self.params["wpe.weight"].shape,

@@ -73,11 +73,15 @@ class AdamW:
         `grad_scale` (a 0-d device array, e.g. `clip_factor`'s): each gradient times it,
         multiplied into the moments' updates (`grads` are left as they are)."""
         self.t += 1
-        update = self.backend.kernels.adamw_update
-        for name, p in self.params.items():
+        kernels, names = self.backend.kernels, list(self.params)
+
+        def update(i):
+            name = names[i]
             wd = self.weight_decay if self.decay[name] else 0.0
-            update(p, grads[name], self.m[name], self.v[name], lr, wd, self.beta1, self.beta2, self.t, self.eps,
-                   grad_scale)  # fmt: skip
+            kernels.adamw_update(self.params[name], grads[name], self.m[name], self.v[name], lr, wd, self.beta1,
+                                 self.beta2, self.t, self.eps, grad_scale)  # fmt: skip
+
+        kernels.over_parameters(update, [size(self.params[name]) for name in names])
 
     # -- checkpoints: moments to and from host NumPy --------------------------------------
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
@@ -129,8 +133,13 @@ def sum_of_squares(g):
 
 def global_norm(grads: dict, backend: Backend):
     """The L2 norm of all gradients together, as a 0-d device array."""
-    squares = backend.kernels.sum_of_squares
-    return backend.xp.sqrt(sum(squares(g) for g in grads.values()))
+    kernels, gs = backend.kernels, list(grads.values())
+    return backend.xp.sqrt(sum(kernels.over_parameters(lambda i: kernels.sum_of_squares(gs[i]), [size(g) for g in gs])))
+
+
+def size(a) -> int:
+    """Elements of an array (any array-API namespace's)."""
+    return math.prod(a.shape)
 
 
 def clip_grad_norm(grads: dict, max_norm: float, backend: Backend):

@@ -478,6 +478,31 @@ def test_the_model_gives_the_same_logits_and_gradients_with_either_set(s):
 
 
 @settings(max_examples=20, deadline=None)
+@given(sizes=st.lists(st.integers(1, 40), max_size=9), n_threads=st.integers(1, 4), max_norm=st.sampled_from([0.0, 0.5, 1e3]),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_a_step_over_the_parameters_equals_the_reference(sizes, n_threads, max_norm, seed):
+    """`over_parameters` gives fn(i) for every parameter once, in order, whatever the sizes'
+    order and the threads; a clipped AdamW step (the global norm, every parameter's
+    update) through it on n threads equals the reference set's, two steps running."""
+    rng = np.random.default_rng(seed)
+    start = {f"p{i}": rng.standard_normal((size,) if i % 2 else (size, 2)) for i, size in enumerate(sizes)}
+    grads = [{name: rng.standard_normal(p.shape) for name, p in start.items()} for _ in range(2)]
+    with blocks(n_threads=n_threads):
+        assert fast.over_parameters(lambda i: i, sizes) == list(range(len(sizes)))
+        params = {name: p.copy() for name, p in start.items()}
+        opt = AdamW(params, NumpyBackend(fast.KERNELS))
+        norms = [float(optim.clipped_step(opt, g, max_norm, 1e-2)) for g in grads]
+    ref_params = {name: p.copy() for name, p in start.items()}
+    ref = AdamW(ref_params, NumpyBackend(REFERENCE))
+    ref_norms = [float(optim.clipped_step(ref, g, max_norm, 1e-2)) for g in grads]
+    np.testing.assert_allclose(norms, ref_norms, **TOL)
+    for name in start:
+        np.testing.assert_allclose(params[name], ref_params[name], **TOL, err_msg=name)
+        np.testing.assert_allclose(opt.m[name], ref.m[name], **TOL, err_msg=name)
+        assert not np.allclose(params[name], start[name])  # every parameter moved
+
+
+@settings(max_examples=20, deadline=None)
 @given(B=st.sampled_from([1, 3, 4]), T=st.integers(1, 7), n_threads=st.integers(1, 3), ignored=st.sampled_from(["none", "some", "row", "all"]),
        segments=st.booleans(), dropout=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
 @example(B=4, T=5, n_threads=2, ignored="row", segments=True, dropout=True, seed=0)  # a piece with no scored target

@@ -32,7 +32,7 @@ explicitly, when the replacement keeps the reference's cache). Signatures, as in
         (N, V) logits no caller reads)
     lm_head_loss_backward(dloss, cache) -> dx (N, C), dwte (V, C)
 
-the two schedules (reference for both: `whole_batch` here), not pairs:
+the three schedules (reference: `whole_batch` and `each_parameter` here), not pairs:
 
     over_batch(fn, B, T) -> [fn(b0, b1), ...] for ranges [b0, b1) covering the B rows of
         a batch (T positions each) in order; the rows are independent (an inference
@@ -41,6 +41,9 @@ the two schedules (reference for both: `whole_batch` here), not pairs:
         a piece's forward (the model then runs the LM head on the whole batch) or its
         backward, whose gradients the caller sums in range order; called twice a step
         (forwards, backwards), it must cut the same (B, T) into the same ranges
+    over_parameters(fn, sizes) -> [fn(0), ..., fn(n - 1)] for n parameters of `sizes`
+        elements: independent work on each (an AdamW update, a sum of squares, the
+        pieces' gradient sum), so a set may run them apart, on several threads
 
 and the optimizer's two (reference: `npgpt.optim`), which are not pairs:
 
@@ -60,7 +63,7 @@ from collections.abc import Callable
 from npgpt import layers, optim
 
 OPS = ("linear", "layer_norm", "gelu", "dropout", "attention", "embedding", "cross_entropy", "lm_head_loss")
-SCHEDULE = ("over_batch", "over_train_batch")
+SCHEDULE = ("over_batch", "over_train_batch", "over_parameters")
 OPTIMIZER = ("adamw_update", "sum_of_squares")
 NAMES = tuple(f"{op}_{way}" for op in OPS for way in ("forward", "backward")) + SCHEDULE + OPTIMIZER
 ENV = "NPGPT_KERNELS"
@@ -89,6 +92,7 @@ class Kernels:
     lm_head_loss_backward: Callable
     over_batch: Callable
     over_train_batch: Callable
+    over_parameters: Callable
     adamw_update: Callable
     sum_of_squares: Callable
 
@@ -109,7 +113,12 @@ def whole_batch(fn, B: int, T: int) -> list:
     return [fn(0, B)]
 
 
-REFERENCE = Kernels("reference", over_batch=whole_batch, over_train_batch=whole_batch,
+def each_parameter(fn, sizes) -> list:
+    """[fn(0), ..., fn(len(sizes) - 1)]: the reference takes the parameters one by one."""
+    return [fn(i) for i in range(len(sizes))]
+
+
+REFERENCE = Kernels("reference", over_batch=whole_batch, over_train_batch=whole_batch, over_parameters=each_parameter,
                     **{name: getattr(optim if name in OPTIMIZER else layers, name) for name in NAMES if name not in SCHEDULE})  # fmt: skip
 
 

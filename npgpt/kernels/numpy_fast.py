@@ -46,7 +46,8 @@ proves it, forward and backward, in float64); what changes is only how the work 
   sums while it is in cache, and its backward turns each tile into dlogits and takes its
   dwte rows and dx share at once: the (N, V) buffer is written once and read once;
 - AdamW updates each parameter in one sweep of cache-sized blocks instead of ~10 passes
-  over the whole tensor;
+  over the whole tensor; a step's updates, sums of squares and the training pieces'
+  gradient sum go a parameter a thread (`over_parameters`), one hand-off for all;
 - inside a piece of `over_batch` no backward follows (`inference`): LayerNorm keeps no
   normalised copy, attention builds each query block's probabilities in one scratch per
   thread, and their caches are None; on one thread (eval's pieces) LayerNorm runs in fewer,
@@ -968,6 +969,26 @@ def over_train_batch(fn, B, T):
     return parallel_rows(piece, B, T * (MIN_ELEMENTS // TRAIN_PIECE), one_blas_thread=True)
 
 
+# -- parameters: the optimizer's work and the pieces' gradient sum, a parameter a thread -------
+def over_parameters(fn, sizes) -> list:
+    """[fn(0), ..., fn(n - 1)], the parameters (of `sizes` elements) taken by the threads
+    largest first, each thread the next when it finishes one (`parallel_items`): one
+    hand-off for a whole step's updates instead of one per parameter, and no parameter's
+    passes split (each fn's kernels run on its thread). On one thread, or for less than
+    2 * MIN_ELEMENTS in all, in order on the calling thread."""
+    n = len(sizes)
+    if free_threads() == 1 or n < 2 or sum(sizes) < 2 * threads.MIN_ELEMENTS:
+        return [fn(i) for i in range(n)]
+    order = sorted(range(n), key=lambda i: -sizes[i])
+    results: list = [None] * n
+
+    def item(j):
+        results[order[j]] = fn(order[j])
+
+    parallel_items(item, n)
+    return results
+
+
 # -- the optimizer: AdamW and the gradient norm, in cache-sized blocks over row ranges ---------
 def adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps, grad_scale=None):
     """`npgpt.optim.adamw_update`, one sweep over FLAT_BLOCK-element blocks of the flat
@@ -1045,6 +1066,7 @@ KERNELS = REFERENCE.replace(
     lm_head_loss_backward=lm_head_loss_backward,
     over_batch=over_batch,
     over_train_batch=over_train_batch,
+    over_parameters=over_parameters,
     adamw_update=adamw_update,
     sum_of_squares=sum_of_squares,
 )
