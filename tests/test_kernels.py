@@ -487,7 +487,7 @@ def test_a_step_over_the_parameters_equals_the_reference(sizes, n_threads, max_n
     rng = np.random.default_rng(seed)
     start = {f"p{i}": rng.standard_normal((size,) if i % 2 else (size, 2)) for i, size in enumerate(sizes)}
     grads = [{name: rng.standard_normal(p.shape) for name, p in start.items()} for _ in range(2)]
-    with blocks(n_threads=n_threads):
+    with blocks(n_threads=n_threads, parameter_elements=0):
         assert fast.over_parameters(lambda i: i, sizes) == list(range(len(sizes)))
         params = {name: p.copy() for name, p in start.items()}
         opt = AdamW(params, NumpyBackend(fast.KERNELS))
@@ -524,7 +524,7 @@ def test_a_training_batch_in_pieces_equals_it_whole(B, T, n_threads, ignored, se
 
     def step(n):
         calls = []
-        with blocks(n_threads=n, query_block=128, lm_tile=8, vocab_align=2):  # one query block: the attention
+        with blocks(n_threads=n, query_block=128, lm_tile=8, vocab_align=2, parameter_elements=0):  # one query block: the attention
             # masks draw alike; the LM head's vocabulary in tiles of 2 columns, shared among the threads
             assert fast.over_train_batch(lambda b0, b1: (b0, b1), B, T) == (threads.row_ranges(B, n) if B >= n else [(0, B)])
             assert all(fast.over_train_batch(lambda b0, b1: fast.backward_follows(), B, T)) and not fast.backward_follows()

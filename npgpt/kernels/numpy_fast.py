@@ -89,6 +89,7 @@ HEAD_GROUP = 1 << 17  # scores per group of heads taken together through a block
 LM_TILE = 1 << 20  # logits per tile of the LM head's loss (all rows x a block of the vocabulary): in L3
 VOCAB_ALIGN = 64  # vocabulary blocks of the LM head's loss: multiples of this many columns
 TRAIN_PIECE = 128  # positions per piece of a training batch, at least: below, one piece
+PARAMETER_ELEMENTS = 1 << 21  # elements (all parameters) from which `over_parameters` shares them among the threads
 SMALL_GEMM = 1 << 27  # multiply-adds up to which a linear layer's forward product is shared among the threads
 GELU_SCALE = layers.GELU_SCALE
 _piece = threading.local()  # .inference, .training: this thread runs a piece of over_batch, of over_train_batch
@@ -975,9 +976,10 @@ def over_parameters(fn, sizes) -> list:
     largest first, each thread the next when it finishes one (`parallel_items`): one
     hand-off for a whole step's updates instead of one per parameter, and no parameter's
     passes split (each fn's kernels run on its thread). On one thread, or for less than
-    2 * MIN_ELEMENTS in all, in order on the calling thread."""
+    PARAMETER_ELEMENTS in all (a small model's step: its many tiny calls hold the GIL, so
+    a second thread only waits), in order on the calling thread."""
     n = len(sizes)
-    if free_threads() == 1 or n < 2 or sum(sizes) < 2 * threads.MIN_ELEMENTS:
+    if free_threads() == 1 or n < 2 or sum(sizes) < PARAMETER_ELEMENTS:
         return [fn(i) for i in range(n)]
     order = sorted(range(n), key=lambda i: -sizes[i])
     results: list = [None] * n
