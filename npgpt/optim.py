@@ -5,6 +5,8 @@ so the optimizer never leaves the device: the clipping factor stays a 0-d device
 and is always multiplied in (no host-side `if norm > max_norm`). `adamw_update` and
 `sum_of_squares` are the plain references of the backend's optimizer kernels
 (`backend.kernels`, see `npgpt.kernels`); the NumPy backend's are blocked and threaded.
+A step hands its parameters to the set's `over_parameters` schedule (the reference: one by
+one; NumPy's: whole parameters shared among the threads).
 
 The arithmetic follows PyTorch's `torch.optim.AdamW` (single-tensor path) step for step:
 
