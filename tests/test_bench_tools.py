@@ -205,7 +205,8 @@ def test_train_profile_times_every_kernel_the_step_calls(bench):
         assert split["pieces"][0]["wall_s"] <= split["span_s"] and split["outside_s"] > 0
         if "ran_s" in split["pieces"][0]:  # Linux
             assert 0 < split["pieces"][0]["ran_s"] <= split["pieces"][0]["wall_s"] + 1e-3
-    assert "profile tiny threads 2" in err and "pieces' span" in err
+        assert row["step_system_cpu_s"] >= 0 and row["step_minor_faults"] >= 0
+    assert "profile tiny threads 2" in err and "pieces' span" in err and "page faults" in err
 
 
 def test_generate_vs_torch_past_the_context_is_a_one_line_error(bench):

@@ -26,7 +26,8 @@ final validation loss over 200 fixed validation batches.
 
 --profile: npgpt's step alone, each kernel of its set timed (wall, process CPU, and the
 calling thread's CPU): on a busy machine CPU seconds still show where the work goes and
-what runs on one core (main_thread_share near 1.0 at several threads: serial), and
+what runs on one core (main_thread_share near 1.0 at several threads: serial), the
+step's system CPU seconds and minor page faults (fresh memory's first touches), and
 "untimed" is what runs between the kernels (residual adds, the pieces' gradient sum,
 reshapes, clipping). The schedules are not timed: they run the others. Where a training
 batch runs in pieces on several threads, the pieces' kernels overlap: each kernel's wall
@@ -45,6 +46,7 @@ import copy
 import dataclasses
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -245,10 +247,11 @@ def profile_steps(args, backend) -> tuple[list[dict], list[str]]:
                 step(ids, targets)  # warm-up
                 totals.clear()
                 pieces.clear()
-                t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
+                t0, c0, m0, u0 = time.perf_counter(), time.process_time(), time.thread_time(), usage()
                 for _ in range(args.repeats):
                     step(ids, targets)
                 wall, cpu, main = ((time.perf_counter() - t0), (time.process_time() - c0), (time.thread_time() - m0))
+                u1 = usage()
             n = args.repeats
             kernels = {name: {"wall_s": w / n, "cpu_s": c / n, "main_thread_share": m / c if c else None, "calls": k // n}
                        for name, (w, c, m, k) in sorted(totals.items(), key=lambda item: -item[1][1])}  # fmt: skip
@@ -258,14 +261,23 @@ def profile_steps(args, backend) -> tuple[list[dict], list[str]]:
                                   "main_thread_share": untimed[2] / untimed[1] if untimed[1] > 0 else None}  # fmt: skip
             rows.append({"config": config, "B": B, "T": T, **dataclasses.asdict(cfg), "threads": n_threads, "steps": n,
                          "step_wall_s": wall / n, "step_cpu_s": cpu / n, "main_thread_share": main / cpu if cpu else None,
+                         "step_system_cpu_s": (u1[0] - u0[0]) / n, "step_minor_faults": (u1[1] - u0[1]) / n,
                          "kernels": kernels, "train_pieces": piece_summary(pieces, n, wall / n)})  # fmt: skip
             top = ", ".join(f"{k} {v['cpu_s']:.2f}" for k, v in list(kernels.items())[:4])
             split = rows[-1]["train_pieces"]
             each = "; ".join(" ".join(f"{k.removesuffix('_s')} {v:.3f}" for k, v in p.items() if k != "rows") for p in split["pieces"])
             lines.append(f"profile {config} threads {n_threads}: step {wall / n:.3f} s wall, {cpu / n:.3f} s CPU "
-                         f"({main / max(cpu, 1e-9):.0%} on the calling thread); CPU s: {top}; pieces' span "
+                         f"({main / max(cpu, 1e-9):.0%} on the calling thread; system {(u1[0] - u0[0]) / n:.3f} s, "
+                         f"{(u1[1] - u0[1]) / n:.0f} page faults); CPU s: {top}; pieces' span "
                          f"{split['span_s']:.3f} s, outside it {split['outside_s']:.3f} s; each piece: {each}")  # fmt: skip
     return rows, lines
+
+
+def usage() -> tuple[float, int]:
+    """(system CPU seconds, minor page faults) of this process so far: fresh memory's
+    first touches, which a step that reuses freed memory does not pay."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_stime, r.ru_minflt
 
 
 # -- the recipe race -------------------------------------------------------------------------
