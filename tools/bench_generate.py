@@ -191,11 +191,11 @@ def main(argv=None):
                 row["cached"]["decode_only_fraction_of_bandwidth_ceiling"] = decode / ceiling
                 row["cached"]["decode_only_fraction_of_adjacent_ceiling"] = per_run(
                     [(args.new_tokens - 1) / t for t in decode_seconds[1:]], adjacent)  # fmt: skip
+                line += f" ({row['cached']['fraction_of_bandwidth_ceiling']:.1%} of ceiling, decode only {decode:.1f} tok/s = {decode / ceiling:.1%})"
                 pairs = row["cached"]["fraction_of_adjacent_ceiling"]
                 line += (f"; against the ceiling next to each run ({min(gb_s):.1f}-{max(gb_s):.1f} GB/s): median "
                          f"{pairs['median']:.1%} ({pairs['min']:.1%}-{pairs['max']:.1%}), decode only "
                          f"{row['cached']['decode_only_fraction_of_adjacent_ceiling']['median']:.1%}")  # fmt: skip
-                line += f" ({row['cached']['fraction_of_bandwidth_ceiling']:.1%} of ceiling, decode only {decode:.1f} tok/s = {decode / ceiling:.1%})"
             if default_layout is not None:
                 row["speedup_decoding_layout"] = row["cached"]["tokens_per_s"] / row["cached_default_layout"]["tokens_per_s"]
                 line += f"; decoding layout {row['speedup_decoding_layout']:.3f}x the default layout's tok/s"
