@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 from npgpt.errors import UserError, error_message
-from npgpt.optim import AdamW, clip_factor, clip_grad_norm, default_decay, global_norm
+from npgpt.optim import AdamW, clip_factor, clipped_step, default_decay
 
 DEFAULT_BUCKET_MB = 25.0  # PyTorch DDP's default bucket size
 DEFAULT_TIMEOUT = 600.0  # seconds a rank waits for the others before ending the job
@@ -447,16 +447,13 @@ class DataParallel:
 
     # -- the update ----------------------------------------------------------------------------
     def clip_and_step(self, max_norm: float, lr: float):
-        """Clip by the global norm (0: off) and take one AdamW step; returns the norm (0-d)."""
+        """Clip by the global norm (0: off) and take one AdamW step, the clip factor folded into
+        the step (`optim.clipped_step`; the gradients are left unscaled); returns the norm (0-d)."""
         if not self.zero:
-            norm = clip_grad_norm(self.grads, max_norm, self.backend) if max_norm > 0 else global_norm(self.grads, self.backend)
-            self.opt.step(self.grads, lr)
-            return norm
+            return clipped_step(self.opt, self.grads, max_norm, lr)
         xp = self.backend.xp
         norm = xp.sqrt(self.comm_sum_scalar(xp.sum(self.shard_grads * self.shard_grads)))  # padding is zero
-        if max_norm > 0:
-            self.shard_grads *= clip_factor(norm, max_norm, xp)
-        self.opt.step(self.shard_pieces_grads, lr)
+        self.opt.step(self.shard_pieces_grads, lr, clip_factor(norm, max_norm, xp) if max_norm > 0 else None)
         self.comm.wait([self.comm.start_allgather(self.flat_params[start:stop]) for start, stop, _ in self.layout.buckets])
         return norm
 
