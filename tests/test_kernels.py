@@ -35,6 +35,7 @@ def blocks(n_threads=3, **sizes):
     if "ROW_BLOCK" in names:
         names.setdefault("ROW_ELEMENTS", 0)  # blocks of exactly row_block rows
         names.setdefault("INFERENCE_ROW_ELEMENTS", 0)
+        names.setdefault("INFERENCE_GELU_ELEMENTS", 0)
     saved = {name: getattr(fast, name) for name in names}, threads.MIN_ELEMENTS, threads._chosen
     for name, size in names.items():
         setattr(fast, name, size)
@@ -347,6 +348,33 @@ def test_cross_entropy_equals_the_reference(N, V, ce_block, n_threads, seed):
     np.testing.assert_allclose(loss, ref, **TOL)
     assert np.ndim(loss) == 0
     np.testing.assert_allclose(dlogits, layers.cross_entropy_backward(0.7, ref_cache), **TOL)
+
+
+@settings(max_examples=25, deadline=None)
+@given(N=st.integers(1, 20), V=st.integers(1, 11), ce_block=st.integers(1, 40), n_threads=st.integers(1, 4),
+       large=st.sampled_from([0.0, 0.3, 1.0]), dtype=st.sampled_from([np.float64, np.float32]), seed=st.integers(0, 2**16))  # fmt: skip
+@example(N=7, V=5, ce_block=10, n_threads=1, large=0.3, dtype=np.float64, seed=1)  # blocks of 2 rows, some shifted, some not
+def test_cross_entropy_shifts_only_blocks_whose_exp_could_overflow(N, V, ce_block, n_threads, large, dtype, seed):
+    """A block of logits within `exp_limit` skips the row maxima (shift 0); a block with a
+    logit past it is shifted by its row maxima: loss and gradient as the reference's
+    (float64) either way, blocks of both kinds mixed."""
+    rng = np.random.default_rng(seed)
+    logits = 3 * rng.standard_normal((N, V))
+    huge = rng.random(N) < large  # rows with a logit past exp's range for this row length
+    logits[huge, rng.integers(0, V)] += 2.0 * fast.exp_limit(V, dtype) * rng.choice([-1.0, 1.0])
+    logits = logits.astype(dtype)
+    targets = rng.integers(0, V, N)
+    targets[rng.random(N) < 0.3] = layers.IGNORE_INDEX
+    ref, ref_cache = layers.cross_entropy_forward(logits.astype(np.float64), targets)
+    checks, original = [], fast.exp_is_safe
+    with pytest.MonkeyPatch.context() as patch, blocks(ce_block=ce_block, n_threads=n_threads):
+        patch.setattr(fast, "exp_is_safe", lambda a: checks.append(original(a)) or checks[-1])
+        loss, cache = fast.cross_entropy_forward(logits.copy(), targets)
+        dlogits = fast.cross_entropy_backward(0.7, cache)
+    assert checks and all(checks) == (not huge.any())  # a block is shifted exactly where it holds a huge logit
+    tol = TOL if dtype == np.float64 else dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(loss, ref, **tol)
+    np.testing.assert_allclose(dlogits, layers.cross_entropy_backward(0.7, ref_cache), **tol)
 
 
 @settings(max_examples=30, deadline=None)

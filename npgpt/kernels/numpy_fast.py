@@ -72,6 +72,7 @@ from npgpt.kernels.threads import (MIN_ELEMENTS, blas_on_one_thread, blas_settab
 ROW_BLOCK = 64  # rows per block of a long elementwise chain: (64, 4C) floats stay in L2
 ROW_ELEMENTS = 1 << 16  # ... or more rows, up to this many elements, where rows are short (LayerNorm's C)
 INFERENCE_ROW_ELEMENTS = 1 << 17  # ... in an inference piece's LayerNorm (its few passes): eval's 512 x 192 in one block
+INFERENCE_GELU_ELEMENTS = 3 << 14  # ... in an inference piece's GELU over x: a block and its scratch, 384 KiB of float32, in L2
 QUERY_BLOCK = 64  # queries per block: later blocks see more keys, none sees the future
 FLAT_BLOCK = 1 << 16  # elements per block of the optimizer's sweep over a flat parameter
 DOT_BLOCK = 1 << 13  # elements per dot product: OpenBLAS threads dots above 10000 elements
@@ -379,11 +380,12 @@ def gelu_forward(x):
     elsewhere the cache is x, and a backward would recompute the tanh, except in a piece of
     `over_batch` on one thread (`inference`, from FEW_ROWS rows): there no backward follows,
     and GELU is written over x (the product before it, not read again) block by block
-    through one block's scratch, ~10% faster than filling a new array (cache None)."""
+    through one block's scratch, ~10% faster than filling a new array (cache None), in
+    blocks of INFERENCE_GELU_ELEMENTS or ROW_BLOCK rows (a block and its scratch in L2)."""
     if inference() and x.shape[0] >= FEW_ROWS and free_threads() == 1 and x.flags.writeable:
-        scratch = np.empty((min(block_rows(x.shape[1]), x.shape[0]), x.shape[1]), dtype=x.dtype)
+        scratch = np.empty((min(block_rows(x.shape[1], INFERENCE_GELU_ELEMENTS), x.shape[0]), x.shape[1]), dtype=x.dtype)
         over_row_blocks(lambda r0, r1: gelu_block(x[r0:r1], x[r0:r1], scratch[: r1 - r0]), x.shape[0], x.shape[1],
-                        overflow="ignore")  # fmt: skip
+                        overflow="ignore", elements=INFERENCE_GELU_ELEMENTS)  # fmt: skip
         return x, None
     out = np.empty_like(x)
     if not backward_follows():
@@ -808,11 +810,13 @@ def scored_rows(targets, ignore_index, dtype):
 
 
 def cross_entropy_forward(logits, targets, ignore_index=layers.IGNORE_INDEX):
-    """The reference's loss by log-sum-exp, log(sum exp(z - max z)) + max z - target
-    logit; the logits are overwritten with their unnormalised probabilities exp(z - max z),
+    """The reference's loss by log-sum-exp, log(sum exp(z - m)) + m - target logit, m each
+    row's maximum (or 0, below); the logits are overwritten with their unnormalised probabilities exp(z - m),
     which the backward divides by their row totals (kept in the cache): a loss alone makes
     no normalising pass. A thread's rows take their target logits in one gather, then
-    four calls per block (row maxima, shift, exp, row sums)."""
+    four calls per block (row maxima, shift, exp, row sums); where no logit of a block can
+    overflow exp (`exp_is_safe`'s two reductions), the shift is 0 and the block skips the
+    row maxima and the shift (the loss and the probabilities are unchanged by it)."""
     N, V = logits.shape
     safe, weight = scored_rows(targets, ignore_index, logits.dtype)
     row_loss = np.empty(N, dtype=logits.dtype)  # log(sum exp(z - max z)) + max z - target logit, per row
@@ -826,7 +830,10 @@ def cross_entropy_forward(logits, targets, ignore_index=layers.IGNORE_INDEX):
         for r0 in range(a, b, block):
             r1 = min(r0 + block, b)
             z = logits[r0:r1]
-            z -= np.max(z, axis=-1, out=top[r0:r1])[:, None]
+            if exp_is_safe(z):  # no shift: exp(z) and their row sums stay finite and normal
+                top[r0:r1] = 0.0
+            else:
+                z -= np.max(z, axis=-1, out=top[r0:r1])[:, None]
             np.exp(z, out=z)  # unnormalised probabilities
             np.matmul(z, every, out=total[r0:r1])
         np.subtract(top[a:b], target_logit, out=row_loss[a:b])
