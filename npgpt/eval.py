@@ -40,6 +40,7 @@ from npgpt.layers import IGNORE_INDEX
 from npgpt.errors import UserError, add_debug_flag, run_cli
 from npgpt.kernels.threads import add_threads_option, configure as configure_threads, on_one_thread
 from npgpt.model import FLOAT_DTYPES
+from npgpt.tokenizer.base import last_safe_cut
 from npgpt.weights import load_model
 
 LOGITS_BUDGET = 2**26  # default batch: at most this many logits (256 MiB in float32) at once
@@ -264,7 +265,7 @@ def read_ids(tokenizer, path, max_tokens: int | None = None, processes: int = 1)
             while len(ids) < max_tokens:
                 block = f.read(READ_CHARS)
                 pending += block
-                cut = len(pending) if not block else _safe_cut(pending)
+                cut = len(pending) if not block else last_safe_cut(pending)
                 ids += _encode(tokenizer, pending[:cut], path)
                 pending = pending[cut:]
                 if not block:
@@ -277,14 +278,14 @@ def read_ids(tokenizer, path, max_tokens: int | None = None, processes: int = 1)
 
 
 def encode_in_parts(tokenizer, text: str, path, parts: int) -> np.ndarray:
-    """The ids (int64) of `text`, cut at up to parts - 1 safe cuts (`_safe_cut`, near equal
+    """The ids (int64) of `text`, cut at up to parts - 1 safe cuts (`last_safe_cut`, near equal
     shares), the parts after the first encoded on forked processes (Linux) while this one
     encodes the first; the same ids as encoding the text whole. A part whose process fails
     without an error to send (killed) is encoded here."""
     cuts = [0]
     if parts > 1 and sys.platform == "linux":
         for i in range(1, parts):
-            cut = _safe_cut(text[: len(text) * i // parts])
+            cut = last_safe_cut(text[: len(text) * i // parts])
             if cut > cuts[-1]:
                 cuts.append(cut)
     cuts.append(len(text))
@@ -318,17 +319,6 @@ def _encode_to(tokenizer, text: str, a: int, b: int, path, send) -> None:
         send.send(np.asarray(_encode(tokenizer, text[a:b], path), dtype=np.int64))
     except BaseException as e:  # noqa: BLE001  (sent to the parent, which raises it)
         send.send(_travelling(e))
-
-
-def _safe_cut(text: str) -> int:
-    """The end of the last newline with non-space characters on both sides (0 if none)."""
-    i = len(text) - 1
-    while True:
-        i = text.rfind("\n", 0, i)
-        if i <= 0:
-            return 0
-        if i + 1 < len(text) and not text[i - 1].isspace() and not text[i + 1].isspace():
-            return i + 1
 
 
 def _encode(tokenizer, text: str, path) -> list[int]:

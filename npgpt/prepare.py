@@ -37,7 +37,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -51,13 +50,13 @@ from pathlib import Path
 import numpy as np
 
 from npgpt.errors import UserError, add_debug_flag, run_cli
+from npgpt.tokenizer.base import SAFE_CUT
 
 META_FILE, TOKENIZER_DIR = "meta.json", "tokenizer"
 SPLITS = ("train", "val")
 FORMAT, VERSION = "npgpt-tokens", 1
 PIECE_BYTES = 1 << 20  # long documents are cut into pieces of about this many bytes
 TASK_BYTES = 1 << 20  # text per batch sent to a worker
-SAFE_CUT = re.compile(rb"[\x21-\x7e]\n(?=[\x21-\x7e])")  # a cut after this "\n" changes no chunk
 
 
 class PrepareError(UserError, RuntimeError):

@@ -68,6 +68,18 @@ def test_cut_documents_encode_as_whole_ones(gpt2, tmp_path_factory, text, patter
     assert sum((tokenizer.encode_ordinary(t) for t, _, _ in parts), []) == tokenizer.encode_ordinary(text)
 
 
+@settings(max_examples=150, deadline=None)
+@given(pieces_of_text, st.sampled_from(["gpt2", "gpt4"]), st.integers(0, 80))
+def test_text_cut_at_last_safe_cut_encodes_as_whole(gpt2, text, pattern, at):
+    """eval's cut of a str (`last_safe_cut`, any non-space neighbours) changes no chunk either."""
+    from npgpt.tokenizer.base import last_safe_cut
+
+    tokenizer = BPETokenizer(gpt2.ranks, gpt2.special_tokens, pattern)
+    cut = last_safe_cut(text[:at])
+    assert cut == 0 or (text[cut - 1] == "\n" and not text[cut - 2].isspace() and not text[cut].isspace())
+    assert tokenizer.encode_ordinary(text[:cut]) + tokenizer.encode_ordinary(text[cut:]) == tokenizer.encode_ordinary(text)
+
+
 # -- a small corpus, every input kind --------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):

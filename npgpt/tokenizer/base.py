@@ -9,6 +9,23 @@ import regex
 
 ENDOFTEXT = "<|endoftext|>"
 
+# Where a text may be cut, its parts encoded apart giving the ids of the whole: after a "\n"
+# between two non-space characters, where GPT-2's and GPT-4's split patterns always end a
+# chunk. In UTF-8 bytes only printable ASCII neighbours count (a byte >= 0x80 may end a
+# space such as U+00A0). prepare cuts bytes at SAFE_CUT; eval cuts text at `last_safe_cut`.
+SAFE_CUT = regex.compile(rb"[\x21-\x7e]\n(?=[\x21-\x7e])")
+
+
+def last_safe_cut(text: str) -> int:
+    """The end of the last "\n" of `text` with non-space characters on both sides (0 if none)."""
+    i = len(text) - 1
+    while True:
+        i = text.rfind("\n", 0, i)
+        if i <= 0:
+            return 0
+        if i + 1 < len(text) and not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i + 1
+
 # Which special tokens encode() may meet: "all", or a collection of token strings.
 SpecialSet = Literal["all"] | Collection[str]
 
