@@ -83,6 +83,15 @@ def test_generate_bandwidth_is_a_gemv_over_4x_the_llc(bench):
     assert profile["steps"] == 3 and profile["products_ms"] > 0 and profile["rest_ms"] > 0 and profile["products_gb_s"] > 0
     assert row["weights_stream_from_memory"] and row["gemv_bytes"] >= 4 * report["machine"]["llc_bytes"]
     assert "gemv_gb_s_torch_mv" not in row  # torch.mv only under --vs torch
+    # a ceiling sample before the warm-up, before the timed run and after it: the run's fraction
+    # is against the larger of the two next to it; the best sample is the run's ceiling
+    samples, cached = row["bandwidth_ceiling_samples_gb_s"], row["cached"]
+    assert len(samples) == 3 and row["bandwidth_ceiling_gb_s"] == max(samples)
+    pairs = cached["fraction_of_adjacent_ceiling"]
+    assert len(pairs["per_run"]) == 1 and pairs["median"] == pairs["per_run"][0]
+    assert pairs["median"] * max(samples[1:]) == pytest.approx(cached["fraction_of_bandwidth_ceiling"] * max(samples))
+    assert len(cached["decode_only_fraction_of_adjacent_ceiling"]["per_run"]) == 1
+    assert "against the ceiling next to each run" in err
 
 
 def test_generate_and_train_on_another_backend(bench):
@@ -115,6 +124,11 @@ def test_check_fractions_walks_nested_reports(monkeypatch):
     check_fractions({"rows": [{"npgpt": {"fraction_of_gemm_ceiling": 0.99}}]})
     with pytest.raises(BenchError, match=r"rows\.0\.npgpt\.fraction_of_gemm_ceiling = 1\.200"):
         check_fractions({"rows": [{"npgpt": {"fraction_of_gemm_ceiling": 1.2}}]})
+    check_fractions({"cached": {"decode_only_fraction_of_adjacent_ceiling": {"per_run": [0.7, 0.99], "median": 0.85}}})
+    with pytest.raises(BenchError, match=r"cached\.fraction_of_adjacent_ceiling\.per_run\.1 = 1\.010"):  # each run's, nested
+        check_fractions({"cached": {"fraction_of_adjacent_ceiling": {"per_run": [0.7, 1.01], "median": 0.85}}})
+    with pytest.raises(BenchError, match=r"decode_only_fraction_of_bandwidth_ceiling = 1\.100"):  # not only a leading fraction_of
+        check_fractions({"cached": {"decode_only_fraction_of_bandwidth_ceiling": 1.1}})
 
 
 def test_cli_runs_as_a_script_and_errors_in_one_line():

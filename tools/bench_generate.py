@@ -16,8 +16,16 @@ Decoding one token reads every weight once (the LM head reads all of wte), so th
 is streaming bandwidth, measured in the same run with up to the same thread count: the best of
 a GEMV over max(4 x last-level cache, 512 MiB) through NumPy's BLAS (or the backend's
 matmul) and, under --vs torch, torch.mv (benchlib.bandwidth).
-`fraction_of_bandwidth_ceiling` = weight bytes read per token x tokens/s / bandwidth (the
-KV cache's reads, ~1% here, are not counted). Only weights of at least 4 x the last-level
+A ceiling sample is taken before each round of the timed contenders (the warm-up round
+included) and one after the last (ceiling, run, ceiling, run, ..., ceiling), so that the
+machine's swings (on a shared machine the same GEMV streamed 26-40 GB/s minutes apart) hit
+each run and its ceiling alike. `bandwidth_ceiling_gb_s` is the best sample (each
+per-library figure its best), `bandwidth_ceiling_samples_gb_s` all of them in order.
+`fraction_of_bandwidth_ceiling` = weight bytes read per token x tokens/s (median run) /
+the best sample's bandwidth (the KV cache's reads, ~1% here, are not counted);
+`fraction_of_adjacent_ceiling` = each timed run's tokens/s over the ceiling of the larger of
+the two samples next to it (before and after), per run and their median (min, max);
+`decode_only_*` the same for the decode steps alone. Only weights of at least 4 x the last-level
 cache stream from memory; smaller ones (--preset tiny) stay in cache, where memory
 bandwidth bounds nothing, so no fraction is reported for them.
 
@@ -35,7 +43,7 @@ import argparse
 import time
 
 import numpy as np
-from benchlib import (agreement, bandwidth, check_fractions, emit, interleaved, llc_bytes, log, model_config, npgpt_generate,
+from benchlib import (agreement, bandwidth_meter, check_fractions, emit, interleaved, llc_bytes, log, model_config, npgpt_generate,
                       peak_rss_bytes, summary, threads, torch_device, torch_for, torch_generate, torch_model)  # fmt: skip
 
 from npgpt.backend import NumpyBackend, get_backend
@@ -57,6 +65,13 @@ def tokens_report(seconds: list[float], new_tokens: int, ceiling_tokens_per_s: f
     if ceiling_tokens_per_s:
         report["fraction_of_bandwidth_ceiling"] = rate / ceiling_tokens_per_s
     return report
+
+
+def per_run(rates: list[float], ceilings: list[float]) -> dict:
+    """Each run's tokens/s over the ceiling's tokens/s measured next to it: the fractions
+    in run order, their median, min and max."""
+    fractions = [rate / ceiling for rate, ceiling in zip(rates, ceilings, strict=True)]
+    return {"per_run": fractions, "median": float(np.median(fractions)), "min": min(fractions), "max": max(fractions)}
 
 
 def step_profile(model: GPT, prompt: np.ndarray, steps: int, product_bytes: int) -> dict:
@@ -128,16 +143,15 @@ def main(argv=None):
     prompt = rng.integers(0, cfg.vocab_size, args.prompt_tokens)
     long_prompt = rng.integers(0, cfg.vocab_size, max(args.ttft_tokens, 1))
 
+    meter = bandwidth_meter(backend, torch, device)  # its 512 MiB matrix held for the samples between the runs
     results, lines = [], []
     for n_threads in thread_counts:
         with threads(n_threads):
             decoding_layout(model, n_threads)  # as the CLI decodes on n_threads
-            log(f"generate threads={n_threads}: bandwidth ...")
-            row = {"threads": n_threads, **bandwidth(backend, torch, device, n_threads)}
-            streams = bytes_per_token >= 4 * llc_bytes()  # else the weights stay in cache: no bandwidth bound
-            ceiling = row["bandwidth_ceiling_gb_s"] * 1e9 / bytes_per_token if streams else None
-            row["weights_stream_from_memory"] = streams
-            row["ceiling_tokens_per_s"] = ceiling  # tokens/s if every weight byte streamed at the bandwidth
+            samples = []  # bandwidth reports: before each call of the contenders (warm-up included) and after the last
+
+            def ceiling_sample():
+                samples.append(meter(n_threads))
 
             decode_seconds = []  # per cached call: its decode steps (after the first token)
 
@@ -147,21 +161,41 @@ def main(argv=None):
                 decode_seconds.append(stats.generate_seconds)
                 return ids
 
-            contenders = {"cached": cached}
+            contenders = {"ceiling": ceiling_sample, "cached": cached}
             if default_layout is not None:
                 contenders["cached_default_layout"] = npgpt_generate(default_layout, prompt, args.new_tokens)
             if hf is not None:
                 contenders["torch"] = torch_generate(torch, hf, prompt, args.new_tokens, device)
-            log(f"generate threads={n_threads}: cached{' vs torch' if hf else ''} x{args.repeats} ...")
+            log(f"generate threads={n_threads}: (bandwidth, cached{' vs torch' if hf else ''}) x{args.repeats} ...")
             times = interleaved(contenders, args.repeats)
+            ceiling_sample()
+            del times["ceiling"], contenders["ceiling"]
+            row = {"threads": n_threads, **{k: max(s[k] for s in samples) for k in samples[0]}}  # each figure's best sample
+            gb_s = [s["bandwidth_ceiling_gb_s"] for s in samples]
+            row["bandwidth_ceiling_samples_gb_s"] = gb_s
+            streams = bytes_per_token >= 4 * llc_bytes()  # else the weights stay in cache: no bandwidth bound
+            ceiling = row["bandwidth_ceiling_gb_s"] * 1e9 / bytes_per_token if streams else None
+            row["weights_stream_from_memory"] = streams
+            row["ceiling_tokens_per_s"] = ceiling  # tokens/s if every weight byte streamed at the bandwidth
+            # timed run i ran between samples i + 1 and i + 2 (sample 0 came before the warm-up calls):
+            # its ceiling is the larger of the two measured next to it
+            adjacent = [max(gb_s[i + 1], gb_s[i + 2]) * 1e9 / bytes_per_token for i in range(args.repeats)]
             for name, seconds in times.items():
                 row[name] = tokens_report(seconds, args.new_tokens, ceiling)
+                if streams:
+                    row[name]["fraction_of_adjacent_ceiling"] = per_run([args.new_tokens / t for t in seconds], adjacent)
             decode = (args.new_tokens - 1) / float(np.median(decode_seconds[1:]))  # the timed calls (not the warm-up)
             row["cached"]["decode_only_tokens_per_s"] = decode
             line = f"generate threads {n_threads}: bandwidth {row['bandwidth_ceiling_gb_s']:.1f} GB/s; cached {row['cached']['tokens_per_s']:.1f} tok/s"
             if ceiling:
                 row["cached"]["decode_only_fraction_of_bandwidth_ceiling"] = decode / ceiling
+                row["cached"]["decode_only_fraction_of_adjacent_ceiling"] = per_run(
+                    [(args.new_tokens - 1) / t for t in decode_seconds[1:]], adjacent)  # fmt: skip
                 line += f" ({row['cached']['fraction_of_bandwidth_ceiling']:.1%} of ceiling, decode only {decode:.1f} tok/s = {decode / ceiling:.1%})"
+                pairs = row["cached"]["fraction_of_adjacent_ceiling"]
+                line += (f"; against the ceiling next to each run ({min(gb_s):.1f}-{max(gb_s):.1f} GB/s): median "
+                         f"{pairs['median']:.1%} ({pairs['min']:.1%}-{pairs['max']:.1%}), decode only "
+                         f"{row['cached']['decode_only_fraction_of_adjacent_ceiling']['median']:.1%}")  # fmt: skip
             if default_layout is not None:
                 row["speedup_decoding_layout"] = row["cached"]["tokens_per_s"] / row["cached_default_layout"]["tokens_per_s"]
                 line += f"; decoding layout {row['speedup_decoding_layout']:.3f}x the default layout's tok/s"

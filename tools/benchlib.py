@@ -298,13 +298,10 @@ def by_rows(a, b):
     return out
 
 
-def bandwidth(backend, torch=None, device: str = "cpu", n_threads: int | None = None, repeats: int = 5,
-              min_total_s: float = CEILING_SAMPLING_S) -> dict:
-    """Streaming-read bandwidth in GB/s with up to `n_threads` threads (None: as set): a
-    float32 matrix of max(4 x the last-level cache, 512 MiB) times a vector (GEMV reads
-    each byte once), through the backend's matmul (BLAS sgemv on NumPy) and, given
-    `torch`, torch.mv on `device`. The ceiling is the best of them, at n_threads and at 1
-    thread; the per-library figures are at n_threads."""
+def bandwidth_meter(backend, torch=None, device: str = "cpu"):
+    """`bandwidth` as a function (n_threads=None, repeats=5, min_total_s=CEILING_SAMPLING_S)
+    -> its report, the matrices allocated once, so a benchmark can take a ceiling sample
+    between its timed runs (each run against the ceiling measured next to it)."""
     nbytes = max(4 * llc_bytes(), 512 * 2**20)
     cols = 4096
     host = np.ones((nbytes // (4 * cols), cols), dtype=np.float32)
@@ -314,24 +311,40 @@ def bandwidth(backend, torch=None, device: str = "cpu", n_threads: int | None = 
     if torch is not None:
         ta, tx, sync = torch.from_numpy(host).to(device), torch.from_numpy(vec).to(device), _torch_sync(torch, device)
         calls["gemv_gb_s_torch_mv"] = lambda: (torch.mv(ta, tx), sync())
-    report = {"gemv_bytes": host.nbytes, **{k: host.nbytes / best_seconds(call, repeats, min_total_s=min_total_s) / 1e9 for k, call in calls.items()}}
-    best = max(report[k] for k in calls)
-    if n_threads is not None and n_threads > 1:
-        with threads(1):
-            report["gemv_gb_s_best_at_1_thread"] = max(host.nbytes / best_seconds(call, repeats, min_total_s=min_total_s) / 1e9 for call in calls.values())
-        best = max(best, report["gemv_gb_s_best_at_1_thread"])
-    report["bandwidth_ceiling_gb_s"] = best
-    return report
+
+    def measure(n_threads: int | None = None, repeats: int = 5, min_total_s: float = CEILING_SAMPLING_S) -> dict:
+        report = {"gemv_bytes": host.nbytes, **{k: host.nbytes / best_seconds(call, repeats, min_total_s=min_total_s) / 1e9 for k, call in calls.items()}}
+        best = max(report[k] for k in calls)
+        if n_threads is not None and n_threads > 1:
+            with threads(1):
+                report["gemv_gb_s_best_at_1_thread"] = max(host.nbytes / best_seconds(call, repeats, min_total_s=min_total_s) / 1e9 for call in calls.values())
+            best = max(best, report["gemv_gb_s_best_at_1_thread"])
+        report["bandwidth_ceiling_gb_s"] = best
+        return report
+
+    return measure
 
 
-def check_fractions(report, where: str = "") -> None:
-    """Raise BenchError if any `fraction_of_*` value in the (nested) report exceeds 1.0."""
+def bandwidth(backend, torch=None, device: str = "cpu", n_threads: int | None = None, repeats: int = 5,
+              min_total_s: float = CEILING_SAMPLING_S) -> dict:
+    """Streaming-read bandwidth in GB/s with up to `n_threads` threads (None: as set): a
+    float32 matrix of max(4 x the last-level cache, 512 MiB) times a vector (GEMV reads
+    each byte once), through the backend's matmul (BLAS sgemv on NumPy) and, given
+    `torch`, torch.mv on `device`. The ceiling is the best of them, at n_threads and at 1
+    thread; the per-library figures are at n_threads."""
+    return bandwidth_meter(backend, torch, device)(n_threads, repeats, min_total_s)
+
+
+def check_fractions(report, where: str = "", fraction: bool = False) -> None:
+    """Raise BenchError if any `fraction_of_*` value in the (nested) report exceeds 1.0,
+    every number inside a `*fraction_of_*` dict or list included (per-run fractions)."""
     items = report.items() if isinstance(report, dict) else enumerate(report) if isinstance(report, list) else ()
     for key, value in items:
         path = f"{where}.{key}" if where else str(key)
+        is_fraction = fraction or "fraction_of" in str(key)
         if isinstance(value, (dict, list)):
-            check_fractions(value, path)
-        elif str(key).startswith("fraction_of") and isinstance(value, float) and value > 1.0:
+            check_fractions(value, path, is_fraction)
+        elif is_fraction and isinstance(value, float) and value > 1.0:
             raise BenchError(f"{path} = {value:.3f} exceeds 1.0: the ceiling measured in this run is not a ceiling; "
                              "rerun on a quieter machine, and if it persists the ceiling measurement needs fixing")  # fmt: skip
 
