@@ -186,24 +186,31 @@ def check_attention(B, NH, T, S, hs, rng, segments=None, dropout=False, scale=1.
 
 
 @settings(max_examples=40, deadline=None)
-@given(attention_shapes)
+@given(attention_shapes, st.sampled_from([None, 0, 40, 1 << 17]))  # not a training piece; one (some, all: one block)
 @example(dict(B=1, NH=3, hs=4, T=1, past=4, query_block=2, small_query_block=2, segments=False, dropout=False,
-              threads=2, batched=1 << 16, head_group=1, scale=1.0, seed=5))  # decoding: one query against a cache's keys
+              threads=2, batched=1 << 16, head_group=1, scale=1.0, seed=5), None)  # decoding: one query against a cache's keys
 @example(dict(B=3, NH=2, hs=3, T=1, past=0, query_block=2, small_query_block=2, segments=False, dropout=False,
-              threads=1, batched=0, head_group=1, scale=100.0, seed=6))  # one query, its own key only
+              threads=1, batched=0, head_group=1, scale=100.0, seed=6), None)  # one query, its own key only
 @example(dict(B=3, NH=2, hs=5, T=1, past=4, query_block=2, small_query_block=2, segments=False, dropout=False,
-              threads=2, batched=0, head_group=1, scale=1e4, seed=7))  # one query, scores past exp's range: the row maxima shift them
+              threads=2, batched=0, head_group=1, scale=1e4, seed=7), None)  # one query, scores past exp's range: the row maxima shift them
 @example(dict(B=3, NH=3, hs=2, T=9, past=0, query_block=4, small_query_block=2, segments=True, dropout=True,
-              threads=2, batched=0, head_group=40, scale=1.0, seed=8))  # groups of two heads (first block), cut at batch rows
-def test_attention_equals_the_reference(s):
-    """Across query-block edges, with a KV cache's earlier keys, segments and dropout."""
+              threads=2, batched=0, head_group=40, scale=1.0, seed=8), None)  # groups of two heads (first block), cut at batch rows
+@example(dict(B=3, NH=3, hs=2, T=9, past=0, query_block=4, small_query_block=2, segments=True, dropout=False,
+              threads=1, batched=0, head_group=40, scale=1.0, seed=9), 1 << 17)  # a training piece: one block, all heads
+@example(dict(B=3, NH=2, hs=3, T=13, past=2, query_block=4, small_query_block=2, segments=False, dropout=True,
+              threads=2, batched=0, head_group=1, scale=1e4, seed=10), 1 << 17)
+def test_attention_equals_the_reference(s, train_attention):
+    """Across query-block edges, with a KV cache's earlier keys, segments and dropout; as a
+    training piece's (train_attention: TRAIN_ATTENTION, 1 << 17 for one block of all
+    heads) or not (None)."""
     rng = np.random.default_rng(s["seed"])
     B, T = s["B"], s["T"]
     past = 0 if s["segments"] else s["past"]  # segments come without a cache
     segments = segments_of(rng, B, T) if s["segments"] else None
     with blocks(query_block=s["query_block"], small_query_block=s["small_query_block"], n_threads=s["threads"],
-                batched_attention=s["batched"], head_group=s["head_group"]):  # fmt: skip
-        check_attention(B, s["NH"], T, T + past, s["hs"], rng, segments, s["dropout"], s["scale"])
+                batched_attention=s["batched"], head_group=s["head_group"], train_attention=train_attention):  # fmt: skip
+        with fast.as_piece("training") if train_attention is not None else contextlib.nullcontext():
+            check_attention(B, s["NH"], T, T + past, s["hs"], rng, segments, s["dropout"], s["scale"])
 
 
 @settings(max_examples=30, deadline=None)
@@ -507,15 +514,16 @@ def test_the_model_gives_the_same_logits_and_gradients_with_either_set(s):
 
 @settings(max_examples=20, deadline=None)
 @given(sizes=st.lists(st.integers(1, 40), max_size=9), n_threads=st.integers(1, 4), max_norm=st.sampled_from([0.0, 0.5, 1e3]),
-       seed=st.integers(0, 2**16))  # fmt: skip
-def test_a_step_over_the_parameters_equals_the_reference(sizes, n_threads, max_norm, seed):
+       small_parameter=st.sampled_from([0, 12, 1 << 12]), seed=st.integers(0, 2**16))  # fmt: skip
+def test_a_step_over_the_parameters_equals_the_reference(sizes, n_threads, max_norm, small_parameter, seed):
     """`over_parameters` gives fn(i) for every parameter once, in order, whatever the sizes'
-    order and the threads; a clipped AdamW step (the global norm, every parameter's
-    update) through it on n threads equals the reference set's, two steps running."""
+    order, the threads and which parameters go together as small ones; a clipped AdamW
+    step (the global norm, every parameter's update) through it on n threads equals the
+    reference set's, two steps running."""
     rng = np.random.default_rng(seed)
     start = {f"p{i}": rng.standard_normal((size,) if i % 2 else (size, 2)) for i, size in enumerate(sizes)}
     grads = [{name: rng.standard_normal(p.shape) for name, p in start.items()} for _ in range(2)]
-    with blocks(n_threads=n_threads, parameter_elements=0):
+    with blocks(n_threads=n_threads, parameter_elements=0, small_parameter=small_parameter):
         assert fast.over_parameters(lambda i: i, sizes) == list(range(len(sizes)))
         params = {name: p.copy() for name, p in start.items()}
         opt = AdamW(params, NumpyBackend(fast.KERNELS))

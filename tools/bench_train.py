@@ -5,6 +5,8 @@ Step time, float32, random init (GPT-2's), random token batches:
     b     the same with vocab 50257                                forward + backward + clip + AdamW
     c     GPT-2 124M, B 1, T 1024                                   forward + backward
     g     GPT-2 124M, B 8, T 512 (the GPU step)                     forward + backward + clip + AdamW
+    r     4 layers, 4 heads, 128 channels, T 64, B 12, vocab 65     forward + backward + clip + AdamW
+          (the shakespeare-char recipe's step, for quick A/B runs; the race is --recipe)
     tiny  2 layers, 64 channels, B 2, T 32 (smoke runs)             forward + backward + clip + AdamW
 each against the identical PyTorch model (transformers' GPT2LMHeadModel with npgpt's
 weights, F.cross_entropy, clip_grad_norm_, torch.optim.AdamW) on the same batch,
@@ -70,6 +72,7 @@ CONFIGS = {
     "b": dict(cfg=dict(n_layer=6, n_head=6, n_embd=384, vocab_size=50257, n_ctx=256), B=8, T=256, optimizer=True),
     "c": dict(cfg=dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_ctx=1024), B=1, T=1024, optimizer=False),
     "g": dict(cfg=dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_ctx=1024), B=8, T=512, optimizer=True),
+    "r": dict(cfg=dict(n_layer=4, n_head=4, n_embd=128, vocab_size=65, n_ctx=64), B=12, T=64, optimizer=True),
     "tiny": dict(cfg=TINY, B=2, T=32, optimizer=True),
 }
 DATA = Path(os.environ.get("NPGPT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

@@ -26,7 +26,7 @@ proves it, forward and backward, in float64); what changes is only how the work 
   thread ranges, few calls;
 - inside a range, long chains (GELU, LayerNorm) run over blocks of ROW_BLOCK rows (more
   for short rows), so their passes hit the cache instead of main memory, built in place;
-  LayerNorm's row means and variances are BLAS matrix-vector products;
+  LayerNorm's row means are BLAS matrix-vector products, its variances row-wise dot products;
 - attention runs over blocks of QUERY_BLOCK queries, each against only the keys it can
   see, so the masked upper triangle of the T x S scores is (mostly) never computed, a
   block's heads in groups whose scores fit in L2 (stacked products: fewer calls); few
@@ -89,8 +89,10 @@ LARGE_COLUMN_ALIGN = 64  # column pieces of a large product: multiples of this m
 HEAD_GROUP = 1 << 17  # scores per group of heads taken together through a block (float32: L2's 512 KiB)
 LM_TILE = 1 << 20  # logits per tile of the LM head's loss (all rows x a block of the vocabulary): in L3
 VOCAB_ALIGN = 64  # vocabulary blocks of the LM head's loss: multiples of this many columns
+TRAIN_ATTENTION = 1 << 18  # scores (all heads, all queries) up to which a training piece's attention is one block, all heads at once
 TRAIN_PIECE = 128  # positions per piece of a training batch, at least: below, one piece
 PARAMETER_ELEMENTS = 1 << 21  # elements (all parameters) from which `over_parameters` shares them among the threads
+SMALL_PARAMETER = 1 << 12  # elements under which `over_parameters` takes parameters together, on one thread
 SMALL_GEMM = 1 << 27  # multiply-adds up to which a linear layer's forward product is shared among the threads
 GELU_SCALE = layers.GELU_SCALE
 _piece = threading.local()  # .inference, .training: this thread runs a piece of over_batch, of over_train_batch
@@ -269,8 +271,8 @@ def linear_backward(dout, cache):
 
 # -- layer norm -----------------------------------------------------------------------------
 def layer_norm_forward(x, w, b, eps):
-    """x (N, C) -> out (N, C), block by block: the row means and variances by BLAS
-    matrix-vector products (the squares held in `out` meanwhile), x - mean normalised in place."""
+    """x (N, C) -> out (N, C), block by block: the row means by BLAS matrix-vector products,
+    the variances by row-wise dot products (no squares held), x - mean normalised in place."""
     N, C = x.shape
     if inference():  # no backward follows: the output alone (a decode step's one row without array passes for its scale)
         return (layer_norm_one_row(x, w, b, eps) if N == 1 else layer_norm_inference(x, w, b, eps)), None
@@ -282,7 +284,8 @@ def layer_norm_forward(x, w, b, eps):
     def block(r0, r1):
         xh, rs, o = xhat[r0:r1], rstd[r0:r1, 0], out[r0:r1]
         np.subtract(x[r0:r1], (x[r0:r1] @ average)[:, None], out=xh)  # centred
-        np.matmul(np.multiply(xh, xh, out=o), average, out=rs)  # variance
+        np.vecdot(xh, xh, out=rs)  # sums of squares, by rows (no squares held)
+        rs *= 1.0 / C  # variance
         rs += eps
         np.sqrt(rs, out=rs)
         np.divide(1.0, rs, out=rs)  # (Nb,)
@@ -362,7 +365,7 @@ def layer_norm_backward(dout, cache):
         dw = column_sum @ g
         db = column_sum @ d
         np.multiply(d, w, out=g)  # g = dout * w
-        mean_gx = np.einsum("ij,ij->i", g, xh)  # (Nb,)
+        mean_gx = np.vecdot(g, xh)  # (Nb,)
         mean_gx *= 1.0 / C
         g -= (g @ average)[:, None]
         g -= xh * mean_gx[:, None]
@@ -499,7 +502,10 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     BATCHED_ATTENTION (few heads of short rows), of SMALL_QUERY_BLOCK or fewer queries
     with all heads at once: fewer calls, and less of the masked triangle computed. Else
     a block's heads go in groups of one batch row whose scores fit in HEAD_GROUP (`head_groups`):
-    stacked products, each call's work shared by the group, its scores in cache.
+    stacked products, each call's work shared by the group, its scores in cache. A
+    training piece (`backward_follows`) whose scores, all heads and queries, fit in
+    TRAIN_ATTENTION (a small model's) runs one block of all heads: a few calls per
+    step instead of a few per block, for the masked triangle's exps.
     y is a view of a (B, T, NH, hs) array: the heads side by side, as the model reads them.
     Where no score can overflow exp (a head's bound from the lengths of its queries and
     keys, `bounded_heads`, or else `exp_is_safe`), the softmax skips the row maxima.
@@ -515,6 +521,9 @@ def attention_forward(q, k, v, dropout=None, segments=None):
     fits = BATCHED_ATTENTION // max(H * S, 1)  # queries per block whose scores fit, all heads at once
     together = fits >= max(1, SMALL_QUERY_BLOCK // 2)  # all heads at once, in blocks of up to SMALL_QUERY_BLOCK
     step = min(SMALL_QUERY_BLOCK, fits) if together else QUERY_BLOCK
+    at_once = BATCHED_ATTENTION  # scores up to which a block's heads go all at once
+    if backward_follows() and H * T * S <= TRAIN_ATTENTION:  # a small training piece: one block, all heads
+        step, at_once = T, TRAIN_ATTENTION
     scratch = dropout is None and inference()  # no backward: each thread's blocks share one scratch
     if scratch and together and segments is None and free_threads() == 1:
         return attention_inference(qs, k, v, y, step), None
@@ -531,7 +540,7 @@ def attention_forward(q, k, v, dropout=None, segments=None):
 
     def probs(block, att, h0, h1):  # heads [h0, h1) of a block: scores, then probabilities in att (h1 - h0, Tb, s1)
         t0, t1, s1, _, future, other = block
-        for at in head_groups(H, t1 - t0, s1, h0, h1, NH):
+        for at in head_groups(H, t1 - t0, s1, h0, h1, NH, at_once=at_once):
             a = np.matmul(qh[at, t0:t1], kh[at, :s1].mT, out=att[at.start - h0 : at.stop - h0])  # (h, Tb, s1), scores
             if other is None:
                 mask = None
@@ -543,7 +552,7 @@ def attention_forward(q, k, v, dropout=None, segments=None):
 
     def values(block, dropped, h0, h1):  # heads [h0, h1) of a block: y = dropped probabilities (h1 - h0, Tb, s1) @ v
         t0, t1, s1 = block[:3]
-        for at in head_groups(H, t1 - t0, s1, h0, h1, NH):
+        for at in head_groups(H, t1 - t0, s1, h0, h1, NH, at_once=at_once):
             if at.stop - at.start == H:  # all heads
                 np.matmul(dropped.reshape(B, NH, t1 - t0, s1), v[:, :, :s1], out=y[:, :, t0:t1])
             else:  # heads of one row
@@ -596,11 +605,12 @@ def attention_inference(qs, k, v, y, step: int):
     return y
 
 
-def head_groups(H: int, Tb: int, s1: int, h0: int, h1: int, NH: int, rows: bool = True) -> list[slice]:
+def head_groups(H: int, Tb: int, s1: int, h0: int, h1: int, NH: int, rows: bool = True, at_once: int | None = None) -> list[slice]:
     """Heads [h0, h1) of H, with Tb x s1 scores each in a block, in groups taken together:
-    all H at once when their scores fit in BATCHED_ATTENTION (and [h0, h1) is all), else
-    as many as fit in HEAD_GROUP (at least one), within one batch row of NH heads when `rows`."""
-    if h1 - h0 == H and H * Tb * s1 <= BATCHED_ATTENTION:
+    all H at once when their scores fit in `at_once` (None: BATCHED_ATTENTION) and [h0, h1)
+    is all, else as many as fit in HEAD_GROUP (at least one), within one batch row of NH
+    heads when `rows`."""
+    if h1 - h0 == H and H * Tb * s1 <= (BATCHED_ATTENTION if at_once is None else at_once):
         return [slice(0, H)]
     per = max(1, HEAD_GROUP // max(Tb * s1, 1))
     groups, h = [], h0
@@ -690,7 +700,7 @@ def bounded_heads(qs, k):
     """(B * NH,) booleans: whether every score qs . k of the head is within `exp_limit` of S,
     by |qs . k| <= max |qs_t| max |k_s| (a pass over q and k instead of two over the scores)."""
     B, NH = qs.shape[:2]
-    longest = np.sqrt(np.max(np.einsum("bnth,bnth->bnt", qs, qs), axis=-1) * np.max(np.einsum("bnsh,bnsh->bns", k, k), axis=-1))
+    longest = np.sqrt(np.max(np.vecdot(qs, qs), axis=-1) * np.max(np.vecdot(k, k), axis=-1))  # (B, NH)
     return (longest <= exp_limit(k.shape[2], qs.dtype)).reshape(B * NH)  # NaN: False
 
 
@@ -742,7 +752,7 @@ def attention_backward(dy, cache):
         d = dyb @ v[at, :s1].mT  # (h, Tb, s1), d(dropped probabilities)
         if drop is not None:
             d *= drop
-        d -= ((d * p) @ ones(s1, d.dtype))[..., None]
+        d -= np.vecdot(d, p)[..., None]  # row sums of d * p, no product held
         d *= p  # d(scores) / scale, scale = 1 / sqrt(hs): dk from the scaled queries, dq scaled after
         dqb = np.matmul(d, k[at, :s1], out=dq[at, t0:t1])
         dqb *= scale
@@ -982,19 +992,24 @@ def over_parameters(fn, sizes) -> list:
     """[fn(0), ..., fn(n - 1)], the parameters (of `sizes` elements) taken by the threads
     largest first, each thread the next when it finishes one (`parallel_items`): one
     hand-off for a whole step's updates instead of one per parameter, and no parameter's
-    passes split (each fn's kernels run on its thread). On one thread, or for less than
-    PARAMETER_ELEMENTS in all (a small model's step: its many tiny calls hold the GIL, so
-    a second thread only waits), in order on the calling thread."""
+    passes split (each fn's kernels run on its thread). The parameters under
+    SMALL_PARAMETER elements (biases, LayerNorm gains: tiny calls that hold the GIL) go
+    together as the first item, which the calling thread takes while a worker starts on
+    the largest. On one thread, or for less than PARAMETER_ELEMENTS in all, in order on
+    the calling thread."""
     n = len(sizes)
     if free_threads() == 1 or n < 2 or sum(sizes) < PARAMETER_ELEMENTS:
         return [fn(i) for i in range(n)]
     order = sorted(range(n), key=lambda i: -sizes[i])
+    small = [i for i in order if sizes[i] < SMALL_PARAMETER]
+    items = ([small] if small else []) + [[i] for i in order if sizes[i] >= SMALL_PARAMETER]
     results: list = [None] * n
 
     def item(j):
-        results[order[j]] = fn(order[j])
+        for i in items[j]:
+            results[i] = fn(i)
 
-    parallel_items(item, n)
+    parallel_items(item, len(items))
     return results
 
 
@@ -1008,8 +1023,9 @@ def adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps, grad_sca
         return optim.adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps, grad_scale)
     pf, gf, mf, vf = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)  # views (g: a copy if strided)
     scale = 1.0 if grad_scale is None else np.asarray(grad_scale, dtype=pf.dtype)
-    constants = (1.0 - lr * weight_decay if weight_decay else None, beta1, beta2, math.sqrt(1.0 - beta2**step), eps,
-                 lr / (1.0 - beta1**step), (1.0 - beta1) * scale, (1.0 - beta2) * scale * scale)  # fmt: skip
+    sqrt_bc2 = math.sqrt(1.0 - beta2**step)  # folded into eps and the step size: a pass fewer
+    constants = (1.0 - lr * weight_decay if weight_decay else None, beta1, beta2, eps * sqrt_bc2,
+                 lr / (1.0 - beta1**step) * sqrt_bc2, (1.0 - beta1) * scale, (1.0 - beta2) * scale * scale)  # fmt: skip
     if pf.size <= FLAT_BLOCK:
         adamw_block(pf, gf, mf, vf, np.empty_like(pf), *constants)
         return
@@ -1023,10 +1039,12 @@ def adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps, grad_sca
     parallel_rows(run, -(-pf.size // FLAT_BLOCK), FLAT_BLOCK)
 
 
-def adamw_block(p, g, m, v, s, decay, beta1, beta2, sqrt_bc2, eps, step_size, g_to_m, g2_to_v):
+def adamw_block(p, g, m, v, s, decay, beta1, beta2, eps_b, step_b, g_to_m, g2_to_v):
     """One AdamW step of flat pieces p, g, m, v (p, m, v in place), `s` a same-sized scratch;
     decay None: no weight decay. The moments take g_to_m * g and g2_to_v * g^2 ((1 - beta1)
-    and (1 - beta2) times the gradient's scale and its square)."""
+    and (1 - beta2) times the gradient's scale and its square). With b = sqrt(1 - beta2^t),
+    the reference's step_size * m / (sqrt(v) / b + eps) is step_b * m / (sqrt(v) + eps_b),
+    eps_b = eps * b and step_b = step_size * b."""
     if decay is not None:
         p *= decay
     m *= beta1
@@ -1037,10 +1055,9 @@ def adamw_block(p, g, m, v, s, decay, beta1, beta2, sqrt_bc2, eps, step_size, g_
     s *= g2_to_v
     v += s
     np.sqrt(v, out=s)
-    s /= sqrt_bc2
-    s += eps
+    s += eps_b
     np.divide(m, s, out=s)
-    s *= step_size
+    s *= step_b
     p -= s
 
 
