@@ -117,6 +117,25 @@ def test_a_fraction_above_one_stops_the_benchmark(bench, monkeypatch):
     assert err.strip().splitlines()[-1].startswith("error: ") and "fraction_of_gemm_ceiling" in err and "Traceback" not in err
 
 
+def test_a_ceiling_below_a_reached_rate_is_sampled_again_longer(monkeypatch):
+    """gemm_ceiling samples again (4x longer each time, at most twice) while a timed run beat
+    it, and keeps the highest; a ceiling above the reached rate is taken at once."""
+    monkeypatch.syspath_prepend(str(TOOLS))
+    import benchlib
+
+    calls = []
+
+    def once(*args):
+        calls.append(args[-1])  # min_total_s
+        return {"gemm_ceiling_gflops": [5.0, 9.0, 7.0][len(calls) - 1]}
+
+    monkeypatch.setattr(benchlib, "gemm_ceiling_once", once)
+    assert benchlib.gemm_ceiling([], None, reached_gflops=100.0)["gemm_ceiling_gflops"] == 9.0
+    assert calls == [benchlib.CEILING_SAMPLING_S, 4 * benchlib.CEILING_SAMPLING_S, 16 * benchlib.CEILING_SAMPLING_S]
+    calls.clear()
+    assert benchlib.gemm_ceiling([], None, reached_gflops=4.0)["gemm_ceiling_gflops"] == 5.0 and len(calls) == 1
+
+
 def test_check_fractions_walks_nested_reports(monkeypatch):
     monkeypatch.syspath_prepend(str(TOOLS))
     from benchlib import BenchError, check_fractions

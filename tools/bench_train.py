@@ -140,7 +140,9 @@ def bench_steps(args, backend, torch) -> tuple[list[dict], list[str]]:
                 first_loss = {name: step(ids, targets) for name, step in steps.items()}  # also the warm-up
                 times = interleaved({name: (lambda s=s: s(ids, targets)) for name, s in steps.items()}, args.repeats, warmup=0)
                 del steps
-                ceiling = gemm_ceiling(gemms, backend, torch_for(torch_device(backend), required=False)[0], torch_device(backend), n_threads)
+                reached = flops / min(summary(ts)["median_s"] for ts in times.values()) / 1e9
+                ceiling = gemm_ceiling(gemms, backend, torch_for(torch_device(backend), required=False)[0], torch_device(backend),
+                                       n_threads, reached_gflops=reached)  # fmt: skip
             rate = ceiling["gemm_ceiling_gflops"] * 1e9
             row = {"config": config, "what": "fwd+bwd+clip+AdamW" if optimizer else "fwd+bwd", "B": B, "T": T,
                    **dataclasses.asdict(cfg), "threads": n_threads, "flops_per_step": flops, **ceiling,
