@@ -92,7 +92,6 @@ VOCAB_ALIGN = 64  # vocabulary blocks of the LM head's loss: multiples of this m
 TRAIN_ATTENTION = 1 << 18  # scores (all heads, all queries) up to which a training piece's attention is one block, all heads at once
 TRAIN_PIECE = 128  # positions per piece of a training batch, at least: below, one piece
 PARAMETER_ELEMENTS = 1 << 21  # elements (all parameters) from which `over_parameters` shares them among the threads
-SMALL_PARAMETER = 1 << 12  # elements under which `over_parameters` takes parameters together, on one thread
 SMALL_GEMM = 1 << 27  # multiply-adds up to which a linear layer's forward product is shared among the threads
 GELU_SCALE = layers.GELU_SCALE
 _piece = threading.local()  # .inference, .training: this thread runs a piece of over_batch, of over_train_batch
@@ -992,24 +991,19 @@ def over_parameters(fn, sizes) -> list:
     """[fn(0), ..., fn(n - 1)], the parameters (of `sizes` elements) taken by the threads
     largest first, each thread the next when it finishes one (`parallel_items`): one
     hand-off for a whole step's updates instead of one per parameter, and no parameter's
-    passes split (each fn's kernels run on its thread). The parameters under
-    SMALL_PARAMETER elements (biases, LayerNorm gains: tiny calls that hold the GIL) go
-    together as the first item, which the calling thread takes while a worker starts on
-    the largest. On one thread, or for less than PARAMETER_ELEMENTS in all, in order on
-    the calling thread."""
+    passes split (each fn's kernels run on its thread). On one thread, or for less than
+    PARAMETER_ELEMENTS in all (a small model's step: its many tiny calls hold the GIL, so
+    a second thread only waits), in order on the calling thread."""
     n = len(sizes)
     if free_threads() == 1 or n < 2 or sum(sizes) < PARAMETER_ELEMENTS:
         return [fn(i) for i in range(n)]
     order = sorted(range(n), key=lambda i: -sizes[i])
-    small = [i for i in order if sizes[i] < SMALL_PARAMETER]
-    items = ([small] if small else []) + [[i] for i in order if sizes[i] >= SMALL_PARAMETER]
     results: list = [None] * n
 
     def item(j):
-        for i in items[j]:
-            results[i] = fn(i)
+        results[order[j]] = fn(order[j])
 
-    parallel_items(item, len(items))
+    parallel_items(item, n)
     return results
 
 
