@@ -90,9 +90,10 @@ def main(argv=None):
                 log(f"forward B={B} T={T} threads={n_threads} ...")
                 times = interleaved(contenders, args.repeats)
                 gemms = forward_gemms(cfg, B, T)
-                reached = total_flops(gemms) / min(summary(ts)["median_s"] for ts in times.values()) / 1e9
+                flops = total_flops(gemms)
+                reached = flops / min(summary(ts)["median_s"] for ts in times.values()) / 1e9
                 ceiling = gemm_ceiling(gemms, model.backend, torch, n_threads=n_threads, reached_gflops=reached)
-                rate, flops = ceiling["gemm_ceiling_gflops"] * 1e9, total_flops(gemms)
+                rate = ceiling["gemm_ceiling_gflops"] * 1e9
                 row = {"B": B, "T": T, "threads": n_threads, **ceiling}
                 for name, ts in times.items():
                     s = summary(ts)

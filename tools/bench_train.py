@@ -67,12 +67,15 @@ from npgpt.model import GPT
 from npgpt.optim import cosine_lr
 
 BENCH = Path(__file__).resolve().parent / "bench.py"
+RECIPE = dict(n_layer=4, n_head=4, n_embd=128, block=64, batch=12, iters=2000, lr=1e-3, min_lr=1e-4, warmup=100,
+              betas=(0.9, 0.99), val_batches=200, chunk=10)  # fmt: skip
 CONFIGS = {
     "a": dict(cfg=dict(n_layer=6, n_head=6, n_embd=384, vocab_size=65, n_ctx=256), B=8, T=256, optimizer=True),
     "b": dict(cfg=dict(n_layer=6, n_head=6, n_embd=384, vocab_size=50257, n_ctx=256), B=8, T=256, optimizer=True),
     "c": dict(cfg=dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_ctx=1024), B=1, T=1024, optimizer=False),
     "g": dict(cfg=dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_ctx=1024), B=8, T=512, optimizer=True),
-    "r": dict(cfg=dict(n_layer=4, n_head=4, n_embd=128, vocab_size=65, n_ctx=64), B=12, T=64, optimizer=True),
+    "r": dict(cfg=dict(n_layer=RECIPE["n_layer"], n_head=RECIPE["n_head"], n_embd=RECIPE["n_embd"], vocab_size=65,
+                       n_ctx=RECIPE["block"]), B=RECIPE["batch"], T=RECIPE["block"], optimizer=True),  # the recipe's step
     "tiny": dict(cfg=TINY, B=2, T=32, optimizer=True),
 }
 DATA = Path(os.environ.get("NPGPT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -286,8 +289,6 @@ def usage() -> tuple[float, int]:
 
 
 # -- the recipe race -------------------------------------------------------------------------
-RECIPE = dict(n_layer=4, n_head=4, n_embd=128, block=64, batch=12, iters=2000, lr=1e-3, min_lr=1e-4, warmup=100,
-              betas=(0.9, 0.99), val_batches=200, chunk=10)  # fmt: skip
 
 
 def recipe_race(args, backend, torch) -> dict:

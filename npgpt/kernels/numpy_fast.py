@@ -66,7 +66,7 @@ import threading
 import numpy as np
 
 from npgpt import layers, optim
-from npgpt.kernels import REFERENCE, threads
+from npgpt.kernels import REFERENCE, each_parameter, threads
 from npgpt.kernels.threads import (MIN_ELEMENTS, blas_on_one_thread, blas_settable, free_threads, num_threads, parallel_items,
                                    parallel_rows)  # fmt: skip
 
@@ -996,7 +996,7 @@ def over_parameters(fn, sizes) -> list:
     a second thread only waits), in order on the calling thread."""
     n = len(sizes)
     if free_threads() == 1 or n < 2 or sum(sizes) < PARAMETER_ELEMENTS:
-        return [fn(i) for i in range(n)]
+        return each_parameter(fn, sizes)
     order = sorted(range(n), key=lambda i: -sizes[i])
     results: list = [None] * n
 
