@@ -24,7 +24,6 @@ CLI:  python -m npgpt.generate --prompt "ROMEO:" --max-new-tokens 200 --top-k 40
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 import warnings
@@ -153,29 +152,15 @@ def decoding_layout(model: GPT, threads: int | None = None) -> GPT:
     streams 1.3-1.5x faster that way on GPT-2's shapes); from 2 threads also each
     block's attn.c_proj (C, C) (OpenBLAS's 2-thread GEMV streamed it ~1.2x faster so, its
     1-thread one ~1.2x slower). Every other weight is row-major, so a later call for
-    another thread count lays the model out afresh. Each block's four matrices are copied
-    into one buffer of their own (`BLOCK_MATRICES`, in the order a step reads them, from a
-    2 MiB boundary, so that Linux may back all of it with huge pages: NumPy asks for them
-    only for allocations of 4 MiB or more, and GPT-2 124M's attn.c_proj is 2.25 MiB):
-    tokens/s 1.00-1.05x at 2 threads and 1.01-1.07x at 1 (AMD EPYC; medians of 8-10
-    interleaved pairs, two runs each). Each copy replaces the old array as made, so
-    the extra memory is one block's matrices while they are copied and, after, 2 MiB a
-    block (the alignment) once the old arrays have no other reference. Training such a model is correct but slower (AdamW
-    falls back to its reference on non-C-ordered parameters). The CLI decodes with it;
-    `npgpt.weights.load_model` and `GPT` give the default (C-ordered) layout."""
+    another thread count lays the model out afresh. Each weight's copy replaces it as
+    made: no extra memory once the old arrays have no other reference. Training such a
+    model is correct but slower (AdamW falls back to its reference on non-C-ordered
+    parameters). The CLI decodes with it; `npgpt.weights.load_model` and `GPT` give the
+    default (C-ordered) layout."""
     if model.backend.name != "numpy":
         return model
     columns = COLUMN_MAJOR + (COLUMN_MAJOR_FROM_2_THREADS if (threads or num_threads()) > 1 else ())
-    for i in range(model.config.n_layer):
-        names = [f"h.{i}.{name}" for name in BLOCK_MATRICES]
-        values = [model.params[name] for name in names]
-        layout = [(value.shape, "F" if name.endswith(columns) else "C") for name, value in zip(names, values)]
-        for name, value, copy in zip(names, values, arrays_in_one_buffer(layout, values[0].dtype)):
-            copy[...] = value
-            model.params[name] = copy
     for name, value in model.params.items():
-        if name.endswith(BLOCK_MATRICES):
-            continue
         if name.endswith(columns):
             model.params[name] = np.asfortranarray(value)
         elif value.ndim == 2 and not value.flags.c_contiguous:
@@ -185,22 +170,6 @@ def decoding_layout(model: GPT, threads: int | None = None) -> GPT:
 
 COLUMN_MAJOR = ("wte.weight", "mlp.c_proj.weight")  # weights `decoding_layout` holds column-major
 COLUMN_MAJOR_FROM_2_THREADS = ("attn.c_proj.weight",)  # ... and these, on 2 threads or more
-BLOCK_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # a block's, as a step reads them
-HUGE_PAGE = 2 << 20  # bytes: a buffer of `decoding_layout` starts on such a boundary
-LINE = 64  # bytes: each matrix in it starts on a cache line
-
-
-def arrays_in_one_buffer(layout: list[tuple[tuple[int, ...], str]], dtype) -> list[np.ndarray]:
-    """Uninitialised arrays of the (shape, order) pairs of `layout` ("C" or "F"), one after
-    another in one NumPy allocation: the first from a HUGE_PAGE boundary, each from a LINE."""
-    itemsize, sizes = np.dtype(dtype).itemsize, [math.prod(shape) for shape, _ in layout]
-    flat = np.empty(sum(sizes) + (HUGE_PAGE + LINE * len(layout)) // itemsize, dtype=dtype)
-    offset, arrays = (-flat.ctypes.data % HUGE_PAGE) // itemsize, []
-    for (shape, order), size in zip(layout, sizes):
-        part = flat[offset : offset + size]
-        arrays.append(part.reshape(shape) if order == "C" else part.reshape(shape[::-1]).T)
-        offset += size + (-size * itemsize % LINE) // itemsize
-    return arrays
 
 
 def window_start(start: int, length: int, n_ctx: int) -> int:
