@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from unittest import mock
 
 import pytest
 from conftest import data_path
-from hypothesis import given, settings
+from test_bpe_merge import ALPHABET, token_bytes
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from npgpt.tokenizer import BPETokenizer, CharTokenizer, train_bpe
 from npgpt.tokenizer.__main__ import main as cli
-from npgpt.tokenizer.bpe import GPT2_PATTERN, GPT4_PATTERN, SINGLE_BYTES
-from npgpt.tokenizer.train import count_chunks
+from npgpt.tokenizer import train
+from npgpt.tokenizer.bpe import GPT2_PATTERN, GPT4_PATTERN, SINGLE_BYTES, bpe_merge
+from npgpt.tokenizer.train import _ChunkCorpus, _LongChunk, count_chunks
 from npgpt.tokenizer.formats import load as load_tokenizer, save as save_tokenizer
 
 
@@ -60,6 +63,92 @@ def test_incremental_training_equals_brute_force_on_small_alphabets(text, vocab_
         warnings.simplefilter("ignore")  # short texts run out of pairs before vocab_size
         ranks = train_bpe(text, vocab_size).ranks
     assert ranks == brute_force_train(text, len(ranks), GPT2_PATTERN)
+
+
+def every_chunk_incremental():
+    """Every chunk of two bytes or more goes the _LongChunk way (the threshold is forced down)."""
+    return mock.patch.object(train, "INCREMENTAL_FROM", 2)
+
+
+def train_quietly(text: str, vocab_size: int, pattern: str = "gpt2") -> dict[bytes, int]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # short texts run out of pairs before vocab_size
+        return train_bpe(text, vocab_size, pattern).ranks
+
+
+@pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN])
+def test_incremental_long_chunks_equal_brute_force(pattern):
+    text = data_path("corpora/tinyshakespeare.txt").read_text("utf-8")[:3000]
+    with every_chunk_incremental():
+        assert train_bpe(text, 330, pattern).ranks == brute_force_train(text, 330, pattern)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.text(st.sampled_from("ab \n'é"), max_size=60), st.integers(256, 280))
+def test_incremental_long_chunks_equal_brute_force_on_small_alphabets(text, vocab_size):
+    with every_chunk_incremental():
+        ranks = train_quietly(text, vocab_size)
+    assert ranks == brute_force_train(text, len(ranks), GPT2_PATTERN)
+
+
+@st.composite
+def long_texts(draw) -> str:
+    """A few words of 100-3000 letters from a small alphabet, some repeated, joined by runs
+    of spaces and newlines: texts whose chunks are long."""
+    words = draw(st.lists(st.text(st.sampled_from("abcd"), min_size=100, max_size=3000), min_size=1, max_size=3))
+    picks = draw(st.lists(st.integers(0, len(words) - 1), min_size=1, max_size=6))
+    return "".join(words[i] + draw(st.sampled_from([" ", "  ", "\n", " \n "])) for i in picks)
+
+
+@settings(max_examples=25, deadline=None)
+@given(long_texts(), st.sampled_from(["gpt2", r"\S+|\s+"]), st.integers(256, 330))
+def test_long_chunk_path_equals_the_whole_chunk_path(text, pattern, vocab_size):
+    """The same ranks whether every chunk is re-encoded whole or every chunk incrementally."""
+    with mock.patch.object(train, "INCREMENTAL_FROM", 10**9):
+        expected = train_quietly(text, vocab_size, pattern)
+    with every_chunk_incremental():
+        assert train_quietly(text, vocab_size, pattern) == expected
+
+
+@settings(max_examples=15, deadline=None)
+@given(long_texts(), st.integers(1, 60))
+def test_long_chunks_stay_what_the_encoder_gives(text, n_merges):
+    """After every new token, each chunk's tokens are the encoder's parts for it."""
+    ranks = {token: rank for rank, token in enumerate(SINGLE_BYTES)}
+    with every_chunk_incremental():
+        corpus = _ChunkCorpus(count_chunks(text, GPT2_PATTERN), ranks)
+    assert corpus.long or not any(len(chunk) >= 2 for chunk in corpus.chunks)
+    for _ in range(n_merges):
+        pair = corpus.most_frequent_pair()
+        if pair is None:
+            break
+        ranks[pair[0] + pair[1]] = len(ranks)
+        corpus.add_token(pair[0] + pair[1])
+        tok = BPETokenizer(dict(ranks))
+        for i, chunk in enumerate(corpus.chunks):
+            assert corpus.parts(i) == [tok.token_bytes(t) for t in tok._encode_chunk(chunk)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(token_bytes, unique=True, max_size=40), st.lists(st.sampled_from(ALPHABET), max_size=300).map(bytes))
+@example([b"ab", b"bcd", b"abcd", b"cd"], b"abcd")  # "cd" makes (ab, cd): "abcd", older, joins too
+@example([b"cd", b"abc", b"abcd", b"ab"], b"abcd")  # the same on the right of "ab"
+@example([b"cdq", b"pcd", b"cd"], b"pcdq")  # "cd" makes (p, cd) and (cd, q): the lower rank joins
+def test_long_chunk_continues_the_encoders_merge(tokens, chunk):
+    """For any vocabulary (cascades of older-rank joins included, which trained vocabularies
+    rarely make), adding tokens one at a time gives `bpe_merge`'s parts with the ranks so
+    far, and the pair changes it reports are the true ones."""
+    ranks = {token: rank for rank, token in enumerate(SINGLE_BYTES)}
+    long_chunk = _LongChunk(chunk)
+    for token in tokens:
+        before = long_chunk.parts()
+        ranks[token] = len(ranks)
+        changes = long_chunk.add_token(token, ranks)
+        after = long_chunk.parts()
+        assert after == bpe_merge(list(map(SINGLE_BYTES.__getitem__, chunk)), ranks)
+        expected = Counter(zip(after, after[1:]))
+        expected.subtract(Counter(zip(before, before[1:])))
+        assert changes == Counter({pair: change for pair, change in expected.items() if change})
 
 
 def test_special_tokens_are_registered_and_never_merged():

@@ -10,6 +10,11 @@ chunk's tokens stay exactly what `BPETokenizer.encode` gives with the vocabulary
 far (this also covers a merge that makes a new neighbour pair of older rank, and a chunk
 that becomes a token as a whole). Pair counts are updated only for the chunks that change,
 and a heap with lazy deletion finds the most frequent pair.
+
+A short chunk is re-encoded whole (`bpe_merge`) and its pairs recounted. A long one
+(`INCREMENTAL_FROM` bytes or more) would make that quadratic, so `_LongChunk` keeps an index
+of where each pair occurs and joins only the new token's occurrences and the neighbour pairs
+these joins create: the cost per new token follows the occurrences, not the chunk's length.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from npgpt.tokenizer.base import _special_regex
 from npgpt.tokenizer.bpe import PATTERNS, SINGLE_BYTES, BPETokenizer, bpe_merge, replace_surrogates
 
 Pair = tuple[bytes, bytes]
+
+INCREMENTAL_FROM = 64  # chunks of this many bytes or more are _LongChunks (see _ChunkCorpus)
 
 
 def train_bpe(
@@ -66,7 +73,8 @@ def count_chunks(text: str, pattern: str, special_tokens: Iterable[str] = ()) ->
 
 
 class _ChunkCorpus:
-    """The distinct chunks, each as its current list of tokens, with pair counts over all."""
+    """The distinct chunks, each as its current list of tokens, with pair counts over all.
+    Chunk i's tokens are `tokens[i]`, or `long[i]` (a _LongChunk) for a long chunk."""
 
     def __init__(self, chunk_counts: Counter[bytes], ranks: dict[bytes, int]):
         self.ranks = ranks
@@ -78,8 +86,15 @@ class _ChunkCorpus:
         self.pair_chunks: dict[Pair, set[int]] = {}  # pair -> chunks that have (or had) it
         for i in range(len(self.chunks)):
             self._count_pairs(i, +1)
+        self.long = {i: _LongChunk(chunk) for i, chunk in enumerate(self.chunks) if len(chunk) >= INCREMENTAL_FROM}
+        for i in self.long:
+            self.tokens[i] = None  # kept by self.long[i] from now on
         self.heap = [(-count, pair) for pair, count in self.pair_counts.items()]
         heapq.heapify(self.heap)
+
+    def parts(self, i: int) -> list[bytes]:
+        """Chunk i's current tokens."""
+        return self.long[i].parts() if i in self.long else self.tokens[i]
 
     def most_frequent_pair(self) -> Pair | None:
         while self.heap:
@@ -98,6 +113,11 @@ class _ChunkCorpus:
             affected.add(self.index[token])
         changed: set[Pair] = set()
         for i in sorted(affected):
+            if i in self.long and self.chunks[i] != token:
+                changed |= self._add_pair_changes(i, self.long[i].add_token(token, self.ranks))
+                continue
+            if i in self.long:  # the whole chunk became a token: back to a plain list
+                self.tokens[i] = self.long.pop(i).parts()
             changed |= self._count_pairs(i, -1)
             if self.chunks[i] == token:
                 self.tokens[i] = [token]
@@ -121,3 +141,91 @@ class _ChunkCorpus:
             for pair in pairs:
                 self.pair_chunks.setdefault(pair, set()).add(i)
         return pairs
+
+    def _add_pair_changes(self, i: int, changes: Counter[Pair]) -> set[Pair]:
+        """Add chunk i's change in pair occurrences (pair -> how many more) to the counts."""
+        weight = self.counts[i]
+        for pair, change in changes.items():
+            self.pair_counts[pair] += change * weight
+            if change > 0:
+                self.pair_chunks.setdefault(pair, set()).add(i)
+        return set(changes)
+
+
+class _LongChunk:
+    """A long chunk's tokens, re-merged only where a new token occurs.
+
+    Re-encoding a chunk of n bytes with `bpe_merge` after every new token costs O(n) per
+    join, so training on one long chunk would be quadratic. But the tokens before a new
+    token t are a fixed point of the older ranks: the only pairs that can join are those
+    whose concatenation is t. So join those, lowest rank first and leftmost on ties as
+    `bpe_merge` does, and then any neighbour pair a join creates that is a token (an older
+    rank joins before the rest of t's occurrences: a cascade), with a heap of (rank, left
+    start, right end) entries as in `bpe_merge_heap`, whose linked list of byte ranges this
+    keeps between tokens. `where[pair]` holds the start offsets of the pair's left parts, so
+    t's occurrences are found without a scan."""
+
+    def __init__(self, chunk: bytes):
+        n = self.n = len(chunk)
+        self.chunk = chunk
+        self.end = list(range(1, n + 1))  # end[s]: end of the part starting at s (> n once it is joined in)
+        self.prev = list(range(-1, n - 1))  # prev[s]: start of the part before it, or -1
+        self.where: dict[Pair, set[int]] = {}
+        for s in range(n - 1):
+            self.where.setdefault((chunk[s : s + 1], chunk[s + 1 : s + 2]), set()).add(s)
+
+    def parts(self) -> list[bytes]:
+        parts, start = [], 0
+        while start < self.n:
+            parts.append(self.chunk[start : self.end[start]])
+            start = self.end[start]
+        return parts
+
+    def add_token(self, token: bytes, ranks: dict[bytes, int]) -> Counter[Pair]:
+        """Merge on with the new `token` (the highest rank in `ranks`). Returns, per pair,
+        how many more times it occurs now (negative: fewer)."""
+        chunk, n, end, prev = self.chunk, self.n, self.end, self.prev
+        changes: Counter[Pair] = Counter()
+
+        def add(pair: Pair, start: int, sign: int) -> None:
+            changes[pair] += sign
+            if sign > 0:
+                self.where.setdefault(pair, set()).add(start)
+            else:
+                starts = self.where[pair]
+                starts.discard(start)
+                if not starts:
+                    del self.where[pair]
+
+        rank = ranks[token]
+        heap = [
+            (rank, left, left + len(token))
+            for cut in range(1, len(token))
+            for left in self.where.get((token[:cut], token[cut:]), ())
+        ]
+        heapq.heapify(heap)
+        while heap:
+            rank, left, stop = heapq.heappop(heap)
+            right = end[left]
+            if right >= n or end[right] != stop:
+                continue  # stale: a part of this pair has joined another since
+            a, b, joined = chunk[left:right], chunk[right:stop], chunk[left:stop]
+            add((a, b), left, -1)
+            end[right] = n + 1
+            end[left] = stop
+            if stop < n:  # the pair with the part after: (b, c) -> (joined, c)
+                after = end[stop]
+                prev[stop] = left
+                c = chunk[stop:after]
+                add((b, c), right, -1)
+                add((joined, c), left, +1)
+                if (r := ranks.get(joined + c)) is not None:
+                    heapq.heappush(heap, (r, left, after))
+            before = prev[left]
+            if before >= 0:  # the pair with the part before: (p, a) -> (p, joined)
+                p = chunk[before:left]
+                add((p, a), before, -1)
+                add((p, joined), before, +1)
+                if (r := ranks.get(p + joined)) is not None:
+                    heapq.heappush(heap, (r, before, stop))
+        return Counter({pair: change for pair, change in changes.items() if change})
