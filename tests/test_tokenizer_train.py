@@ -151,6 +151,32 @@ def test_long_chunk_continues_the_encoders_merge(tokens, chunk):
         assert changes == Counter({pair: change for pair, change in expected.items() if change})
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(token_bytes, unique=True, max_size=30),
+    st.dictionaries(st.lists(st.sampled_from(ALPHABET), min_size=1, max_size=80).map(bytes), st.integers(1, 3)),
+    st.sampled_from([2, 10**9]),
+)
+@example([b"abc"], {b"abc": 1, b"abcabc": 2}, 2)  # "abc" is chunk 0 as a whole, not a pair of [a, b, c]
+def test_corpus_tokens_and_counts_follow_any_vocabulary(tokens, chunk_counts, incremental_from):
+    """Whatever tokens are added (in rank order), every chunk's tokens are the encoder's parts
+    (a chunk that is a token as a whole included) and the pair counts are their true sums."""
+    ranks = {token: rank for rank, token in enumerate(SINGLE_BYTES)}
+    with mock.patch.object(train, "INCREMENTAL_FROM", incremental_from):
+        corpus = _ChunkCorpus(Counter(chunk_counts), ranks)
+    for token in tokens:
+        ranks[token] = len(ranks)
+        corpus.add_token(token)
+    tok = BPETokenizer(dict(ranks))
+    expected_counts = Counter()
+    for i, (chunk, count) in enumerate(chunk_counts.items()):
+        parts = corpus.parts(i)
+        assert parts == [tok.token_bytes(t) for t in tok._encode_chunk(chunk)]
+        for pair in zip(parts, parts[1:]):
+            expected_counts[pair] += count
+    assert corpus.pair_counts == expected_counts
+
+
 def test_special_tokens_are_registered_and_never_merged():
     text = "hello<|endoftext|>hello<|endoftext|>hello"
     tok = train_bpe(text, 261, special_tokens=["<|endoftext|>"])  # 4 merges make "hello"
