@@ -113,11 +113,11 @@ class _ChunkCorpus:
             affected.add(self.index[token])
         changed: set[Pair] = set()
         for i in sorted(affected):
-            if i in self.long and self.chunks[i] != token:
-                changed |= self._add_pair_changes(i, self.long[i].add_token(token, self.ranks))
-                continue
-            if i in self.long:  # the whole chunk became a token: back to a plain list
-                self.tokens[i] = self.long.pop(i).parts()
+            if i in self.long:
+                if self.chunks[i] != token:
+                    changed |= self._add_pair_changes(i, self.long[i].add_token(token, self.ranks))
+                    continue
+                self.tokens[i] = self.long.pop(i).parts()  # the whole chunk became a token: a list again
             changed |= self._count_pairs(i, -1)
             if self.chunks[i] == token:
                 self.tokens[i] = [token]
