@@ -155,8 +155,8 @@ class _ChunkCorpus:
 class _LongChunk:
     """A long chunk's tokens, re-merged only where a new token occurs.
 
-    Re-encoding a chunk of n bytes with `bpe_merge` after every new token costs O(n) per
-    join, so training on one long chunk would be quadratic. But the tokens before a new
+    Re-encoding a chunk of n bytes with `bpe_merge` after a new token costs O(n) per join
+    (and recounting its pairs O(n) more), so training on one long chunk would be quadratic. But the tokens before a new
     token t are a fixed point of the older ranks: the only pairs that can join are those
     whose concatenation is t. So join those, lowest rank first and leftmost on ties as
     `bpe_merge` does, and then any neighbour pair a join creates that is a token (an older
@@ -187,7 +187,7 @@ class _LongChunk:
         chunk, n, end, prev = self.chunk, self.n, self.end, self.prev
         changes: Counter[Pair] = Counter()
 
-        def add(pair: Pair, start: int, sign: int) -> None:
+        def add(pair: Pair, start: int, sign: int) -> None:  # sign -1: remove the pair at `start`
             changes[pair] += sign
             if sign > 0:
                 self.where.setdefault(pair, set()).add(start)
@@ -211,7 +211,7 @@ class _LongChunk:
                 continue  # stale: a part of this pair has joined another since
             a, b, joined = chunk[left:right], chunk[right:stop], chunk[left:stop]
             add((a, b), left, -1)
-            end[right] = n + 1
+            end[right] = n + 1  # the right part is joined into the left one
             end[left] = stop
             if stop < n:  # the pair with the part after: (b, c) -> (joined, c)
                 after = end[stop]
