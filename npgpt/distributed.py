@@ -295,7 +295,7 @@ class MPIComm(Comm):
         self.wait_seconds = counted
 
     def abort(self, message: str, status: int = 1):
-        print(message, file=sys.__stderr__, flush=True)  # any rank may be the one that notices
+        os.write(2, (message + "\n").encode())  # any rank may be the one that notices; unbuffered: also from a signal handler
         time.sleep(ABORT_GRACE_SECONDS)  # let mpiexec forward the line before Abort tears the job down
         self.world.Abort(status)
 

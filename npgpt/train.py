@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from npgpt.backend import get_backend
-from npgpt.errors import UserError, add_debug_flag, run_cli
+from npgpt.errors import EXIT_INTERRUPTED, UserError, add_debug_flag, run_cli
 from npgpt.kernels.threads import configure as configure_threads
 from npgpt.checkpoint import load_safetensors, save_checkpoint, save_safetensors
 from npgpt.config import GPTConfig
@@ -350,10 +350,16 @@ class Trainer:
         return 0
 
     def _on_interrupt(self, signum, frame):
-        """First Ctrl-C: finish the step, save, stop. A second one aborts at once."""
+        """First Ctrl-C: finish the step, save, stop. A second one aborts at once without
+        saving: under mpiexec the whole job (a rank that left alone would leave the others
+        waiting for it). The notice goes out by `say_now`: this handler may run in the middle
+        of a print to the same stream."""
+        if self.interrupted:
+            if self.comm.size > 1:
+                self.comm.abort("interrupted (Ctrl-C twice): the job stopped without saving", EXIT_INTERRUPTED)
+            raise KeyboardInterrupt
         self.interrupted = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        say("\nCtrl-C: finishing this step and saving a checkpoint (press again to abort without saving)")
+        say_now("\nCtrl-C: finishing this step and saving a checkpoint (press again to abort without saving)")
 
     def report(self, loss_sum, norm_sum, steps, elapsed) -> bool:
         """Read the window's loss back to the host, print and log it; False if it diverged."""
@@ -433,6 +439,17 @@ def format_duration(seconds: float) -> str:
 
 def say(message: str):
     print(message, file=sys.stderr, flush=True)
+
+
+def say_now(message: str):
+    """`say` from a signal handler: straight to stderr's file descriptor. The handler may
+    run in the middle of a print to sys.stderr, and a second write into its buffer then
+    raises RuntimeError (reentrant call): under mpiexec that ended one rank and left the
+    job hanging."""
+    try:
+        os.write(sys.stderr.fileno(), (message + "\n").encode())
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a test's stream), or closed
+        pass
 
 
 def write_tokenizer(tokenizer, out: Path):

@@ -4,12 +4,14 @@ atomic checkpoints, tokenizer choices, fine-tuning, and the sliding-window perpl
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from hypothesis import strategies as st
 from conftest import ROOT, data_path
 from npgpt import checkpoint, train
 from npgpt.checkpoint import load_safetensors
+from npgpt.distributed import Comm
 from npgpt.eval import perplexity, sliding_windows
 from npgpt.model import GPT
 
@@ -126,6 +129,29 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_for_bit(corpus, tmp_path):
     assert 3 <= k < 60, "interrupt it earlier: the comparison run is only 60 steps"
     assert train.main(["--resume", "--out-dir", str(out), "--max-iters", "60"]) == 0
     assert_identical(params_and_moments(tmp_path / "straight"), params_and_moments(out))
+
+
+def test_ctrl_c_in_the_middle_of_a_print_is_no_error(tmp_path, monkeypatch):
+    """The Ctrl-C handler may run while the loop prints a report line to the same stream.
+    Its notice used to go through that stream's buffer, and the reentrant write raised
+    RuntimeError, which under mpiexec ended one rank and hung the job (1 run in ~50 of
+    test_ctrl_c_on_mpiexec_saves_one_checkpoint under load)."""
+    trainer = types.SimpleNamespace(interrupted=False, comm=Comm())
+
+    class Interrupted(io.FileIO):  # the signal lands while the buffered line is written out
+        def write(self, data):
+            if not trainer.interrupted:
+                train.Trainer._on_interrupt(trainer, signal.SIGINT, None)
+            return super().write(data)
+
+    stream = io.TextIOWrapper(io.BufferedWriter(Interrupted(tmp_path / "stderr", "w")), encoding="utf-8")
+    monkeypatch.setattr(sys, "stderr", stream)
+    train.say("step      4/100 | loss 3.5189")
+    stream.close()
+    written = (tmp_path / "stderr").read_text(encoding="utf-8")
+    assert trainer.interrupted and "Ctrl-C: finishing this step" in written and "step      4/100" in written
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C aborts (one process)
+        train.Trainer._on_interrupt(trainer, signal.SIGINT, None)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
