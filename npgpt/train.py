@@ -29,6 +29,7 @@ resume at another world size that divides its global batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -447,9 +448,12 @@ def say_now(message: str):
     raises RuntimeError (reentrant call): under mpiexec that ended one rank and left the
     job hanging."""
     try:
-        os.write(sys.stderr.fileno(), (message + "\n").encode())
-    except (OSError, ValueError, AttributeError):  # no file descriptor (a test's stream), or closed
-        pass
+        fd = sys.stderr.fileno()
+    except (OSError, ValueError, AttributeError):  # a stream without a descriptor (io.StringIO, a notebook's): no buffer to re-enter
+        say(message)
+        return
+    with contextlib.suppress(OSError):  # stderr gone: the notice is lost, the checkpoint is not
+        os.write(fd, (message + "\n").encode())
 
 
 def write_tokenizer(tokenizer, out: Path):

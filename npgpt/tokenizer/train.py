@@ -155,15 +155,15 @@ class _ChunkCorpus:
 class _LongChunk:
     """A long chunk's tokens, re-merged only where a new token occurs.
 
-    Re-encoding a chunk of n bytes with `bpe_merge` after a new token costs O(n) per join
-    (and recounting its pairs O(n) more), so training on one long chunk would be quadratic. But the tokens before a new
-    token t are a fixed point of the older ranks: the only pairs that can join are those
-    whose concatenation is t. So join those, lowest rank first and leftmost on ties as
-    `bpe_merge` does, and then any neighbour pair a join creates that is a token (an older
-    rank joins before the rest of t's occurrences: a cascade), with a heap of (rank, left
-    start, right end) entries as in `bpe_merge_heap`, whose linked list of byte ranges this
-    keeps between tokens. `where[pair]` holds the start offsets of the pair's left parts, so
-    t's occurrences are found without a scan."""
+    Re-encoding a chunk of n bytes with `bpe_merge` after a new token costs O(n) per join,
+    and recounting its pairs O(n) more, so training on one long chunk would be quadratic.
+    But the tokens before a new token t are a fixed point of the older ranks: the only
+    pairs that can join are those whose concatenation is t. So join those, lowest rank
+    first and leftmost on ties as `bpe_merge` does, and then any neighbour pair a join
+    creates that is a token (an older rank joins before the rest of t's occurrences: a
+    cascade), with a heap of (rank, left start, right end) entries as in `bpe_merge_heap`,
+    whose linked list of byte ranges this keeps between tokens. `where[pair]` holds the
+    start offsets of the pair's left parts, so t's occurrences are found without a scan."""
 
     def __init__(self, chunk: bytes):
         n = self.n = len(chunk)
@@ -175,6 +175,7 @@ class _LongChunk:
             self.where.setdefault((chunk[s : s + 1], chunk[s + 1 : s + 2]), set()).add(s)
 
     def parts(self) -> list[bytes]:
+        """The chunk's current tokens, left to right."""
         parts, start = [], 0
         while start < self.n:
             parts.append(self.chunk[start : self.end[start]])
