@@ -26,6 +26,15 @@ from test_gradients import random_model
 TOL = dict(rtol=1e-12, atol=1e-12)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def numpy_passes():
+    """These tests prove NumPy's passes, which float32 arrays would leave for the compiled
+    loops where numba is installed; tests/test_compiled.py proves those."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fast, "compiled_loops", lambda: None)
+        yield
+
+
 @contextlib.contextmanager
 def blocks(n_threads=3, **sizes):
     """Smaller blocks for the fast kernels (query_block=4 sets fast.QUERY_BLOCK, ...), and

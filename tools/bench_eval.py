@@ -5,9 +5,11 @@ the time eval reports for scoring alone, tokens/s, the CPU seconds the run used 
 system) and so the cores it had on average (a busy machine gives fewer than its threads),
 and /proc/loadavg before each run. `--workers threads processes` runs eval's
 --workers ways (threads in one process; forked processes of one thread each) round-robin;
-the default is eval's own default, auto.
+the default is eval's own default, auto. `--loops default numpy` runs each way with the
+compiled loops (where numba is installed) and with NPGPT_NUMBA=0 (NumPy's passes), round-robin.
 
-    python tools/bench.py eval [--threads 2] [--repeats 3] [--workers threads processes] [--stride N] [--data FILE]
+    python tools/bench.py eval [--threads 2] [--repeats 3] [--workers threads processes] [--loops default numpy]
+                               [--stride N] [--data FILE]
 
 `--kernels-vs REF` measures the kernels instead, where whole runs are too noisy to show a
 few percent: the first --max-tokens tokens (default 4097) scored in this process on one
@@ -36,21 +38,23 @@ DATA = Path(os.environ.get("NPGPT_DATA", Path(__file__).resolve().parents[2] / "
 
 
 def run_eval(weights: str, data: Path, threads: int, stride: int | None, workers: str = "auto",
-             max_tokens: int | None = None) -> dict:
+             max_tokens: int | None = None, loops: str = "default") -> dict:
+    """One `python -m npgpt.eval` run; loops "numpy": with NPGPT_NUMBA=0 (NumPy's passes only)."""
     command = [sys.executable, "-m", "npgpt.eval", "--weights", weights, "--data", str(data), "--threads", str(threads),
                "--json", "--quiet"] + ([] if stride is None else ["--stride", str(stride)]) \
         + ["--workers", workers] + ([] if max_tokens is None else ["--max-tokens", str(max_tokens)])  # fmt: skip
     load = load_average()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
+    env = dict(os.environ, NPGPT_NUMBA="0") if loops == "numpy" else None
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if done.returncode != 0:
         raise BenchError(f"npgpt.eval failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
     result = json.loads(done.stdout)
-    return {"threads": threads, "workers": workers, "wall_s": wall, "scoring_s": result["seconds"], "cpu_s": cpu, "cores_used": cpu / wall,
+    return {"threads": threads, "workers": workers, "loops": loops, "wall_s": wall, "scoring_s": result["seconds"], "cpu_s": cpu, "cores_used": cpu / wall,
             "loadavg_1_5_15_before": load,
             "tokens": result["tokens_evaluated"], "tokens_per_s": result["tokens_evaluated"] / result["seconds"],
             "stride": result["stride"], "context": result["context"], "loss": result["loss"]}  # fmt: skip
@@ -104,6 +108,9 @@ def main(argv=None) -> int:
                                                             "in this process on one thread (see the module docstring)")
     parser.add_argument("--workers", nargs="+", choices=("auto", "threads", "processes"), default=["auto"],
                         help="eval's --workers: auto (eval's default), threads in one process and/or processes, round-robin")
+    parser.add_argument("--loops", nargs="+", choices=("default", "numpy"), default=["default"],
+                        help="default: the compiled loops where numba is installed; numpy: NPGPT_NUMBA=0 (NumPy's passes); "
+                             "both: round-robin")  # fmt: skip
     parser.add_argument("--max-tokens", type=int, help="eval's --max-tokens (default: the whole text)")
     parser.add_argument("--stride", type=int, help="eval's --stride (default: eval's default)")
     parser.add_argument("--weights", default="shakespeare", help="eval's --weights (default shakespeare, the shipped model)")
@@ -120,17 +127,18 @@ def main(argv=None) -> int:
         return 0
     args.repeats = args.repeats or 3
     runs = []
-    kinds = [(n, w) for n in args.threads for w in args.workers if n > 1 or w != "processes"]
+    kinds = [(n, w, loops) for n in args.threads for w in args.workers if n > 1 or w != "processes" for loops in args.loops]
     for repeat in range(args.repeats):
-        for n, workers in kinds:
-            runs.append(run_eval(args.weights, args.data, n, args.stride, workers, args.max_tokens))
-            log(f"run {repeat + 1}/{args.repeats}, {n} thread(s), {workers}: {runs[-1]['wall_s']:.1f} s wall, "
+        for n, workers, loops in kinds:
+            runs.append(run_eval(args.weights, args.data, n, args.stride, workers, args.max_tokens, loops))
+            log(f"run {repeat + 1}/{args.repeats}, {n} thread(s), {workers}, {loops} loops: {runs[-1]['wall_s']:.1f} s wall, "
                 f"{runs[-1]['tokens_per_s']:,.0f} tokens/s, {runs[-1]['cores_used']:.2f} cores used, "
                 f"loadavg before {runs[-1]['loadavg_1_5_15_before']}")  # fmt: skip
     by_threads = {}
-    for n, workers in kinds:
-        mine = [r for r in runs if (r["threads"], r["workers"]) == (n, workers)]
-        by_threads[str(n) if workers == "threads" else f"{n} {workers}"] = {"median_wall_s": statistics.median(r["wall_s"] for r in mine), "min_wall_s": min(r["wall_s"] for r in mine),
+    for n, workers, loops in kinds:
+        mine = [r for r in runs if (r["threads"], r["workers"], r["loops"]) == (n, workers, loops)]
+        name = (str(n) if workers == "threads" else f"{n} {workers}") + ("" if loops == "default" else f" {loops}-loops")
+        by_threads[name] = {"median_wall_s": statistics.median(r["wall_s"] for r in mine), "min_wall_s": min(r["wall_s"] for r in mine),
                               "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in mine)}  # fmt: skip
     report = {"benchmark": "eval", "weights": args.weights, "data": args.data.name, "runs": runs, "by_threads": by_threads}
     emit(report, [f"{n if ' ' in n else n + ' thread(s)'}: median {s['median_wall_s']:.1f} s wall (min {s['min_wall_s']:.1f}), "

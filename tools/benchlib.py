@@ -111,6 +111,7 @@ def machine() -> dict:
         "blas": blas_libraries(),
         "python": platform.python_version(),
         "numpy": np.__version__,
+        "compiled_loops": compiled_loops(),
         "loadavg_1_5_15_start": LOAD_AT_START,
         "loadavg_1_5_15_end": load_average(),
     }
@@ -120,6 +121,14 @@ def machine() -> dict:
         info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         info["torch_mkl"] = torch.backends.mkl.is_available()
     return info
+
+
+def compiled_loops() -> str | None:
+    """"numba X.Y" where NumPy's fast kernels run the compiled loops (`npgpt[numba]`, not
+    turned off by NPGPT_NUMBA=0), else None."""
+    from npgpt.kernels.numpy_fast import compiled_loops as loops
+
+    return f"numba {sys.modules['numba'].__version__}" if loops() is not None else None
 
 
 # -- threads and timing ----------------------------------------------------------------------

@@ -61,6 +61,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import threading
 
 import numpy as np
@@ -94,6 +95,7 @@ TRAIN_PIECE = 128  # positions per piece of a training batch, at least: below, o
 PARAMETER_ELEMENTS = 1 << 21  # elements (all parameters) from which `over_parameters` shares them among the threads
 SMALL_GEMM = 1 << 27  # multiply-adds up to which a linear layer's forward product is shared among the threads
 GELU_SCALE = layers.GELU_SCALE
+COMPILED_ENV = "NPGPT_NUMBA"  # "0": never use the compiled loops, even where numba is installed
 _piece = threading.local()  # .inference, .training: this thread runs a piece of over_batch, of over_train_batch
 
 
@@ -108,6 +110,27 @@ def backward_follows() -> bool:
     forward kernel may keep what makes the backward cheaper (GELU's slope) instead of what
     costs the forward least."""
     return getattr(_piece, "training", False)
+
+
+@functools.cache
+def compiled_loops():
+    """`npgpt.kernels.compiled`, imported on first use (numba's import takes ~0.5 s), or
+    None where numba is not installed (or cannot load) or $NPGPT_NUMBA is "0"."""
+    if os.environ.get(COMPILED_ENV, "") == "0":
+        return None
+    try:
+        from npgpt.kernels import compiled
+    except ImportError:
+        return None
+    return compiled
+
+
+def loops(*arrays):
+    """`compiled_loops()` when every array is C-contiguous float32 (the loops' one
+    layout), else None: the NumPy passes run."""
+    if all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays):
+        return compiled_loops()
+    return None
 
 
 @contextlib.contextmanager
@@ -274,6 +297,10 @@ def layer_norm_forward(x, w, b, eps):
     the variances by row-wise dot products (no squares held), x - mean normalised in place."""
     N, C = x.shape
     if inference():  # no backward follows: the output alone (a decode step's one row without array passes for its scale)
+        if (compiled := loops(x, w, b)) is not None:
+            out = np.empty_like(x)
+            parallel_rows(lambda r0, r1: compiled.layer_norm_(x[r0:r1], w, b, np.float32(eps), out[r0:r1]), N, C)
+            return out, None
         return (layer_norm_one_row(x, w, b, eps) if N == 1 else layer_norm_inference(x, w, b, eps)), None
     average = averaging(C, x.dtype)  # (C,) of 1/C
     if N < FEW_ROWS:
@@ -385,7 +412,14 @@ def gelu_forward(x):
     `over_batch` on one thread (`inference`, from FEW_ROWS rows): there no backward follows,
     and GELU is written over x (the product before it, not read again) block by block
     through one block's scratch, ~10% faster than filling a new array (cache None), in
-    blocks of INFERENCE_GELU_ELEMENTS or ROW_BLOCK rows (a block and its scratch in L2)."""
+    blocks of INFERENCE_GELU_ELEMENTS or ROW_BLOCK rows (a block and its scratch in L2).
+    Where no backward follows and `loops` has the compiled loops, they make it one pass
+    (over x in such a piece, with any number of rows; else over a copy)."""
+    compiled = None if backward_follows() else loops(x)
+    if compiled is not None:  # one pass: written over x in a piece on one thread, as below, else into a copy
+        out = x if inference() and free_threads() == 1 and x.flags.writeable else x.copy()
+        parallel_rows(lambda r0, r1: compiled.gelu_(out[r0:r1]), out.shape[0], out.shape[1])
+        return out, (None if out is x else x)
     if inference() and x.shape[0] >= FEW_ROWS and free_threads() == 1 and x.flags.writeable:
         scratch = np.empty((min(block_rows(x.shape[1], INFERENCE_GELU_ELEMENTS), x.shape[0]), x.shape[1]), dtype=x.dtype)
         over_row_blocks(lambda r0, r1: gelu_block(x[r0:r1], x[r0:r1], scratch[: r1 - r0]), x.shape[0], x.shape[1],
@@ -626,9 +660,12 @@ def one_query_attention(q, k, v, y):
     of `exp_is_safe` would be two). In a piece of `over_batch` the cache is None."""
     qs = q * (1.0 / math.sqrt(q.shape[-1]))  # (B, NH, 1, hs), scaled as the backward's cache holds it
     att = np.matmul(qs, k.mT)  # (B, NH, 1, S)
-    att -= np.maximum.reduce(att, axis=-1, keepdims=True)  # ufunc reductions: no Python wrapper (np.max, ndarray.max) per call
-    np.exp(att, out=att)
-    att /= np.add.reduce(att, axis=-1, keepdims=True)
+    if (compiled := loops(att)) is not None:
+        compiled.causal_softmax_(att.reshape(-1, 1, att.shape[-1]))  # one query: every key seen
+    else:
+        att -= np.maximum.reduce(att, axis=-1, keepdims=True)  # ufunc reductions: no Python wrapper (np.max, ndarray.max) per call
+        np.exp(att, out=att)
+        att /= np.add.reduce(att, axis=-1, keepdims=True)
     np.matmul(att, v, out=y)
     if inference():  # a decode step: no backward follows
         return y, None
@@ -709,7 +746,12 @@ def masked_softmax(a, future, other, safe=False):
     other documents. Unless `safe` (no score can overflow exp) or `exp_is_safe`, each row's
     maximum is subtracted first (softmax is unchanged by the shift), the masked scores
     set to -inf before; else the future's exps are zeroed after exp, by a product. Row
-    sums by a matrix-vector product."""
+    sums by a matrix-vector product. Without `other`, the compiled loop (`loops`) does it all
+    in one pass per row, each row shifted by its maximum."""
+    if other is None and (compiled := loops(a)) is not None:
+        Tb = 1 if future is None else future.shape[0]  # no future: each row sees every key
+        compiled.causal_softmax_(a.reshape(-1, Tb, a.shape[-1]))
+        return
     shift = not (safe or exp_is_safe(a))
     if future is not None and shift:
         np.copyto(a[..., a.shape[-1] - future.shape[0] :], -np.inf, where=future)
@@ -827,7 +869,8 @@ def cross_entropy_forward(logits, targets, ignore_index=layers.IGNORE_INDEX):
     no normalising pass. A thread's rows take their target logits in one gather, then
     four calls per block (row maxima, shift, exp, row sums); where no logit of a block can
     overflow exp (`exp_is_safe`'s two reductions), the shift is 0 and the block skips the
-    row maxima and the shift (the loss and the probabilities are unchanged by it)."""
+    row maxima and the shift (the loss and the probabilities are unchanged by it). The
+    compiled loop (`loops`), where there is one, makes the same in one pass per row."""
     N, V = logits.shape
     safe, weight = scored_rows(targets, ignore_index, logits.dtype)
     row_loss = np.empty(N, dtype=logits.dtype)  # log(sum exp(z - max z)) + max z - target logit, per row
@@ -835,8 +878,12 @@ def cross_entropy_forward(logits, targets, ignore_index=layers.IGNORE_INDEX):
     top = np.empty(N, dtype=logits.dtype)  # max z, per row
     block = max(1, CE_BLOCK // max(V, 1))  # rows whose passes stay in cache
     every = ones(V, logits.dtype)
+    compiled = loops(logits)
 
     def rows(a, b):
+        if compiled is not None:  # one pass per row (each row shifted by its maximum)
+            compiled.cross_entropy_rows_(logits[a:b], safe[a:b], top[a:b], total[a:b], row_loss[a:b])
+            return
         target_logit = logits[np.arange(a, b), safe[a:b]]  # (b - a,), taken before the logits are overwritten
         for r0 in range(a, b, block):
             r1 = min(r0 + block, b)

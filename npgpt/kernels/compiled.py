@@ -1,0 +1,136 @@
+"""Compiled inner loops for NumPy's fast kernels, where numba is installed (`npgpt[numba]`).
+
+NumPy's float32 `exp` runs at scalar speed on AVX2 CPUs (~1.7-2.3 ns per element on the
+AMD EPYC these were measured on) and every elementwise chain costs a pass over memory per
+step. These loops make one pass, with an `exp` the compiler vectorises (`exp32`), for the
+float32 kernels whose time is their exponentials: GELU, the causal softmax, cross-entropy's
+row sums, and LayerNorm's few passes. `npgpt.kernels.numpy_fast` calls them through
+`loops()`, for C-contiguous float32 arrays only; float64 (the tests' oracle precision)
+always takes NumPy's path. Each loop computes its `npgpt.layers` formula to float32
+round-off (tests/test_compiled.py proves it with Hypothesis).
+
+They run on the calling thread and release the GIL (`nogil`), so the kernels' thread pool
+shares them out as it does NumPy's passes. The machine code is cached beside this file
+(`cache=True`): the first run compiles for ~10 s, later ones load it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+# Elementwise maths: no reassociation, so exp32's range reduction is computed as written.
+ELEMENTWISE = {"fastmath": {"nsz", "arcp", "contract", "afn"}, "error_model": "numpy", "nogil": True, "cache": True}
+# Loops with sums and maxima: reassociation lets the compiler vectorise them (NaN and inf
+# still propagate: no "nnan"/"ninf" flags).
+REDUCING = dict(ELEMENTWISE, fastmath={"nsz", "arcp", "contract", "afn", "reassoc"})
+
+F32 = np.float32
+LOG2E = F32(1 / math.log(2))
+LN2_HI = F32(0.693145751953125)  # ln 2 in two parts (Cody-Waite): n * LN2_HI is exact for |n| < 2^8
+LN2_LO = F32(math.log(2) - 0.693145751953125)
+EXP_LOW = F32(-87.33)  # below: e^z is subnormal in float32; exp32 gives 0
+EXP_HIGH = F32(88.0)  # above: exp32 gives inf (float32's largest finite e^z is at 88.72)
+GELU_MINUS_2U = F32(-2 * math.sqrt(2 / math.pi))  # -2u = GELU_MINUS_2U (x + 0.044715 x^3)
+GELU_CUBIC = F32(-2 * math.sqrt(2 / math.pi) * 0.044715)
+
+
+@numba.njit(**ELEMENTWISE)
+def exp32(z):
+    """e^z of a float32, to ~2 ulp: z = n ln2 + r with |r| <= ln2 / 2, e^z = 2^n e^r, e^r
+    by its Taylor series to r^6 (error < r^7 / 7! ~ 1.2e-7), 2^n written into the exponent
+    bits. 0 below EXP_LOW (no subnormals), inf above EXP_HIGH, NaN for NaN."""
+    zc = min(max(z, EXP_LOW), EXP_HIGH)
+    n = np.floor(zc * LOG2E + F32(0.5))
+    r = (zc - n * LN2_HI) - n * LN2_LO
+    p = F32(1 / 720)
+    p = p * r + F32(1 / 120)
+    p = p * r + F32(1 / 24)
+    p = p * r + F32(1 / 6)
+    p = p * r + F32(0.5)
+    p = p * r + F32(1.0)
+    p = p * r + F32(1.0)
+    scale = np.int32((np.int32(n) + np.int32(127)) << np.int32(23)).view(np.float32)  # 2^n
+    e = p * scale
+    e = F32(0.0) if z < EXP_LOW else e
+    e = F32(np.inf) if z > EXP_HIGH else e
+    return z if z != z else e
+
+
+@numba.njit(**ELEMENTWISE)
+def gelu_(x):
+    """GELU of x (any shape, C-contiguous float32) in place, as numpy_fast.gelu_block
+    writes it: 0.5 x (1 + tanh u) = x / (1 + e^(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3)."""
+    flat = x.reshape(-1)
+    for i in range(flat.size):
+        v = flat[i]
+        flat[i] = v / (F32(1.0) + exp32(v * (GELU_MINUS_2U + GELU_CUBIC * v * v)))
+
+
+@numba.njit(**REDUCING)
+def causal_softmax_(a):
+    """Softmax in place over the last axis of scores a (R, Tb, s1) (C-contiguous float32),
+    causally masked: query t of a block sees keys [0, s1 - Tb + t], the last Tb keys being
+    the block's own (its row's later keys become 0). Each row shifted by its maximum."""
+    R, Tb, s1 = a.shape
+    for i in range(R):
+        for t in range(Tb):
+            row = a[i, t]
+            seen = s1 - Tb + t + 1
+            top = row[0]
+            for s in range(1, seen):
+                top = max(top, row[s])
+            total = F32(0.0)
+            for s in range(seen):
+                e = exp32(row[s] - top)
+                row[s] = e
+                total += e
+            scale = F32(1.0) / total
+            for s in range(seen):
+                row[s] *= scale
+            for s in range(seen, s1):
+                row[s] = F32(0.0)
+
+
+@numba.njit(**REDUCING)
+def layer_norm_(x, w, b, eps, out):
+    """out (N, C) = (x - mean) / sqrt(var + eps) * w + b by rows of x (N, C), the variance
+    of x - mean (two passes, as the reference), in float32."""
+    N, C = x.shape
+    for i in range(N):
+        row = x[i]
+        mean = F32(0.0)
+        for c in range(C):
+            mean += row[c]
+        mean /= F32(C)
+        var = F32(0.0)
+        for c in range(C):
+            d = row[c] - mean
+            var += d * d
+        rstd = F32(1.0) / np.sqrt(var / F32(C) + eps)
+        o = out[i]
+        for c in range(C):
+            o[c] = (row[c] - mean) * rstd * w[c] + b[c]
+
+
+@numba.njit(**REDUCING)
+def cross_entropy_rows_(z, targets, top, total, row_loss):
+    """Per row of logits z (N, V): top = max z, total = sum exp(z - top), row_loss =
+    log(total) + top - z[target], and z overwritten with exp(z - top) (the unnormalised
+    probabilities numpy_fast's cross-entropy keeps for its backward)."""
+    N, V = z.shape
+    for i in range(N):
+        row = z[i]
+        target_logit = row[targets[i]]
+        m = row[0]
+        for s in range(1, V):
+            m = max(m, row[s])
+        t = F32(0.0)
+        for s in range(V):
+            e = exp32(row[s] - m)
+            row[s] = e
+            t += e
+        top[i], total[i] = m, t
+        row_loss[i] = np.log(t) + m - target_logit
