@@ -99,8 +99,42 @@ def test_layer_norm_equals_the_reference(N, C, shift, scale, seed):
 
 
 @settings(max_examples=40, deadline=None)
+@given(N=st.integers(1, 9), M=st.integers(1, 70), scale=st.sampled_from([0.1, 3.0, 30.0]), seed=st.integers(0, 2**16))
+@example(N=1, M=12, scale=1e4, seed=0)
+def test_gelu_and_its_slope_equal_the_reference(N, M, scale, seed):
+    x = rows_of(np.random.default_rng(seed), (N, M), scale)
+    x64 = x.astype(np.float64)
+    out, slope = np.empty_like(x), np.empty_like(x)
+    compiled.gelu_slope_(x, out, slope)
+    np.testing.assert_allclose(out, layers.gelu_forward(x64)[0], **F32_TOL)
+    np.testing.assert_allclose(slope, layers.gelu_backward(np.ones_like(x64), x64), rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(N=st.integers(1, 9), C=st.integers(2, 300), scale=st.sampled_from([1e-2, 1.0, 100.0]), seed=st.integers(0, 2**16))
+def test_layer_norm_for_training_and_its_backward_equal_the_reference(N, C, scale, seed):
+    rng = np.random.default_rng(seed)
+    x = rows_of(rng, (N, C), scale)
+    w, b = (1 + 0.3 * rng.standard_normal(C)).astype(np.float32), rows_of(rng, C, 1.0)
+    dout = rows_of(rng, (N, C), 1.0)
+    ref, cache = layers.layer_norm_forward(*(a.astype(np.float64) for a in (x, w, b)), 1e-5)
+    ref_dx, ref_dw, ref_db = layers.layer_norm_backward(dout.astype(np.float64), cache)
+    out, xhat, rstd = np.empty_like(x), np.empty_like(x), np.empty(N, np.float32)
+    compiled.layer_norm_train_(x, w, b, np.float32(1e-5), out, xhat, rstd)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(xhat, cache[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(rstd, cache[1][:, 0], rtol=1e-4)
+    dx, dw, db = np.empty_like(x), np.full(C, 0.5, np.float32), np.full(C, -0.5, np.float32)  # dw, db: added into
+    compiled.layer_norm_backward_(dout, xhat, rstd, w, dx, dw, db)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-3, atol=1e-4 * float(np.max(rstd)))
+    np.testing.assert_allclose(dw - 0.5, ref_dw, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(db + 0.5, ref_db, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
 @given(N=st.integers(1, 9), V=st.integers(1, 300), scale=st.sampled_from([1.0, 10.0, 1e3]), seed=st.integers(0, 2**16))
-def test_cross_entropy_rows_equal_the_reference(N, V, scale, seed):
+def test_exps_and_sums_equal_the_reference(N, V, scale, seed):
+    """Cross-entropy's log-sum-exp: log(total) + top - z[target] is the reference's row loss."""
     rng = np.random.default_rng(seed)
     z = rows_of(rng, (N, V), scale)
     targets = rng.integers(0, V, N)
@@ -109,33 +143,45 @@ def test_cross_entropy_rows_equal_the_reference(N, V, scale, seed):
     exps = np.exp(z64 - top[:, None])
     ref_loss = np.log(exps.sum(axis=-1)) + top - z64[np.arange(N), targets]
     assert np.isclose(np.mean(ref_loss), layers.cross_entropy_forward(z64, targets)[0], rtol=1e-12)
-    out = [np.empty(N, np.float32) for _ in range(3)]
-    compiled.cross_entropy_rows_(z, targets, *out)
-    np.testing.assert_allclose(out[0], top, rtol=0, atol=0)
-    np.testing.assert_allclose(out[1], exps.sum(axis=-1), rtol=F32_TOL["rtol"])
-    np.testing.assert_allclose(out[2], ref_loss, rtol=F32_TOL["rtol"] * max(1.0, scale / 10), atol=1e-5 * max(1.0, scale / 10))
+    found_top, total = np.empty(N, np.float32), np.empty(N, np.float32)
+    target_logit = z[np.arange(N), targets]
+    compiled.exps_and_sums_(z, found_top, total)
+    np.testing.assert_array_equal(found_top, top)
+    np.testing.assert_allclose(total, exps.sum(axis=-1), rtol=F32_TOL["rtol"])
     np.testing.assert_allclose(z, exps, rtol=F32_TOL["rtol"] * max(1.0, scale / 10), atol=F32_TOL["atol"])
+    loss = np.log(total.astype(np.float64)) + found_top - target_logit
+    np.testing.assert_allclose(loss, ref_loss, rtol=F32_TOL["rtol"] * max(1.0, scale / 10), atol=1e-5 * max(1.0, scale / 10))
 
 
 # -- as NumPy's fast kernels call them ------------------------------------------------------
 @settings(max_examples=30, deadline=None)
-@given(N=st.integers(1, 40), C=st.integers(1, 9), n_threads=st.integers(1, 3), piece=st.booleans(), seed=st.integers(0, 2**16))
-@example(N=1, C=8, n_threads=1, piece=True, seed=0)  # a decode step's one row
-def test_the_kernels_layer_norm_and_gelu_equal_the_reference(N, C, n_threads, piece, seed):
-    """Inference (inside a piece of over_batch, or not: generate's prefill) and training
-    (GELU's slope: NumPy's passes) over 1-3 thread ranges."""
+@given(N=st.integers(1, 40), C=st.integers(1, 9), n_threads=st.integers(1, 3), way=st.sampled_from(["inference", "training", "plain"]),
+       seed=st.integers(0, 2**16))  # fmt: skip
+@example(N=1, C=8, n_threads=1, way="inference", seed=0)  # a decode step's one row
+@example(N=40, C=9, n_threads=3, way="training", seed=1)
+def test_the_kernels_layer_norm_and_gelu_equal_the_reference(N, C, n_threads, way, seed):
+    """Inside a piece of over_batch (inference: no cache), of a training batch (GELU keeps
+    its slope) or neither (generate's prefill; the caches the reference's), over 1-3 thread
+    ranges, forward and backward."""
     rng = np.random.default_rng(seed)
     x = rows_of(rng, (N, 4 * C), 3.0)
     w, b = (1 + 0.3 * rng.standard_normal(4 * C)).astype(np.float32), rows_of(rng, 4 * C, 1.0)
-    x64, w64, b64 = x.astype(np.float64), w.astype(np.float64), b.astype(np.float64)
-    with compiled_loops(True), blocks(n_threads=n_threads), fast.as_piece("inference") if piece else contextlib.nullcontext():
-        ln, _ = fast.layer_norm_forward(x, w, b, 1e-5)
-        g, cache = fast.gelu_forward(x.copy())
-        dx = None if piece else fast.gelu_backward(np.ones_like(x), cache)
-    np.testing.assert_allclose(ln, layers.layer_norm_forward(x64, w64, b64, 1e-5)[0], rtol=1e-4, atol=1e-4)
+    dout = rows_of(rng, (N, 4 * C), 1.0)
+    x64, w64, b64, dout64 = (a.astype(np.float64) for a in (x, w, b, dout))
+    with compiled_loops(True), blocks(n_threads=n_threads), contextlib.nullcontext() if way == "plain" else fast.as_piece(way):
+        ln, ln_cache = fast.layer_norm_forward(x, w, b, 1e-5)
+        g, g_cache = fast.gelu_forward(x.copy())
+    assert (ln_cache is None and g_cache is None) == (way == "inference")
+    ref_ln, ref_ln_cache = layers.layer_norm_forward(x64, w64, b64, 1e-5)
+    np.testing.assert_allclose(ln, ref_ln, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(g, layers.gelu_forward(x64)[0], **F32_TOL)
-    if dx is not None:  # outside a piece the cache is x: the backward recomputes from it
-        np.testing.assert_allclose(dx, layers.gelu_backward(np.ones_like(x64), layers.gelu_forward(x64)[1]), rtol=1e-4, atol=1e-5)
+    if way != "inference":
+        with compiled_loops(True), blocks(n_threads=n_threads):
+            dx, dw, db = fast.layer_norm_backward(dout, ln_cache)
+            dg = fast.gelu_backward(dout, g_cache)
+        for grad, ref in zip((dx, dw, db), layers.layer_norm_backward(dout64, ref_ln_cache), strict=True):
+            np.testing.assert_allclose(grad, ref, rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(dg, layers.gelu_backward(dout64, x64), rtol=1e-4, atol=1e-5)
 
 
 @settings(max_examples=30, deadline=None)
@@ -177,6 +223,23 @@ def test_the_kernels_cross_entropy_equals_the_reference_forward_and_backward(N, 
     tol = max(1.0, scale / 10)
     np.testing.assert_allclose(loss, ref, rtol=F32_TOL["rtol"] * tol, atol=1e-5 * tol)
     np.testing.assert_allclose(dlogits, layers.cross_entropy_backward(0.7, ref_cache), rtol=1e-4, atol=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(N=st.sampled_from([1, 3, 7, 20]), C=st.integers(1, 6), V=st.integers(1, 90), n_threads=st.integers(1, 3),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_the_kernels_lm_head_loss_equals_the_reference_forward_and_backward(N, C, V, n_threads, seed):
+    rng = np.random.default_rng(seed)
+    x, wte = rows_of(rng, (N, C), 2.0), rows_of(rng, (V, C), 2.0)
+    targets = rng.integers(0, V, N)
+    targets[rng.random(N) < 0.3] = layers.IGNORE_INDEX
+    ref, ref_cache = layers.lm_head_loss_forward(x.astype(np.float64), wte.astype(np.float64), targets)
+    with compiled_loops(True), blocks(n_threads=n_threads, lm_tile=3 * N, vocab_align=4):  # tiles of 4 columns or more
+        loss, cache = fast.lm_head_loss_forward(x, wte, targets)
+        grads = fast.lm_head_loss_backward(0.7, cache)
+    np.testing.assert_allclose(loss, ref, rtol=1e-4, atol=1e-5)
+    for grad, ref_grad in zip(grads, layers.lm_head_loss_backward(0.7, ref_cache), strict=True):
+        np.testing.assert_allclose(grad, ref_grad, rtol=1e-3, atol=1e-5)
 
 
 # -- the model -------------------------------------------------------------------------------

@@ -61,7 +61,8 @@ def run_eval(weights: str, data: Path, threads: int, stride: int | None, workers
 
 
 def kernels_vs(ref: str, weights: str, data: Path, max_tokens: int, repeats: int) -> dict:
-    """Scoring CPU time per token with git `ref`'s numpy_fast kernels and the working tree's, ABBA."""
+    """Scoring CPU time per token with git `ref`'s numpy_fast kernels (and its compiled loops,
+    where this run has numba's) and the working tree's, ABBA."""
     import importlib.util
     import tempfile
 
@@ -72,27 +73,37 @@ def kernels_vs(ref: str, weights: str, data: Path, max_tokens: int, repeats: int
     from npgpt.weights import load_model
 
     root = Path(__file__).resolve().parents[1]
-    shown = subprocess.run(["git", "-C", str(root), "show", f"{ref}:npgpt/kernels/numpy_fast.py"], capture_output=True, text=True)
-    if shown.returncode != 0:
-        raise BenchError(f"git show {ref}:npgpt/kernels/numpy_fast.py failed ({shown.stderr.strip()}); give a commit or branch that has it")
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "numpy_fast_at_ref.py"
+
+    def at_ref(name: str, required: bool = True):  # npgpt/kernels/<name>.py as git ref has it, imported
+        shown = subprocess.run(["git", "-C", str(root), "show", f"{ref}:npgpt/kernels/{name}.py"], capture_output=True, text=True)
+        if shown.returncode != 0:
+            if not required:
+                return None
+            raise BenchError(f"git show {ref}:npgpt/kernels/{name}.py failed ({shown.stderr.strip()}); give a commit or branch that has it")
+        path = Path(folder) / f"{name}_at_ref.py"
         path.write_text(shown.stdout, "utf-8")
-        spec = importlib.util.spec_from_file_location("numpy_fast_at_ref", path)
-        at_ref = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(at_ref)
-    models = {name: load_model(weights, NumpyBackend(kernels), None, say=lambda message: None)
-              for name, kernels in ((ref, at_ref.KERNELS), ("working tree", numpy_fast.KERNELS))}  # fmt: skip
-    ids = read_ids(models[ref][1], data, max_tokens)
-    per_token, losses = {name: [] for name in models}, {}
-    load = load_average()
-    for repeat in range(repeats):
-        for name in (list(models) if repeat % 2 == 0 else list(models)[::-1]):
-            with on_one_thread():  # the kernels and BLAS on this thread
-                start = time.process_time()
-                result = perplexity(models[name][0], ids)
-                per_token[name].append((time.process_time() - start) / result["tokens_evaluated"] * 1e6)
-            losses[name] = result["loss"]
+        spec = importlib.util.spec_from_file_location(f"{name}_at_ref", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    with tempfile.TemporaryDirectory() as folder:  # kept while the ref's modules run (numba caches beside them)
+        fast_at_ref = at_ref("numpy_fast")
+        if numpy_fast.compiled_loops() is not None:  # the ref's own compiled loops, where it has them
+            loops_at_ref = at_ref("compiled", required=False)
+            fast_at_ref.compiled_loops = lambda: loops_at_ref
+        models = {name: load_model(weights, NumpyBackend(kernels), None, say=lambda message: None)
+                  for name, kernels in ((ref, fast_at_ref.KERNELS), ("working tree", numpy_fast.KERNELS))}  # fmt: skip
+        ids = read_ids(models[ref][1], data, max_tokens)
+        per_token, losses = {name: [] for name in models}, {}
+        load = load_average()
+        for repeat in range(repeats):
+            for name in (list(models) if repeat % 2 == 0 else list(models)[::-1]):
+                with on_one_thread():  # the kernels and BLAS on this thread
+                    start = time.process_time()
+                    result = perplexity(models[name][0], ids)
+                    per_token[name].append((time.process_time() - start) / result["tokens_evaluated"] * 1e6)
+                losses[name] = result["loss"]
     ratios = [ours / theirs for ours, theirs in zip(per_token["working tree"], per_token[ref])]
     return {"benchmark": "eval-kernels", "ref": ref, "weights": weights, "data": data.name, "tokens": len(ids),
             "threads": 1, "repeats": repeats, "loadavg_1_5_15_before": load, "loss": losses,

@@ -2,16 +2,18 @@
 
 NumPy's float32 `exp` runs at scalar speed on AVX2 CPUs (~1.7-2.3 ns per element on the
 AMD EPYC these were measured on) and every elementwise chain costs a pass over memory per
-step. These loops make one pass, with an `exp` the compiler vectorises (`exp32`), for the
-float32 kernels whose time is their exponentials: GELU, the causal softmax, cross-entropy's
-row sums, and LayerNorm's few passes. `npgpt.kernels.numpy_fast` calls them through
-`loops()`, for C-contiguous float32 arrays only; float64 (the tests' oracle precision)
-always takes NumPy's path. Each loop computes its `npgpt.layers` formula to float32
-round-off (tests/test_compiled.py proves it with Hypothesis).
+step. These loops make one pass per row, with an `exp` the compiler vectorises (`exp32`),
+for the float32 work whose time is exponentials and passes: GELU (and a training
+forward's slope), the causal softmax, the row maxima, exps and sums of cross-entropy and
+of the LM head's tiles, and LayerNorm forward and backward. `npgpt.kernels.numpy_fast`
+calls them through `loops()`, for C-contiguous float32 arrays only; float64 (the tests'
+oracle precision) always takes NumPy's passes. Each loop computes its `npgpt.layers`
+formula to float32 round-off (tests/test_compiled.py proves it with Hypothesis).
 
 They run on the calling thread and release the GIL (`nogil`), so the kernels' thread pool
 shares them out as it does NumPy's passes. The machine code is cached beside this file
-(`cache=True`): the first run compiles for ~10 s, later ones load it.
+(`cache=True`, else in numba's cache folder): the first run compiles for a few seconds,
+later ones load it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ EXP_LOW = F32(-87.33)  # below: e^z is subnormal in float32; exp32 gives 0
 EXP_HIGH = F32(88.0)  # above: exp32 gives inf (float32's largest finite e^z is at 88.72)
 GELU_MINUS_2U = F32(-2 * math.sqrt(2 / math.pi))  # -2u = GELU_MINUS_2U (x + 0.044715 x^3)
 GELU_CUBIC = F32(-2 * math.sqrt(2 / math.pi) * 0.044715)
+GELU_TWICE_SLOPE = F32(2 * math.sqrt(2 / math.pi))  # 2 du/dx = GELU_TWICE_SLOPE + GELU_TWICE_SLOPE_CUBIC x^2
+GELU_TWICE_SLOPE_CUBIC = F32(2 * math.sqrt(2 / math.pi) * 3 * 0.044715)
 
 
 @numba.njit(**ELEMENTWISE)
@@ -116,14 +120,13 @@ def layer_norm_(x, w, b, eps, out):
 
 
 @numba.njit(**REDUCING)
-def cross_entropy_rows_(z, targets, top, total, row_loss):
-    """Per row of logits z (N, V): top = max z, total = sum exp(z - top), row_loss =
-    log(total) + top - z[target], and z overwritten with exp(z - top) (the unnormalised
-    probabilities numpy_fast's cross-entropy keeps for its backward)."""
+def exps_and_sums_(z, top, total):
+    """Per row of logits z (N, V): top = max z, z overwritten with exp(z - top) (the
+    unnormalised probabilities), total = their sum: cross-entropy's and the LM head
+    tiles' log-sum-exp without a pass per step."""
     N, V = z.shape
     for i in range(N):
         row = z[i]
-        target_logit = row[targets[i]]
         m = row[0]
         for s in range(1, V):
             m = max(m, row[s])
@@ -133,4 +136,66 @@ def cross_entropy_rows_(z, targets, top, total, row_loss):
             row[s] = e
             t += e
         top[i], total[i] = m, t
-        row_loss[i] = np.log(t) + m - target_logit
+
+
+@numba.njit(**ELEMENTWISE)
+def gelu_slope_(x, out, slope):
+    """GELU of x (N, M) into `out` and its derivative into `slope`, as numpy_fast.gelu_slope_block:
+    with s = sigmoid(2u) = 1 / (1 + e^(-2u)), GELU = x s and d/dx = s + 2 x s (1 - s) du/dx."""
+    N, M = x.shape
+    for i in range(N):
+        xr, o, sl = x[i], out[i], slope[i]
+        for j in range(M):
+            v = xr[j]
+            v2 = v * v
+            s = F32(1.0) / (F32(1.0) + exp32(v * (GELU_MINUS_2U + GELU_CUBIC * v2)))
+            g = v * s
+            o[j] = g
+            sl[j] = s + g * (F32(1.0) - s) * (GELU_TWICE_SLOPE + GELU_TWICE_SLOPE_CUBIC * v2)
+
+
+@numba.njit(**REDUCING)
+def layer_norm_train_(x, w, b, eps, out, xhat, rstd):
+    """`layer_norm_` keeping what the backward reads: xhat (N, C), the normalised rows,
+    and rstd (N,), 1 / sqrt(var + eps)."""
+    N, C = x.shape
+    for i in range(N):
+        row = x[i]
+        mean = F32(0.0)
+        for c in range(C):
+            mean += row[c]
+        mean /= F32(C)
+        var = F32(0.0)
+        for c in range(C):
+            d = row[c] - mean
+            var += d * d
+        r = F32(1.0) / np.sqrt(var / F32(C) + eps)
+        rstd[i] = r
+        xh, o = xhat[i], out[i]
+        for c in range(C):
+            n = (row[c] - mean) * r
+            xh[c] = n
+            o[c] = n * w[c] + b[c]
+
+
+@numba.njit(**REDUCING)
+def layer_norm_backward_(dout, xhat, rstd, w, dx, dw, db):
+    """LayerNorm's backward by rows: dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dout w,
+    and dout xhat, dout added into dw, db (C,) (the caller sums its ranges')."""
+    N, C = dout.shape
+    for i in range(N):
+        d, xh, g = dout[i], xhat[i], dx[i]
+        mean_g = F32(0.0)
+        mean_gx = F32(0.0)
+        for c in range(C):
+            gc = d[c] * w[c]
+            g[c] = gc
+            mean_g += gc
+            mean_gx += gc * xh[c]
+            dw[c] += d[c] * xh[c]
+            db[c] += d[c]
+        mean_g /= F32(C)
+        mean_gx /= F32(C)
+        r = rstd[i]
+        for c in range(C):
+            g[c] = (g[c] - mean_g - xh[c] * mean_gx) * r

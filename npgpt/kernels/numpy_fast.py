@@ -52,7 +52,12 @@ proves it, forward and backward, in float64); what changes is only how the work 
   normalised copy, attention builds each query block's probabilities in one scratch per
   thread, and their caches are None; on one thread (eval's pieces) LayerNorm runs in fewer,
   larger blocks, attention reads k and v as the model's strided views (`attention_inference`),
-  and GELU is written over its input.
+  and GELU is written over its input;
+- where numba is installed (`npgpt[numba]`; NPGPT_NUMBA=0 turns it off), float32 GELU (and
+  a training forward's slope), the causal softmax, LayerNorm forward and backward, and the
+  row maxima, exps and sums of cross-entropy and of the LM head's tiles run instead as the
+  compiled loops of `npgpt.kernels.compiled` (`loops`): one pass per row each, a vectorised
+  exp, over the same thread ranges (tests/test_compiled.py proves them in float32).
 """
 
 from __future__ import annotations
@@ -306,6 +311,10 @@ def layer_norm_forward(x, w, b, eps):
     if N < FEW_ROWS:
         return layer_norm_rows(x, w, b, eps, average)
     xhat, out, rstd = np.empty_like(x), np.empty_like(x), np.empty((N, 1), dtype=x.dtype)
+    if (compiled := loops(x, w, b)) is not None:  # one pass per row
+        parallel_rows(lambda r0, r1: compiled.layer_norm_train_(x[r0:r1], w, b, np.float32(eps), out[r0:r1], xhat[r0:r1],
+                                                                rstd[r0:r1, 0]), N, C)  # fmt: skip
+        return out, (xhat, rstd, w)
 
     def block(r0, r1):
         xh, rs, o = xhat[r0:r1], rstd[r0:r1, 0], out[r0:r1]
@@ -382,6 +391,15 @@ def layer_norm_backward(dout, cache):
     xhat, rstd, w = cache
     N, C = dout.shape
     dx = np.empty_like(dout)
+    if (compiled := loops(dout, xhat, rstd, w)) is not None:  # one pass per row, dw and db summed per thread range
+
+        def rows(r0, r1):
+            dw, db = np.zeros(C, dtype=dout.dtype), np.zeros(C, dtype=dout.dtype)
+            compiled.layer_norm_backward_(dout[r0:r1], xhat[r0:r1], rstd[r0:r1, 0], w, dx[r0:r1], dw, db)
+            return dw, db
+
+        parts = parallel_rows(rows, N, C)
+        return dx, np.sum([p[0] for p in parts], axis=0), np.sum([p[1] for p in parts], axis=0)
     average = averaging(C, dout.dtype)  # (C,) of 1/C
 
     def block(r0, r1):
@@ -413,11 +431,11 @@ def gelu_forward(x):
     and GELU is written over x (the product before it, not read again) block by block
     through one block's scratch, ~10% faster than filling a new array (cache None), in
     blocks of INFERENCE_GELU_ELEMENTS or ROW_BLOCK rows (a block and its scratch in L2).
-    Where no backward follows and `loops` has the compiled loops, they make it one pass
-    (over x in such a piece, with any number of rows; else over a copy)."""
+    Where `loops` has the compiled loops, they make it one pass: over x in a piece of
+    `over_batch` (any rows, any threads), else over a copy (cache x), or with the slope."""
     compiled = None if backward_follows() else loops(x)
-    if compiled is not None:  # one pass: written over x in a piece on one thread, as below, else into a copy
-        out = x if inference() and free_threads() == 1 and x.flags.writeable else x.copy()
+    if compiled is not None:  # one pass: written over x where no backward follows (a piece of over_batch), else into a copy
+        out = x if inference() and x.flags.writeable else x.copy()
         parallel_rows(lambda r0, r1: compiled.gelu_(out[r0:r1]), out.shape[0], out.shape[1])
         return out, (None if out is x else x)
     if inference() and x.shape[0] >= FEW_ROWS and free_threads() == 1 and x.flags.writeable:
@@ -434,6 +452,9 @@ def gelu_forward(x):
         over_row_blocks(lambda r0, r1: gelu_block(x[r0:r1], out[r0:r1]), x.shape[0], x.shape[1], overflow="ignore")
         return out, x
     slope = np.empty_like(x)
+    if (compiled := loops(x)) is not None:  # one pass
+        parallel_rows(lambda r0, r1: compiled.gelu_slope_(x[r0:r1], out[r0:r1], slope[r0:r1]), x.shape[0], x.shape[1])
+        return out, Slope(slope)
     over_row_blocks(lambda r0, r1: gelu_slope_block(x[r0:r1], out[r0:r1], slope[r0:r1]), x.shape[0], x.shape[1],
                     overflow="ignore")  # fmt: skip
     return out, Slope(slope)
@@ -870,7 +891,7 @@ def cross_entropy_forward(logits, targets, ignore_index=layers.IGNORE_INDEX):
     four calls per block (row maxima, shift, exp, row sums); where no logit of a block can
     overflow exp (`exp_is_safe`'s two reductions), the shift is 0 and the block skips the
     row maxima and the shift (the loss and the probabilities are unchanged by it). The
-    compiled loop (`loops`), where there is one, makes the same in one pass per row."""
+    compiled loop (`loops`), where there is one, makes the exps and sums in one pass per row."""
     N, V = logits.shape
     safe, weight = scored_rows(targets, ignore_index, logits.dtype)
     row_loss = np.empty(N, dtype=logits.dtype)  # log(sum exp(z - max z)) + max z - target logit, per row
@@ -881,19 +902,19 @@ def cross_entropy_forward(logits, targets, ignore_index=layers.IGNORE_INDEX):
     compiled = loops(logits)
 
     def rows(a, b):
-        if compiled is not None:  # one pass per row (each row shifted by its maximum)
-            compiled.cross_entropy_rows_(logits[a:b], safe[a:b], top[a:b], total[a:b], row_loss[a:b])
-            return
         target_logit = logits[np.arange(a, b), safe[a:b]]  # (b - a,), taken before the logits are overwritten
-        for r0 in range(a, b, block):
-            r1 = min(r0 + block, b)
-            z = logits[r0:r1]
-            if exp_is_safe(z):  # no shift: exp(z) and their row sums stay finite and normal
-                top[r0:r1] = 0.0
-            else:
-                z -= np.max(z, axis=-1, out=top[r0:r1])[:, None]
-            np.exp(z, out=z)  # unnormalised probabilities
-            np.matmul(z, every, out=total[r0:r1])
+        if compiled is not None:  # one pass per row, each row shifted by its maximum
+            compiled.exps_and_sums_(logits[a:b], top[a:b], total[a:b])
+        else:
+            for r0 in range(a, b, block):
+                r1 = min(r0 + block, b)
+                z = logits[r0:r1]
+                if exp_is_safe(z):  # no shift: exp(z) and their row sums stay finite and normal
+                    top[r0:r1] = 0.0
+                else:
+                    z -= np.max(z, axis=-1, out=top[r0:r1])[:, None]
+                np.exp(z, out=z)  # unnormalised probabilities
+                np.matmul(z, every, out=total[r0:r1])
         np.subtract(top[a:b], target_logit, out=row_loss[a:b])
         row_loss[a:b] += np.log(total[a:b])
 
@@ -924,7 +945,8 @@ def lm_head_loss_forward(x, wte, targets, ignore_index=layers.IGNORE_INDEX):
     size) are kept for the backward, each with its own row maxima; the loss needs only
     their sums. Blocks are shared among the threads, each product on one BLAS thread (one
     tile or a few too: OpenBLAS's pool, once woken, spins for a while after a call, taking a
-    core from the training pieces that follow)."""
+    core from the training pieces that follow). The compiled loop (`loops`), where there is
+    one, makes a tile's maxima, exps and sums in one pass per row."""
     N, V = x.shape[0], wte.shape[0]
     safe, weight = scored_rows(targets, ignore_index, np.result_type(x, wte))
     width = vocab_block(N)
@@ -935,6 +957,7 @@ def lm_head_loss_forward(x, wte, targets, ignore_index=layers.IGNORE_INDEX):
     block_max = np.empty((len(starts), N), dtype=buffer.dtype)  # each tile's row maxima
     block_sum = np.empty_like(block_max)  # ... and its row sums of exp(z - block max)
     target_logit = np.empty(N, dtype=block_max.dtype)
+    compiled = loops(buffer)
 
     def tiles(i0, i1):
         for i in range(i0, i1):
@@ -942,6 +965,9 @@ def lm_head_loss_forward(x, wte, targets, ignore_index=layers.IGNORE_INDEX):
             np.matmul(x, wte[v0 : v0 + width].mT, out=z)  # (N, Vb) logits
             rows, columns = targets_in[i]
             target_logit[rows] = z[rows, columns]  # each row's target sits in one block
+            if compiled is not None:  # the same in one pass per row
+                compiled.exps_and_sums_(z, block_max[i], block_sum[i])
+                continue
             z -= np.max(z, axis=-1, out=block_max[i])[:, None]
             np.exp(z, out=z)
             np.matmul(z, ones(z.shape[1], z.dtype), out=block_sum[i])
