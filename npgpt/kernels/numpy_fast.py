@@ -125,7 +125,7 @@ def compiled_loops():
         return None
     try:
         from npgpt.kernels import compiled
-    except ImportError:
+    except (ImportError, OSError):  # numba missing, too old for this NumPy, or its LLVM library unloadable
         return None
     return compiled
 
@@ -431,8 +431,9 @@ def gelu_forward(x):
     and GELU is written over x (the product before it, not read again) block by block
     through one block's scratch, ~10% faster than filling a new array (cache None), in
     blocks of INFERENCE_GELU_ELEMENTS or ROW_BLOCK rows (a block and its scratch in L2).
-    Where `loops` has the compiled loops, they make it one pass: over x in a piece of
-    `over_batch` (any rows, any threads), else over a copy (cache x), or with the slope."""
+    Where `loops` has the compiled loops, they make it one pass: over x inside a piece of
+    `over_batch` (any rows, any thread count), into a new array elsewhere (cache x), and
+    together with the slope where a backward follows."""
     compiled = None if backward_follows() else loops(x)
     if compiled is not None:  # one pass: written over x where no backward follows (a piece of over_batch), else into a copy
         out = x if inference() and x.flags.writeable else x.copy()
