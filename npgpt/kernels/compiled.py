@@ -74,6 +74,21 @@ def gelu_(x):
 
 
 @numba.njit(**REDUCING)
+def shifted_exps_(row, n):
+    """(top, total) of row[:n]: top its maximum, row[:n] overwritten with exp(row - top),
+    total their sum."""
+    top = row[0]
+    for s in range(1, n):
+        top = max(top, row[s])
+    total = F32(0.0)
+    for s in range(n):
+        e = exp32(row[s] - top)
+        row[s] = e
+        total += e
+    return top, total
+
+
+@numba.njit(**REDUCING)
 def causal_softmax_(a):
     """Softmax in place over the last axis of scores a (R, Tb, s1) (C-contiguous float32),
     causally masked: query t of a block sees keys [0, s1 - Tb + t], the last Tb keys being
@@ -83,14 +98,7 @@ def causal_softmax_(a):
         for t in range(Tb):
             row = a[i, t]
             seen = s1 - Tb + t + 1
-            top = row[0]
-            for s in range(1, seen):
-                top = max(top, row[s])
-            total = F32(0.0)
-            for s in range(seen):
-                e = exp32(row[s] - top)
-                row[s] = e
-                total += e
+            total = shifted_exps_(row, seen)[1]
             scale = F32(1.0) / total
             for s in range(seen):
                 row[s] *= scale
@@ -99,22 +107,28 @@ def causal_softmax_(a):
 
 
 @numba.njit(**REDUCING)
+def mean_and_rstd(row, eps):
+    """(mean, 1 / sqrt(var + eps)) of one row, the variance that of row - mean (two passes,
+    as the reference), in float32."""
+    C = row.shape[0]
+    mean = F32(0.0)
+    for c in range(C):
+        mean += row[c]
+    mean /= F32(C)
+    var = F32(0.0)
+    for c in range(C):
+        d = row[c] - mean
+        var += d * d
+    return mean, F32(1.0) / np.sqrt(var / F32(C) + eps)
+
+
+@numba.njit(**REDUCING)
 def layer_norm_(x, w, b, eps, out):
-    """out (N, C) = (x - mean) / sqrt(var + eps) * w + b by rows of x (N, C), the variance
-    of x - mean (two passes, as the reference), in float32."""
+    """out (N, C) = (x - mean) / sqrt(var + eps) * w + b by rows of x (N, C)."""
     N, C = x.shape
     for i in range(N):
-        row = x[i]
-        mean = F32(0.0)
-        for c in range(C):
-            mean += row[c]
-        mean /= F32(C)
-        var = F32(0.0)
-        for c in range(C):
-            d = row[c] - mean
-            var += d * d
-        rstd = F32(1.0) / np.sqrt(var / F32(C) + eps)
-        o = out[i]
+        row, o = x[i], out[i]
+        mean, rstd = mean_and_rstd(row, eps)
         for c in range(C):
             o[c] = (row[c] - mean) * rstd * w[c] + b[c]
 
@@ -124,18 +138,8 @@ def exps_and_sums_(z, top, total):
     """Per row of logits z (N, V): top = max z, z overwritten with exp(z - top) (the
     unnormalised probabilities), total = their sum: cross-entropy's and the LM head
     tiles' log-sum-exp without a pass per step."""
-    N, V = z.shape
-    for i in range(N):
-        row = z[i]
-        m = row[0]
-        for s in range(1, V):
-            m = max(m, row[s])
-        t = F32(0.0)
-        for s in range(V):
-            e = exp32(row[s] - m)
-            row[s] = e
-            t += e
-        top[i], total[i] = m, t
+    for i in range(z.shape[0]):
+        top[i], total[i] = shifted_exps_(z[i], z.shape[1])
 
 
 @numba.njit(**ELEMENTWISE)
@@ -160,18 +164,9 @@ def layer_norm_train_(x, w, b, eps, out, xhat, rstd):
     and rstd (N,), 1 / sqrt(var + eps)."""
     N, C = x.shape
     for i in range(N):
-        row = x[i]
-        mean = F32(0.0)
-        for c in range(C):
-            mean += row[c]
-        mean /= F32(C)
-        var = F32(0.0)
-        for c in range(C):
-            d = row[c] - mean
-            var += d * d
-        r = F32(1.0) / np.sqrt(var / F32(C) + eps)
+        row, xh, o = x[i], xhat[i], out[i]
+        mean, r = mean_and_rstd(row, eps)
         rstd[i] = r
-        xh, o = xhat[i], out[i]
         for c in range(C):
             n = (row[c] - mean) * r
             xh[c] = n
