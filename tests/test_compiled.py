@@ -278,3 +278,43 @@ def test_float64_and_npgpt_numba_0_take_numpys_passes(monkeypatch):
         fast.compiled_loops.cache_clear()
     monkeypatch.delenv("NPGPT_NUMBA")
     assert fast.loops(a32) is compiled
+
+
+def test_a_numba_that_cannot_load_leaves_numpys_passes_with_a_warning(monkeypatch):
+    """numba installed but unusable (here: njit raises, as numba does where no folder can
+    hold its cache): a warning, and NumPy's passes; numba absent: silently NumPy's."""
+    import importlib.machinery
+    import sys
+    import types
+
+    broken = types.ModuleType("numba")
+    broken.__spec__ = importlib.machinery.ModuleSpec("numba", None)
+
+    def njit(**options):
+        raise RuntimeError("cannot cache function: no locator available")
+
+    broken.njit = njit
+    monkeypatch.setitem(sys.modules, "numba", broken)
+    monkeypatch.delitem(sys.modules, "npgpt.kernels.compiled")
+    monkeypatch.delattr(sys.modules["npgpt.kernels"], "compiled")  # so that the import runs it again
+    fast.compiled_loops.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="compiled loops cannot load .*no locator available"):
+            assert fast.compiled_loops() is None
+        fast.compiled_loops.cache_clear()
+        monkeypatch.setattr(fast.importlib.util, "find_spec", lambda name: None)  # numba not installed
+        with warnings_as_errors():
+            assert fast.compiled_loops() is None
+    finally:
+        fast.compiled_loops.cache_clear()
+        monkeypatch.undo()
+    assert fast.compiled_loops() is compiled
+
+
+@contextlib.contextmanager
+def warnings_as_errors():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield

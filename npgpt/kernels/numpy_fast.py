@@ -65,9 +65,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import math
 import os
 import threading
+import warnings
 
 import numpy as np
 
@@ -120,12 +122,16 @@ def backward_follows() -> bool:
 @functools.cache
 def compiled_loops():
     """`npgpt.kernels.compiled`, imported on first use (numba's import takes ~0.5 s), or
-    None where numba is not installed (or cannot load) or $NPGPT_NUMBA is "0"."""
-    if os.environ.get(COMPILED_ENV, "") == "0":
+    None where numba is not installed or $NPGPT_NUMBA is "0", and where it is installed
+    but cannot load (too old for this NumPy, its LLVM library missing, no folder to cache
+    in), with a warning saying why: the NumPy passes run instead."""
+    if os.environ.get(COMPILED_ENV, "") == "0" or importlib.util.find_spec("numba") is None:
         return None
     try:
         from npgpt.kernels import compiled
-    except (ImportError, OSError):  # numba missing, too old for this NumPy, or its LLVM library unloadable
+    except Exception as e:  # noqa: BLE001  (the loops are optional: any failure to load them leaves NumPy's passes)
+        warnings.warn(f"numba is installed but npgpt's compiled loops cannot load ({type(e).__name__}: {e}); "
+                      f"running NumPy's passes (set {COMPILED_ENV}=0 to skip numba)", RuntimeWarning, stacklevel=2)  # fmt: skip
         return None
     return compiled
 
