@@ -43,9 +43,10 @@ GELU_TWICE_SLOPE_CUBIC = F32(2 * math.sqrt(2 / math.pi) * 3 * 0.044715)
 
 @numba.njit(**ELEMENTWISE)
 def exp32(z):
-    """e^z of a float32, to ~2 ulp: z = n ln2 + r with |r| <= ln2 / 2, e^z = 2^n e^r, e^r
-    by its Taylor series to r^6 (error < r^7 / 7! ~ 1.2e-7), 2^n written into the exponent
-    bits. 0 below EXP_LOW (no subnormals), inf above EXP_HIGH, NaN for NaN."""
+    """e^z of a float32, to ~3 ulp (1.8e-7 relative at most, tests/test_compiled.py): z =
+    n ln2 + r with |r| <= ln2 / 2, e^z = 2^n e^r, e^r by its Taylor series to r^6 (error <
+    r^7 / 7! ~ 1.2e-7), 2^n written into the exponent bits. 0 below EXP_LOW (no subnormals),
+    inf above EXP_HIGH, NaN for NaN."""
     zc = min(max(z, EXP_LOW), EXP_HIGH)
     n = np.floor(zc * LOG2E + F32(0.5))
     r = (zc - n * LN2_HI) - n * LN2_LO
