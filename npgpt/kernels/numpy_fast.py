@@ -130,8 +130,9 @@ def compiled_loops():
     try:
         from npgpt.kernels import compiled
     except Exception as e:  # noqa: BLE001  (the loops are optional: any failure to load them leaves NumPy's passes)
-        warnings.warn(f"numba is installed but npgpt's compiled loops cannot load ({type(e).__name__}: {e}); "
-                      f"running NumPy's passes (set {COMPILED_ENV}=0 to skip numba)", RuntimeWarning, stacklevel=2)  # fmt: skip
+        warnings.warn(f"numba is installed but npgpt's compiled loops cannot load ({type(e).__name__}: {e}); running "
+                      f"NumPy's passes (where numba cannot cache, set NUMBA_CACHE_DIR to a writable folder; "
+                      f"{COMPILED_ENV}=0 skips numba)", RuntimeWarning, stacklevel=2)  # fmt: skip
         return None
     return compiled
 
