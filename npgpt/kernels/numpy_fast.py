@@ -308,8 +308,9 @@ def layer_norm_forward(x, w, b, eps):
     """x (N, C) -> out (N, C), block by block: the row means by BLAS matrix-vector products,
     the variances by row-wise dot products (no squares held), x - mean normalised in place."""
     N, C = x.shape
+    compiled = loops(x, w, b)
     if inference():  # no backward follows: the output alone (a decode step's one row without array passes for its scale)
-        if (compiled := loops(x, w, b)) is not None:
+        if compiled is not None:
             out = np.empty_like(x)
             parallel_rows(lambda r0, r1: compiled.layer_norm_(x[r0:r1], w, b, np.float32(eps), out[r0:r1]), N, C)
             return out, None
@@ -318,7 +319,7 @@ def layer_norm_forward(x, w, b, eps):
     if N < FEW_ROWS:
         return layer_norm_rows(x, w, b, eps, average)
     xhat, out, rstd = np.empty_like(x), np.empty_like(x), np.empty((N, 1), dtype=x.dtype)
-    if (compiled := loops(x, w, b)) is not None:  # one pass per row
+    if compiled is not None:  # one pass per row
         parallel_rows(lambda r0, r1: compiled.layer_norm_train_(x[r0:r1], w, b, np.float32(eps), out[r0:r1], xhat[r0:r1],
                                                                 rstd[r0:r1, 0]), N, C)  # fmt: skip
         return out, (xhat, rstd, w)
@@ -441,8 +442,8 @@ def gelu_forward(x):
     Where `loops` has the compiled loops, they make it one pass: over x inside a piece of
     `over_batch` (any rows, any thread count), into a new array elsewhere (cache x), and
     together with the slope where a backward follows."""
-    compiled = None if backward_follows() else loops(x)
-    if compiled is not None:  # one pass: written over x where no backward follows (a piece of over_batch), else into a copy
+    compiled = loops(x)
+    if compiled is not None and not backward_follows():  # one pass: over x in a piece of over_batch, else into a copy
         out = x if inference() and x.flags.writeable else x.copy()
         parallel_rows(lambda r0, r1: compiled.gelu_(out[r0:r1]), out.shape[0], out.shape[1])
         return out, (None if out is x else x)
@@ -460,7 +461,7 @@ def gelu_forward(x):
         over_row_blocks(lambda r0, r1: gelu_block(x[r0:r1], out[r0:r1]), x.shape[0], x.shape[1], overflow="ignore")
         return out, x
     slope = np.empty_like(x)
-    if (compiled := loops(x)) is not None:  # one pass
+    if compiled is not None:  # one pass
         parallel_rows(lambda r0, r1: compiled.gelu_slope_(x[r0:r1], out[r0:r1], slope[r0:r1]), x.shape[0], x.shape[1])
         return out, Slope(slope)
     over_row_blocks(lambda r0, r1: gelu_slope_block(x[r0:r1], out[r0:r1], slope[r0:r1]), x.shape[0], x.shape[1],
