@@ -82,17 +82,17 @@ class KVCache:
     """Keys and values of the positions seen so far, for each layer.
 
     k[i], v[i]: (B, NH, n_ctx, hs), preallocated; positions [0, length) are filled. Each
-    is a view of one array for all layers (on NumPy a large allocation, which Linux may
-    back with huge pages: a decode step's attention read the cache ~10% faster than
-    from 2 x n_layer arrays of their own).
+    is a view of one array for all layers, `keys` and `values` (L, B, NH, n_ctx, hs) (on
+    NumPy a large allocation, which Linux may back with huge pages: a decode step's
+    attention read the cache ~10% faster than from 2 x n_layer arrays of their own).
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, backend: Backend, dtype):
         xp, L = backend.xp, config.n_layer
         shape = (L, batch_size, config.n_head, config.n_ctx, config.head_size)
-        keys, values = (xp.zeros(shape, dtype=dtype, device=backend.device) for _ in range(2))
-        self.k = [keys[i, ...] for i in range(L)]  # (B, NH, n_ctx, hs) each
-        self.v = [values[i, ...] for i in range(L)]
+        self.keys, self.values = (xp.zeros(shape, dtype=dtype, device=backend.device) for _ in range(2))
+        self.k = [self.keys[i, ...] for i in range(L)]  # (B, NH, n_ctx, hs) each
+        self.v = [self.values[i, ...] for i in range(L)]
         self.batch_size, self.capacity, self.length = batch_size, config.n_ctx, 0
 
     def append(self, layer: int, k, v):
@@ -235,11 +235,15 @@ class GPT:
         x = xp.reshape(x, (B * T, cfg.n_embd))  # (N, C), rows are tokens
         blocks = []
         last_rows = last_only and segments is None and not keep  # the last block takes each row's last position alone
-        for i in range(cfg.n_layer):
-            x, block = self._block_forward(i, x, B, cache, drop, segments, last_rows and i == cfg.n_layer - 1)
-            if keep:
-                blocks.append(block)
-            del block  # without `keep`, this block's activations go before the next runs
+        fused = None if cache is None or keep or drop.p else kernels.decode_blocks(p, cfg, x, cache)
+        if fused is not None:  # the kernel set ran this decode step's blocks in one call
+            x = fused
+        else:
+            for i in range(cfg.n_layer):
+                x, block = self._block_forward(i, x, B, cache, drop, segments, last_rows and i == cfg.n_layer - 1)
+                if keep:
+                    blocks.append(block)
+                del block  # without `keep`, this block's activations go before the next runs
         if last_rows:
             T = 1  # x is (B, C) already
         elif last_only:

@@ -270,12 +270,12 @@ def test_the_float32_model_gives_the_same_loss_logits_and_gradients_with_and_wit
 def test_float64_and_npgpt_numba_0_take_numpys_passes(monkeypatch):
     a32, a64 = np.zeros((2, 3), np.float32), np.zeros((2, 3))
     assert fast.loops(a32) is compiled and fast.loops(a64) is None and fast.loops(a32.T) is None  # not C-contiguous
-    fast.compiled_loops.cache_clear()
+    fast.compiled_module.cache_clear()
     monkeypatch.setenv("NPGPT_NUMBA", "0")
     try:
         assert fast.compiled_loops() is None and fast.loops(a32) is None
     finally:
-        fast.compiled_loops.cache_clear()
+        fast.compiled_module.cache_clear()
     monkeypatch.delenv("NPGPT_NUMBA")
     assert fast.loops(a32) is compiled
 
@@ -297,16 +297,16 @@ def test_a_numba_that_cannot_load_leaves_numpys_passes_with_a_warning(monkeypatc
     monkeypatch.setitem(sys.modules, "numba", broken)
     monkeypatch.delitem(sys.modules, "npgpt.kernels.compiled")
     monkeypatch.delattr(sys.modules["npgpt.kernels"], "compiled")  # so that the import runs it again
-    fast.compiled_loops.cache_clear()
+    fast.compiled_module.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="compiled loops cannot load .*no locator available"):
             assert fast.compiled_loops() is None
-        fast.compiled_loops.cache_clear()
+        fast.compiled_module.cache_clear()
         monkeypatch.setattr(fast.importlib.util, "find_spec", lambda name: None)  # numba not installed
         with warnings_as_errors():
             assert fast.compiled_loops() is None
     finally:
-        fast.compiled_loops.cache_clear()
+        fast.compiled_module.cache_clear()
         monkeypatch.undo()
     assert fast.compiled_loops() is compiled
 

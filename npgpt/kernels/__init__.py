@@ -45,6 +45,14 @@ the three schedules (reference: `whole_batch` and `each_parameter` here), not pa
         elements: independent work on each (an AdamW update, a sum of squares, the
         pieces' gradient sum), so a set may run them apart, on several threads
 
+one optional fused step (reference: `no_fused_step`, which always returns None):
+
+    decode_blocks(params, config, x (1, C), cache) -> x after every block (1, C), or None
+        (one cached position, B = T = 1, through all n_layer blocks in one call, its keys
+        and values written into the cache at cache.length (which the model then moves
+        on); None where the set has no such step for these inputs: the model then runs
+        the blocks one by one, as it always does for the reference)
+
 and the optimizer's two (reference: `npgpt.optim`), which are not pairs:
 
     adamw_update(p, g, m, v, lr, weight_decay, beta1, beta2, step, eps, grad_scale=None) -> None
@@ -64,8 +72,9 @@ from npgpt import layers, optim
 
 OPS = ("linear", "layer_norm", "gelu", "dropout", "attention", "embedding", "cross_entropy", "lm_head_loss")
 SCHEDULE = ("over_batch", "over_train_batch", "over_parameters")
+FUSED = ("decode_blocks",)
 OPTIMIZER = ("adamw_update", "sum_of_squares")
-NAMES = tuple(f"{op}_{way}" for op in OPS for way in ("forward", "backward")) + SCHEDULE + OPTIMIZER
+NAMES = tuple(f"{op}_{way}" for op in OPS for way in ("forward", "backward")) + SCHEDULE + FUSED + OPTIMIZER
 ENV = "NPGPT_KERNELS"
 
 
@@ -93,6 +102,7 @@ class Kernels:
     over_batch: Callable
     over_train_batch: Callable
     over_parameters: Callable
+    decode_blocks: Callable
     adamw_update: Callable
     sum_of_squares: Callable
 
@@ -118,8 +128,14 @@ def each_parameter(fn, sizes) -> list:
     return [fn(i) for i in range(len(sizes))]
 
 
+def no_fused_step(params, config, x, cache) -> None:
+    """None: the reference has no fused decode step (the model runs its blocks one by one)."""
+    return None
+
+
 REFERENCE = Kernels("reference", over_batch=whole_batch, over_train_batch=whole_batch, over_parameters=each_parameter,
-                    **{name: getattr(optim if name in OPTIMIZER else layers, name) for name in NAMES if name not in SCHEDULE})  # fmt: skip
+                    decode_blocks=no_fused_step,
+                    **{name: getattr(optim if name in OPTIMIZER else layers, name) for name in NAMES if name not in SCHEDULE + FUSED})  # fmt: skip
 
 
 def select_kernels(supplied: Kernels | None) -> Kernels:

@@ -187,6 +187,15 @@ def parallel_items(fn, n: int) -> list:
     return results
 
 
+def at_once(fn, n: int) -> list:
+    """[fn(0), ..., fn(n - 1)], each on its own thread at the same time (fn(0) on the calling
+    thread), for work whose threads wait for each other (spin barriers): the pool's workers
+    are free outside a parallel call, so n <= `free_threads()` start at once. BLAS as is."""
+    if n <= 1:
+        return [fn(0)] if n else []
+    return _run([lambda i=i: fn(i) for i in range(n)], n, one_blas_thread=False)
+
+
 def free_threads() -> int:
     """The threads a kernel called here may share its work among: 1 inside a parallel
     call (the outer split already uses every thread), else `num_threads()`."""
