@@ -29,9 +29,11 @@ TOL = dict(rtol=1e-12, atol=1e-12)
 @pytest.fixture(autouse=True, scope="module")
 def numpy_passes():
     """These tests prove NumPy's passes, which float32 arrays would leave for the compiled
-    loops where numba is installed; tests/test_compiled.py proves those."""
+    loops and step where numba is installed; tests/test_compiled.py and
+    tests/test_compiled_step.py prove those."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fast, "compiled_loops", lambda: None)
+        patch.setattr(fast, "compiled_step", lambda: None)
         yield
 
 

@@ -39,7 +39,7 @@ from npgpt.kernels.compiled import ELEMENTWISE, F32, REDUCING, gelu_, layer_norm
 
 LANE = 16  # int64s per thread's counter: 128 bytes, so no two threads' counters share a cache line
 SPINS_BEFORE_YIELD = 1 << 14  # spins at a barrier before each further spin yields the core
-YIELDS_BEFORE_GIVING_UP = 1 << 25  # ... and yields (~1 us each) before the step gives up
+GIVE_UP_YIELDS = 1 << 25  # ... and yields (~1 us each, ~30 s) before the step gives up
 LINE = 16  # float32s per 64-byte cache line
 ALIGN = 16  # output ranges start at multiples of 16 floats (64 bytes): no two threads write one line
 
@@ -103,12 +103,21 @@ else:
         sched_yield()
 
 
+def new_flags(nt: int) -> np.ndarray:
+    """The counters of nt threads' barriers (int64): thread t's at t * LANE, then the
+    give-up mark and the yields each thread may wait through (GIVE_UP_YIELDS)."""
+    flags = np.zeros((nt + 1) * LANE, dtype=np.int64)
+    flags[nt * LANE + 1] = GIVE_UP_YIELDS
+    return flags
+
+
 @numba.njit(nogil=True, cache=True)
 def barrier(flags, tid, nt, k):
-    """Thread `tid` of `nt` has reached barrier k: wait until every thread has. flags (int64):
-    thread t's count at t * LANE, the give-up mark at nt * LANE. False if a thread gave up."""
+    """Thread `tid` of `nt` has reached barrier k: wait until every thread has (flags from
+    `new_flags`). False if a thread gave up: one that waited through its yields sets the
+    give-up mark, and every other thread then stops waiting too."""
     store_release(flags, tid * LANE, k)
-    spins = 0
+    spins, budget = 0, flags[nt * LANE + 1]
     for t in range(nt):
         while load_acquire(flags, t * LANE) < k:
             if load_acquire(flags, nt * LANE) != 0:
@@ -116,7 +125,7 @@ def barrier(flags, tid, nt, k):
             spins += 1
             if spins > SPINS_BEFORE_YIELD:
                 give_way()
-                if spins > SPINS_BEFORE_YIELD + YIELDS_BEFORE_GIVING_UP:
+                if spins > SPINS_BEFORE_YIELD + budget:
                     store_release(flags, nt * LANE, 1)
                     return False
     return True

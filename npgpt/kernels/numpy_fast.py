@@ -279,9 +279,20 @@ def one_row_product(step, x, w, b):
     held, Cout, nt = (w.T if transposed else w), w.shape[1], free_threads()
     bias = zeros(Cout, np.float32) if b is None else b
     x, out = np.ascontiguousarray(x[0]), np.empty((1, Cout), dtype=np.float32)
-    flags, partial = np.zeros((nt + 1) * step.LANE, dtype=np.int64), np.empty((nt, Cout), dtype=np.float32)
-    done = threads.at_once(lambda tid: step.product(x, held, transposed, bias, out[0], False, partial, tid, nt, flags, 0), nt)
-    return out if min(done) >= 0 else None
+    flags, partial = step.new_flags(nt), np.empty((nt, Cout), dtype=np.float32)
+    work = lambda tid: step.product(x, held, transposed, bias, out[0], False, partial, tid, nt, flags, 0)  # noqa: E731
+    return out if together(work, nt, "the product runs on BLAS") else None
+
+
+def together(work, nt: int, instead: str) -> bool:
+    """work(tid) for tid < nt on nt threads at once (compiled code whose threads meet at spin
+    barriers): True if every thread finished, else (a thread gave up waiting) False, with a
+    warning saying what runs `instead`."""
+    if min(threads.at_once(work, nt)) >= 0:
+        return True
+    warnings.warn(f"the compiled step's threads gave up waiting for each other (a machine too busy to run {nt} "
+                  f"threads at once?); {instead}", RuntimeWarning, stacklevel=3)  # fmt: skip
+    return False
 
 
 @functools.lru_cache(maxsize=8)
@@ -1086,18 +1097,16 @@ def decode_blocks(params, config, x, cache):
     """x (1, C) of one new position through every block in one call of
     `npgpt.kernels.compiled_step` on the threads (keys and values written into the cache at
     cache.length), or None (the model then runs the blocks one by one): without numba,
-    for batches or several positions, for other dtypes or layouts than float32 weights each
-    kind of which is all row-major or all column-major, and if the threads gave up waiting
-    for each other (a warning says so)."""
+    for batches or several positions, for other dtypes or layouts than float32 parameters
+    whose weights of each kind are all row-major or all column-major, and if the threads
+    gave up waiting for each other (a warning says so)."""
     step = compiled_step() if x.shape[0] == 1 and x.dtype == np.float32 and cache.batch_size == 1 else None
-    weights = step_weights(params, config.n_layer) if step is not None else None
-    if weights is None or not (cache.keys.dtype == np.float32 and cache.keys.flags.c_contiguous):
+    parameters = step_parameters(params, config.n_layer) if step is not None else None
+    if parameters is None or not (cache.keys.dtype == np.float32 and cache.keys.flags.c_contiguous):
         return None
-    held, transposed = weights
-    v = {name: tuple(params[f"h.{i}.{name}"] for i in range(config.n_layer)) for name in STEP_VECTORS}  # each (L,) tuple
+    v, held, transposed = parameters
     C, nt = config.n_embd, free_threads()
-    x = np.ascontiguousarray(x)
-    flags = np.zeros((nt + 1) * step.LANE, dtype=np.int64)
+    x, flags = np.ascontiguousarray(x), step.new_flags(nt)
     own, shared = np.empty((nt, 2, C), dtype=np.float32), np.empty(9 * C, dtype=np.float32)
     partial, scores = np.empty((nt, 4 * C), dtype=np.float32), np.empty((nt, config.n_ctx), dtype=np.float32)
 
@@ -1105,19 +1114,19 @@ def decode_blocks(params, config, x, cache):
         return step.blocks(tid, nt, flags, x, cache.length, np.float32(config.layer_norm_epsilon),
                            v["ln_1.weight"], v["ln_1.bias"], held[0], v["attn.c_attn.bias"], held[1], v["attn.c_proj.bias"],
                            v["ln_2.weight"], v["ln_2.bias"], held[2], v["mlp.c_fc.bias"], held[3], v["mlp.c_proj.bias"],
-                           tuple(transposed), cache.keys, cache.values, own, shared, partial, scores[tid])  # fmt: skip
+                           transposed, cache.keys, cache.values, own, shared, partial, scores[tid])  # fmt: skip
 
-    if min(threads.at_once(thread, nt)) < 0:
-        warnings.warn("the decode step's threads gave up waiting for each other (a machine too busy to run them "
-                      "together?); running its blocks one by one", RuntimeWarning, stacklevel=2)  # fmt: skip
+    return own[0, 0][None, :] if together(thread, nt, "the blocks run one by one") else None  # (1, C)
+
+
+def step_parameters(params, L: int):
+    """(vectors, held, transposed) for `compiled_step.blocks`: vectors[name] the tuple of
+    the L blocks' STEP_VECTORS `name`; per kind of STEP_WEIGHTS, the tuple of its L weights
+    as C-contiguous arrays, w (Cin, Cout) where row-major or w.T where column-major
+    (transposed True). None where any is not float32 or a kind mixes layouts."""
+    vectors = {name: tuple(params[f"h.{i}.{name}"] for i in range(L)) for name in STEP_VECTORS}
+    if not all(v.dtype == np.float32 and v.flags.c_contiguous for vs in vectors.values() for v in vs):
         return None
-    return own[0, 0][None, :]  # (1, C)
-
-
-def step_weights(params, L: int):
-    """(held, transposed) for `compiled_step.blocks`: per kind of STEP_WEIGHTS, the tuple of
-    its L weights as C-contiguous arrays, w (Cin, Cout) where row-major or w.T where
-    column-major (transposed True); None where any is not float32 or a kind mixes layouts."""
     held, transposed = [], []
     for kind in STEP_WEIGHTS:
         ws = [params[f"h.{i}.{kind}.weight"] for i in range(L)]
@@ -1129,7 +1138,7 @@ def step_weights(params, L: int):
             return None
         held.append(tuple(w.T if column_major else w for w in ws))
         transposed.append(column_major)
-    return tuple(held), tuple(transposed)
+    return vectors, tuple(held), tuple(transposed)
 
 
 # -- inference: a batch in pieces, one per thread at a time -------------------------------------
