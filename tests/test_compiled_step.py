@@ -164,3 +164,23 @@ def test_what_the_compiled_step_does_not_take_runs_one_by_one(monkeypatch):
     model.forward(ids[:1, 4:5], one)  # mixed layouts
     assert spy.blocks == [None] * 4  # (two prompts too)
     assert fast.decode_blocks(reference.params, cfg, np.zeros((1, 12), np.float32), model.new_cache(1)) is None  # float64
+
+
+def test_a_thread_stopped_by_an_exception_releases_the_others(monkeypatch):
+    """Ctrl-C in the calling thread before its compiled part began: it sets the give-up
+    mark on its way out, so the thread waiting for it at a barrier stops, and the
+    KeyboardInterrupt goes on."""
+    marks, waited = [], []
+    give_up = step.give_up
+    monkeypatch.setattr(step, "give_up", lambda flags, nt: (marks.append(nt), give_up(flags, nt)))
+    flags = step.new_flags(2)
+
+    def work(tid):
+        if tid == 0:
+            raise KeyboardInterrupt
+        waited.append(step.barrier(flags, 1, 2, 1))
+        return 0
+
+    with pytest.raises(KeyboardInterrupt):
+        fast.together(step, work, 2, flags, "nothing")
+    assert marks == [2] and waited == [False]

@@ -19,9 +19,10 @@ Every formula is the reference's (`npgpt.layers`), in float32, to round-off
 (tests/test_compiled_step.py proves it against the reference model).
 
 The threads wait for each other by spinning on counters (one per thread, each on its own
-cache lines), yielding the core after a while; a thread that waits ~30 s in all gives up
-and the others with it: the step then reports failure and the model runs its blocks one
-by one instead (the cache's rows at this position are rewritten there).
+cache lines), yielding the core after a while; a thread that waits through GIVE_UP_YIELDS
+yields gives up and the others with it, as they do when the calling thread sets the mark
+(`give_up`) because it will not come: the step then reports failure and the model runs its
+blocks one by one instead (the cache's rows at this position are rewritten there).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from npgpt.kernels.compiled import ELEMENTWISE, F32, REDUCING, gelu_, layer_norm
 
 LANE = 16  # int64s per thread's counter: 128 bytes, so no two threads' counters share a cache line
 SPINS_BEFORE_YIELD = 1 << 14  # spins at a barrier before each further spin yields the core
-GIVE_UP_YIELDS = 1 << 25  # ... and yields (~1 us each, ~30 s) before the step gives up
+GIVE_UP_YIELDS = 1 << 21  # ... and yields before the step gives up (~1-2 s on an idle core; longer where others run)
 LINE = 16  # float32s per 64-byte cache line
 ALIGN = 16  # output ranges start at multiples of 16 floats (64 bytes): no two threads write one line
 
@@ -109,6 +110,12 @@ def new_flags(nt: int) -> np.ndarray:
     flags = np.zeros((nt + 1) * LANE, dtype=np.int64)
     flags[nt * LANE + 1] = GIVE_UP_YIELDS
     return flags
+
+
+def give_up(flags, nt: int) -> None:
+    """Set the give-up mark (from Python: a thread that will not come, say on Ctrl-C before
+    it started), so the others stop waiting at their next barrier."""
+    flags[nt * LANE] = 1
 
 
 @numba.njit(nogil=True, cache=True)

@@ -281,14 +281,23 @@ def one_row_product(step, x, w, b):
     x, out = np.ascontiguousarray(x[0]), np.empty((1, Cout), dtype=np.float32)
     flags, partial = step.new_flags(nt), np.empty((nt, Cout), dtype=np.float32)
     work = lambda tid: step.product(x, held, transposed, bias, out[0], False, partial, tid, nt, flags, 0)  # noqa: E731
-    return out if together(work, nt, "the product runs on BLAS") else None
+    return out if together(step, work, nt, flags, "the product runs on BLAS") else None
 
 
-def together(work, nt: int, instead: str) -> bool:
-    """work(tid) for tid < nt on nt threads at once (compiled code whose threads meet at spin
-    barriers): True if every thread finished, else (a thread gave up waiting) False, with a
-    warning saying what runs `instead`."""
-    if min(threads.at_once(work, nt)) >= 0:
+def together(step, work, nt: int, flags, instead: str) -> bool:
+    """work(tid) for tid < nt on nt threads at once, compiled code of `step` whose threads
+    meet at spin barriers on `flags`: True if every thread finished, else (a thread gave up
+    waiting) False, with a warning saying what runs `instead`. A thread stopped by an
+    exception before it finished (Ctrl-C) sets the give-up mark, so no other waits for it."""
+
+    def guarded(tid):
+        try:
+            return work(tid)
+        except BaseException:
+            step.give_up(flags, nt)
+            raise
+
+    if min(threads.at_once(guarded, nt)) >= 0:
         return True
     warnings.warn(f"the compiled step's threads gave up waiting for each other (a machine too busy to run {nt} "
                   f"threads at once?); {instead}", RuntimeWarning, stacklevel=3)  # fmt: skip
@@ -1116,7 +1125,7 @@ def decode_blocks(params, config, x, cache):
                            v["ln_2.weight"], v["ln_2.bias"], held[2], v["mlp.c_fc.bias"], held[3], v["mlp.c_proj.bias"],
                            transposed, cache.keys, cache.values, own, shared, partial, scores[tid])  # fmt: skip
 
-    return own[0, 0][None, :] if together(thread, nt, "the blocks run one by one") else None  # (1, C)
+    return own[0, 0][None, :] if together(step, thread, nt, flags, "the blocks run one by one") else None  # (1, C)
 
 
 def step_parameters(params, L: int):
