@@ -35,6 +35,7 @@ import numpy as np
 
 from npgpt.backend import array_namespace, get_backend
 from npgpt.errors import UserError, add_debug_flag, run_cli
+from npgpt.kernels.numpy_fast import compiled_step
 from npgpt.kernels.threads import add_threads_option, configure as configure_threads, num_threads
 from npgpt.model import FLOAT_DTYPES, GPT
 from npgpt.sampling import SamplingConfig, sample
@@ -149,17 +150,20 @@ def decoding_layout(model: GPT, threads: int | None = None) -> GPT:
     every path computes the same. Column-major (Fortran order): the token embedding wte
     (V, C), whose transpose (C, V) the LM head reads, and each block's mlp.c_proj (4C, C),
     so a product x (1, Cin) @ w (Cin, Cout) reads rows of the longer side (OpenBLAS
-    streams 1.3-1.5x faster that way on GPT-2's shapes); from 2 threads also each
-    block's attn.c_proj (C, C) (OpenBLAS's 2-thread GEMV streamed it ~1.2x faster so, its
-    1-thread one ~1.2x slower). Every other weight is row-major, so a later call for
-    another thread count lays the model out afresh. Each weight's copy replaces it as
+    streams 1.3-1.5x faster that way on GPT-2's shapes; the compiled step's product
+    too); from 2 threads, where decoding's products run on OpenBLAS (no compiled step),
+    also each block's attn.c_proj (C, C) (OpenBLAS's 2-thread GEMV streamed it ~1.2x
+    faster so, its 1-thread one ~1.2x slower; the compiled step's 2-thread step was ~4%
+    slower so). Every other weight is row-major, so a later call for another thread
+    count lays the model out afresh. Each weight's copy replaces it as
     made: no extra memory once the old arrays have no other reference. Training such a
     model is correct but slower (AdamW falls back to its reference on non-C-ordered
     parameters). The CLI decodes with it; `npgpt.weights.load_model` and `GPT` give the
     default (C-ordered) layout."""
     if model.backend.name != "numpy":
         return model
-    columns = COLUMN_MAJOR + (COLUMN_MAJOR_FROM_2_THREADS if (threads or num_threads()) > 1 else ())
+    on_blas = compiled_step() is None  # else the compiled step runs decoding's products
+    columns = COLUMN_MAJOR + (COLUMN_MAJOR_FROM_2_THREADS if (threads or num_threads()) > 1 and on_blas else ())
     for name, value in model.params.items():
         if name.endswith(columns):
             model.params[name] = np.asfortranarray(value)
@@ -169,7 +173,7 @@ def decoding_layout(model: GPT, threads: int | None = None) -> GPT:
 
 
 COLUMN_MAJOR = ("wte.weight", "mlp.c_proj.weight")  # weights `decoding_layout` holds column-major
-COLUMN_MAJOR_FROM_2_THREADS = ("attn.c_proj.weight",)  # ... and these, on 2 threads or more
+COLUMN_MAJOR_FROM_2_THREADS = ("attn.c_proj.weight",)  # ... and these, on 2 threads or more without the compiled step
 
 
 def window_start(start: int, length: int, n_ctx: int) -> int:

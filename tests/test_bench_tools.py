@@ -13,6 +13,8 @@ import sys
 import pytest
 from conftest import DATA, ROOT, data_path
 
+import npgpt.kernels.numpy_fast as fast
+
 TOOLS = ROOT / "tools"
 
 
@@ -81,6 +83,9 @@ def test_generate_bandwidth_is_a_gemv_over_4x_the_llc(bench):
     row = report["results"][0]
     profile = row["decode_step_profile"]
     assert profile["steps"] == 3 and profile["products_ms"] > 0 and profile["rest_ms"] > 0 and profile["products_gb_s"] > 0
+    # with numba (the test extras) the blocks run in one compiled call, timed apart from the LM head's product
+    assert profile["compiled_blocks"] == (fast.compiled_step() is not None)
+    assert not profile["compiled_blocks"] or (profile["blocks_ms"] > 0 and profile["blocks_gb_s"] > 0)
     assert row["weights_stream_from_memory"] and row["gemv_bytes"] >= 4 * report["machine"]["llc_bytes"]
     assert "gemv_gb_s_torch_mv" not in row  # torch.mv only under --vs torch
     # a ceiling sample before the warm-up, before the timed run and after it: the run's fraction

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import npgpt.generate as generate_module
 from npgpt.config import GPTConfig
 from npgpt.generate import (
     GenerationStats,
@@ -74,17 +75,22 @@ def test_cached_generation_equals_recompute_without_cache(backend):
     assert len(set(cached)) > 3  # a real sequence, not one id repeated
 
 
-def test_decoding_layout_keeps_values_and_generates_the_same_ids(backend):
+@pytest.mark.parametrize("on_blas", [False, True])
+def test_decoding_layout_keeps_values_and_generates_the_same_ids(backend, on_blas, monkeypatch):
+    """on_blas: as without numba (no compiled step; decoding's products on OpenBLAS)."""
+    if on_blas:
+        monkeypatch.setattr(generate_module, "compiled_step", lambda: None)
     model, before = sharp_model(backend), sharp_params()
     prompt = [5, 17, 101, 3]
     expected = list(generate_ids(model, prompt, CONFIG.n_ctx - len(prompt), GREEDY))
-    for threads in (2, 1):  # from 2 threads attn.c_proj too; 1 thread lays it out row-major again
+    for threads in (2, 1):  # from 2 threads attn.c_proj too (without numba); 1 thread lays it out row-major again
         assert decoding_layout(model, threads) is model
         if model.backend.name == "numpy":  # the products' long side in rows: wte and mlp.c_proj column-major
             assert model.params["wte.weight"].flags.f_contiguous and not model.params["wte.weight"].flags.c_contiguous
             assert model.params["h.1.mlp.c_proj.weight"].flags.f_contiguous and model.params["h.1.attn.c_attn.weight"].flags.c_contiguous
             attn_proj = model.params["h.1.attn.c_proj.weight"].flags
-            assert (attn_proj.f_contiguous, attn_proj.c_contiguous) == ((True, False) if threads == 2 else (False, True))
+            column_major = threads == 2 and generate_module.compiled_step() is None  # OpenBLAS's 2 threads, not the compiled step's
+            assert (attn_proj.f_contiguous, attn_proj.c_contiguous) == ((True, False) if column_major else (False, True))
         for name, value in model.to_numpy().items():
             np.testing.assert_array_equal(value, before[name])
         assert list(generate_ids(model, prompt, CONFIG.n_ctx - len(prompt), GREEDY)) == expected

@@ -33,8 +33,10 @@ Time to first token: a 1024-token prompt (the full context), prefill and the fir
 npgpt vs transformers' generate(max_new_tokens=1).
 
 --step-profile N (NumPy): N greedy decode steps timed one by one after the same prompt,
-each split into its products (the kernels' linear_forward, 49 for GPT-2 124M, timed one by
-one) and the rest (attention, LayerNorm, GELU, bias adds, the KV cache, Python): medians.
+each split into its blocks where the kernels run them in one compiled call (`decode_blocks`),
+its products (the kernels' linear_forward: the LM head then, else all 49 for GPT-2 124M,
+timed one by one) and the rest (attention, LayerNorm, GELU, bias adds, the KV cache,
+Python; only the embedding, the last LayerNorm and Python with the compiled step): medians.
 """
 
 from __future__ import annotations
@@ -74,32 +76,50 @@ def per_run(rates: list[float], ceilings: list[float]) -> dict:
     return {"per_run": fractions, "median": float(np.median(fractions)), "min": min(fractions), "max": max(fractions)}
 
 
-def step_profile(model: GPT, prompt: np.ndarray, steps: int, product_bytes: int) -> dict:
-    """Medians over `steps` greedy decode steps after `prompt` (NumPy): a step, its
-    products (the kernels' linear_forward, each timed) and the rest of it, in ms, and the
-    products' GB/s (`product_bytes` a step). The timed kernel set runs on a second backend
-    that shares the model's weights."""
-    kernels, products = model.backend.kernels, [0.0]  # one sum per step (the prompt's first)
+def step_profile(model: GPT, prompt: np.ndarray, steps: int) -> dict:
+    """Medians over `steps` greedy decode steps after `prompt` (NumPy): a step; its blocks
+    where the kernels run them in one call (`decode_blocks`, the compiled step: products,
+    attention, LayerNorm, GELU and the adds); its products the kernels' linear_forward
+    runs (then the LM head only, else every product), each timed; the rest; in ms, and the
+    GB/s of the blocks' and the products' weights. The timed kernel set runs on a second
+    backend that shares the model's weights."""
+    kernels, times = model.backend.kernels, {"products": [0.0], "blocks": [0.0]}  # one sum per step (the prompt's first)
+    fused = [False]
 
-    def linear_forward(x, w, b):
-        start = time.perf_counter()
-        result = kernels.linear_forward(x, w, b)
-        products[-1] += time.perf_counter() - start
-        return result
+    def timed(name, kernel):
+        def run(*args):
+            start = time.perf_counter()
+            result = kernel(*args)
+            times[name][-1] += time.perf_counter() - start
+            if name == "blocks" and result is not None:
+                fused[0] = True
+            return result
 
-    timed = GPT(model.config, model.params, NumpyBackend(kernels.replace(
-        "timed products", linear_forward=linear_forward, linear_backward=kernels.linear_backward)))  # fmt: skip
-    cache, seconds = timed.new_cache(1), []
-    token = int(np.argmax(last_logits(timed, prompt.tolist(), cache)))
-    products.clear()
+        return run
+
+    timed_model = GPT(model.config, model.params, NumpyBackend(kernels.replace(
+        "timed", linear_forward=timed("products", kernels.linear_forward), linear_backward=kernels.linear_backward,
+        decode_blocks=timed("blocks", kernels.decode_blocks))))  # fmt: skip
+    cache, seconds = timed_model.new_cache(1), []
+    token = int(np.argmax(last_logits(timed_model, prompt.tolist(), cache)))
+    fused[0] = False
+    for name in times:
+        times[name].clear()
     for _ in range(steps):
-        products.append(0.0)
+        for name in times:
+            times[name].append(0.0)
         start = time.perf_counter()
-        token = int(np.argmax(last_logits(timed, [token], cache)))
+        token = int(np.argmax(last_logits(timed_model, [token], cache)))
         seconds.append(time.perf_counter() - start)
-    product = float(np.median(products))
-    return {"steps": steps, "step_ms": 1e3 * float(np.median(seconds)), "products_ms": 1e3 * product,
-            "rest_ms": 1e3 * float(np.median(np.subtract(seconds, products))), "products_gb_s": product_bytes / product / 1e9}  # fmt: skip
+    product, blocks = float(np.median(times["products"])), float(np.median(times["blocks"]))
+    block_bytes = sum(v.nbytes for k, v in model.params.items() if k.startswith("h.") and v.ndim == 2)
+    product_bytes = model.params["wte.weight"].nbytes + (0 if fused[0] else block_bytes)
+    report = {"steps": steps, "step_ms": 1e3 * float(np.median(seconds)), "compiled_blocks": fused[0],
+              "products_ms": 1e3 * product, "products_gb_s": product_bytes / product / 1e9}  # fmt: skip
+    if fused[0]:
+        report |= {"blocks_ms": 1e3 * blocks, "blocks_gb_s": block_bytes / blocks / 1e9}
+    rest = np.subtract(seconds, np.add(times["products"], times["blocks"]))
+    return report | {"rest_ms": 1e3 * float(np.median(rest))}
 
 
 def main(argv=None):
@@ -201,10 +221,12 @@ def main(argv=None):
                 line += f"; decoding layout {row['speedup_decoding_layout']:.3f}x the default layout's tok/s"
             if args.step_profile:
                 log(f"generate threads={n_threads}: {args.step_profile} decode steps one by one ...")
-                product_bytes = sum(v.nbytes for k, v in model.params.items() if v.ndim == 2 and k != "wpe.weight")
-                row["decode_step_profile"] = profile = step_profile(model, prompt, args.step_profile, product_bytes)
-                line += (f"; a step {profile['step_ms']:.2f} ms: products {profile['products_ms']:.2f} ms "
-                         f"({profile['products_gb_s']:.1f} GB/s), the rest {profile['rest_ms']:.2f} ms")  # fmt: skip
+                row["decode_step_profile"] = profile = step_profile(model, prompt, args.step_profile)
+                line += f"; a step {profile['step_ms']:.2f} ms: "
+                if profile["compiled_blocks"]:
+                    line += f"the blocks in one call {profile['blocks_ms']:.2f} ms ({profile['blocks_gb_s']:.1f} GB/s), "
+                line += (f"products {profile['products_ms']:.2f} ms ({profile['products_gb_s']:.1f} GB/s), "
+                         f"the rest {profile['rest_ms']:.2f} ms")  # fmt: skip
             if args.recompute_repeats:
                 log(f"generate threads={n_threads}: recompute x{args.recompute_repeats} ...")
                 seconds = interleaved({"recompute": npgpt_generate(model, prompt, args.new_tokens, use_cache=False)},
