@@ -57,7 +57,12 @@ proves it, forward and backward, in float64); what changes is only how the work 
   a training forward's slope), the causal softmax, LayerNorm forward and backward, and the
   row maxima, exps and sums of cross-entropy and of the LM head's tiles run instead as the
   compiled loops of `npgpt.kernels.compiled` (`loops`): one pass per row each, a vectorised
-  exp, over the same thread ranges (tests/test_compiled.py proves them in float32).
+  exp, over the same thread ranges (tests/test_compiled.py proves them in float32);
+- there too, a float32 decode step (one position, one sequence) runs every block in one
+  call of `npgpt.kernels.compiled_step` on the threads (`decode_blocks`), and decoding's
+  one-row products (the LM head) on its product (`one_row_product`): no Python, no
+  cache-cold small calls and no hand-over between the ~50 ops of a step
+  (tests/test_compiled_step.py proves them against the reference model).
 """
 
 from __future__ import annotations
@@ -277,7 +282,7 @@ def one_row_product(step, x, w, b):
         return None
     transposed = not w.flags.c_contiguous
     held, Cout, nt = (w.T if transposed else w), w.shape[1], free_threads()
-    bias = zeros(Cout, np.float32) if b is None else b
+    bias = filled(Cout, 0, np.float32) if b is None else b  # no bias: zeros
     x, out = np.ascontiguousarray(x[0]), np.empty((1, Cout), dtype=np.float32)
     flags, partial = step.new_flags(nt), np.empty((nt, Cout), dtype=np.float32)
     work = lambda tid: step.product(x, held, transposed, bias, out[0], False, partial, tid, nt, flags, 0)  # noqa: E731
@@ -302,14 +307,6 @@ def together(step, work, nt: int, flags, instead: str) -> bool:
     warnings.warn(f"the compiled step's threads gave up waiting for each other (a machine too busy to run {nt} "
                   f"threads at once?); {instead}", RuntimeWarning, stacklevel=3)  # fmt: skip
     return False
-
-
-@functools.lru_cache(maxsize=8)
-def zeros(n: int, dtype) -> np.ndarray:
-    """(n,) zeros, read-only."""
-    z = np.zeros(n, dtype=dtype)
-    z.flags.writeable = False
-    return z
 
 
 def product_output(x, w, b):
@@ -777,10 +774,15 @@ def seen_keys(Tb: int, dtype) -> np.ndarray:
     return seen
 
 
-@functools.lru_cache(maxsize=64)
 def ones(n: int, dtype) -> np.ndarray:
     """A read-only vector of n ones: x @ ones(n) sums x's rows by BLAS."""
-    vector = np.ones(n, dtype=dtype)
+    return filled(n, 1, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def filled(n: int, value, dtype) -> np.ndarray:
+    """A read-only vector of n `value`s."""
+    vector = np.full(n, value, dtype=dtype)
     vector.flags.writeable = False
     return vector
 
