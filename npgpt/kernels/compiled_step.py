@@ -268,7 +268,7 @@ def blocks(tid, nt, flags, x, pos, eps, ln_1w, ln_1b, attn_w, attn_b, proj_w, pr
     Per block i: ln_1w[i] ... out_b[i] are its parameters (tuples over the blocks), the
     four weights held as in `product` (transposed[j] for c_attn, attn.c_proj, mlp.c_fc,
     mlp.c_proj); keys, values (L, 1, NH, n_ctx, hs) the cache. own (nt, 2, C): each
-    thread's residual stream and LayerNorm output; shared (8C,): qkv (3C), the attention's
+    thread's residual stream and LayerNorm output; shared (9C,): qkv (3C), the attention's
     output (C), a product's output (C), the MLP's hidden (4C) after one another.
     Returns 0, or -1 if a thread gave up waiting."""
     C = x.shape[1]
