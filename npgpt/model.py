@@ -94,6 +94,7 @@ class KVCache:
         self.k = [self.keys[i, ...] for i in range(L)]  # (B, NH, n_ctx, hs) each
         self.v = [self.values[i, ...] for i in range(L)]
         self.batch_size, self.capacity, self.length = batch_size, config.n_ctx, 0
+        self.kernel_state = None  # what a kernel set keeps for this sequence (NumPy's compiled decode step: its parameters)
 
     def append(self, layer: int, k, v):
         """k, v (B, NH, T, hs) of new positions -> all keys and values so far (B, NH, S, hs)."""
@@ -224,6 +225,11 @@ class GPT:
                 f"{where}{start + T} tokens exceed the context of {cfg.n_ctx}: "
                 "crop the sequence to its last n_ctx tokens or start a new cache"
             )
+        if cache is not None and rngs is None and not keep and head and rows is None:
+            logits = kernels.decode_step(p, cfg, ids, cache)  # a kernel set may run a decode step whole: (1, V), or None
+            if logits is not None:
+                cache.length = start + T
+                return xp.reshape(logits, (B, T, cfg.vocab_size)), None
         if segments is not None:
             segments = self.as_segments(segments, (B, T))
             pos = segment_positions(segments)  # (B, T)
@@ -235,15 +241,11 @@ class GPT:
         x = xp.reshape(x, (B * T, cfg.n_embd))  # (N, C), rows are tokens
         blocks = []
         last_rows = last_only and segments is None and not keep  # the last block takes each row's last position alone
-        fused = None if cache is None or keep or drop.p else kernels.decode_blocks(p, cfg, x, cache)
-        if fused is not None:  # the kernel set ran this decode step's blocks in one call
-            x = fused
-        else:
-            for i in range(cfg.n_layer):
-                x, block = self._block_forward(i, x, B, cache, drop, segments, last_rows and i == cfg.n_layer - 1)
-                if keep:
-                    blocks.append(block)
-                del block  # without `keep`, this block's activations go before the next runs
+        for i in range(cfg.n_layer):
+            x, block = self._block_forward(i, x, B, cache, drop, segments, last_rows and i == cfg.n_layer - 1)
+            if keep:
+                blocks.append(block)
+            del block  # without `keep`, this block's activations go before the next runs
         if last_rows:
             T = 1  # x is (B, C) already
         elif last_only:

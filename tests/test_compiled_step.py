@@ -1,10 +1,10 @@
 """The compiled decode step (`npgpt.kernels.compiled_step`, where numba is installed) equals
 the reference: its product alone, W held either way, over 1-3 threads, against x @ W + b in
-float64 (Hypothesis); a float32 model's cached decoding through it (every block in one call,
-the LM head on the same product) against the reference model in float64 on the same
-weights, row-major and column-major, over 1-3 threads, to the context's last position
-(Hypothesis); and where its threads give up waiting for each other, a warning and the
-model's blocks one by one, with the same numbers."""
+float64 (Hypothesis); a float32 model's cached decoding through it (each step in one call,
+from the token to its logits; a prompt's one-row products on the same product) against the
+reference model in float64 on the same weights, row-major and column-major, over 1-3
+threads, to the context's last position (Hypothesis); and where its threads give up
+waiting for each other, a warning and the step op by op, with the same numbers."""
 
 from __future__ import annotations
 
@@ -70,14 +70,14 @@ def decoded(model, ids, prompt):
 
 
 class Spy:
-    """Counts what `decode_blocks` and the one-row product returned (results, Nones)."""
+    """Counts what `decode_step` and the one-row product returned (results, Nones)."""
 
     def __init__(self, monkeypatch):
-        self.blocks, self.products = [], []
-        blocks, product = fast.decode_blocks, fast.one_row_product
+        self.steps, self.products = [], []
+        decode_step, product = fast.decode_step, fast.one_row_product
 
-        def spy_blocks(*args):
-            self.blocks.append(out := blocks(*args))
+        def spy_step(*args):
+            self.steps.append(out := decode_step(*args))
             return out
 
         def spy_product(*args):
@@ -85,7 +85,7 @@ class Spy:
             return out
 
         monkeypatch.setattr(fast, "one_row_product", spy_product)
-        monkeypatch.setattr(fast, "KERNELS", fast.KERNELS.replace("spied", decode_blocks=spy_blocks))
+        monkeypatch.setattr(fast, "KERNELS", fast.KERNELS.replace("spied", decode_step=spy_step))
 
 
 def float32_model(reference: GPT, column_major: set, spy_kernels) -> GPT:
@@ -118,19 +118,20 @@ def test_cached_decoding_through_the_compiled_step_equals_the_reference(n_layer,
         with blocks(n_threads=n_threads):
             logits, cache = decoded(model, ids, prompt)
     ref_logits, ref_cache = decoded(reference, ids, prompt)
-    assert len(spy.blocks) == steps + 1 and (spy.blocks[0] is None) == (prompt > 1)  # a prompt of one id is a step too
-    assert all(out is not None for out in spy.blocks[1:])  # every later step through the compiled step
-    # one-row products: each LM head, and a longer prompt's last block taking its last position alone (three more)
-    assert len(spy.products) == steps + (4 if prompt > 1 else 1) and all(out is not None for out in spy.products)
+    assert len(spy.steps) == steps + 1 and (spy.steps[0] is None) == (prompt > 1)  # a prompt of one id is a step too
+    assert all(out is not None for out in spy.steps[1:])  # every later step in one compiled call
+    # a longer prompt's last block takes its last position alone: three one-row products and the LM head's
+    assert len(spy.products) == (4 if prompt > 1 else 0) and all(out is not None for out in spy.products)
     scale = np.abs(ref_logits).max()
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4 * scale)
     for got, ref in ((cache.keys, ref_cache.keys), (cache.values, ref_cache.values)):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-def test_threads_that_give_up_leave_the_blocks_one_by_one_with_a_warning(monkeypatch):
+def test_threads_that_give_up_leave_the_step_op_by_op_with_a_warning(monkeypatch):
     """A thread that never starts (at_once running thread 0 alone): thread 0 gives up after
-    GIVE_UP_YIELDS, the model runs its blocks and the LM head the plain way, same numbers."""
+    GIVE_UP_YIELDS, the model runs the step op by op and each one-row product on BLAS, same
+    numbers."""
     cfg = GPTConfig(vocab_size=41, n_ctx=8, n_embd=12, n_head=2, n_layer=2)
     reference = GPT(cfg, random_model(cfg, 5).params, NumpyBackend(REFERENCE))
     spy = Spy(monkeypatch)
@@ -140,16 +141,16 @@ def test_threads_that_give_up_leave_the_blocks_one_by_one_with_a_warning(monkeyp
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 8))
     with blocks(n_threads=2), pytest.warns(RuntimeWarning, match="threads gave up waiting") as caught:
         logits, cache = decoded(model, ids, 4)
-    assert {str(w.message).rsplit("; ", 1)[1] for w in caught} == {"the blocks run one by one", "the product runs on BLAS"}
-    assert spy.blocks == [None] * 5  # the prompt and 4 steps
+    assert {str(w.message).rsplit("; ", 1)[1] for w in caught} == {"the step runs op by op", "the product runs on BLAS"}
+    assert spy.steps == [None] * 5  # the prompt (4 ids: no step) and the 4 steps
     assert spy.products == [None] * (4 + 4 * (2 * 4 + 1))  # the prompt's last block and head, then each step's 2 blocks and head
     ref_logits, _ = decoded(reference, ids, 4)
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4 * np.abs(ref_logits).max())
 
 
 def test_what_the_compiled_step_does_not_take_runs_one_by_one(monkeypatch):
-    """A batch of two, float64, and a kind of weight with mixed layouts: no compiled step
-    (None), and the model's numbers stay the reference's."""
+    """A batch of two, a kind of weight with mixed layouts, float64, an id out of range: no
+    compiled step (None)."""
     cfg = GPTConfig(vocab_size=41, n_ctx=8, n_embd=12, n_head=2, n_layer=2)
     reference = GPT(cfg, random_model(cfg, 6).params, NumpyBackend(REFERENCE))
     spy = Spy(monkeypatch)
@@ -162,8 +163,11 @@ def test_what_the_compiled_step_does_not_take_runs_one_by_one(monkeypatch):
     one = model.new_cache(1)
     model.forward(ids[:1, :4], one)
     model.forward(ids[:1, 4:5], one)  # mixed layouts
-    assert spy.blocks == [None] * 4  # (two prompts too)
-    assert fast.decode_blocks(reference.params, cfg, np.zeros((1, 12), np.float32), model.new_cache(1)) is None  # float64
+    assert spy.steps == [None] * 4  # (two prompts too)
+    assert fast.decode_step(reference.params, cfg, np.zeros((1, 1), np.int64), reference.new_cache(1)) is None  # float64
+    model.params["h.1.mlp.c_fc.weight"] = np.ascontiguousarray(model.params["h.1.mlp.c_fc.weight"])
+    assert fast.decode_step(model.params, cfg, np.array([[41]]), model.new_cache(1)) is None  # V = 41
+    assert fast.decode_step(model.params, cfg, np.array([[40]]), model.new_cache(1)) is not None
 
 
 def test_a_thread_stopped_by_an_exception_releases_the_others(monkeypatch):

@@ -33,10 +33,10 @@ Time to first token: a 1024-token prompt (the full context), prefill and the fir
 npgpt vs transformers' generate(max_new_tokens=1).
 
 --step-profile N (NumPy): N greedy decode steps timed one by one after the same prompt,
-each split into its blocks where the kernels run them in one compiled call (`decode_blocks`),
-its products (the kernels' linear_forward: the LM head then, else all 49 for GPT-2 124M,
-timed one by one) and the rest (attention, LayerNorm, GELU, bias adds, the KV cache,
-Python; only the embedding, the last LayerNorm and Python with the compiled step): medians.
+each split into the one call of the compiled step where the kernels have it (`decode_step`:
+every weight read in it), else its products (the kernels' linear_forward, all 49 for GPT-2
+124M, timed one by one), and the rest (op by op: attention, LayerNorm, GELU, bias adds, the
+KV cache, Python; with the compiled step: Python and the argmax): medians.
 """
 
 from __future__ import annotations
@@ -77,13 +77,13 @@ def per_run(rates: list[float], ceilings: list[float]) -> dict:
 
 
 def step_profile(model: GPT, prompt: np.ndarray, steps: int) -> dict:
-    """Medians over `steps` greedy decode steps after `prompt` (NumPy): a step; its blocks
-    where the kernels run them in one call (`decode_blocks`, the compiled step: products,
-    attention, LayerNorm, GELU and the adds); its products the kernels' linear_forward
-    runs (then the LM head only, else every product), each timed; the rest; in ms, and the
-    GB/s of the blocks' and the products' weights. The timed kernel set runs on a second
-    backend that shares the model's weights."""
-    kernels, times = model.backend.kernels, {"products": [0.0], "blocks": [0.0]}  # one sum per step (the prompt's first)
+    """Medians over `steps` greedy decode steps after `prompt` (NumPy): a step; the part
+    the kernels run in one call where they can (`decode_step`, the compiled step: the
+    embedding, every block, the final LayerNorm and the LM head); else its products (the
+    kernels' linear_forward, each timed); the rest; in ms, with the GB/s of the weights
+    read in the one call or by the products. The timed kernel set runs on a second backend
+    that shares the model's weights."""
+    kernels, times = model.backend.kernels, {"products": [0.0], "compiled": [0.0]}  # one sum per step (the prompt's first)
     fused = [False]
 
     def timed(name, kernel):
@@ -91,7 +91,7 @@ def step_profile(model: GPT, prompt: np.ndarray, steps: int) -> dict:
             start = time.perf_counter()
             result = kernel(*args)
             times[name][-1] += time.perf_counter() - start
-            if name == "blocks" and result is not None:
+            if name == "compiled" and result is not None:
                 fused[0] = True
             return result
 
@@ -99,7 +99,7 @@ def step_profile(model: GPT, prompt: np.ndarray, steps: int) -> dict:
 
     timed_model = GPT(model.config, model.params, NumpyBackend(kernels.replace(
         "timed", linear_forward=timed("products", kernels.linear_forward), linear_backward=kernels.linear_backward,
-        decode_blocks=timed("blocks", kernels.decode_blocks))))  # fmt: skip
+        decode_step=timed("compiled", kernels.decode_step))))  # fmt: skip
     cache, seconds = timed_model.new_cache(1), []
     token = int(np.argmax(last_logits(timed_model, prompt.tolist(), cache)))
     fused[0] = False
@@ -111,14 +111,12 @@ def step_profile(model: GPT, prompt: np.ndarray, steps: int) -> dict:
         start = time.perf_counter()
         token = int(np.argmax(last_logits(timed_model, [token], cache)))
         seconds.append(time.perf_counter() - start)
-    product, blocks = float(np.median(times["products"])), float(np.median(times["blocks"]))
-    block_bytes = sum(v.nbytes for k, v in model.params.items() if k.startswith("h.") and v.ndim == 2)
-    product_bytes = model.params["wte.weight"].nbytes + (0 if fused[0] else block_bytes)
-    report = {"steps": steps, "step_ms": 1e3 * float(np.median(seconds)), "compiled_blocks": fused[0],
-              "products_ms": 1e3 * product, "products_gb_s": product_bytes / product / 1e9}  # fmt: skip
-    if fused[0]:
-        report |= {"blocks_ms": 1e3 * blocks, "blocks_gb_s": block_bytes / blocks / 1e9}
-    rest = np.subtract(seconds, np.add(times["products"], times["blocks"]))
+    weight_bytes = sum(v.nbytes for k, v in model.params.items() if v.ndim == 2 and k != "wpe.weight")
+    report = {"steps": steps, "step_ms": 1e3 * float(np.median(seconds)), "compiled_step": fused[0]}
+    part = "compiled" if fused[0] else "products"
+    spent = float(np.median(times[part]))
+    report |= {f"{part}_ms": 1e3 * spent, f"{part}_gb_s": weight_bytes / spent / 1e9}
+    rest = np.subtract(seconds, np.add(times["products"], times["compiled"]))
     return report | {"rest_ms": 1e3 * float(np.median(rest))}
 
 
@@ -222,11 +220,9 @@ def main(argv=None):
             if args.step_profile:
                 log(f"generate threads={n_threads}: {args.step_profile} decode steps one by one ...")
                 row["decode_step_profile"] = profile = step_profile(model, prompt, args.step_profile)
-                line += f"; a step {profile['step_ms']:.2f} ms: "
-                if profile["compiled_blocks"]:
-                    line += f"the blocks in one call {profile['blocks_ms']:.2f} ms ({profile['blocks_gb_s']:.1f} GB/s), "
-                line += (f"products {profile['products_ms']:.2f} ms ({profile['products_gb_s']:.1f} GB/s), "
-                         f"the rest {profile['rest_ms']:.2f} ms")  # fmt: skip
+                part = "compiled" if profile["compiled_step"] else "products"
+                line += (f"; a step {profile['step_ms']:.2f} ms: {'the compiled call' if profile['compiled_step'] else 'products'} "
+                         f"{profile[part + '_ms']:.2f} ms ({profile[part + '_gb_s']:.1f} GB/s), the rest {profile['rest_ms']:.2f} ms")  # fmt: skip
             if args.recompute_repeats:
                 log(f"generate threads={n_threads}: recompute x{args.recompute_repeats} ...")
                 seconds = interleaved({"recompute": npgpt_generate(model, prompt, args.new_tokens, use_cache=False)},

@@ -47,11 +47,12 @@ the three schedules (reference: `whole_batch` and `each_parameter` here), not pa
 
 one optional fused step (reference: `no_fused_step`, which always returns None):
 
-    decode_blocks(params, config, x (1, C), cache) -> x after every block (1, C), or None
-        (one cached position, B = T = 1, through all n_layer blocks in one call, its keys
-        and values written into the cache at cache.length (which the model then moves
-        on); None where the set has no such step for these inputs: the model then runs
-        the blocks one by one, as it always does for the reference)
+    decode_step(params, config, ids (1, 1), cache) -> logits (1, V), or None
+        (one cached position, B = T = 1, from the token through the embedding, every
+        block, the final LayerNorm and the LM head in one call, its keys and values
+        written into the cache at cache.length (which the model then moves on); None where
+        the set has no such step for these inputs: the model then runs the step op by op,
+        as it always does for the reference)
 
 and the optimizer's two (reference: `npgpt.optim`), which are not pairs:
 
@@ -72,7 +73,7 @@ from npgpt import layers, optim
 
 OPS = ("linear", "layer_norm", "gelu", "dropout", "attention", "embedding", "cross_entropy", "lm_head_loss")
 SCHEDULE = ("over_batch", "over_train_batch", "over_parameters")
-FUSED = ("decode_blocks",)
+FUSED = ("decode_step",)
 OPTIMIZER = ("adamw_update", "sum_of_squares")
 NAMES = tuple(f"{op}_{way}" for op in OPS for way in ("forward", "backward")) + SCHEDULE + FUSED + OPTIMIZER
 ENV = "NPGPT_KERNELS"
@@ -102,7 +103,7 @@ class Kernels:
     over_batch: Callable
     over_train_batch: Callable
     over_parameters: Callable
-    decode_blocks: Callable
+    decode_step: Callable
     adamw_update: Callable
     sum_of_squares: Callable
 
@@ -128,13 +129,13 @@ def each_parameter(fn, sizes) -> list:
     return [fn(i) for i in range(len(sizes))]
 
 
-def no_fused_step(params, config, x, cache) -> None:
-    """None: the reference has no fused decode step (the model runs its blocks one by one)."""
+def no_fused_step(params, config, ids, cache) -> None:
+    """None: the reference has no fused decode step (the model runs it op by op)."""
     return None
 
 
 REFERENCE = Kernels("reference", over_batch=whole_batch, over_train_batch=whole_batch, over_parameters=each_parameter,
-                    decode_blocks=no_fused_step,
+                    decode_step=no_fused_step,
                     **{name: getattr(optim if name in OPTIMIZER else layers, name) for name in NAMES if name not in SCHEDULE + FUSED})  # fmt: skip
 
 

@@ -1,10 +1,11 @@
-"""One cached decoding step through every block of GPT-2, compiled whole (`npgpt[numba]`).
+"""One cached decoding step of GPT-2, from the token to its logits, compiled whole (`npgpt[numba]`).
 
 A decode step reads each weight once for one token, so its time is memory bandwidth plus,
 op by op, ~50 small calls a step (LayerNorm, GELU, attention over the cache, bias and
 residual adds, the model's Python), each starting cache-cold after a product has streamed
 megabytes: ~3 ms of a 2-thread GPT-2 124M step of ~20 ms (session 10's profile). Here the
-threads run all the blocks in one call and meet at spin barriers instead:
+threads run the whole step (the embedding, every block, the final LayerNorm and the LM
+head) in one call and meet at spin barriers instead:
 - a product y = x @ W + b splits W's rows among the threads, each streaming a contiguous
   range: with W held (Cin, Cout), each thread sums its rows' share into its own partial
   (then each adds up its range of outputs); held transposed (Cout, Cin) (the column-major
@@ -21,8 +22,8 @@ Every formula is the reference's (`npgpt.layers`), in float32, to round-off
 The threads wait for each other by spinning on counters (one per thread, each on its own
 cache lines), yielding the core after a while; a thread that waits through GIVE_UP_YIELDS
 yields gives up and the others with it, as they do when the calling thread sets the mark
-(`give_up`) because it will not come: the step then reports failure and the model runs its
-blocks one by one instead (the cache's rows at this position are rewritten there).
+(`give_up`) because it will not come: the step then reports failure and the model runs it
+op by op instead (the cache's rows at this position are rewritten there).
 """
 
 from __future__ import annotations
@@ -260,23 +261,29 @@ def add(x, y):
 
 
 @numba.njit(**REDUCING)
-def blocks(tid, nt, flags, x, pos, eps, ln_1w, ln_1b, attn_w, attn_b, proj_w, proj_b, ln_2w, ln_2b, fc_w, fc_b,
-           out_w, out_b, transposed, keys, values, own, shared, partial, scores):  # fmt: skip
-    """Thread tid's part of every block for one position `pos`: x (1, C) in, the last
-    block's output left in own[0, 0] (each thread's own[tid, 0] holds the same).
+def step(tid, nt, flags, token, pos, eps, wte, wte_transposed, wpe, ln_1w, ln_1b, attn_w, attn_b, proj_w, proj_b, ln_2w,
+         ln_2b, fc_w, fc_b, out_w, out_b, transposed, ln_fw, ln_fb, no_bias, keys, values, logits, own, shared, partial,
+         scores):  # fmt: skip
+    """Thread tid's part of one decoding step: token id `token` at position `pos` through
+    the embedding, every block, the final LayerNorm and the tied LM head into logits (V,).
 
-    Per block i: ln_1w[i] ... out_b[i] are its parameters (tuples over the blocks), the
-    four weights held as in `product` (transposed[j] for c_attn, attn.c_proj, mlp.c_fc,
-    mlp.c_proj); keys, values (L, 1, NH, n_ctx, hs) the cache. own (nt, 2, C): each
-    thread's residual stream and LayerNorm output; shared (9C,): qkv (3C), the attention's
-    output (C), a product's output (C), the MLP's hidden (4C) after one another.
+    wte is the LM head's weight as `product` holds it: wte^T (C, V), or wte (V, C) itself
+    when `wte_transposed` (so the token's embedding is a column of the one or a row of the
+    other); no_bias (V,) zeros. Per block i: ln_1w[i] ... out_b[i] are its parameters
+    (tuples over the blocks), the four weights held as in `product` (transposed[j] for
+    c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj); keys, values (L, 1, NH, n_ctx, hs) the
+    cache. own (nt, 2, C): each thread's residual stream and LayerNorm output (the same
+    numbers on every thread); shared (9C,): qkv (3C), the attention's output (C), a
+    product's output (C), the MLP's hidden (4C) after one another; partial (nt, >= 4C and
+    >= V where wte^T is held) and scores (>= pos + 1,) scratch.
     Returns 0, or -1 if a thread gave up waiting."""
-    C = x.shape[1]
+    C = wpe.shape[1]
     NH = keys.shape[2]
     h0, h1 = share(NH, tid, nt, 1)
     stream, normed = own[tid, 0], own[tid, 1]
     qkv, att, proj, hidden = shared[: 3 * C], shared[3 * C : 4 * C], shared[4 * C : 5 * C], shared[5 * C : 9 * C]
-    stream[:] = x[0]
+    for c in range(C):
+        stream[c] = (wte[token, c] if wte_transposed else wte[c, token]) + wpe[pos, c]
     k = 0
     for i in range(len(attn_w)):
         layer_norm_(stream.reshape(1, C), ln_1w[i], ln_1b[i], eps, normed.reshape(1, C))
@@ -299,4 +306,6 @@ def blocks(tid, nt, flags, x, pos, eps, ln_1w, ln_1b, attn_w, attn_b, proj_w, pr
         if k < 0:
             return -1
         add(stream, proj)
-    return 0
+    layer_norm_(stream.reshape(1, C), ln_fw, ln_fb, eps, normed.reshape(1, C))
+    k = product(normed, wte, wte_transposed, no_bias, logits, False, partial, tid, nt, flags, k)
+    return 0 if k >= 0 else -1

@@ -58,11 +58,11 @@ proves it, forward and backward, in float64); what changes is only how the work 
   row maxima, exps and sums of cross-entropy and of the LM head's tiles run instead as the
   compiled loops of `npgpt.kernels.compiled` (`loops`): one pass per row each, a vectorised
   exp, over the same thread ranges (tests/test_compiled.py proves them in float32);
-- there too, a float32 decode step (one position, one sequence) runs every block in one
-  call of `npgpt.kernels.compiled_step` on the threads (`decode_blocks`), and decoding's
-  one-row products (the LM head) on its product (`one_row_product`): no Python, no
-  cache-cold small calls and no hand-over between the ~50 ops of a step
-  (tests/test_compiled_step.py proves them against the reference model).
+- there too, a float32 decode step (one position, one sequence) runs whole, from the token
+  to its logits, in one call of `npgpt.kernels.compiled_step` on the threads
+  (`decode_step`), and other one-row products (a prompt's last block) on its product
+  (`one_row_product`): no Python, no cache-cold small calls and no hand-over between the
+  ~50 ops of a step (tests/test_compiled_step.py proves them against the reference model).
 """
 
 from __future__ import annotations
@@ -1100,58 +1100,73 @@ def target_cells(targets, width: int, n_blocks: int) -> list:
     return [(order[a:b], targets[order[a:b]] - i * width) for i, (a, b) in enumerate(zip(edges[:-1], edges[1:]))]
 
 
-# -- decoding: every block of one cached position in one compiled call ---------------------------
+# -- decoding: one cached position in one compiled call -----------------------------------------
 STEP_WEIGHTS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the four products of a block, in order
 STEP_VECTORS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.bias", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
                 "mlp.c_fc.bias", "mlp.c_proj.bias")  # fmt: skip
 
 
-def decode_blocks(params, config, x, cache):
-    """x (1, C) of one new position through every block in one call of
-    `npgpt.kernels.compiled_step` on the threads (keys and values written into the cache at
-    cache.length), or None (the model then runs the blocks one by one): without numba,
-    for batches or several positions, for other dtypes or layouts than float32 parameters
-    whose weights of each kind are all row-major or all column-major, and if the threads
-    gave up waiting for each other (a warning says so)."""
-    step = compiled_step() if x.shape[0] == 1 and x.dtype == np.float32 and cache.batch_size == 1 else None
-    parameters = step_parameters(params, config.n_layer) if step is not None else None
-    if parameters is None or not (cache.keys.dtype == np.float32 and cache.keys.flags.c_contiguous):
+def decode_step(params, config, ids, cache):
+    """The logits (1, V) of token ids (1, 1) at position cache.length, in one call of
+    `npgpt.kernels.compiled_step` on the threads (its keys and values written into the
+    cache), or None (the model then runs the step op by op): without numba, for batches or
+    several positions, for other dtypes or layouts than float32 parameters whose weights of
+    each kind are all row-major or all column-major, and if the threads gave up waiting for
+    each other (a warning says so)."""
+    step = compiled_step() if ids.shape == (1, 1) and cache.batch_size == 1 else None
+    if step is None or not (cache.keys.dtype == np.float32 and cache.keys.flags.c_contiguous):
         return None
-    v, held, transposed = parameters
-    C, nt = config.n_embd, free_threads()
-    x, flags = np.ascontiguousarray(x), step.new_flags(nt)
+    arrays, kept = tuple(params.values()), cache.kernel_state  # a step's lookups and checks took ~0.1 ms: once a sequence
+    if kept is None or len(kept[0]) != len(arrays) or not all(a is b for a, b in zip(arrays, kept[0])):
+        kept = cache.kernel_state = (arrays, step_parameters(params, config.n_layer))
+    parameters = kept[1]
+    if parameters is None:
+        return None
+    v, held, transposed, (wte, wte_transposed) = parameters
+    C, V, nt = config.n_embd, config.vocab_size, free_threads()
+    flags, logits = step.new_flags(nt), np.empty((1, V), dtype=np.float32)
     own, shared = np.empty((nt, 2, C), dtype=np.float32), np.empty(9 * C, dtype=np.float32)
-    partial, scores = np.empty((nt, 4 * C), dtype=np.float32), np.empty((nt, config.n_ctx), dtype=np.float32)
+    partial = np.empty((nt, max(4 * C, 0 if wte_transposed else V)), dtype=np.float32)
+    scores = np.empty((nt, config.n_ctx), dtype=np.float32)
+    token = int(ids[0, 0])
+    if not 0 <= token < V:  # (the model checks host ids; the step reads wte's row unchecked)
+        return None
 
     def thread(tid):
-        return step.blocks(tid, nt, flags, x, cache.length, np.float32(config.layer_norm_epsilon),
-                           v["ln_1.weight"], v["ln_1.bias"], held[0], v["attn.c_attn.bias"], held[1], v["attn.c_proj.bias"],
-                           v["ln_2.weight"], v["ln_2.bias"], held[2], v["mlp.c_fc.bias"], held[3], v["mlp.c_proj.bias"],
-                           transposed, cache.keys, cache.values, own, shared, partial, scores[tid])  # fmt: skip
+        return step.step(tid, nt, flags, token, cache.length, np.float32(config.layer_norm_epsilon), wte, wte_transposed,
+                         params["wpe.weight"], v["ln_1.weight"], v["ln_1.bias"], held[0], v["attn.c_attn.bias"], held[1],
+                         v["attn.c_proj.bias"], v["ln_2.weight"], v["ln_2.bias"], held[2], v["mlp.c_fc.bias"], held[3],
+                         v["mlp.c_proj.bias"], transposed, params["ln_f.weight"], params["ln_f.bias"],
+                         filled(V, 0, np.float32), cache.keys, cache.values, logits[0], own, shared, partial, scores[tid])  # fmt: skip
 
-    return own[0, 0][None, :] if together(step, thread, nt, flags, "the blocks run one by one") else None  # (1, C)
+    return logits if together(step, thread, nt, flags, "the step runs op by op") else None
 
 
 def step_parameters(params, L: int):
-    """(vectors, held, transposed) for `compiled_step.blocks`: vectors[name] the tuple of
-    the L blocks' STEP_VECTORS `name`; per kind of STEP_WEIGHTS, the tuple of its L weights
-    as C-contiguous arrays, w (Cin, Cout) where row-major or w.T where column-major
-    (transposed True). None where any is not float32 or a kind mixes layouts."""
+    """(vectors, held, transposed, (wte, wte_transposed)) for `compiled_step.step`, or None
+    where a parameter is not float32 or a kind of weight mixes layouts: vectors[name] the
+    tuple of the L blocks' STEP_VECTORS `name`; per kind of STEP_WEIGHTS the tuple of its L
+    weights as C-contiguous arrays, w (Cin, Cout) where row-major or w.T where column-major
+    (transposed True); the LM head's weight wte^T likewise."""
+    if any(value.dtype != np.float32 for value in params.values()):
+        return None
     vectors = {name: tuple(params[f"h.{i}.{name}"] for i in range(L)) for name in STEP_VECTORS}
-    if not all(v.dtype == np.float32 and v.flags.c_contiguous for vs in vectors.values() for v in vs):
+    if not all(v.flags.c_contiguous for vs in vectors.values() for v in vs):
+        return None
+    if not all(params[name].flags.c_contiguous for name in ("wpe.weight", "ln_f.weight", "ln_f.bias")):
         return None
     held, transposed = [], []
-    for kind in STEP_WEIGHTS:
-        ws = [params[f"h.{i}.{kind}.weight"] for i in range(L)]
-        if all(w.dtype == np.float32 and w.flags.c_contiguous for w in ws):
+    for kind in STEP_WEIGHTS + ("wte",):
+        ws = [params[f"h.{i}.{kind}.weight"] for i in range(L)] if kind != "wte" else [params["wte.weight"].T]  # (Cin, Cout)
+        if all(w.flags.c_contiguous for w in ws):
             column_major = False
-        elif all(w.dtype == np.float32 and w.flags.f_contiguous for w in ws):
+        elif all(w.flags.f_contiguous for w in ws):
             column_major = True
         else:
             return None
         held.append(tuple(w.T if column_major else w for w in ws))
         transposed.append(column_major)
-    return vectors, tuple(held), tuple(transposed)
+    return vectors, tuple(held[:4]), tuple(transposed[:4]), (held[4][0], transposed[4])
 
 
 # -- inference: a batch in pieces, one per thread at a time -------------------------------------
@@ -1285,7 +1300,7 @@ KERNELS = REFERENCE.replace(
     over_batch=over_batch,
     over_train_batch=over_train_batch,
     over_parameters=over_parameters,
-    decode_blocks=decode_blocks,
+    decode_step=decode_step,
     adamw_update=adamw_update,
     sum_of_squares=sum_of_squares,
 )
