@@ -35,7 +35,7 @@ import numpy as np
 
 from npgpt.backend import array_namespace, get_backend
 from npgpt.errors import UserError, add_debug_flag, run_cli
-from npgpt.kernels.numpy_fast import compiled_step
+from npgpt.kernels.numpy_fast import announce_compiling, compiled_step
 from npgpt.kernels.threads import add_threads_option, configure as configure_threads, num_threads
 from npgpt.model import FLOAT_DTYPES, GPT
 from npgpt.sampling import SamplingConfig, sample
@@ -350,6 +350,8 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.error(f"invalid sampling values: {e}")
     configure_threads(args.threads)
     model, tokenizer = load_model(args.weights, get_backend(args.backend), args.dtype, say=_notice)
+    if model.backend.name == "numpy":
+        announce_compiling(_notice)
     decoding_layout(model)
     prompt = args.prompt if args.prompt is not None else _stdin_prompt()
     ids, cropped = encode_prompt(tokenizer, prompt, model.config.n_ctx, crop=not args.no_crop)

@@ -188,3 +188,18 @@ def test_a_thread_stopped_by_an_exception_releases_the_others(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fast.together(step, work, 2, flags, "nothing")
     assert marks == [2] and waited == [False]
+
+
+def test_a_first_compile_is_announced_once():
+    """The generate CLI's notice: said once, when numba compiles (a cold cache), not per function."""
+    from numba.core import event
+
+    said = []
+    listener = fast.announce_compiling(said.append)
+    try:
+        assert said == []  # nothing compiled yet
+        for n in (1, 2):
+            numba.njit(cache=False)(lambda x, n=n: x + n)(1)  # two fresh compiles
+    finally:
+        event.unregister("numba:compile", listener)
+    assert len(said) == 1 and said[0].startswith("notice: numba is compiling")

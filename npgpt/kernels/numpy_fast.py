@@ -152,6 +152,30 @@ def compiled_module(name: str):
         return None
 
 
+def announce_compiling(say):
+    """Have say(text) called once, when numba first compiles one of npgpt's kernels in this
+    process (its cache is cold: a first run takes ~15-20 s longer), where numba is in use.
+    Returns the numba event listener (None without numba)."""
+    if compiled_loops() is None:
+        return None
+    from numba.core import event
+
+    class Once(event.Listener):
+        said = False
+
+        def on_start(self, ev):
+            if not self.said:
+                self.said = True
+                say("notice: numba is compiling npgpt's CPU kernels (on a first run only, ~15-20 s; cached for later runs)")
+
+        def on_end(self, ev):
+            pass
+
+    listener = Once()
+    event.register("numba:compile", listener)
+    return listener
+
+
 def loops(*arrays):
     """`compiled_loops()` when every array is C-contiguous float32 (the loops' one
     layout), else None: the NumPy passes run."""
