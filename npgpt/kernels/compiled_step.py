@@ -236,13 +236,13 @@ def attend(qkv, keys, values, y, scores, pos, h0, h1):
         for d in range(hs):
             k[pos, d] = qkv[C + h * hs + d]
             v[pos, d] = qkv[2 * C + h * hs + d]
-        q = qkv[h * hs : (h + 1) * hs] * scale
+        q = qkv[h * hs : (h + 1) * hs]
         for s in range(pos + 1):
             row = k[s]
             total = F32(0.0)
             for d in range(hs):
                 total += q[d] * row[d]
-            scores[s] = total
+            scores[s] = total * scale  # q k / sqrt(hs), scaled once per key (no scaled copy of q per head)
         norm = F32(1.0) / shifted_exps_(scores, pos + 1)[1]
         out = y[h * hs : (h + 1) * hs]
         out[:] = F32(0.0)

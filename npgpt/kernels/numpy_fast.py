@@ -133,7 +133,7 @@ def compiled_loops():
 
 
 def compiled_step():
-    """`npgpt.kernels.compiled_step` (a decode step's blocks in one call), or None, as
+    """`npgpt.kernels.compiled_step` (a whole decode step in one call), or None, as
     `compiled_loops`."""
     return compiled_module("compiled_step")
 
@@ -1140,21 +1140,22 @@ def decode_step(params, config, ids, cache):
     step = compiled_step() if ids.shape == (1, 1) and cache.batch_size == 1 else None
     if step is None or not (cache.keys.dtype == np.float32 and cache.keys.flags.c_contiguous):
         return None
+    C, V, nt, token = config.n_embd, config.vocab_size, free_threads(), int(ids[0, 0])
+    if not 0 <= token < V:  # (the model checks host ids; the step reads wte's row unchecked)
+        return None
     arrays, kept = tuple(params.values()), cache.kernel_state  # a step's lookups and checks took ~0.1 ms: once a sequence
     if kept is None or len(kept[0]) != len(arrays) or not all(a is b for a, b in zip(arrays, kept[0])):
-        kept = cache.kernel_state = (arrays, step_parameters(params, config.n_layer))
-    parameters = kept[1]
+        kept = cache.kernel_state = (arrays, step_parameters(params, config.n_layer), {})
+    parameters, scratch = kept[1:]
     if parameters is None:
         return None
     v, held, transposed, (wte, wte_transposed) = parameters
-    C, V, nt = config.n_embd, config.vocab_size, free_threads()
-    flags, logits = step.new_flags(nt), np.empty((1, V), dtype=np.float32)
-    own, shared = np.empty((nt, 2, C), dtype=np.float32), np.empty(9 * C, dtype=np.float32)
-    partial = np.empty((nt, max(4 * C, 0 if wte_transposed else V)), dtype=np.float32)
-    scores = np.empty((nt, config.n_ctx), dtype=np.float32)
-    token = int(ids[0, 0])
-    if not 0 <= token < V:  # (the model checks host ids; the step reads wte's row unchecked)
-        return None
+    if nt not in scratch:  # the threads' working arrays, kept for the sequence: own, shared, partial, scores
+        scratch[nt] = (np.empty((nt, 2, C), dtype=np.float32), np.empty(9 * C, dtype=np.float32),
+                       np.empty((nt, max(4 * C, 0 if wte_transposed else V)), dtype=np.float32),
+                       np.empty((nt, config.n_ctx), dtype=np.float32))  # fmt: skip
+    own, shared, partial, scores = scratch[nt]
+    flags, logits = step.new_flags(nt), np.empty((1, V), dtype=np.float32)  # (the caller keeps the logits)
 
     def thread(tid):
         return step.step(tid, nt, flags, token, cache.length, np.float32(config.layer_norm_epsilon), wte, wte_transposed,
