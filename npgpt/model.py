@@ -439,6 +439,7 @@ class GPT:
         grad_ready(["ln_f.weight", "ln_f.bias"], grads)
         for i in reversed(range(cfg.n_layer)):
             dx = self._block_backward(i, dx, acts.B, acts.blocks[i], grads)
+            acts.blocks[i] = None  # read: freed here, not at the step's end (saves a set of gradients' worth at the peak)
             grad_ready(list(block_param_shapes(i, cfg.n_embd)), grads)
         return kernels.dropout_backward(xp.reshape(dx, (acts.B, acts.T, cfg.n_embd)), acts.embedding_drop)
 
@@ -455,12 +456,15 @@ class GPT:
         dm, grads[h + "mlp.c_fc.weight"], grads[h + "mlp.c_fc.bias"] = kernels.linear_backward(dm, act.c_fc)
         dm, grads[h + "ln_2.weight"], grads[h + "ln_2.bias"] = kernels.layer_norm_backward(dm, act.ln_2)
         dx = dx + dm
+        act.mlp_drop = act.mlp_c_proj = act.gelu = act.c_fc = act.ln_2 = dm = None  # read: freed before the next branch
         # attention branch: x_mid = x_in + attn(ln_1(x_in))
         dy = kernels.dropout_backward(dx, act.attn_drop)
         dy, grads[h + "attn.c_proj.weight"], grads[h + "attn.c_proj.bias"] = kernels.linear_backward(dy, act.attn_c_proj)
         dy = xp.permute_dims(xp.reshape(dy, (B, T, NH, hs)), (0, 2, 1, 3))  # (B, NH, T, hs)
         dq, dk, dv = kernels.attention_backward(dy, act.attn)
+        act.attn = act.attn_c_proj = dy = None  # read: freed before the product's gradients are made
         dqkv = xp.reshape(xp.stack([xp.permute_dims(d, (0, 2, 1, 3)) for d in (dq, dk, dv)], axis=2), (N, 3 * C))  # (B, T, 3, NH, hs) -> (N, 3C)
+        dq = dk = dv = None
         da, grads[h + "attn.c_attn.weight"], grads[h + "attn.c_attn.bias"] = kernels.linear_backward(dqkv, act.c_attn)
         da, grads[h + "ln_1.weight"], grads[h + "ln_1.bias"] = kernels.layer_norm_backward(da, act.ln_1)
         return dx + da

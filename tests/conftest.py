@@ -28,6 +28,7 @@ from hypothesis import settings
 
 import fake_cupy
 from npgpt.backend import BUILTIN, get_backend
+from npgpt.kernels import threads
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("NPGPT_DATA", ROOT.parent / "shared" / "data"))
@@ -90,3 +91,14 @@ def pytest_runtest_makereport(item, call):
     if REQUIRE_DATA and report.skipped and not hasattr(report, "wasxfail") and not exempt:
         report.outcome = "failed"
         report.longrepr = f"skipped, but NPGPT_REQUIRE_DATA=1 forbids skips: {report.longrepr}"
+
+
+@pytest.fixture
+def restore_threads():
+    """Put the pool's and the BLAS library's thread counts back after the test."""
+    saved = threads._chosen, threads.MIN_ELEMENTS, threads._env_seen, threads._env_threads
+    blas = threads.blas_threads()
+    yield
+    threads._chosen, threads.MIN_ELEMENTS, threads._env_seen, threads._env_threads = saved
+    if blas is not None:
+        threads._blas_functions()[1](blas)

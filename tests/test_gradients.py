@@ -14,6 +14,10 @@ instead of adding (`dW[ids] += dY` in NumPy keeps one of the repeated ids) must 
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+import weakref
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -21,7 +25,7 @@ from hypothesis import strategies as st
 
 from npgpt.backend import NumpyBackend
 from npgpt.config import GPTConfig
-from npgpt.kernels import REFERENCE, numpy_fast
+from npgpt.kernels import REFERENCE, numpy_fast, threads
 from npgpt.layers import IGNORE_INDEX
 from npgpt.model import GPT, param_shapes
 
@@ -206,3 +210,57 @@ def test_grad_ready_reports_each_parameter_once_in_order_with_its_final_value():
     for call in calls:
         for name, value in call.items():
             np.testing.assert_array_equal(value, grads[name], err_msg=name)
+
+
+def arrays_in(cache) -> list[np.ndarray]:
+    """The arrays an activation cache holds, in its tuples, lists and dataclasses."""
+    if isinstance(cache, np.ndarray):
+        return [cache]
+    if isinstance(cache, (tuple, list)):
+        return [a for part in cache for a in arrays_in(part)]
+    if dataclasses.is_dataclass(cache):
+        return [a for f in dataclasses.fields(cache) for a in arrays_in(getattr(cache, f.name))]
+    return []
+
+
+@pytest.mark.parametrize("kernels, n_threads", [("reference", 1), ("fast", 1), ("fast", 2)])
+def test_the_backward_frees_each_blocks_activations_once_read(monkeypatch, restore_threads, kernels, n_threads):
+    """The backward lets go of what it has read: when a block's attention backward starts,
+    no array of its MLP branch's caches is left anywhere, and when block i-1's backward
+    starts, none of block i's (parameters aside). So a step's peak holds the activations
+    and one block's gradients, not the activations and every gradient. At 2 threads the
+    batch runs as two pieces, each on its own thread."""
+    cfg = GPTConfig(vocab_size=11, n_ctx=128, n_embd=16, n_head=2, n_layer=3)
+    params = {k: v.astype(np.float32) for k, v in random_model(cfg, 5).to_numpy().items()}
+    chosen = REFERENCE if kernels == "reference" else numpy_fast.KERNELS
+    watched, leaks, calls = {}, [], []  # watched: (a piece's thread, "block"|"mlp") -> weak references
+
+    def watch(what, caches):
+        watched[threading.get_ident(), what] = [weakref.ref(a) for c in caches for a in arrays_in(c) if id(a) not in parameters]
+        return len(watched[threading.get_ident(), what])
+
+    def check(what, where):
+        leaks.extend(f"{where}: {r().shape}" for r in watched.get((threading.get_ident(), what), []) if r() is not None)
+
+    def attention_backward(dy, cache):
+        check("mlp", "the MLP branch's caches at the attention backward")
+        return chosen.attention_backward(dy, cache)
+
+    spied = chosen.replace("spied", attention_forward=chosen.attention_forward, attention_backward=attention_backward)
+    model = GPT.from_numpy(cfg, params, NumpyBackend(spied))
+    parameters = {id(p) for p in model.params.values()}
+    block_backward = GPT._block_backward
+
+    def spy(self, i, dx, B, act, grads):
+        check("block", f"block {i + 1} at block {i}'s backward")
+        calls.append((threading.get_ident(), watch("block", [act]), watch("mlp", [act.ln_2, act.c_fc, act.gelu, act.mlp_c_proj])))
+        return block_backward(self, i, dx, B, act, grads)
+
+    monkeypatch.setattr(GPT, "_block_backward", spy)
+    threads.set_num_threads(n_threads)
+    rng = np.random.default_rng(0)
+    ids, targets = rng.integers(0, 11, (2, 128)), rng.integers(0, 11, (2, 128))
+    model.loss_and_grads(ids, targets)
+    assert len({me for me, _, _ in calls}) == n_threads  # one piece per thread
+    assert len(calls) == cfg.n_layer * n_threads and all(b >= 5 and m >= 3 for _, b, m in calls)  # arrays watched
+    assert leaks == []

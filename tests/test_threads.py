@@ -20,17 +20,6 @@ from npgpt.kernels import threads
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def restore_threads():
-    """Put the pool's and the BLAS library's thread counts back after the test."""
-    saved = threads._chosen, threads.MIN_ELEMENTS, threads._env_seen, threads._env_threads
-    blas = threads.blas_threads()
-    yield
-    threads._chosen, threads.MIN_ELEMENTS, threads._env_seen, threads._env_threads = saved
-    if blas is not None:
-        threads._blas_functions()[1](blas)
-
-
 @given(N=st.integers(0, 200), parts=st.integers(1, 9), align=st.integers(1, 16))
 def test_row_ranges_cover_every_row_once(N, parts, align):
     ranges = threads.row_ranges(N, parts, align)

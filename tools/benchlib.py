@@ -134,14 +134,15 @@ def compiled_loops() -> str | None:
 # -- threads and timing ----------------------------------------------------------------------
 @contextmanager
 def threads(n: int | None):
-    """Run the block with n threads: NumPy's BLAS (threadpoolctl), PyTorch (if installed)
-    and npgpt's own pool (NPGPT_NUM_THREADS). None: leave every setting as it is."""
+    """Run the block with n threads: NumPy's BLAS (threadpoolctl), PyTorch (if imported:
+    a process measuring npgpt alone must not load it, ~190 MB of RSS) and npgpt's own pool
+    (NPGPT_NUM_THREADS). None: leave every setting as it is."""
     if n is None:
         yield
         return
     from threadpoolctl import threadpool_limits
 
-    torch = optional_torch()
+    torch = sys.modules.get("torch")
     torch_before = torch.get_num_threads() if torch else None
     env_before = os.environ.get("NPGPT_NUM_THREADS")
     os.environ["NPGPT_NUM_THREADS"] = str(n)

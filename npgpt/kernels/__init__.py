@@ -8,7 +8,9 @@ is NumPy's. A set is built from the reference by replacing whole operations:
 
 Each operation is a forward/backward pair sharing a private `cache` format, so a forward
 and its backward are replaced together (or an op's reference backward is named
-explicitly, when the replacement keeps the reference's cache). Signatures, as in
+explicitly, when the replacement keeps the reference's cache). A backward reads its cache
+once (the model frees it after): a set's backward may write its result over the cache's
+arrays, as numpy_fast's GELU does. Signatures, as in
 `npgpt.layers` (N rows, C channels, B batch, NH heads, T queries, S keys, V vocab):
 
     linear_forward(x (N, Cin), w (Cin, Cout), b (Cout,) or None) -> out (N, Cout), cache

@@ -596,16 +596,18 @@ def gelu_slope_block(x, out, slope):
 
 
 def gelu_backward(dout, cache):
-    """dout (N, 4C) -> dx (N, 4C): dout times the forward's slope, or from the input
-    (recomputing the tanh) when the forward kept that."""
-    dx = np.empty_like(dout)
+    """dout (N, 4C) -> dx (N, 4C): dout times the forward's slope, written over the slope
+    (the cache is read once: no second (N, 4C) array at the backward's peak), or from the
+    input (recomputing the tanh) when the forward kept that."""
     if isinstance(cache, Slope):
+        dx = cache.values
+
         def product(r0, r1):
-            np.multiply(dout[r0:r1], cache.values[r0:r1], out=dx[r0:r1])
+            np.multiply(dout[r0:r1], dx[r0:r1], out=dx[r0:r1])
 
         parallel_rows(product, dout.shape[0], dout.shape[1])
         return dx
-    x = cache
+    x, dx = cache, np.empty_like(dout)
     over_row_blocks(lambda r0, r1: gelu_grad_block(dout[r0:r1], x[r0:r1], dx[r0:r1]), x.shape[0], x.shape[1],
                     overflow="ignore")  # fmt: skip
     return dx
