@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -45,6 +46,8 @@ def fractions(report, path=""):
 def check_report(report, ceiling_key):
     machine = report["machine"]
     assert machine["cpu_model"] and machine["cpu_model"] != "unknown"
+    if os.path.exists("/proc/cpuinfo") and "vendor_id" in open("/proc/cpuinfo").read():  # x86 Linux: the generation too
+        assert re.fullmatch(r"\S+ family \d+ model \d+ stepping \d+", machine["cpu_id"]), machine["cpu_id"]
     assert machine["blas_kernel"] and "/" in machine["blas_kernel"]
     assert machine["date_utc"] and len(machine["loadavg_1_5_15_end"]) == 3
     for row in report["results"]:

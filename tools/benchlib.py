@@ -61,6 +61,26 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_id() -> str:
+    """Vendor, family, model and stepping from /proc/cpuinfo ("AuthenticAMD family 23 model 49
+    stepping 0"): where the model name is only "AMD EPYC", these tell one generation from
+    another. Empty elsewhere."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's fields only
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return ""
+    keys = ("vendor_id", "cpu family", "model", "stepping")
+    if not all(k in fields for k in keys):
+        return ""
+    return "{} family {} model {} stepping {}".format(*(fields[k] for k in keys))
+
+
 def llc_bytes() -> int:
     """Size of CPU 0's last-level cache (the largest in /sys/devices/system/cpu/cpu0/cache),
     32 MiB where sysfs does not say."""
@@ -105,6 +125,7 @@ def machine() -> dict:
     info = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu_model": cpu_model(),
+        "cpu_id": cpu_id(),
         "cpus": os.cpu_count(),
         "llc_bytes": llc_bytes(),
         "blas_kernel": blas_kernel(),
@@ -502,7 +523,8 @@ def emit(report: dict, lines: list[str] = ()):
     json.dump(report, sys.stdout, indent=2)
     sys.stdout.write("\n")
     m = report["machine"]
-    log(f"cpu: {m['cpu_model']} ({m['cpus']} cpus, LLC {m['llc_bytes'] / 2**20:.0f} MiB) | BLAS kernel: {m['blas_kernel']}"
+    ident = f" [{m['cpu_id']}]" if m["cpu_id"] else ""
+    log(f"cpu: {m['cpu_model']}{ident} ({m['cpus']} cpus, LLC {m['llc_bytes'] / 2**20:.0f} MiB) | BLAS kernel: {m['blas_kernel']}"
         f" | loadavg {m['loadavg_1_5_15_start']} -> {m['loadavg_1_5_15_end']} | {m['date_utc']}")  # fmt: skip
     for line in lines:
         log(line)
