@@ -433,13 +433,14 @@ class GPT:
 
     def _backward_blocks(self, dxf, acts: Activations, grads, grad_ready):
         """dxf (N, C) at the final LayerNorm's output -> dx (B, T, C) at the embeddings'
-        sum (through their dropout); fills grads for ln_f and every block."""
+        sum (through their dropout); fills grads for ln_f and every block. Consumes `acts`:
+        each block's activations are let go once its backward has read them."""
         cfg, xp, kernels = self.config, self.backend.xp, self.backend.kernels
         dx, grads["ln_f.weight"], grads["ln_f.bias"] = kernels.layer_norm_backward(dxf, acts.ln_f)
         grad_ready(["ln_f.weight", "ln_f.bias"], grads)
         for i in reversed(range(cfg.n_layer)):
             dx = self._block_backward(i, dx, acts.B, acts.blocks[i], grads)
-            acts.blocks[i] = None  # read: freed here, not at the step's end (saves a set of gradients' worth at the peak)
+            acts.blocks[i] = None  # read: freed now, not at the step's end (the peak then holds one block's gradients, not all)
             grad_ready(list(block_param_shapes(i, cfg.n_embd)), grads)
         return kernels.dropout_backward(xp.reshape(dx, (acts.B, acts.T, cfg.n_embd)), acts.embedding_drop)
 
@@ -456,7 +457,7 @@ class GPT:
         dm, grads[h + "mlp.c_fc.weight"], grads[h + "mlp.c_fc.bias"] = kernels.linear_backward(dm, act.c_fc)
         dm, grads[h + "ln_2.weight"], grads[h + "ln_2.bias"] = kernels.layer_norm_backward(dm, act.ln_2)
         dx = dx + dm
-        act.mlp_drop = act.mlp_c_proj = act.gelu = act.c_fc = act.ln_2 = dm = None  # read: freed before the next branch
+        act.mlp_drop = act.mlp_c_proj = act.gelu = act.c_fc = act.ln_2 = dm = None  # read: freed before the attention backward
         # attention branch: x_mid = x_in + attn(ln_1(x_in))
         dy = kernels.dropout_backward(dx, act.attn_drop)
         dy, grads[h + "attn.c_proj.weight"], grads[h + "attn.c_proj.bias"] = kernels.linear_backward(dy, act.attn_c_proj)
