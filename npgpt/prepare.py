@@ -23,6 +23,13 @@ is written to a temp name, fsynced and renamed; meta.json is removed first and w
 last, so a folder whose meta.json is present is complete, and a killed run leaves none.
 Running again with unchanged inputs, settings and tokenizer does nothing.
 
+A run in progress works in a hidden `.prepare.*` folder inside --out and, every
+RESUME_EVERY_S seconds, fsyncs its token files and records how far it got (resume.json).
+A run that was killed, interrupted or stopped by a full disk leaves that folder; the same
+command again resumes from its last record (the tokens after it are cut off and encoded
+again), so at most a few seconds of work are lost. Another command (other inputs,
+settings or tokenizer) discards it and starts afresh.
+
 Work is spread over `--workers` processes (spawned), each encoding batches of documents.
 Documents longer than about 1 MB are cut into pieces at newlines that sit between two
 printable ASCII characters, which changes no chunk of GPT-2's or GPT-4's split pattern, so
@@ -34,6 +41,7 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -57,6 +65,8 @@ SPLITS = ("train", "val")
 FORMAT, VERSION = "npgpt-tokens", 1
 PIECE_BYTES = 1 << 20  # long documents are cut into pieces of about this many bytes
 TASK_BYTES = 1 << 20  # text per batch sent to a worker
+RESUME_FILE = "resume.json"  # in a run's partial folder: how far it got
+RESUME_EVERY_S = 5.0  # seconds between resume records: the most work a killed run loses
 
 
 class PrepareError(UserError, RuntimeError):
@@ -349,6 +359,20 @@ def up_to_date(out: Path, settings: dict, sources: list[dict], tokenizer_fingerp
     return True
 
 
+def resumable(out: Path, key: dict) -> tuple[Path, dict] | None:
+    """A killed run's partial folder in `out` made with the same `key` (inputs, settings,
+    tokenizer) and its last resume record, whose token files hold at least what it
+    records; None if there is none."""
+    for folder in sorted(out.glob(".prepare.*")):
+        try:
+            record = json.loads((folder / RESUME_FILE).read_text("utf-8"))
+            if record.get("key") == key and all((folder / f"{s}.bin").stat().st_size >= record["bytes"][s] for s in SPLITS):
+                return folder, record
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 def prepare(inputs, out, tokenizer_spec, *, val_fraction=0.0005, seed=1337, text_field="text", errors="strict",
             workers=None, dtype="auto", sample_mb=10.0) -> dict:  # fmt: skip
     """Prepare `out` from `inputs` (see the module docstring); returns its metadata."""
@@ -365,28 +389,56 @@ def prepare(inputs, out, tokenizer_spec, *, val_fraction=0.0005, seed=1337, text
     if up_to_date(out, settings, records, known_fingerprint):
         say(f"{out} is up to date ({len(sources)} unchanged sources, same settings): nothing to do")
         return read_meta(out)
+    key = {"format": FORMAT, "version": VERSION, **settings, "sources": records, "tokenizer": known_fingerprint,
+           "piece_bytes": PIECE_BYTES, "task_bytes": TASK_BYTES}  # fmt: skip
+    from npgpt.tokenizer import load, save
+    from npgpt.tokenizer.bpe import PATTERNS, BPETokenizer
+
+    found = resumable(out, key)
+    if found and tokenizer is None:  # bpe:N: the tokenizer the stopped run trained
+        try:
+            tokenizer = load(found[0] / TOKENIZER_DIR)
+        except (OSError, ValueError, UserError):
+            found = None
+    tmp, record = found or (None, None)
     tokenizer = tokenizer or resolve_tokenizer(tokenizer_spec, lambda: sample_text(sources, errors, text_field, int(sample_mb * 1e6)))
     token_type = token_dtype(tokenizer.n_vocab, dtype)
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # from here on the folder is incomplete
-    for stale in out.glob(".prepare.*"):  # what a killed run left
-        shutil.rmtree(stale, ignore_errors=True)
-    from npgpt.tokenizer import save
-    from npgpt.tokenizer.bpe import PATTERNS, BPETokenizer
-
+    for stale in out.glob(".prepare.*"):  # what a killed run of another command left
+        if stale != tmp:
+            shutil.rmtree(stale, ignore_errors=True)
+    if record is not None:
+        say(f"resuming a stopped run of this command: {record['input_bytes'] / 1e6:,.1f} of "
+            f"{sum(r['size'] for r in records) / 1e6:,.1f} MB were done")  # fmt: skip
+    else:
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".prepare."))
     cut = not isinstance(tokenizer, BPETokenizer) or tokenizer.pattern in PATTERNS.values()
     total = sum(r["size"] for r in records)
     counts = {"train": 0, "val": 0}
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".prepare."))
+    complete = False
     try:
-        save(tokenizer, tmp / TOKENIZER_DIR)
-        with open(tmp / "train.bin", "wb") as train_file, open(tmp / "val.bin", "wb") as val_file:
-            progress = Progress(total)
+        if record is None:
+            save(tokenizer, tmp / TOKENIZER_DIR)
+        mode = "wb" if record is None else "r+b"
+        with open(tmp / "train.bin", mode) as train_file, open(tmp / "val.bin", mode) as val_file:
+            done = 0 if record is None else record["tasks"]
+            if record is not None:  # what was written after the last record is encoded again
+                for split, f in zip(SPLITS, (train_file, val_file)):
+                    f.truncate(record["bytes"][split])
+                    f.seek(0, os.SEEK_END)
+            progress = Progress(total, *((0, 0) if record is None else (record["input_bytes"], record["tokens"])))
             stream = tasks(pieces(sources, errors, text_field, cut), seed, val_fraction, counts)
+            stream = itertools.islice(stream, done, None)  # the recorded tasks are read (for the counts), not encoded
+            last = time.perf_counter()
             for train_bytes, val_bytes, size in encoded(stream, workers, str(tmp / TOKENIZER_DIR), token_type.str):
                 train_file.write(train_bytes)
                 val_file.write(val_bytes)
+                done += 1
                 progress.update(size, (len(train_bytes) + len(val_bytes)) // token_type.itemsize)
+                if time.perf_counter() - last >= RESUME_EVERY_S:
+                    last = time.perf_counter()
+                    record_progress(tmp, key, done, progress, train_file, val_file)
             for f in (train_file, val_file):
                 f.flush()
                 os.fsync(f.fileno())
@@ -407,22 +459,37 @@ def prepare(inputs, out, tokenizer_spec, *, val_fraction=0.0005, seed=1337, text
         }  # fmt: skip
         write_atomic(out / META_FILE, (json.dumps(meta, indent=1) + "\n").encode())
         fsync_dir(out)
+        complete = True
     except OSError as e:
         what = "the disk is full" if e.errno == 28 else (e.strerror or str(e))
-        raise PrepareError(f"writing {out} failed: {what}; free space (or choose another --out) and run again") from None
+        kept = f" (it resumes from what {tmp.name} in it holds)" if (tmp / RESUME_FILE).exists() else ""
+        raise PrepareError(f"writing {out} failed: {what}; free space (or choose another --out) and run again{kept}") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if complete or not (tmp / RESUME_FILE).exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     if val_fraction > 0 and counts["val"] == 0:
         say(f"warning: the val split is empty ({counts['train']} documents, none drawn for val); "
             "give more documents or a larger --val-fraction")  # fmt: skip
     return meta
 
 
-class Progress:
-    """One line on stderr, rewritten at most twice a second: MB, MB/s, tokens, ETA."""
+def record_progress(tmp: Path, key: dict, tasks_done: int, progress, train_file, val_file):
+    """Make the token files durable, then record in `tmp` how far the run got: a killed
+    run resumes from here."""
+    for f in (train_file, val_file):
+        f.flush()
+        os.fsync(f.fileno())
+    record = {"key": key, "tasks": tasks_done, "bytes": {"train": train_file.tell(), "val": val_file.tell()},
+              "input_bytes": progress.done, "tokens": progress.tokens}  # fmt: skip
+    write_atomic(tmp / RESUME_FILE, json.dumps(record).encode())
 
-    def __init__(self, total_bytes: int):
-        self.total, self.done, self.tokens = total_bytes, 0, 0
+
+class Progress:
+    """One line on stderr, rewritten at most twice a second: MB, MB/s, tokens, ETA (a
+    resumed run starts at what was done: its rate counts this run's work only)."""
+
+    def __init__(self, total_bytes: int, done: int = 0, tokens: int = 0):
+        self.total, self.done, self.tokens, self.resumed_at = total_bytes, done, tokens, done
         self.start = self.last = time.perf_counter()
 
     def update(self, nbytes: int, ntokens: int):
@@ -435,7 +502,7 @@ class Progress:
 
     def show(self, end: str):
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = self.done / elapsed
+        rate = (self.done - self.resumed_at) / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
         print(f"{end}prepare: {self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB | {rate / 1e6:.2f} MB/s | "
               f"{self.tokens:,} tokens | ETA {int(eta) // 60}m{int(eta) % 60:02d}s", end="", file=sys.stderr, flush=True)  # fmt: skip
@@ -541,7 +608,8 @@ def _main(argv) -> int:
                        text_field=args.text_field, errors=args.errors, workers=args.workers, dtype=args.dtype,
                        sample_mb=args.sample_mb)  # fmt: skip
     except KeyboardInterrupt:
-        say(f"interrupted: {args.out} is left incomplete (no {META_FILE}); run the same command again")
+        say(f"interrupted: {args.out} is left incomplete (no {META_FILE}); run the same command again (it resumes "
+            f"from the run's last record, where it made one)")  # fmt: skip
         return 130
     splits = meta["splits"]
     say(f"{args.out}: {splits['train']['tokens']:,} train tokens ({splits['train']['documents']:,} documents), "

@@ -169,6 +169,87 @@ def test_a_failed_write_leaves_no_complete_looking_folder(gpt2_dir, small_corpus
     assert not list(out.glob(".prepare.*"))
 
 
+def counting_encoder(monkeypatch, stop_at=None, error=KeyboardInterrupt):
+    """Count the tasks prepare encodes (one worker: in this process); raise `error` at
+    task number `stop_at`."""
+    calls, real = [], P.encode_task
+
+    def encode(task):
+        calls.append(len(task))
+        if len(calls) == stop_at:
+            raise error
+        return real(task)
+
+    monkeypatch.setattr(P, "encode_task", encode)
+    return calls
+
+
+@pytest.fixture
+def small_tasks(monkeypatch):
+    monkeypatch.setattr(P, "PIECE_BYTES", 4096)
+    monkeypatch.setattr(P, "TASK_BYTES", 4096)  # the small corpus in ~20 tasks
+    monkeypatch.setattr(P, "RESUME_EVERY_S", 0.0)  # a resume record after every task
+
+
+def test_an_interrupted_prepare_resumes_from_its_last_record(gpt2_dir, small_corpus, tmp_path, monkeypatch, small_tasks):
+    """Ctrl-C at task 6: the partial folder stays, recording 5 tasks done. The same command
+    then encodes only the tasks after them (tokens written after the record are cut off),
+    and its folder equals an uninterrupted run's, byte for byte."""
+    folder, _ = small_corpus
+    calls = counting_encoder(monkeypatch)
+    whole = P.prepare([folder], tmp_path / "whole", str(gpt2_dir), val_fraction=0.3, workers=1)
+    total = len(calls)
+    assert total >= 10
+    out = tmp_path / "out"
+    counting_encoder(monkeypatch, stop_at=6)
+    with pytest.raises(KeyboardInterrupt):
+        P.prepare([folder], out, str(gpt2_dir), val_fraction=0.3, workers=1)
+    (partial,) = out.glob(".prepare.*")
+    assert not (out / P.META_FILE).exists()
+    assert json.loads((partial / P.RESUME_FILE).read_text("utf-8"))["tasks"] == 5
+    with open(partial / "train.bin", "ab") as f:
+        f.write(b"\xff\xff" * 7)  # tokens written after the last record (as by a run killed between records)
+    calls = counting_encoder(monkeypatch)
+    meta = P.prepare([folder], out, str(gpt2_dir), val_fraction=0.3, workers=1)
+    assert len(calls) == total - 5
+    for split in P.SPLITS:
+        assert (out / f"{split}.bin").read_bytes() == (tmp_path / "whole" / f"{split}.bin").read_bytes()
+    assert meta["splits"] == whole["splits"] and P.open_prepared(out) == meta
+    assert not list(out.glob(".prepare.*"))
+
+
+def test_another_command_discards_a_stopped_runs_work(gpt2_dir, small_corpus, tmp_path, monkeypatch, small_tasks):
+    folder, _ = small_corpus
+    out = tmp_path / "out"
+    counting_encoder(monkeypatch, stop_at=6)
+    with pytest.raises(KeyboardInterrupt):
+        P.prepare([folder], out, str(gpt2_dir), val_fraction=0.3, workers=1)
+    calls = counting_encoder(monkeypatch)
+    P.prepare([folder], out, str(gpt2_dir), val_fraction=0.3, seed=2, workers=1)  # another seed: other splits
+    full = len(calls)
+    calls.clear()
+    P.prepare([folder], tmp_path / "fresh", str(gpt2_dir), val_fraction=0.3, seed=2, workers=1)
+    assert full == len(calls)  # nothing was taken from the stopped run
+    assert (out / "val.bin").read_bytes() == (tmp_path / "fresh" / "val.bin").read_bytes()
+    assert not list(out.glob(".prepare.*"))
+
+
+def test_a_full_disk_keeps_the_work_for_the_next_run(gpt2_dir, small_corpus, tmp_path, monkeypatch, small_tasks):
+    folder, _ = small_corpus
+    calls = counting_encoder(monkeypatch)
+    P.prepare([folder], tmp_path / "whole", str(gpt2_dir), workers=1)
+    total = len(calls)
+    out = tmp_path / "out"
+    counting_encoder(monkeypatch, stop_at=4, error=OSError(28, "No space left on device"))
+    with pytest.raises(P.PrepareError, match=r"the disk is full; .* run again \(it resumes"):
+        P.prepare([folder], out, str(gpt2_dir), workers=1)
+    assert len(list(out.glob(".prepare.*"))) == 1
+    calls = counting_encoder(monkeypatch)
+    P.prepare([folder], out, str(gpt2_dir), workers=1)
+    assert len(calls) == total - 3 and not list(out.glob(".prepare.*"))
+    assert (out / "train.bin").read_bytes() == (tmp_path / "whole" / "train.bin").read_bytes()
+
+
 def bad_run(tmp_path, *args):
     result = cli(*args, "--out", tmp_path / "bad", "--workers", "1")
     lines = result.stderr.strip().splitlines()
@@ -340,6 +421,32 @@ def test_killed_prepare_leaves_nothing_that_reads_as_complete(big_corpus, big_pr
 
     with pytest.raises(P.PrepareError, match="not a complete prepared folder"):
         train.load_splits(load(tokenizer_dir), out, 0.1)
+
+
+def test_a_killed_prepare_resumes_id_for_id(big_corpus, big_prepared, tmp_path):
+    """SIGKILL once the run has made a resume record; the same command (on 2 workers: the
+    worker count is not part of it) resumes, and its files equal an uninterrupted run's."""
+    import signal
+    import time
+
+    runs, tokenizer_dir = big_prepared
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "npgpt.data", "prepare", str(big_corpus), "--tokenizer", str(tokenizer_dir), "--out", str(out), "--workers", "1"]  # fmt: skip
+    process = subprocess.Popen(args, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(out.glob(f".prepare.*/{P.RESUME_FILE}")):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("prepare made no resume record before it ended")
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / P.META_FILE).exists()
+    result = cli(big_corpus, "--tokenizer", tokenizer_dir, "--out", out, "--workers", 2)
+    assert result.returncode == 0 and "resuming a stopped run" in result.stderr, result.stderr
+    for split in P.SPLITS:
+        assert (out / f"{split}.bin").read_bytes() == (runs[1] / f"{split}.bin").read_bytes()
+    assert not list(out.glob(".prepare.*"))
 
 
 RSS_PROBE = """
