@@ -462,8 +462,12 @@ def prepare(inputs, out, tokenizer_spec, *, val_fraction=0.0005, seed=1337, text
         complete = True
     except OSError as e:
         what = "the disk is full" if e.errno == 28 else (e.strerror or str(e))
-        kept = f" (it resumes from what {tmp.name} in it holds)" if (tmp / RESUME_FILE).exists() else ""
-        raise PrepareError(f"writing {out} failed: {what}; free space (or choose another --out) and run again{kept}") from None
+        try:
+            done = json.loads((tmp / RESUME_FILE).read_text("utf-8"))["input_bytes"]
+            again = f"free space and run the same command again (it resumes from the {done / 1e6:,.1f} MB done), or choose another --out"
+        except (OSError, ValueError, KeyError):
+            again = "free space (or choose another --out) and run again"
+        raise PrepareError(f"writing {out} failed: {what}; {again}") from None
     finally:
         if complete or not (tmp / RESUME_FILE).exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -241,7 +241,7 @@ def test_a_full_disk_keeps_the_work_for_the_next_run(gpt2_dir, small_corpus, tmp
     total = len(calls)
     out = tmp_path / "out"
     counting_encoder(monkeypatch, stop_at=4, error=OSError(28, "No space left on device"))
-    with pytest.raises(P.PrepareError, match=r"the disk is full; .* run again \(it resumes"):
+    with pytest.raises(P.PrepareError, match=r"the disk is full; free space and run the same command again \(it resumes from the [\d.,]+ MB done\)"):
         P.prepare([folder], out, str(gpt2_dir), workers=1)
     assert len(list(out.glob(".prepare.*"))) == 1
     calls = counting_encoder(monkeypatch)
