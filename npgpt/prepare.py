@@ -463,8 +463,8 @@ def prepare(inputs, out, tokenizer_spec, *, val_fraction=0.0005, seed=1337, text
     except OSError as e:
         what = "the disk is full" if e.errno == 28 else (e.strerror or str(e))
         try:
-            done = json.loads((tmp / RESUME_FILE).read_text("utf-8"))["input_bytes"]
-            again = f"free space and run the same command again (it resumes from the {done / 1e6:,.1f} MB done), or choose another --out"
+            mb = json.loads((tmp / RESUME_FILE).read_text("utf-8"))["input_bytes"] / 1e6
+            again = f"free space and run the same command again (it resumes from the {mb:,.1f} MB done), or choose another --out"
         except (OSError, ValueError, KeyError):
             again = "free space (or choose another --out) and run again"
         raise PrepareError(f"writing {out} failed: {what}; {again}") from None
