@@ -5,9 +5,11 @@ that the BLAS pool follows it."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from hypothesis import given
@@ -36,6 +38,48 @@ def test_ranges_run_on_several_threads_in_order(restore_threads):
     assert len({ident for *_, ident in seen}) >= 2  # the others go to the pool's workers
     threads.MIN_ELEMENTS = 1 << 16
     assert len(threads.parallel_rows(lambda r0, r1: r0, 10, row_size=100)) == 1  # too small to split
+
+
+def test_ctrl_c_in_a_parallel_call_is_raised_after_it(restore_threads):
+    """As when Ctrl-C lands while the calling thread holds llvmlite's lock (numba loading a
+    kernel) that a worker then needs: raised inside, it would leave the lock held and the
+    worker waiting (here 10 s, then failing); raised after the call, every task ends."""
+    threads._chosen, threads.MIN_ELEMENTS = 2, 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    lock, got, ended = threading.Lock(), [], []
+
+    def task(r0, r1):
+        if threading.current_thread() is threading.main_thread():
+            with_lock = lock.acquire(timeout=10)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # a KeyboardInterrupt raised here would skip the release
+            ended.append(with_lock)
+            lock.release()
+        else:
+            got.append(lock.acquire(timeout=10))
+            if got[-1]:
+                lock.release()
+
+    with pytest.raises(KeyboardInterrupt):
+        threads.parallel_rows(task, 2)
+    assert ended == [True] and got == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_ctrl_c_in_a_parallel_call_is_raised_at_once(restore_threads):
+    threads._chosen, threads.MIN_ELEMENTS = 2, 1
+    ended = []
+
+    def task(r0, r1):
+        if threading.current_thread() is threading.main_thread():
+            for when in ("after the first", "after the second"):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)
+                ended.append(when)
+
+    with pytest.raises(KeyboardInterrupt):
+        threads.parallel_rows(task, 2)
+    assert ended == ["after the first"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_an_error_in_a_range_reaches_the_caller(restore_threads):

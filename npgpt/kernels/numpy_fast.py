@@ -1202,13 +1202,17 @@ def over_batch(fn, B, T):
     when B allows, taken by the threads as they come free: each piece runs its kernels on
     its own thread, BLAS included, with no hand-over between threads inside a forward.
     Nested (a piece of an outer `over_batch`, as eval's): pieces of BATCH_ROWS, on its thread.
-    Each piece runs `as_piece("inference")`: its kernels keep no cache for a backward."""
+    Each piece runs `as_piece("inference")`: its kernels keep no cache for a backward.
+    A Ctrl-C takes effect when the batch is done (`threads.interrupt_after`), so it never
+    lands inside numba loading a kernel (a lock left held, or an exception inside
+    llvmlite's C callbacks: lost, or a crash)."""
     per = max(1, min(BATCH_ROWS // max(T, 1), B // free_threads()))
     pieces = [(b0, min(b0 + per, B)) for b0 in range(0, B, per)]
     piece = run_as_piece("inference", fn)
-    if len(pieces) == 1:
-        return [piece(0, B)]  # one piece: its kernels split their own passes
-    return parallel_items(lambda i: piece(*pieces[i]), len(pieces))
+    with threads.interrupt_after():
+        if len(pieces) == 1:
+            return [piece(0, B)]  # one piece: its kernels split their own passes
+        return parallel_items(lambda i: piece(*pieces[i]), len(pieces))
 
 
 # -- training: a batch in one piece per thread -------------------------------------------------

@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import itertools
 import os
+import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -235,14 +236,42 @@ def _run(tasks, n: int, one_blas_thread: bool, interchangeable: bool = False) ->
     """[task() for task in tasks] on n threads: the first in the calling thread.
     `interchangeable`: the tasks take shared work until none is left, so once the calling
     thread's task returns, a task no worker has started yet is cancelled (None) instead
-    of waited for: a busy machine that holds a worker back costs no wait."""
-    with blas_on_one_thread() if one_blas_thread else contextlib.nullcontext():
+    of waited for: a busy machine that holds a worker back costs no wait. A Ctrl-C meanwhile
+    is raised when every task has ended (`interrupt_after`)."""
+    with interrupt_after(), blas_on_one_thread() if one_blas_thread else contextlib.nullcontext():
         futures = [_executor(n - 1).submit(_marked, task) for task in tasks[1:]]
         try:
             first = _marked(tasks[0])
         finally:
             rest = [None if interchangeable and f.cancel() else f.result() for f in futures]
     return [first, *rest]
+
+
+@contextlib.contextmanager
+def interrupt_after():
+    """Run the block with a Ctrl-C (SIGINT) held back until the block ends, then raised as
+    KeyboardInterrupt; a second Ctrl-C meanwhile is raised at once. A KeyboardInterrupt
+    raised in the calling thread while numba loads a kernel (llvmlite takes its lock, then
+    runs Python code) can leave that lock held: a pool thread loading the same kernel then
+    waits for it forever, and so does the caller, waiting for that thread. A no-op off the
+    main thread, and where SIGINT has a handler other than Python's default (the trainer's)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught = []
+
+    def hold(signum, frame):
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
