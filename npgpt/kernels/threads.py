@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import ctypes
 import itertools
+import _signal  # signal's C functions: the signal module's wrappers cost ~5 us a call (enum conversions)
 import os
 import signal
 import threading
@@ -255,7 +256,7 @@ def interrupt_after():
     runs Python code) can leave that lock held: a pool thread loading the same kernel then
     waits for it forever, and so does the caller, waiting for that thread. A no-op off the
     main thread, and where SIGINT has a handler other than Python's default (the trainer's)."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if threading.current_thread() is not threading.main_thread() or _signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
     caught = []
@@ -265,11 +266,11 @@ def interrupt_after():
             raise KeyboardInterrupt
         caught.append(signum)
 
-    signal.signal(signal.SIGINT, hold)
+    _signal.signal(signal.SIGINT, hold)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _signal.signal(signal.SIGINT, signal.default_int_handler)
     if caught:
         raise KeyboardInterrupt
 
