@@ -394,6 +394,7 @@ def prepare(inputs, out, tokenizer_spec, *, val_fraction=0.0005, seed=1337, text
     from npgpt.tokenizer import load, save
     from npgpt.tokenizer.bpe import PATTERNS, BPETokenizer
 
+    total = sum(r["size"] for r in records)
     found = resumable(out, key)
     if found and tokenizer is None:  # bpe:N: the tokenizer the stopped run trained
         try:
@@ -410,11 +411,10 @@ def prepare(inputs, out, tokenizer_spec, *, val_fraction=0.0005, seed=1337, text
             shutil.rmtree(stale, ignore_errors=True)
     if record is not None:
         say(f"resuming a stopped run of this command: {record['input_bytes'] / 1e6:,.1f} of "
-            f"{sum(r['size'] for r in records) / 1e6:,.1f} MB were done")  # fmt: skip
+            f"{total / 1e6:,.1f} MB were done")  # fmt: skip
     else:
         tmp = Path(tempfile.mkdtemp(dir=out, prefix=".prepare."))
     cut = not isinstance(tokenizer, BPETokenizer) or tokenizer.pattern in PATTERNS.values()
-    total = sum(r["size"] for r in records)
     counts = {"train": 0, "val": 0}
     complete = False
     try:

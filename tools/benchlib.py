@@ -49,22 +49,8 @@ def load_average() -> list[float]:
 LOAD_AT_START = load_average()
 
 
-def cpu_model() -> str:
-    """The CPU's "model name" from /proc/cpuinfo (platform.processor() elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_id() -> str:
-    """Vendor, family, model and stepping from /proc/cpuinfo ("AuthenticAMD family 23 model 49
-    stepping 0"): where the model name is only "AMD EPYC", these tell one generation from
-    another. Empty elsewhere."""
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ({} where there is none)."""
     fields = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -74,8 +60,20 @@ def cpu_id() -> str:
                 key, _, value = line.partition(":")
                 fields[key.strip()] = value.strip()
     except OSError:
-        return ""
-    keys = ("vendor_id", "cpu family", "model", "stepping")
+        pass
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's "model name" from /proc/cpuinfo (platform.processor() elsewhere)."""
+    return cpuinfo().get("model name") or platform.processor() or "unknown"
+
+
+def cpu_id() -> str:
+    """Vendor, family, model and stepping from /proc/cpuinfo ("AuthenticAMD family 23 model 49
+    stepping 0"): where the model name is only "AMD EPYC", these tell one generation from
+    another. Empty elsewhere."""
+    fields, keys = cpuinfo(), ("vendor_id", "cpu family", "model", "stepping")
     if not all(k in fields for k in keys):
         return ""
     return "{} family {} model {} stepping {}".format(*(fields[k] for k in keys))
